@@ -1,0 +1,209 @@
+"""Configuration: the trainer's YAML file (`model_name`, `max_seq_len`, `pack`, `dataset:`) plus `server:`.
+
+A file with a top-level `dataset:` section defines the dataset `default`. `server.datasets` adds more
+named datasets; each entry holds `dataset:` keys (merged over the top-level section) and may override
+`model_name`, `max_seq_len` and `pack`. Unknown keys under `server:` are errors; unknown `dataset:`
+keys are logged and ignored, because the trainer may carry keys sigil-feed has no use for.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import model_validator
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCES = ["ammarnasr/the-stack-rust-clean"]
+TRAINER_SECTIONS = {"lora", "train", "bnb_4bit", "misc"}
+
+
+class SourceSpec(BaseModel):
+    """One entry of `dataset.names`: a spec string and optional per-source settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    filter: bool | None = None  # None: filter code files and text, pass pipeline pairs through
+
+
+class DatasetSection(BaseModel):
+    """The trainer's `dataset:` section, with the finetuner's defaults and rules, plus sigil-feed's keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    names: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(name=n) for n in DEFAULT_SOURCES])
+    use_cache: bool = True
+    cache_dir: str | None = None
+    min_length: PositiveInt = 64
+    max_length: PositiveInt = 200_000
+    exclude_tests: bool = True
+    exclude_examples: bool = False
+    exclude_benches: bool = True
+    prefer_idiomatic: bool = False
+    prefer_documented: bool = False
+    idiomatic_quality_ratio: PositiveFloat = 2.0
+    shuffle_seed: int | None = None
+    interleave_mode: Literal["sequential", "round_robin", "weighted"] = "sequential"
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    dataset_weights: dict[str, PositiveFloat] | None = None
+    task_weights: dict[str, PositiveFloat] | None = None
+    # sigil-feed additions
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    legacy_filters: bool = False
+    chat_template: bool = False
+    completion_only: bool = False
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    shuffle_block: PositiveInt = 4096
+    epochs: int | None = Field(default=None, ge=1)  # None: forever
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _names_as_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("task_weights")
+    @classmethod
+    def _task_weights_not_empty(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty when given (omit the key instead)")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> DatasetSection:
+        if self.max_length < self.min_length:
+            raise ValueError(f"max_length ({self.max_length}) must be >= min_length ({self.min_length})")
+        if not self.names:
+            raise ValueError("names must list at least one source")
+        return self
+
+
+class Limits(BaseModel):
+    """Per-request limits the server enforces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_streams: PositiveInt = 64
+    max_credits: PositiveInt = 64
+    max_batch_size: PositiveInt = 1024
+    max_seq_len: PositiveInt = 32_768
+    max_message_mb: PositiveInt = 256
+
+
+class NamedDataset(BaseModel):
+    """An entry of `server.datasets`: overrides for one more dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str | None = None
+    max_seq_len: PositiveInt | None = None
+    pack: bool | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerSection(BaseModel):
+    """sigil-feed's own settings under `server:`; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    tokenizer: str | None = None
+    datasets: dict[str, NamedDataset] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    grace_s: float = Field(default=10.0, ge=0)
+
+
+class DatasetConfig(BaseModel):
+    """Everything one served dataset needs, resolved from the file."""
+
+    name: str
+    tokenizer: str
+    max_seq_len: PositiveInt
+    pack: bool
+    dataset: DatasetSection
+    base_dir: Path  # the config file's folder, a fallback for relative source paths
+
+
+class FeedConfig(BaseModel):
+    """The whole configuration: server settings and the datasets it serves."""
+
+    server: ServerSection
+    datasets: dict[str, DatasetConfig]
+    file: str
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _raise_validation(err: ValidationError, prefix: str, file: str) -> None:
+    first = err.errors()[0]
+    key = ".".join(p for p in (prefix, _format_loc(first["loc"])) if p)
+    fix = "remove the key" if first["type"] == "extra_forbidden" else "see the config reference in README.md"
+    raise ConfigError(first["msg"], key=key or None, file=file, fix=fix) from None
+
+
+def _validate(model: type[BaseModel], data: Any, prefix: str, file: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        _raise_validation(err, prefix, file)
+
+
+def parse_config(raw: dict[str, Any], file: str, base_dir: Path) -> FeedConfig:
+    """Validate a parsed YAML document into a FeedConfig, raising ConfigError on the first problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the file must hold a YAML mapping", file=file)
+    server = _validate(ServerSection, raw.get("server") or {}, "server", file)
+    top_dataset = raw.get("dataset")
+    if top_dataset is not None and not isinstance(top_dataset, dict):
+        raise ConfigError("must be a mapping", key="dataset", file=file)
+    if top_dataset is None and not server.datasets:
+        raise ConfigError("no dataset defined", key="dataset", file=file,
+                          fix="add a dataset: section with names: [...]")
+    tokenizer = server.tokenizer or raw.get("model_name")
+    max_seq_len = raw.get("max_seq_len", 2048)
+    pack = raw.get("pack", True)
+    entries: dict[str, tuple[NamedDataset, dict[str, Any]]] = {}
+    if top_dataset is not None:
+        entries["default"] = (NamedDataset(), top_dataset)
+    for name, named in server.datasets.items():
+        entries[name] = (named, {**(top_dataset or {}), **named.dataset})
+    datasets = {}
+    for name, (named, section) in entries.items():
+        prefix = "dataset" if name == "default" and not named.dataset else f"server.datasets.{name}.dataset"
+        parsed = _validate(DatasetSection, section, prefix, file)
+        for extra in sorted(parsed.model_extra or {}):
+            log.warning("%s: %s.%s is not a sigil-feed key; ignored", file, prefix, extra)
+        model = named.model_name or tokenizer
+        if not model:
+            raise ConfigError("no tokenizer configured", key="model_name", file=file,
+                              fix="set model_name (a local tokenizer directory or HF cache name)")
+        datasets[name] = _validate(DatasetConfig, {
+            "name": name, "tokenizer": model, "max_seq_len": named.max_seq_len or max_seq_len,
+            "pack": pack if named.pack is None else named.pack, "dataset": parsed, "base_dir": base_dir,
+        }, name, file)
+    return FeedConfig(server=server, datasets=datasets, file=file)
+
+
+def load_config(path: str | Path) -> FeedConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=str(path), fix="pass an existing --config") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", file=str(path)) from None
+    return parse_config(raw or {}, str(path), path.resolve().parent)

@@ -1,0 +1,39 @@
+"""What every source yields: raw records with a stable id, a location for logs, or a malformed reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..stage import Stage, State
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record as read: its stable id (source, file, row), where it came from, and its value or error."""
+
+    source: int
+    file: int
+    row: int
+    location: str  # for people: "path:line" or "path row-group G row R"
+    value: dict[str, Any] | None  # None when malformed
+    error: str | None = None  # malformed reason (bad_json, bad_utf8, bad_type, ...) when value is None
+
+
+class Source(Stage[RawRecord]):
+    """A resumable reader of one `dataset.names` entry; state is {"file": i, "row": r, ...}."""
+
+    spec: str
+    files: list[str]
+
+    def __iter__(self) -> Source:
+        return self
+
+    def __next__(self) -> RawRecord:
+        raise NotImplementedError
+
+    def get_state(self) -> State:
+        raise NotImplementedError
+
+    def set_state(self, state: State) -> None:
+        raise NotImplementedError
