@@ -1,0 +1,60 @@
+"""One rank's stream: batches epoch after epoch, each with the cursor that resumes right after it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cursor import Cursor
+from .dataset import ServedDataset
+from .pack import Packer, Rows
+
+
+@dataclass
+class FeedItem:
+    """A batch (rows set) or the end of an epoch (rows None), with the cursor right after it."""
+
+    rows: Rows | None
+    epoch: int
+    cursor: bytes
+
+
+class Feed:
+    """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor or at epoch 0."""
+
+    def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
+                 seq_len: int, start: Cursor | None) -> None:
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.epochs = dataset.section.epochs
+        self.epoch = start.epoch if start else 0
+        self.packer: Packer | None = None
+        self.batches_in_epoch = 0
+        if start is not None and start.state is not None:
+            self.packer = self._open_epoch()
+            self.packer.set_state(start.state)
+
+    def _open_epoch(self) -> Packer:
+        return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                                   batch_size=self.batch_size, seq_len=self.seq_len)
+
+    def _cursor(self, epoch: int, packer: Packer | None) -> bytes:
+        state = None if packer is None else packer.get_state()
+        return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode()
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> FeedItem:
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        if self.packer is None:
+            self.packer = self._open_epoch()
+        rows = self.packer.next_batch()
+        if rows is not None:
+            self.batches_in_epoch += 1
+            return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer))
+        if self.batches_in_epoch == 0:
+            raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
+        ended, self.batches_in_epoch = self.epoch, 0
+        self.epoch, self.packer = self.epoch + 1, None
+        return FeedItem(None, ended, self._cursor(self.epoch, None))

@@ -1,0 +1,99 @@
+"""Shared fixtures: the bundled tokenizer, small JSONL corpora, and a real server on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = REPO / "server" / "default"
+TOKENIZER_DIR = DEFAULT_DIR / "tokenizer"
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+def rust_pair(i: int, split: str = "train", task: str = "completion") -> dict[str, Any]:
+    """A small, distinct pipeline pair."""
+    return {"prompt": f"pub fn item_{i}(x: u32) -> Option<u32> {{",
+            "gen": f"    x.checked_add({i}).map(|v| v * {i % 7 + 1})\n}}\n",
+            "_source": "synthetic", "_split": split, "_task_type": task}
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    """Write records (dicts, or raw strings for malformed lines) as JSONL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for record in records:
+            out.write(record if isinstance(record, str) else json.dumps(record))
+            out.write("\n")
+    return path
+
+
+def write_config(path: Path, dataset: dict[str, Any], **top: Any) -> Path:
+    """A trainer-style YAML config using the bundled tokenizer."""
+    body = {"model_name": str(TOKENIZER_DIR), "max_seq_len": 64, "pack": True, **top, "dataset": dataset}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+class ServerProcess:
+    """`sigil-feed serve` in a subprocess on a free port; its output is kept for assertions."""
+
+    def __init__(self, config: Path | None, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "sigil_feed.server.cli", "serve", "--port", "0", *extra]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.output: list[str] = []
+        self.target = self._wait_listening()
+        self._drain = threading.Thread(target=self._collect, daemon=True)
+        self._drain.start()
+
+    def _wait_listening(self) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            match = LISTENING.search(line)
+            if match:
+                return f"{match.group(1)}:{match.group(2)}"
+        self.proc.wait()
+        raise RuntimeError("server exited before listening:\n" + "".join(self.output))
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the server and wait for its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; all are stopped at the end of the test."""
+    servers: list[ServerProcess] = []
+
+    def start(config: Path | None, *extra: str) -> ServerProcess:
+        server = ServerProcess(config, *extra)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
