@@ -75,7 +75,7 @@ def _median(buckets: list[feed_pb2.LengthBucket]) -> str:
 
 
 def _peek(args: argparse.Namespace) -> int:
-    from ..client.stream import BatchStream
+    from ..client.stream import BatchStream, FeedBatch
     from .tokenize import load_tokenizer
 
     with BatchStream(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -87,11 +87,11 @@ def _peek(args: argparse.Namespace) -> int:
             tokenizer = None
         print(f"dataset={info.name} tokenizer={info.tokenizer} vocab={info.vocab_size} "
               f"seq_len={stream.seq_len} pack={info.pack}")
-        for _, item in zip(range(args.n), stream, strict=False):
-            tensors = item.tensors
-            ids = tensors["input_ids"]
-            print(f"--- batch {item.seq} epoch {item.epoch} shape {list(ids.shape)} "
-                  f"tokens {int((tensors['labels'] != -100).sum())} cursor {len(item.cursor)} bytes")
+        batches = (item for item in stream if isinstance(item, FeedBatch))
+        for _, batch in zip(range(args.n), batches, strict=False):
+            ids = batch.arrays["input_ids"]
+            print(f"--- batch {batch.seq} epoch {batch.epoch} shape {list(ids.shape)} tokens {batch.tokens} "
+                  f"cursor {len(batch.cursor)} bytes")
             for row, row_ids in enumerate(ids):
                 text = tokenizer.decode(row_ids.tolist()) if tokenizer else str(row_ids.tolist())
                 print(f"[row {row}] {text[: args.chars]!r}")
