@@ -100,7 +100,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                                f"{limits.max_streams} streams already open (server.limits.max_streams)")
         return dataset, world, seq_len
 
-    async def Stream(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],  # noqa: N802
+    async def Stream(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
                      context: grpc.aio.ServicerContext) -> None:
         """Open, then one batch per credit until the configured epochs end or the client leaves."""
         if not self.accepting:
@@ -172,7 +172,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             client.credits = credits.available
         await credits.close()
 
-    async def GetStats(self, request: feed_pb2.GetStatsRequest,  # noqa: N802
+    async def GetStats(self, request: feed_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> feed_pb2.Stats:
         """Counters for one dataset or all of them."""
         names = [self._dataset(request.dataset).name] if request.dataset else sorted(self.datasets)
@@ -186,7 +186,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 tokens_per_s=dataset.throughput.rate()))
         return feed_pb2.Stats(datasets=out, uptime_s=time.monotonic() - self.started)
 
-    async def ListDatasets(self, request: feed_pb2.ListDatasetsRequest,  # noqa: N802
+    async def ListDatasets(self, request: feed_pb2.ListDatasetsRequest,
                            context: grpc.aio.ServicerContext) -> feed_pb2.ListDatasetsResponse:
         """Every dataset this server defines."""
         return feed_pb2.ListDatasetsResponse(datasets=[self.datasets[n].info() for n in sorted(self.datasets)])

@@ -37,3 +37,7 @@ class Source(Stage[RawRecord]):
 
     def set_state(self, state: State) -> None:
         raise NotImplementedError
+
+    def restart(self) -> None:
+        """Read again from the first record."""
+        self.set_state({"file": 0, "row": 0})

@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from transformers import AutoTokenizer
+
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_config, write_jsonl
 
 N_PAIRS = 40
@@ -149,14 +149,14 @@ def test_tiny_causal_lm_trains_on_feed_batches(pairs_config: Path, start_server)
 
 def test_state_dict_resumes_with_exactly_the_next_batch(pairs_config: Path, start_server) -> None:
     server = start_server(pairs_config)
-    full = [b["input_ids"].tolist() for _, b in zip(range(10), FeedDataset(server.target, batch_size=2))]
+    full = [b["input_ids"].tolist() for _, b in zip(range(10), FeedDataset(server.target, batch_size=2), strict=False)]
     first = FeedDataset(server.target, batch_size=2)
-    for _, _batch in zip(range(4), first):
+    for _, _batch in zip(range(4), first, strict=False):
         pass
     state = first.state_dict()
     second = FeedDataset(server.target, batch_size=2)
     second.load_state_dict(state)
-    rest = [b["input_ids"].tolist() for _, b in zip(range(6), second)]
+    rest = [b["input_ids"].tolist() for _, b in zip(range(6), second, strict=False)]
     assert rest == full[4:]
 
 

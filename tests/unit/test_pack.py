@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sigil_feed.server.pack import Packer
 from sigil_feed.server.samples import Sample
 from sigil_feed.server.tokenize import Encoded
@@ -109,4 +108,4 @@ def test_padded_rows_truncate_and_report_lengths() -> None:
 def test_completion_only_masks_prompt_tokens_even_across_rows() -> None:
     rows = drain(packer(make_samples([6, 4], prompts=[5, 2]), batch=1, seq=4, completion=True))
     masks = np.concatenate([r.loss_mask.reshape(-1)[: r.tokens] for r in rows]).tolist()
-    assert masks == [0, 0, 0, 0, 0, 1] + [0, 0, 1, 1]
+    assert masks == [0, 0, 0, 0, 0, 1, 0, 0, 1, 1]
