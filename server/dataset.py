@@ -67,8 +67,7 @@ class ServedDataset:
                                 seed=seed or 0, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
-        mixer = Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights,
-                      seed or 0, epoch)
+        mixer = Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed or 0)
         order = BlockShuffle(mixer, block_size=section.shuffle_block, seed=seed, epoch=epoch, rank=rank,
                              world_size=world_size)
         record = self._record_lengths if epoch == 0 else _ignore

@@ -19,19 +19,23 @@ DRAW_CHUNK = 1024
 
 
 class WeightedDraws:
-    """Source choices for draw t, derived from (seed, epoch, t // DRAW_CHUNK): no RNG state to save."""
+    """Source choices for draw t, derived from (seed, t // DRAW_CHUNK): no RNG state to save.
 
-    def __init__(self, weights: Sequence[float], seed: int, epoch: int) -> None:
+    The draws do not depend on the epoch, so every epoch (and the token cache) holds the same multiset;
+    epochs differ by their order, which the order stage reshuffles.
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int) -> None:
         p = np.asarray(weights, dtype=np.float64)
         self.p = p / p.sum()
-        self.seed, self.epoch = seed, epoch
+        self.seed = seed
         self._chunk = -1
         self._choices = np.empty(0, dtype=np.int64)
 
     def __getitem__(self, t: int) -> int:
         chunk = t // DRAW_CHUNK
         if chunk != self._chunk:
-            rng = np.random.default_rng([self.seed, self.epoch, chunk])
+            rng = np.random.default_rng([self.seed, chunk])
             self._choices = rng.choice(len(self.p), size=DRAW_CHUNK, p=self.p)
             self._chunk = chunk
         return int(self._choices[t % DRAW_CHUNK])
@@ -41,9 +45,9 @@ class Mixer:
     """One stream of samples from several curated sources."""
 
     def __init__(self, children: list[CuratedSource], mode: str, stopping: str,
-                 weights: Sequence[float], seed: int, epoch: int) -> None:
+                 weights: Sequence[float], seed: int) -> None:
         self.children, self.mode, self.stopping = children, mode, stopping
-        self.draws = WeightedDraws(weights, seed, epoch) if mode == "weighted" else None
+        self.draws = WeightedDraws(weights, seed) if mode == "weighted" else None
         self.turn = 0  # sequential: current child; otherwise: number of draws made
         self.exhausted = [False] * len(children)
         self.done = False

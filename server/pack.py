@@ -15,7 +15,7 @@ import numpy as np
 
 from .order import BlockShuffle
 from .samples import Sample
-from .stage import State
+from .stage import Stage, State
 from .tokenize import Encoded, Encoder
 
 TOKENIZE_CHUNK = 256
@@ -33,24 +33,23 @@ class Rows:
 
 
 class TokenizedSamples:
-    """The rank's samples with their token ids, encoded TOKENIZE_CHUNK at a time."""
+    """The rank's samples as token ids (streaming mode), encoded TOKENIZE_CHUNK at a time."""
 
     def __init__(self, upstream: BlockShuffle, encoder: Encoder, *, with_prompts: bool,
                  on_encoded: Callable[[list[Sample], list[Encoded]], None]) -> None:
         self.upstream, self.encoder, self.with_prompts = upstream, encoder, with_prompts
         self.on_encoded = on_encoded
-        self.buffer: list[tuple[State, Sample, Encoded]] = []
+        self.buffer: list[tuple[State, Encoded]] = []
         self.index = 0
 
     def __iter__(self) -> TokenizedSamples:
         return self
 
-    def __next__(self) -> tuple[Sample, Encoded]:
+    def __next__(self) -> Encoded:
         if self.index >= len(self.buffer):
             self._fill()
-        _, sample, encoded = self.buffer[self.index]
         self.index += 1
-        return sample, encoded
+        return self.buffer[self.index - 1][1]
 
     def _fill(self) -> None:
         states, samples = [], []
@@ -65,7 +64,7 @@ class TokenizedSamples:
             raise StopIteration
         encoded = self.encoder.encode(samples, self.with_prompts)
         self.on_encoded(samples, encoded)
-        self.buffer, self.index = list(zip(states, samples, encoded, strict=True)), 0
+        self.buffer, self.index = list(zip(states, encoded, strict=True)), 0
 
     def get_state(self) -> State:
         """The order's state right before the next sample."""
@@ -80,30 +79,60 @@ class TokenizedSamples:
 
 
 class Packer:
-    """Batches of packed or padded rows from a tokenized sample stream; resumable mid-sample."""
+    """Batches of packed or padded rows from a stream of encoded samples; resumable mid-sample.
 
-    def __init__(self, samples: TokenizedSamples, *, batch_size: int, seq_len: int, pack: bool,
-                 completion_only: bool, pad_id: int) -> None:
+    The end of an epoch follows `remainder`: `keep` sends the last partial batch, `drop` discards it,
+    `pad` completes it by wrapping around to the rank's first samples. With `max_batches` (known in
+    cached mode, the same for every rank) the epoch is exactly that many batches, wrapping as needed.
+    """
+
+    def __init__(self, samples: Stage[Encoded], *, batch_size: int, seq_len: int, pack: bool,
+                 completion_only: bool, pad_id: int, remainder: str = "keep",
+                 max_batches: int | None = None) -> None:
         self.samples, self.batch_size, self.seq_len, self.pack = samples, batch_size, seq_len, pack
         self.completion_only, self.pad_id = completion_only, pad_id
+        self.remainder, self.max_batches = remainder, max_batches
+        self.epoch_start: State = samples.get_state()
         self.current: Encoded | None = None  # the sample being emitted
-        self.current_state: State = samples.get_state()
+        self.current_state: State = self.epoch_start
         self.offset = 0  # tokens of `current` already emitted
+        self.batches = 0
+        self.wraps = 0
 
-    def _next_sample(self) -> Encoded | None:
+    def _next_sample(self, may_wrap: bool) -> Encoded | None:
         if self.current is not None and self.offset < len(self.current.ids):
             return self.current
-        self.current_state = self.samples.get_state()
-        try:
-            _, self.current = next(self.samples)
-        except StopIteration:
-            self.current = None
         self.offset = 0
-        return self.current
+        for attempt in range(2):
+            self.current_state = self.samples.get_state()
+            try:
+                self.current = next(self.samples)
+                return self.current
+            except StopIteration:
+                self.current = None
+                if attempt or not (may_wrap and self.remainder == "pad"):
+                    return None
+                self.samples.set_state(self.epoch_start)
+                self.wraps += 1
+        return None
 
     def next_batch(self) -> Rows | None:
-        """The next batch, or None when the stream has ended; the last batch may be short and padded."""
-        return self._packed() if self.pack else self._padded()
+        """The next batch, or None when the epoch has ended."""
+        if self.max_batches is not None and self.batches >= self.max_batches:
+            return None
+        if self.max_batches is None and self.wraps:
+            return None  # a wrapped batch completed the epoch
+        rows = self._packed() if self.pack else self._padded()
+        if rows is None or (self.remainder == "drop" and self._partial(rows)):
+            return None
+        self.batches += 1
+        return rows
+
+    def _partial(self, rows: Rows) -> bool:
+        return rows.input_ids.shape[0] < self.batch_size or (self.pack and rows.tokens < rows.input_ids.size)
+
+    def _may_wrap(self, filled: int) -> bool:
+        return filled > 0 or self.max_batches is not None
 
     def _packed(self) -> Rows | None:
         size = self.batch_size * self.seq_len
@@ -111,7 +140,7 @@ class Packer:
         mask = np.ones(size, dtype=np.uint8) if self.completion_only else None
         starts = []
         filled = 0
-        while filled < size and (sample := self._next_sample()) is not None:
+        while filled < size and (sample := self._next_sample(self._may_wrap(filled))) is not None:
             piece = sample.ids[self.offset:self.offset + size - filled]
             flat[filled:filled + len(piece)] = piece
             if mask is not None and self.offset < sample.prompt_tokens:
@@ -134,7 +163,7 @@ class Packer:
         mask = np.ones_like(ids, dtype=np.uint8) if self.completion_only else None
         lengths = np.zeros(self.batch_size, dtype=np.int32)
         rows = 0
-        while rows < self.batch_size and (sample := self._next_sample()) is not None:
+        while rows < self.batch_size and (sample := self._next_sample(self._may_wrap(rows))) is not None:
             n = min(len(sample.ids), self.seq_len)
             ids[rows, :n] = sample.ids[:n]
             if mask is not None:
@@ -148,15 +177,17 @@ class Packer:
                     int(lengths.sum()))
 
     def get_state(self) -> State:
-        """The sample being emitted and how many of its tokens are out."""
+        """The sample being emitted, how many of its tokens are out, batches and wraps so far."""
+        done = {"batches": self.batches, "wraps": self.wraps}
         if self.current is None or self.offset >= len(self.current.ids):
-            return {"at": self.samples.get_state(), "offset": 0}
-        return {"at": self.current_state, "offset": self.offset}
+            return {"at": self.samples.get_state(), "offset": 0, **done}
+        return {"at": self.current_state, "offset": self.offset, **done}
 
     def set_state(self, state: State) -> None:
         """Resume inside the sample at `at`, after `offset` of its tokens."""
         self.samples.set_state(state["at"])
+        self.batches, self.wraps = state["batches"], state["wraps"]
         self.current = None
         if state["offset"]:
-            self._next_sample()
+            self._next_sample(False)
             self.offset = state["offset"]

@@ -8,7 +8,7 @@ from typing import Any
 from ..stage import Stage, State
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawRecord:
     """One record as read: its stable id (source, file, row), where it came from, and its value or error."""
 

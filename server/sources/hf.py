@@ -71,10 +71,6 @@ class HfSource(Source):
         self._pos = (int(state["file"]), int(state["row"]))
         self._it = self._read(self._pos[1] if self._pos[0] == 0 else len(self._data))
 
-    def restart(self) -> None:
-        """Go back to the first row."""
-        self.set_state({"file": 0, "row": 0})
-
     def _read(self, first_row: int) -> Generator[RawRecord, None, None]:
         """Yield the records from a row on, one slice of rows at a time."""
         index, name, row = self.index, self.files[0], first_row

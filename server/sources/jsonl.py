@@ -79,10 +79,6 @@ class JsonlSource(Source):
         self._pos = (file, row, None if offset is None else int(offset))
         self._it = self._read(*self._pos)
 
-    def restart(self) -> None:
-        """Go back to the first line of the first file."""
-        self.set_state({"file": 0, "row": 0})
-
     def _read(self, first_file: int, first_row: int,
               first_offset: int | None) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row); seek to offset when given for a plain file."""

@@ -67,10 +67,6 @@ class ParquetSource(Source):
         self._pos = (int(state["file"]), int(state["row"]))
         self._it = self._read(*self._pos)
 
-    def restart(self) -> None:
-        """Go back to the first row of the first file."""
-        self.set_state({"file": 0, "row": 0})
-
     def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row), starting at the row group that holds the row."""
         index = self.index

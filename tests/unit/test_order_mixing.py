@@ -6,7 +6,6 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sigil_feed.server.curate import CuratedSource, CurateRules, copies
 from sigil_feed.server.mixing import Mixer
 from sigil_feed.server.order import BlockShuffle
@@ -76,7 +75,7 @@ def test_task_weights_copies_are_seeded_per_sample() -> None:
 
 def mix(mode: str, stopping: str = "first_exhausted", sizes: tuple[int, ...] = (3, 5)) -> Mixer:
     children = [curated(i, texts(n, chr(ord("a") + i))) for i, n in enumerate(sizes)]
-    return Mixer(children, mode, stopping, [1.0] * len(sizes), seed=1, epoch=0)
+    return Mixer(children, mode, stopping, [1.0] * len(sizes), seed=1)
 
 
 def test_sequential_round_robin_and_stopping() -> None:
@@ -89,7 +88,7 @@ def test_sequential_round_robin_and_stopping() -> None:
 def test_weighted_mix_is_seeded_and_follows_weights() -> None:
     def run(seed: int) -> list[str]:
         children = [curated(i, texts(2000, chr(ord("a") + i))) for i in range(2)]
-        return names(list(Mixer(children, "weighted", "first_exhausted", [3.0, 1.0], seed=seed, epoch=0)))
+        return names(list(Mixer(children, "weighted", "first_exhausted", [3.0, 1.0], seed=seed)))
 
     first = run(1)
     assert first == run(1) and first != run(2)

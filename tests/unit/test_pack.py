@@ -6,7 +6,6 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sigil_feed.server.pack import Packer
-from sigil_feed.server.samples import Sample
 from sigil_feed.server.tokenize import Encoded
 
 PAD = 0
@@ -18,11 +17,11 @@ class ListSamples:
     def __init__(self, encoded: list[Encoded]) -> None:
         self.encoded, self.index = encoded, 0
 
-    def __next__(self) -> tuple[Sample, Encoded]:
+    def __next__(self) -> Encoded:
         if self.index >= len(self.encoded):
             raise StopIteration
         self.index += 1
-        return Sample(0, 0, self.index - 1, "", "text"), self.encoded[self.index - 1]
+        return self.encoded[self.index - 1]
 
     def get_state(self) -> dict[str, int]:
         return {"index": self.index}

@@ -1,0 +1,394 @@
+"""Sources: path expansion, JSONL/Parquet/HF reading, malformed records, and resume from any state."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sigil_feed.server.errors import SourceError
+from sigil_feed.server.sources import RawRecord, Source, open_source
+
+PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "train",
+        "_task_type": "completion"}
+
+
+def jsonl(rows: list[Any]) -> bytes:
+    """JSON lines for a list of values."""
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def write(path: Path, data: bytes) -> Path:
+    """Write bytes, compressed by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]], group_rows: int = 4) -> Path:
+    """A Parquet file with several row groups."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group_rows)
+    return path
+
+
+def read(spec: str, base_dir: Path, **kwargs: Any) -> list[RawRecord]:
+    """Every record of a source."""
+    return list(open_source(spec, 0, base_dir=base_dir, **kwargs))
+
+
+def values(records: list[RawRecord]) -> list[Any]:
+    """The values of records (None for malformed ones)."""
+    return [r.value for r in records]
+
+
+def check_resume(make: Callable[[], Source]) -> list[RawRecord]:
+    """Resuming from the state at every position yields exactly the rest of a full read."""
+    source = make()
+    states, records = [source.get_state()], []
+    for record in source:
+        records.append(record)
+        states.append(json.loads(json.dumps(source.get_state())))
+    for k, state in enumerate(states):
+        resumed = make()
+        resumed.set_state(state)
+        assert list(resumed) == records[k:], (k, state)
+    source.set_state(states[0])
+    assert list(source) == records
+    return records
+
+
+# --- path expansion -------------------------------------------------------------------------------
+
+
+def test_file_directory_and_glob_expand_sorted(tmp_path: Path) -> None:
+    for name in ("b.jsonl", "a.jsonl.zst", "c.jsonl.gz", "notes.txt", "sub/d.jsonl"):
+        write(tmp_path / "data" / name, jsonl([{"text": name}]))
+    data = tmp_path / "data"
+    assert open_source(f"local:{data / 'b.jsonl'}", 0, base_dir=tmp_path).files == [str(data / "b.jsonl")]
+    assert open_source(f"local:{data}", 0, base_dir=tmp_path).files == [
+        str(data / n) for n in ("a.jsonl.zst", "b.jsonl", "c.jsonl.gz")]
+    assert open_source(f"local:{data}/**/*.jsonl", 0, base_dir=tmp_path).files == [
+        str(data / "b.jsonl"), str(data / "sub/d.jsonl")]
+    names = ("a.jsonl.zst", "b.jsonl", "c.jsonl.gz")
+    assert values(read(f"local:{data}", tmp_path)) == [{"text": n} for n in names]
+
+
+def test_parquet_directory_lists_only_parquet(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "d" / "b.parquet", [{"text": "b"}])
+    write_parquet(tmp_path / "d" / "a.parquet", [{"text": "a"}])
+    write(tmp_path / "d" / "x.jsonl", jsonl([{"text": "x"}]))
+    assert values(read(f"parquet:{tmp_path / 'd'}", tmp_path)) == [{"text": "a"}, {"text": "b"}]
+
+
+def test_relative_path_tries_cwd_then_base_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd, base = tmp_path / "cwd", tmp_path / "base"
+    write(cwd / "d.jsonl", jsonl([{"text": "cwd"}]))
+    write(base / "d.jsonl", jsonl([{"text": "base"}]))
+    write(base / "only.jsonl", jsonl([{"text": "only-base"}]))
+    monkeypatch.chdir(cwd)
+    assert values(read("local:d.jsonl", base)) == [{"text": "cwd"}]
+    assert values(read("local:only.jsonl", base)) == [{"text": "only-base"}]
+
+
+@pytest.mark.parametrize("spec", ["local:missing.jsonl", "parquet:missing/*.parquet", "local:empty"])
+def test_missing_path_fails_naming_spec_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  spec: str) -> None:
+    (tmp_path / "base" / "empty").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError) as info:
+        open_source(spec, 0, base_dir=tmp_path / "base")
+    message = str(info.value)
+    path = spec.partition(":")[2]
+    assert spec in message and str(tmp_path / path) in message and str(tmp_path / "base" / path) in message
+
+
+@pytest.mark.parametrize("spec", ["s3:bucket/key", "hf:", "local:"])
+def test_bad_spec_fails(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(SourceError, match=r"local:PATH|no path"):
+        open_source(spec, 0, base_dir=tmp_path)
+
+
+# --- JSONL ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_compressed_files_read_like_plain(tmp_path: Path, suffix: str) -> None:
+    rows = [{"text": f"row {i}", "path": f"src/{i}.rs"} for i in range(50)]
+    path = write(tmp_path / f"d{suffix}", jsonl(rows))
+    records = read(f"local:{path}", tmp_path)
+    assert values(records) == rows
+    assert [(r.source, r.file, r.row) for r in records] == [(0, 0, i) for i in range(50)]
+    assert records[3].location == f"{path}:4"
+
+
+def test_zstd_with_several_frames(tmp_path: Path) -> None:
+    frames = b"".join(zstandard.ZstdCompressor().compress(jsonl([{"text": str(i)}])) for i in range(3))
+    path = tmp_path / "d.jsonl.zst"
+    path.write_bytes(frames)
+    assert values(read(f"local:{path}", tmp_path)) == [{"text": "0"}, {"text": "1"}, {"text": "2"}]
+
+
+def test_malformed_lines_and_blank_lines(tmp_path: Path) -> None:
+    lines = [
+        b'{"text": "ok"}',
+        b"",
+        b"   \t\r",
+        b'{"text": "trunc',
+        b'{"text": "caf\xe9"}',
+        b"[1, 2]",
+        b"42",
+        b"\xef\xbb\xbf" + b'{"text": "bom"}',
+        b"[" * 100_000,
+        b'{"text": "last, no newline"}',
+    ]
+    path = write(tmp_path / "d.jsonl", b"\n".join(lines))
+    records = read(f"local:{path}", tmp_path)
+    got = [(r.row, r.location, r.value, r.error) for r in records]
+    assert got == [
+        (0, f"{path}:1", {"text": "ok"}, None),
+        (3, f"{path}:4", None, "bad_json"),
+        (4, f"{path}:5", None, "bad_utf8"),
+        (5, f"{path}:6", None, "bad_type"),
+        (6, f"{path}:7", None, "bad_type"),
+        (7, f"{path}:8", {"text": "bom"}, None),
+        (8, f"{path}:9", None, "bad_json"),
+        (9, f"{path}:10", {"text": "last, no newline"}, None),
+    ]
+
+
+def test_empty_file_yields_nothing(tmp_path: Path) -> None:
+    write(tmp_path / "a.jsonl", b"")
+    write(tmp_path / "b.jsonl", b"\n\n")
+    source = open_source(f"local:{tmp_path}", 0, base_dir=tmp_path)
+    assert list(source) == []
+    with pytest.raises(StopIteration):
+        next(source)
+
+
+def test_single_50_mb_line(tmp_path: Path) -> None:
+    big = "x" * 50_000_000
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as out:
+        out.write(b'{"text": "small"}\n{"text": "')
+        out.write(big.encode())
+        out.write(b'"}\n{"text": "after"}\n')
+    records = read(f"local:{path}", tmp_path)
+    assert [len(r.value["text"]) for r in records if r.value] == [5, 50_000_000, 5]
+
+
+def test_unreadable_and_corrupt_files_become_one_bad_file_record(tmp_path: Path) -> None:
+    write(tmp_path / "a.jsonl", jsonl([{"text": "a"}]))
+    write(tmp_path / "b.jsonl", jsonl([{"text": "b"}]))
+    truncated = gzip.compress(jsonl([{"text": str(i) * 100} for i in range(2000)]))
+    (tmp_path / "c.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])
+    (tmp_path / "d.jsonl.zst").write_bytes(b"not zstd at all")
+    write(tmp_path / "e.jsonl", jsonl([{"text": "e"}]))
+    source = open_source(f"local:{tmp_path}", 0, base_dir=tmp_path)
+    (tmp_path / "b.jsonl").unlink()
+    records = list(source)
+    bad = [(r.file, r.error) for r in records if r.value is None]
+    assert bad == [(1, "bad_file"), (2, "bad_file"), (3, "bad_file")]
+    assert records[0].value == {"text": "a"} and records[-1].value == {"text": "e"}
+    assert records[1].row == 0 and records[-2].row == 0  # b and d fail at the start
+    c_rows = [r.row for r in records if r.file == 2]
+    assert c_rows == list(range(len(c_rows))) and len(c_rows) > 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_resume_from_every_state(tmp_path: Path, suffix: str) -> None:
+    write(tmp_path / f"a{suffix}", jsonl([{"text": str(i)} for i in range(5)]) + b"\n\nnot json\n")
+    write(tmp_path / f"b{suffix}", b"")
+    write(tmp_path / f"c{suffix}", b"\n" + jsonl([[1], {"text": "c"}]))
+    records = check_resume(lambda: open_source(f"local:{tmp_path}", 3, base_dir=tmp_path))
+    ids = [(3, 0, i) for i in range(5)] + [(3, 0, 7), (3, 2, 1), (3, 2, 2)]
+    assert [(r.source, r.file, r.row) for r in records] == ids
+
+
+def test_plain_state_has_offset_and_row_alone_also_resumes(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.jsonl", jsonl([{"text": str(i)} for i in range(10)]))
+    source = open_source(f"local:{path}", 0, base_dir=tmp_path)
+    first = [next(source) for _ in range(4)]
+    assert source.get_state() == {"file": 0, "row": 4, "offset": sum(len(jsonl([r.value])) for r in first)}
+    rest = list(source)
+    source.set_state({"file": 0, "row": 4})
+    assert source.get_state() == {"file": 0, "row": 4}
+    assert list(source) == rest
+    source.restart()
+    assert list(source) == first + rest
+
+
+LINES = st.one_of(
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=10), max_size=3).map(
+        lambda d: json.dumps(d, ensure_ascii=False).encode()),
+    st.sampled_from([b"", b" ", b"\t\r", b"[]", b"null", b'{"a":', b"\xff\xfe"]),
+    st.binary(max_size=12).filter(lambda b: b"\n" not in b),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=st.lists(st.tuples(st.lists(LINES, max_size=8), st.booleans()), min_size=1, max_size=3),
+       suffix=st.sampled_from([".jsonl", ".jsonl.gz", ".jsonl.zst"]))
+def test_jsonl_property_rows_and_resume(files: list[tuple[list[bytes], bool]], suffix: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        expected_rows = []
+        for i, (lines, trailing_newline) in enumerate(files):
+            data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+            write(root / f"{i:02d}{suffix}", data)
+            expected_rows += [(i, row) for row, line in enumerate(io.BytesIO(data)) if not line.isspace()]
+        records = check_resume(lambda: open_source(f"local:{root}", 0, base_dir=root))
+        assert [(r.file, r.row) for r in records] == expected_rows
+        assert all((r.value is None) == (r.error is not None) for r in records)
+
+
+# --- Parquet --------------------------------------------------------------------------------------
+
+
+def test_parquet_reads_only_needed_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{**PAIR, "prompt": f"p{i}", "blob": "z" * 10_000, "n": i} for i in range(10)]
+    path = write_parquet(tmp_path / "a.parquet", rows, group_rows=3)
+    asked: list[list[str]] = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs["columns"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    records = read(f"parquet:{path}", tmp_path)
+    assert values(records) == [{**PAIR, "prompt": f"p{i}"} for i in range(10)]
+    assert asked and all(cols == ["prompt", "gen", "_source", "_split", "_task_type"] for cols in asked)
+    assert records[4].location == f"{path} row-group 1 row 4"
+    assert [r.row for r in records] == list(range(10))
+
+
+def test_parquet_nulls_are_missing_keys_and_no_needed_column_gives_empty_records(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "a.parquet", [{**PAIR, "text": None}, {**dict.fromkeys(PAIR), "text": "t"}])
+    write_parquet(tmp_path / "b.parquet", [{"other": 1}, {"other": 2}])
+    assert values(read(f"parquet:{tmp_path}", tmp_path)) == [PAIR, {"text": "t"}, {}, {}]
+
+
+@pytest.mark.parametrize("corrupt", [b"random bytes, not parquet" * 10, None])
+def test_corrupt_parquet_is_one_bad_file_record(tmp_path: Path, corrupt: bytes | None) -> None:
+    write_parquet(tmp_path / "a.parquet", [{"text": "a"}])
+    good = write_parquet(tmp_path / "b.parquet", [{"text": str(i)} for i in range(10)]).read_bytes()
+    (tmp_path / "b.parquet").write_bytes(corrupt or good[: len(good) - 20])
+    write_parquet(tmp_path / "c.parquet", [{"text": "c"}])
+    records = read(f"parquet:{tmp_path}", tmp_path)
+    assert [(r.file, r.row, r.value, r.error) for r in records] == [
+        (0, 0, {"text": "a"}, None), (1, 0, None, "bad_file"), (2, 0, {"text": "c"}, None)]
+
+
+def test_parquet_resume_from_every_state(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "a.parquet", [{"text": str(i)} for i in range(11)], group_rows=4)
+    write_parquet(tmp_path / "b.parquet", [{"content": "x", "path": "p"}], group_rows=4)
+    (tmp_path / "c.parquet").write_bytes(b"broken")
+    write_parquet(tmp_path / "d.parquet", [{"text": str(i)} for i in range(5)], group_rows=2)
+    check_resume(lambda: open_source(f"parquet:{tmp_path}", 0, base_dir=tmp_path))
+    source = open_source(f"parquet:{tmp_path}", 0, base_dir=tmp_path)
+    source.batch_rows = 3  # type: ignore[attr-defined]  # batches that straddle the resume row
+    source.set_state({"file": 0, "row": 9})
+    assert [r.value for r in source][:3] == [{"text": "9"}, {"text": "10"}, {"content": "x", "path": "p"}]
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+
+HF_ROWS = [{"content": f"fn f{i}() {{}}", "max_stars_repo_path": f"src/{i}.rs", "size": i} for i in range(7)]
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network for datasets or huggingface_hub, whatever the environment says."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def expected_hf(name: str) -> list[RawRecord]:
+    """The records HF_ROWS read as source 0 named `name`."""
+    return [RawRecord(0, 0, i, f"{name}[{i}]", {k: v for k, v in row.items() if k != "size"})
+            for i, row in enumerate(HF_ROWS)]
+
+
+def test_hf_save_to_disk_directory(tmp_path: Path, offline: None) -> None:
+    import datasets
+
+    datasets.Dataset.from_list(HF_ROWS).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(HF_ROWS)}).save_to_disk(str(tmp_path / "dict"))
+    assert read(f"hf:{tmp_path / 'saved'}", tmp_path) == expected_hf(str(tmp_path / "saved"))
+    assert read("dict", tmp_path) == expected_hf("dict")  # relative to base_dir
+
+    def sliced() -> Source:
+        source = open_source("saved", 0, base_dir=tmp_path)
+        source.slice_rows = 3  # type: ignore[attr-defined]  # slices that straddle the resume row
+        return source
+
+    check_resume(sliced)
+
+
+def test_hf_without_needed_columns_yields_empty_records(tmp_path: Path, offline: None) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([{"other": 1}, {"other": 2}]).save_to_disk(str(tmp_path / "other"))
+    assert values(read(str(tmp_path / "other"), tmp_path)) == [{}, {}]
+
+
+def test_hf_directory_of_data_files(tmp_path: Path, offline: None) -> None:
+    write(tmp_path / "files" / "train.jsonl", jsonl(HF_ROWS))
+    assert read(str(tmp_path / "files"), tmp_path, cache_dir=str(tmp_path / "cache")) == expected_hf(
+        str(tmp_path / "files"))
+
+
+def make_hub_cache(cache: Path, owner: str, name: str, tmp_path: Path) -> None:
+    """Lay out a Hub dataset in a datasets cache, as a download would have left it."""
+    import datasets
+
+    write_parquet(tmp_path / "hub-src.parquet", HF_ROWS)
+    datasets.load_dataset("parquet", data_files=str(tmp_path / "hub-src.parquet"), split="train",
+                          cache_dir=str(cache))
+    built = next((cache / "parquet").glob("*/0.0.0/*/parquet-train.arrow")).parent
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / built.name
+    shutil.copytree(built, target)
+    (target / "parquet-train.arrow").rename(target / f"{name}-train.arrow")
+
+
+def test_hf_hub_name_from_offline_cache(tmp_path: Path, offline: None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache, "acme", "rust-tiny", tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert read("acme/rust-tiny", elsewhere, cache_dir=str(cache)) == expected_hf("acme/rust-tiny")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    source = open_source("hf:acme/rust-tiny", 2, base_dir=elsewhere)
+    assert source.files == ["acme/rust-tiny"]
+    assert [r.value for r in source] == [r.value for r in expected_hf("acme/rust-tiny")]
+    check_resume(lambda: open_source("hf:acme/rust-tiny", 2, base_dir=elsewhere))
+
+
+def test_hf_unknown_name_fails_at_open_with_hint(tmp_path: Path, offline: None) -> None:
+    with pytest.raises(SourceError, match=r"acme/absent.*HF_DATASETS_CACHE / cache_dir.*HF_HUB_OFFLINE=0"):
+        open_source("acme/absent", 0, base_dir=tmp_path, cache_dir=str(tmp_path / "empty-cache"))
