@@ -133,7 +133,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ("name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s")
+    __slots__ = ("name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class DatasetStats(_message.Message):
     BATCHES_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     info: DatasetInfo
     sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
@@ -148,7 +149,22 @@ class DatasetStats(_message.Message):
     batches_served: int
     tokens_served: int
     tokens_per_s: float
-    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    cache: CacheState
+    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ...) -> None: ...
+
+class CacheState(_message.Message):
+    __slots__ = ("state", "samples", "tokens", "path", "error")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    samples: int
+    tokens: int
+    path: str
+    error: str
+    def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SourceStats(_message.Message):
     __slots__ = ("spec", "read", "kept", "dropped", "malformed", "tokens", "lengths")

@@ -13,10 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from ..protos import feed_pb2, feed_pb2_grpc
 from .config import FeedConfig
-from .dataset import ServedDataset
+from .dataset import ServedDataset, open_datasets
 from .interceptor import ErrorInterceptor
 from .service import DataFeedService
-from .tokenize import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +23,10 @@ SERVICE_NAME = feed_pb2.DESCRIPTOR.services_by_name["DataFeed"].full_name
 
 
 def load_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
-    """Open every configured dataset (tokenizer, sources); raises ConfigError/SourceError on bad input."""
-    encoders: dict[str, Encoder] = {}
-    datasets = {}
-    for name, dataset_config in config.datasets.items():
-        dataset = ServedDataset(dataset_config, config.file, encoders.get(dataset_config.tokenizer))
-        encoders[dataset_config.tokenizer] = dataset.encoder
-        datasets[name] = dataset
+    """Open every configured dataset and start building missing token stores in the background."""
+    datasets = open_datasets(config)
+    for dataset in datasets.values():
+        dataset.prepare_in_background()
     return datasets
 
 

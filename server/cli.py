@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from ..protos import feed_pb2, feed_pb2_grpc
+from .cache.commands import add_cache_commands
 from .errors import ConfigError, SourceError
 
 DEFAULT_CONFIG = Path(__file__).parent / "default" / "default.yaml"
@@ -128,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     peek.add_argument("--seq-len", type=int, default=0)
     peek.add_argument("--chars", type=int, default=400, help="characters of each row to print")
     peek.set_defaults(func=_peek)
+    add_cache_commands(sub)
     return root
 
 

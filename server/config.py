@@ -70,6 +70,7 @@ class DatasetSection(BaseModel):
     on_bad_record: Literal["skip", "fail"] = "skip"
     shuffle_block: PositiveInt = 4096
     epochs: int | None = Field(default=None, ge=1)  # None: forever
+    remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
 
     @field_validator("names", mode="before")
     @classmethod

@@ -1,31 +1,48 @@
-"""A served dataset: its config, tokenizer, fingerprint and counters, and the stage chain for one rank."""
+"""A served dataset: its config, tokenizer, fingerprints, counters and token store, and each rank's stage chain."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import threading
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 
 from ..protos import feed_pb2
-from .config import DatasetConfig, DatasetSection
+from .cache.build import BuildProgress, build_store
+from .cache.samples import CachedSamples, epoch_batches, epoch_order
+from .cache.store import StoreDamaged, TokenStore, open_store
+from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
-from .errors import ConfigError
+from .errors import ConfigError, RequestError
 from .filters import make_filter
 from .mixing import Mixer
 from .order import BlockShuffle
 from .pack import Packer, TokenizedSamples
 from .samples import Sample, plain_pair
-from .sources import open_source
+from .sources import Source, open_source
+from .stage import Stage
 from .stats import SourceCounters, Throughput
 from .tokenize import Encoded, Encoder
 
-SAMPLE_SETTINGS = ("min_length", "max_length", "exclude_tests", "exclude_examples", "exclude_benches",
-                   "prefer_idiomatic", "prefer_documented", "idiomatic_quality_ratio", "shuffle_seed",
-                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "splits",
-                   "legacy_filters", "chat_template", "completion_only", "shuffle_block", "names")
+log = logging.getLogger(__name__)
+
+CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclude_examples", "exclude_benches",
+                    "prefer_idiomatic", "prefer_documented", "idiomatic_quality_ratio", "shuffle_seed",
+                    "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "splits",
+                    "legacy_filters", "chat_template", "completion_only")
+ORDER_SETTINGS = ("use_cache", "shuffle_block", "remainder")
+
+
+def default_cache_dir() -> Path:
+    """Where token stores live when `dataset.cache_dir` is not set."""
+    return Path(os.environ.get("SIGIL_FEED_CACHE", Path.home() / ".cache" / "sigil-feed"))
 
 
 class ServedDataset:
@@ -33,7 +50,7 @@ class ServedDataset:
 
     def __init__(self, config: DatasetConfig, config_file: str, encoder: Encoder | None = None) -> None:
         self.config, self.section = config, config.dataset
-        self.name = config.name
+        self.name, self.cached = config.name, config.dataset.use_cache
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file)
         self.specs = [s.name for s in self.section.names]
         probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
@@ -41,40 +58,116 @@ class ServedDataset:
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
-        self.fingerprint = _fingerprint(self.section, [p.files for p in probes], self.encoder.fingerprint)
+        self.content_fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(CONTENT_SETTINGS)),
+                                                [_file_identity(f) for p in probes for f in p.files],
+                                                self.encoder.fingerprint)
+        self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
+                                        self.config.pack, self.content_fingerprint)
+        self.cache_dir = Path(self.section.cache_dir) if self.section.cache_dir else default_cache_dir()
+        self.progress = BuildProgress(state="ready" if not self.cached else "pending")
+        self.store: TokenStore | None = None
+        self.ready = threading.Event()
+        if not self.cached:
+            self.ready.set()
 
-    def _open(self, index: int):  # type: ignore[no-untyped-def]
-        return open_source(self.specs[index], index, base_dir=self.config.base_dir,
-                           cache_dir=self.section.cache_dir)
+    def _open(self, index: int) -> Source:
+        return open_source(self.specs[index], index, base_dir=self.config.base_dir, cache_dir=self.section.cache_dir)
+
+    @property
+    def store_path(self) -> Path:
+        """Where this dataset's token store lives."""
+        return self.cache_dir / self.content_fingerprint
+
+    def prepare(self, *, show_bar: bool = True) -> None:
+        """Cached mode: open the token store, or (re)build it if it is missing or damaged."""
+        if not self.cached:
+            return
+        try:
+            self.store = self._open_store()
+            if self.store is None:
+                build_store(self.mix(), self.encoder, cache_dir=self.cache_dir, fingerprint=self.content_fingerprint,
+                            with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar,
+                            on_encoded=self._record_lengths,
+                            meta=lambda: {"dataset": self.name, "sources": [c.snapshot() for c in self.counters]})
+                self.store = self._open_store(verify=False)
+            assert self.store is not None
+            self.counters = [SourceCounters.restore(s) for s in self.store.manifest["sources"]]
+            self.progress.state, self.progress.samples = "ready", len(self.store)
+            self.progress.tokens = int(self.store.manifest["tokens"])
+        except BaseException as err:
+            self.progress.state, self.progress.error = "failed", str(err)
+            raise
+        finally:
+            self.ready.set()
+
+    def prepare_in_background(self) -> None:
+        """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
+        if self.cached:
+            threading.Thread(target=self._prepare_logged, name=f"prepare-{self.name}", daemon=True).start()
+
+    def _prepare_logged(self) -> None:
+        try:
+            self.prepare()
+        except Exception:
+            log.exception("dataset %s: building the token store failed", self.name)
+
+    def wait_ready(self) -> None:
+        """Block until the dataset can serve; UNAVAILABLE if its token store could not be built."""
+        self.ready.wait()
+        if self.progress.state == "failed":
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"dataset {self.name!r}: token store build failed: {self.progress.error}")
+
+    def _open_store(self, verify: bool = True) -> TokenStore | None:
+        if not self.store_path.exists():
+            return None
+        try:
+            return open_store(self.store_path, self.content_fingerprint, verify=verify)
+        except StoreDamaged as err:
+            log.warning("token store damaged, rebuilding: %s", err)
+            shutil.rmtree(self.store_path, ignore_errors=True)
+            return None
 
     def info(self) -> feed_pb2.DatasetInfo:
         """The dataset's facts, as sent to clients."""
         return feed_pb2.DatasetInfo(
             name=self.name, tokenizer=self.config.tokenizer, vocab_size=self.encoder.vocab_size,
             eos_id=self.encoder.eos_id, pad_id=self.encoder.pad_id, max_seq_len=self.config.max_seq_len,
-            pack=self.config.pack, completion_only=self.section.completion_only, mode="streaming",
-            fingerprint=self.fingerprint, sources=self.specs)
+            pack=self.config.pack, completion_only=self.section.completion_only,
+            mode="cached" if self.cached else "streaming", fingerprint=self.fingerprint, sources=self.specs)
 
-    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer:
-        """A fresh stage chain (sources -> curate -> mix -> order -> tokenize -> pack) for one rank's epoch."""
+    def mix(self) -> Mixer:
+        """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
         section = self.section
-        seed = section.shuffle_seed
+        seed = section.shuffle_seed or 0
         pair_format = self.encoder.chat_format if section.chat_template else plain_pair
         children = []
         for index, spec in enumerate(section.names):
-            rules = CurateRules(filter=self.filter, filter_override=spec.filter,
-                                splits=frozenset(section.splits), task_weights=section.task_weights,
-                                seed=seed or 0, strict=section.on_bad_record == "fail",
+            rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
+                                task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
-        mixer = Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed or 0)
-        order = BlockShuffle(mixer, block_size=section.shuffle_block, seed=seed, epoch=epoch, rank=rank,
-                             world_size=world_size)
-        record = self._record_lengths if epoch == 0 else _ignore
-        samples = TokenizedSamples(order, self.encoder, with_prompts=section.completion_only,
-                                   on_encoded=record)
+        return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
+
+    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer:
+        """One rank's epoch as a stage chain ending in the packer."""
+        section = self.section
+        samples: Stage[Encoded]
+        max_batches = None
+        if self.store is not None:
+            order = epoch_order(len(self.store), section.shuffle_seed, epoch)
+            samples = CachedSamples(self.store, order, rank=rank, world_size=world_size)
+            max_batches = epoch_batches(self.store, order, world_size=world_size, batch_size=batch_size,
+                                        seq_len=seq_len, pack=self.config.pack, remainder=section.remainder)
+        else:
+            block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
+            order_stage = BlockShuffle(self.mix(), block_size=block, seed=section.shuffle_seed, epoch=epoch,
+                                       rank=rank, world_size=world_size)
+            samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
+                                       on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,
-                      completion_only=section.completion_only, pad_id=self.encoder.pad_id)
+                      completion_only=section.completion_only, pad_id=self.encoder.pad_id,
+                      remainder=section.remainder, max_batches=max_batches)
 
     def _record_lengths(self, samples: list[Sample], encoded: list[Encoded]) -> None:
         by_source: dict[int, list[int]] = {}
@@ -83,9 +176,22 @@ class ServedDataset:
         for source, lengths in by_source.items():
             self.counters[source].add_lengths(np.asarray(lengths, dtype=np.int64))
 
-    def stats(self) -> list[feed_pb2.SourceStats]:
-        """Per-source counters."""
-        return [c.to_proto() for c in self.counters]
+    def cache_state(self) -> feed_pb2.CacheState:
+        """The token store's state and build progress."""
+        return feed_pb2.CacheState(state=self.progress.state, samples=self.progress.samples,
+                                   tokens=self.progress.tokens, path=str(self.store_path) if self.cached else "",
+                                   error=self.progress.error)
+
+
+def open_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
+    """Open every configured dataset (tokenizers shared); raises ConfigError/SourceError on bad input."""
+    encoders: dict[str, Encoder] = {}
+    datasets = {}
+    for name, dataset_config in config.datasets.items():
+        dataset = ServedDataset(dataset_config, config.file, encoders.get(dataset_config.tokenizer))
+        encoders[dataset_config.tokenizer] = dataset.encoder
+        datasets[name] = dataset
+    return datasets
 
 
 def _ignore(samples: list[Sample], encoded: list[Encoded]) -> None:
@@ -109,11 +215,6 @@ def _file_identity(path: str) -> list[object]:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _fingerprint(section: DatasetSection, files: list[list[str]], tokenizer: str) -> str:
-    """A hash of the sources' files, every setting that changes the samples, and the tokenizer."""
-    body = {
-        "settings": section.model_dump(mode="json", include=set(SAMPLE_SETTINGS)),
-        "files": [[_file_identity(f) for f in group] for group in files],
-        "tokenizer": tokenizer,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+def _fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

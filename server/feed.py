@@ -23,6 +23,7 @@ class Feed:
 
     def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
                  seq_len: int, start: Cursor | None) -> None:
+        dataset.wait_ready()
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.batch_size, self.seq_len = batch_size, seq_len
         self.epochs = dataset.section.epochs

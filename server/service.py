@@ -181,7 +181,8 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             dataset = self.datasets[name]
             clients = [c.to_proto() for d, c in self.clients.values() if d == name]
             out.append(feed_pb2.DatasetStats(
-                name=name, info=dataset.info(), sources=dataset.stats(), clients=clients,
+                name=name, info=dataset.info(), sources=[c.to_proto() for c in dataset.counters], clients=clients,
+                cache=dataset.cache_state(),
                 batches_served=dataset.throughput.batches, tokens_served=dataset.throughput.tokens,
                 tokens_per_s=dataset.throughput.rate()))
         return feed_pb2.Stats(datasets=out, uptime_s=time.monotonic() - self.started)

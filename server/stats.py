@@ -61,6 +61,19 @@ class SourceCounters:
             self.lengths += np.bincount(np.searchsorted(LENGTH_BUCKETS, lengths, side="left"),
                                         minlength=len(LENGTH_BUCKETS))
 
+    def snapshot(self) -> dict[str, object]:
+        """The counters as plain JSON (stored in a token store's manifest)."""
+        with self.lock:
+            return {"spec": self.spec, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                    "malformed": dict(self.malformed), "tokens": self.tokens, "lengths": self.lengths.tolist()}
+
+    @classmethod
+    def restore(cls, data: dict) -> SourceCounters:  # type: ignore[type-arg]
+        """Counters from a snapshot; they count nothing more (the store's pass is complete)."""
+        return cls(spec=data["spec"], read=data["read"], kept=data["kept"], dropped=Counter(data["dropped"]),
+                   malformed=Counter(data["malformed"]), tokens=data["tokens"],
+                   lengths=np.asarray(data["lengths"], dtype=np.int64), high_water=(2**62, 0))
+
     def to_proto(self) -> feed_pb2.SourceStats:
         """The GetStats view of these counters."""
         with self.lock:

@@ -33,8 +33,8 @@ def pairs_config(tmp_path: Path) -> Path:
     records.insert(5, '{"prompt": "truncated')
     records.insert(9, {"prompt": 3, "gen": "x"})
     write_jsonl(tmp_path / "pairs.jsonl", records)
-    return write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False},
-                        max_seq_len=64, server={"limits": {"max_seq_len": 1024}})
+    return write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
+                                                    "remainder": "keep"}, max_seq_len=64, server={"limits": {"max_seq_len": 1024}})
 
 
 def split_samples(batches: list[dict[str, torch.Tensor]], eos: int) -> list[np.ndarray]:
@@ -76,6 +76,20 @@ def test_packed_stream_carries_every_token_once(pairs_config: Path, start_server
     assert all((p == tokenizer.pad_token_id).all() for p in parts[N_PAIRS:])  # only the last row's padding
     positions = first_epoch[0]["position_ids"][0]
     assert positions[0] == 0 and (positions[1:] - positions[:-1] != 1).sum() >= 1
+
+
+def test_remainder_pad_completes_the_last_batch_from_the_epoch_start(tmp_path: Path, start_server,
+                                                                      tokenizer) -> None:
+    records = [rust_pair(i) for i in range(N_PAIRS)]
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    config = write_config(tmp_path / "t.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False, "epochs": 1},
+                          max_seq_len=64)
+    batches = list(FeedDataset(start_server(config).target, batch_size=3))
+    assert all(b["input_ids"].shape == (3, 64) for b in batches)
+    flat = np.concatenate([b["input_ids"].reshape(-1).numpy() for b in batches])
+    epoch_tokens = sum(len(tokenizer(r["prompt"] + "\n\n" + r["gen"]).input_ids) + 1 for r in records)
+    assert epoch_tokens < len(flat) < epoch_tokens + 3 * 64
+    assert (flat[epoch_tokens:] == flat[: len(flat) - epoch_tokens]).all()
 
 
 def test_two_clients_stream_concurrently_and_errors_leave_others_alone(pairs_config: Path, start_server) -> None:
