@@ -1,0 +1,82 @@
+"""FeedDataset: a torch IterableDataset over a BatchStream, with a resumable state_dict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..protos import feed_pb2
+from .stream import BatchStream, FeedBatch
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed if initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class FeedDataset(IterableDataset[dict[str, torch.Tensor]]):
+    """Batches [B, L] from a sigil-feed server as dicts of torch tensors; use DataLoader(batch_size=None)."""
+
+    def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int | None = None,
+                 rank: int | None = None, world_size: int | None = None, prefetch: int = 4,
+                 reconnect_deadline_s: float = 300.0, client_id: str | None = None,
+                 **stream_options: Any) -> None:
+        """Remember the stream settings; nothing connects until iteration starts."""
+        super().__init__()
+        self.target, self.dataset, self.batch_size, self.seq_len = target, dataset, batch_size, seq_len
+        self._rank, self._world_size = rank, world_size
+        self.prefetch, self.reconnect_deadline_s = prefetch, reconnect_deadline_s
+        self.client_id = client_id
+        self.stream_options = stream_options
+        self.cursor = b""
+        self.epoch: int | None = None
+        self.info: feed_pb2.DatasetInfo | None = None
+
+    def ranks(self) -> tuple[int, int]:
+        """(rank, world_size): the explicit ones, else the defaults from the environment."""
+        rank, world_size = default_rank_world()
+        return (rank if self._rank is None else self._rank,
+                world_size if self._world_size is None else self._world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Stream batches from right after the last one yielded (or the loaded state)."""
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers > 0:
+            raise NotImplementedError("FeedDataset runs in the training process: use DataLoader(..., "
+                                      "num_workers=0); the sigil-feed sidecar already does the data work")
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Generator behind __iter__; its finally (via the with block) closes the stream."""
+        rank, world_size = self.ranks()
+        with BatchStream(self.target, self.dataset, batch_size=self.batch_size, seq_len=self.seq_len or 0,
+                         rank=rank, world_size=world_size, cursor=self.cursor, prefetch=self.prefetch,
+                         client_id=self.client_id or f"rank{rank}-pid{os.getpid()}",
+                         reconnect_deadline_s=self.reconnect_deadline_s, **self.stream_options) as stream:
+            self.info = stream.info
+            for item in stream:
+                if isinstance(item, FeedBatch):
+                    self.cursor, self.epoch = item.cursor, item.epoch
+                    yield {name: torch.from_numpy(array) for name, array in item.arrays.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position right after the last batch yielded to the training loop."""
+        rank, world_size = self.ranks()
+        return {"cursor": self.cursor, "epoch": self.epoch, "dataset": self.dataset, "rank": rank,
+                "world_size": world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration resume with exactly the batch after the saved one."""
+        rank, world_size = self.ranks()
+        saved = (state.get("rank", rank), state.get("world_size", world_size))
+        if saved != (rank, world_size):
+            raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this is rank {rank} of "
+                             f"{world_size}: a cursor only resumes the same rank and world size")
+        self.cursor, self.epoch = bytes(state["cursor"]), state.get("epoch")

@@ -1,0 +1,98 @@
+"""Turn a Batch message into model inputs with numpy only: no per-token or per-row Python work."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..protos import feed_pb2
+
+IGNORE_INDEX = -100
+"""Label value that PyTorch's cross-entropy (and Hugging Face models) skip."""
+
+
+def tensor_array(tensor: feed_pb2.Tensor) -> np.ndarray:
+    """View a wire Tensor as a read-only numpy array of its dtype and shape."""
+    dtype = np.dtype(tensor.dtype)
+    if dtype.kind not in "biu":
+        raise ValueError(f"tensor {tensor.name!r}: unsupported dtype {tensor.dtype!r}")
+    shape = tuple(tensor.shape)
+    data = tensor.data
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {tensor.name!r}: {len(data)} bytes do not fit shape {shape} "
+                         f"of dtype {tensor.dtype!r}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def decode_batch(batch: feed_pb2.Batch, pack: bool) -> dict[str, np.ndarray]:
+    """Decode a batch into int64 input_ids, labels and position_ids (packed) or attention_mask."""
+    tensors = {t.name: tensor_array(t) for t in batch.tensors}
+    ids = _require(tensors, "input_ids", ndim=2).astype(np.int64)
+    out, trained = _decode_packed(tensors, ids.shape) if pack else _decode_padded(tensors, ids.shape)
+    loss_mask = tensors.get("loss_mask")
+    if loss_mask is not None:
+        if loss_mask.shape != ids.shape:
+            raise ValueError(f"loss_mask has shape {loss_mask.shape}, input_ids {ids.shape}")
+        trained &= loss_mask != 0
+    return {"input_ids": ids, "labels": np.where(trained, ids, IGNORE_INDEX), **out}
+
+
+def _require(tensors: dict[str, np.ndarray], name: str, ndim: int) -> np.ndarray:
+    """Return the named tensor, checking that it is present and has `ndim` dimensions."""
+    if name not in tensors:
+        raise ValueError(f"batch has no {name!r} tensor (has {sorted(tensors)})")
+    array = tensors[name]
+    if array.ndim != ndim:
+        raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {ndim} dimensions")
+    return array
+
+
+def _decode_padded(tensors: dict[str, np.ndarray],
+                   shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Padded rows: attention_mask from `lengths`, and the mask of labelled tokens."""
+    rows, seq_len = shape
+    lengths = _require(tensors, "lengths", ndim=1).astype(np.int64)
+    if lengths.shape != (rows,) or (lengths < 0).any() or (lengths > seq_len).any():
+        raise ValueError(f"lengths {lengths.tolist()} do not fit input_ids of shape {shape}")
+    real = np.arange(seq_len) < lengths[:, None]
+    return {"attention_mask": real.astype(np.int64)}, real
+
+
+def _decode_packed(tensors: dict[str, np.ndarray],
+                   shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Packed rows: position_ids restarting at every segment, and the mask of labelled tokens."""
+    rows, seq_len = shape
+    seg_lengths = _require(tensors, "segment_lengths", ndim=1).astype(np.int64)
+    row_segments = _require(tensors, "row_segments", ndim=1).astype(np.int64)
+    _check_segments(seg_lengths, row_segments, rows)
+    seg_ends = np.concatenate(([0], np.cumsum(seg_lengths)))
+    row_first_seg = np.cumsum(row_segments) - row_segments
+    row_offset = seg_ends[row_first_seg]
+    real = seg_ends[row_first_seg + row_segments] - row_offset
+    if (real > seq_len).any():
+        raise ValueError(f"segments fill rows with {real.max()} tokens, more than seq_len {seq_len}")
+    seg_row = np.repeat(np.arange(rows), row_segments)
+    seg_starts = seg_row * seq_len + seg_ends[:-1] - row_offset[seg_row]
+    pad_rows = np.flatnonzero(real < seq_len)
+    run_starts = np.sort(np.concatenate((seg_starts, pad_rows * seq_len + real[pad_rows])))
+    trained = np.arange(seq_len) < real[:, None]
+    trained.reshape(-1)[seg_starts] = False
+    return {"position_ids": _run_positions(run_starts, rows * seq_len).reshape(shape)}, trained
+
+
+def _check_segments(seg_lengths: np.ndarray, row_segments: np.ndarray, rows: int) -> None:
+    """Reject segment tensors that cannot describe `rows` rows."""
+    if row_segments.shape != (rows,) or (row_segments < 0).any():
+        raise ValueError(f"row_segments {row_segments.tolist()} do not describe {rows} rows")
+    if row_segments.sum() != seg_lengths.size or (seg_lengths <= 0).any():
+        raise ValueError(f"{seg_lengths.size} segment_lengths (min {seg_lengths.min(initial=1)}) do not "
+                         f"match row_segments totalling {row_segments.sum()}")
+
+
+def _run_positions(run_starts: np.ndarray, size: int) -> np.ndarray:
+    """0, 1, 2, ... restarting at each of the sorted `run_starts` (the first is 0), by one cumsum."""
+    steps = np.ones(size, dtype=np.int64)
+    steps[run_starts[1:]] = 1 - np.diff(run_starts)
+    steps[run_starts[:1]] = 0
+    return np.cumsum(steps, out=steps)
