@@ -40,17 +40,21 @@ class FeedDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.info: feed_pb2.DatasetInfo | None = None
 
     def ranks(self) -> tuple[int, int]:
-        """(rank, world_size): the explicit ones, else the defaults from the environment."""
+        """(rank, world_size) of this stream: the trainer's rank, split further across DataLoader workers.
+
+        Worker w of W inside rank r reads the stream of rank r*W + w of world_size*W, so workers never
+        overlap; each worker's state_dict (as torchdata's StatefulDataLoader collects them) resumes it.
+        """
         rank, world_size = default_rank_world()
-        return (rank if self._rank is None else self._rank,
-                world_size if self._world_size is None else self._world_size)
+        rank = rank if self._rank is None else self._rank
+        world_size = world_size if self._world_size is None else self._world_size
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            return rank * worker.num_workers + worker.id, world_size * worker.num_workers
+        return rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Stream batches from right after the last one yielded (or the loaded state)."""
-        worker = get_worker_info()
-        if worker is not None and worker.num_workers > 0:
-            raise NotImplementedError("FeedDataset runs in the training process: use DataLoader(..., "
-                                      "num_workers=0); the sigil-feed sidecar already does the data work")
         return self._batches()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
