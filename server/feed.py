@@ -29,7 +29,6 @@ class Feed:
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
         self.packer: Packer | None = None
-        self.batches_in_epoch = 0
         if start is not None and start.state is not None:
             self.packer = self._open_epoch()
             self.packer.set_state(start.state)
@@ -52,10 +51,9 @@ class Feed:
             self.packer = self._open_epoch()
         rows = self.packer.next_batch()
         if rows is not None:
-            self.batches_in_epoch += 1
             return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer))
-        if self.batches_in_epoch == 0:
+        if self.packer.batches == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
-        ended, self.batches_in_epoch = self.epoch, 0
+        ended = self.epoch
         self.epoch, self.packer = self.epoch + 1, None
         return FeedItem(None, ended, self._cursor(self.epoch, None))

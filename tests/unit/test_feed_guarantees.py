@@ -1,0 +1,137 @@
+"""The stream guarantees, as properties over corpus size, batch size, seq_len, world size and mode.
+
+Ranks are disjoint and together cover the epoch exactly; resuming from any batch's cursor yields the
+same remaining sequence as the uninterrupted run; the same config gives the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import cache
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sigil_feed.server.config import parse_config
+from sigil_feed.server.cursor import decode_cursor
+from sigil_feed.server.dataset import ServedDataset
+from sigil_feed.server.feed import Feed, FeedItem
+from sigil_feed.server.tokenize import Encoder
+from tests.conftest import TOKENIZER_DIR, rust_pair
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@cache
+def encoder() -> Encoder:
+    return Encoder(str(TOKENIZER_DIR))
+
+
+def make_dataset(root: Path, n: int, *, cached: bool, pack: bool = True, remainder: str = "keep",
+                 seq_len: int = 32, block: int = 8) -> ServedDataset:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(rust_pair(i)) + "\n" for i in range(n)))
+    raw = {"model_name": str(TOKENIZER_DIR), "max_seq_len": seq_len, "pack": pack,
+           "dataset": {"names": [f"local:{data}"], "use_cache": cached, "cache_dir": str(root / "cache"),
+                       "shuffle_seed": 11, "shuffle_block": block, "remainder": remainder, "epochs": 2}}
+    dataset = ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder())
+    dataset.prepare(show_bar=False)
+    return dataset
+
+
+def feed(dataset: ServedDataset, rank: int, world: int, batch: int, cursor: bytes = b"") -> Feed:
+    start = decode_cursor(cursor, fingerprint=dataset.fingerprint, rank=rank, world_size=world) if cursor else None
+    return Feed(dataset, rank=rank, world_size=world, batch_size=batch, seq_len=dataset.config.max_seq_len,
+                start=start)
+
+
+def epoch_items(f: Feed, epoch: int) -> list[FeedItem]:
+    return [item for item in f if item.epoch == epoch and item.rows is not None]
+
+
+def samples_of(items: list[FeedItem], eos: int) -> list[tuple[int, ...]]:
+    """The samples a rank received: its real tokens in order, cut after every EOS."""
+    if not items:
+        return []
+    ids = np.concatenate([i.rows.input_ids.reshape(-1)[: i.rows.tokens] for i in items if i.rows is not None])
+    return [tuple(p) for p in np.split(ids, np.flatnonzero(ids == eos) + 1) if len(p)]
+
+
+def all_samples(n: int) -> Counter[tuple[int, ...]]:
+    enc = encoder()
+    texts = [r["prompt"] + "\n\n" + r["gen"] for r in map(rust_pair, range(n))]
+    return Counter(tuple(enc.tokenizer(t, add_special_tokens=False).input_ids) + (enc.eos_id,) for t in texts)
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), batch=st.integers(1, 4), world=st.integers(1, 4), cached=st.booleans(),
+       epoch=st.integers(0, 1))
+def test_ranks_are_disjoint_and_cover_each_epoch_exactly(n: int, batch: int, world: int, cached: bool,
+                                                         epoch: int) -> None:
+    with TemporaryDirectory() as tmp:
+        dataset = make_dataset(Path(tmp), n, cached=cached, pack=False, seq_len=64)
+        received: Counter[tuple[int, ...]] = Counter()
+        for rank in range(world):
+            for item in epoch_items(feed(dataset, rank, world, batch), epoch):
+                assert item.rows is not None
+                for row, length in zip(item.rows.input_ids, item.rows.lengths, strict=True):
+                    received[tuple(row[:length])] += 1
+        assert received == all_samples(n)
+
+
+@SETTINGS
+@given(n=st.integers(1, 30), batch=st.integers(1, 3), world=st.integers(1, 3), cached=st.booleans(),
+       remainder=st.sampled_from(["keep", "pad", "drop"]))
+def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(n: int, batch: int, world: int, cached: bool,
+                                                               remainder: str) -> None:
+    with TemporaryDirectory() as tmp:
+        dataset = make_dataset(Path(tmp), n, cached=cached, remainder=remainder)
+        per_rank = [epoch_items(feed(dataset, rank, world, batch), 0) for rank in range(world)]
+        tokens = [sum(i.rows.tokens for i in items if i.rows is not None) for items in per_rank]
+        total = sum(len(s) for s in all_samples(n).elements())
+        if remainder == "keep":
+            got: Counter[tuple[int, ...]] = Counter()
+            for items in per_rank:
+                got.update(samples_of(items, encoder().eos_id))
+            assert got == all_samples(n)
+        elif remainder == "pad":
+            assert sum(tokens) >= total and all(t % (batch * 32) == 0 for t in tokens)
+        else:
+            assert sum(tokens) <= total and all(t % (batch * 32) == 0 for t in tokens)
+        if cached and remainder != "keep":
+            assert len({len(items) for items in per_rank}) == 1  # equal step counts on every rank
+
+
+@SETTINGS
+@given(n=st.integers(1, 30), batch=st.integers(1, 3), world=st.integers(1, 3), cached=st.booleans(),
+       pack=st.booleans(), remainder=st.sampled_from(["keep", "pad", "drop"]), stop=st.integers(0, 30))
+def test_resume_from_any_cursor_equals_the_uninterrupted_run(n: int, batch: int, world: int, cached: bool,
+                                                              pack: bool, remainder: str, stop: int) -> None:
+    with TemporaryDirectory() as tmp:
+        dataset = make_dataset(Path(tmp), n, cached=cached, pack=pack, remainder=remainder)
+        rank = world - 1
+        full = list(feed(dataset, rank, world, batch))
+        stop = min(stop, len(full) - 1)
+        if stop < 0:
+            return
+        resumed = list(feed(dataset, rank, world, batch, full[stop].cursor))
+        expected = full[stop + 1:]
+        assert [(i.epoch, None if i.rows is None else i.rows.input_ids.tolist()) for i in resumed] == \
+               [(i.epoch, None if i.rows is None else i.rows.input_ids.tolist()) for i in expected]
+        assert all(len(i.cursor) < 1024 for i in full)
+
+
+def test_same_config_gives_identical_batches_and_epochs_differ(tmp_path: Path) -> None:
+    for cached in (False, True):
+        a = make_dataset(tmp_path / f"a{cached}", 60, cached=cached, block=16)
+        b = make_dataset(tmp_path / f"b{cached}", 60, cached=cached, block=16)
+        run_a = [i.rows.input_ids.tolist() for i in feed(a, 1, 2, 2) if i.rows is not None]
+        run_b = [i.rows.input_ids.tolist() for i in feed(b, 1, 2, 2) if i.rows is not None]
+        assert run_a == run_b
+        epochs = [[i.rows.input_ids.tolist() for i in epoch_items(feed(a, 0, 1, 2), e)] for e in (0, 1)]
+        assert epochs[0] != epochs[1]
