@@ -12,11 +12,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from transformers import AutoTokenizer
-
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_config, write_jsonl
 
 N_PAIRS = 40
@@ -33,8 +33,8 @@ def pairs_config(tmp_path: Path) -> Path:
     records.insert(5, '{"prompt": "truncated')
     records.insert(9, {"prompt": 3, "gen": "x"})
     write_jsonl(tmp_path / "pairs.jsonl", records)
-    return write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
-                                                    "remainder": "keep"}, max_seq_len=64, server={"limits": {"max_seq_len": 1024}})
+    dataset = {"names": ["local:pairs.jsonl"], "use_cache": False, "remainder": "keep"}
+    return write_config(tmp_path / "trainer.yaml", dataset, max_seq_len=64, server={"limits": {"max_seq_len": 1024}})
 
 
 def split_samples(batches: list[dict[str, torch.Tensor]], eos: int) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+
 from sigil_feed.client import BatchStream, EpochEnd, FeedBatch, FeedConnectionError, FeedServerError
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 

@@ -65,7 +65,7 @@ def samples_of(items: list[FeedItem], eos: int) -> list[tuple[int, ...]]:
 def all_samples(n: int) -> Counter[tuple[int, ...]]:
     enc = encoder()
     texts = [r["prompt"] + "\n\n" + r["gen"] for r in map(rust_pair, range(n))]
-    return Counter(tuple(enc.tokenizer(t, add_special_tokens=False).input_ids) + (enc.eos_id,) for t in texts)
+    return Counter((*tuple(enc.tokenizer(t, add_special_tokens=False).input_ids), enc.eos_id) for t in texts)
 
 
 @SETTINGS

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from sigil_feed.server import filters
 from sigil_feed.server.config import DatasetSection
 from sigil_feed.server.filters import FILTER_REASONS, FilterFn, make_filter

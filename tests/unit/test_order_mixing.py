@@ -6,6 +6,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sigil_feed.server.curate import CuratedSource, CurateRules, copies
 from sigil_feed.server.mixing import Mixer
 from sigil_feed.server.order import BlockShuffle

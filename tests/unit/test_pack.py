@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sigil_feed.server.pack import Packer
 from sigil_feed.server.tokenize import Encoded
 

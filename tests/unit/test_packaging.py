@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from gen_protos import generate  # noqa: E402
+from gen_protos import generate
 
 
 def test_generated_protos_match_the_proto(tmp_path: Path) -> None:

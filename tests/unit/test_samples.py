@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from sigil_feed.server.samples import Sample, normalise
 from sigil_feed.server.sources.base import RawRecord
 

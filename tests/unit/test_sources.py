@@ -17,6 +17,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sigil_feed.server.errors import SourceError
 from sigil_feed.server.sources import RawRecord, Source, open_source
 
