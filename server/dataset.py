@@ -29,7 +29,7 @@ from .samples import Sample, plain_pair
 from .sources import Source, open_source
 from .stage import Stage
 from .stats import SourceCounters, Throughput
-from .tokenize import Encoded, Encoder
+from .tokenize import Encoded, Encoder, TokenFacts
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ServedDataset:
         self.cache_dir = Path(self.section.cache_dir) if self.section.cache_dir else default_cache_dir()
         self.progress = BuildProgress(state="ready" if not self.cached else "pending")
         self.store: TokenStore | None = None
+        self.facts = self._stored_facts() or self.encoder.facts()  # loads the tokenizer unless a store has them
         self.ready = threading.Event()
         if not self.cached:
             self.ready.set()
@@ -100,6 +101,15 @@ class ServedDataset:
         finally:
             self.ready.set()
 
+    def _stored_facts(self) -> TokenFacts | None:
+        """Token facts from an existing store's manifest, so a warm start needs no tokenizer."""
+        if not self.cached:
+            return None
+        try:
+            return TokenFacts(**json.loads((self.store_path / "manifest.json").read_text())["token_facts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
         if self.cached:
@@ -131,8 +141,8 @@ class ServedDataset:
     def info(self) -> feed_pb2.DatasetInfo:
         """The dataset's facts, as sent to clients."""
         return feed_pb2.DatasetInfo(
-            name=self.name, tokenizer=self.config.tokenizer, vocab_size=self.encoder.vocab_size,
-            eos_id=self.encoder.eos_id, pad_id=self.encoder.pad_id, max_seq_len=self.config.max_seq_len,
+            name=self.name, tokenizer=str(self.encoder.path), vocab_size=self.facts.vocab_size,
+            eos_id=self.facts.eos_id, pad_id=self.facts.pad_id, max_seq_len=self.config.max_seq_len,
             pack=self.config.pack, completion_only=self.section.completion_only,
             mode="cached" if self.cached else "streaming", fingerprint=self.fingerprint, sources=self.specs)
 
@@ -166,7 +176,7 @@ class ServedDataset:
             samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
                                        on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,
-                      completion_only=section.completion_only, pad_id=self.encoder.pad_id,
+                      completion_only=section.completion_only, pad_id=self.facts.pad_id,
                       remainder=section.remainder, max_batches=max_batches)
 
     def _record_lengths(self, samples: list[Sample], encoded: list[Encoded]) -> None:

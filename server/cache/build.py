@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,7 +74,8 @@ def build_store(mixer: Mixer, encoder: Encoder, *, cache_dir: Path, fingerprint:
                 pending = (chunk, future)
             if pending is not None:
                 write(pending[0], pending[1].result())
-        path = writer.commit({**meta(), "tokenizer_fingerprint": encoder.fingerprint})
+        path = writer.commit({**meta(), "tokenizer_fingerprint": encoder.fingerprint,
+                              "token_facts": dataclasses.asdict(encoder.facts())})
     except BaseException:
         writer.abort()
         raise

@@ -133,7 +133,7 @@ def open_store(path: Path, fingerprint: str, *, verify: bool = True) -> TokenSto
             raise StoreDamaged(f"{file}: missing or truncated (expected {facts['size']} bytes)")
         if verify and checksum(file) != facts["xxh3"]:
             raise StoreDamaged(f"{file}: checksum mismatch (corrupted)")
-    table = pq.read_table(path / SAMPLES, columns=["offset", "length", "prompt_tokens", "source"])
+    table = pq.ParquetFile(path / SAMPLES).read(columns=["offset", "length", "prompt_tokens", "source"])
     dtype = np.dtype(manifest["dtype"])
     tokens = (np.memmap(path / TOKENS, dtype=dtype, mode="r") if manifest["tokens"]
               else np.zeros(0, dtype=dtype))
