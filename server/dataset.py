@@ -59,7 +59,7 @@ class ServedDataset:
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
         self.content_fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(CONTENT_SETTINGS)),
-                                                [_file_identity(f) for p in probes for f in p.files],
+                                                [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
         self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
                                         self.config.pack, self.content_fingerprint)
@@ -215,14 +215,6 @@ def _source_weights(section: DatasetSection, specs: list[str], file: str) -> lis
         raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                           file=file, fix=f"use the exact strings from dataset.names: {specs}")
     return [weights.get(spec, 1.0) for spec in specs]
-
-
-def _file_identity(path: str) -> list[object]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return [path]
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def _fingerprint(*parts: Any) -> str:

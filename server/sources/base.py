@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..stage import Stage, State
@@ -41,3 +43,16 @@ class Source(Stage[RawRecord]):
     def restart(self) -> None:
         """Read again from the first record."""
         self.set_state({"file": 0, "row": 0})
+
+    def identity(self) -> list[object]:
+        """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
+        return [file_identity(f) for f in self.files]
+
+
+def file_identity(path: str) -> list[object]:
+    """A file's resolved path, size and modification time (just the path if it cannot be read)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [path]
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]

@@ -59,6 +59,10 @@ class HfSource(Source):
         self._pos = (0, 0)  # (file, row) of the next record; file is always 0
         self._it = self._read(0)
 
+    def identity(self) -> list[object]:
+        """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
+        return [self.files[0], getattr(self._data, "_fingerprint", None)]
+
     def __next__(self) -> RawRecord:
         return next(self._it)
 
