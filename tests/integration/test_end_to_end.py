@@ -187,3 +187,12 @@ def test_bad_config_stops_serve_with_exit_code_2(tmp_path: Path, dataset: dict, 
                              "--port", "0"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_embedded_default_serves_and_peek_shows_text(start_server) -> None:
+    server = start_server(None)
+    out = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "peek", "--target", server.target, "-n", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dataset=default" in out.stdout and "--- batch 1" in out.stdout
+    assert "<|endoftext|>" in out.stdout and "fn " in out.stdout
