@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .decode import IGNORE_INDEX, decode_batch
+from .decode import IGNORE_INDEX, decode_batch, varlen_kwargs
 from .stream import (
     BatchStream,
     EpochEnd,
@@ -27,6 +27,7 @@ __all__ = [
     "FeedError",
     "FeedServerError",
     "decode_batch",
+    "varlen_kwargs",
 ]
 
 

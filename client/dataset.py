@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..protos import feed_pb2
+from .decode import varlen_kwargs
 from .stream import BatchStream, FeedBatch
+
+log = logging.getLogger(__name__)
+
+ModelInputs = dict[str, torch.Tensor | int]
+"""What FeedDataset yields: named tensors, plus int max_length_q/k with flash_attn_kwargs."""
 
 
 def default_rank_world() -> tuple[int, int]:
@@ -21,19 +29,25 @@ def default_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class FeedDataset(IterableDataset[dict[str, torch.Tensor]]):
+class FeedDataset(IterableDataset[ModelInputs]):
     """Batches [B, L] from a sigil-feed server as dicts of torch tensors; use DataLoader(batch_size=None)."""
 
     def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 4,
-                 reconnect_deadline_s: float = 300.0, client_id: str | None = None,
-                 **stream_options: Any) -> None:
-        """Remember the stream settings; nothing connects until iteration starts."""
+                 reconnect_deadline_s: float = 300.0, client_id: str | None = None, pin_memory: bool = False,
+                 flash_attn_kwargs: bool = False, **stream_options: Any) -> None:
+        """Remember the stream settings; nothing connects until iteration starts.
+
+        pin_memory: yield page-locked tensors when CUDA is available (for `.to(device, non_blocking=True)`).
+        flash_attn_kwargs: packed datasets only; add `cu_seq_lens_q/k` and `max_length_q/k` (see varlen_kwargs).
+        stream_options go to BatchStream, e.g. connect_deadline_s, credentials, metadata.
+        """
         super().__init__()
         self.target, self.dataset, self.batch_size, self.seq_len = target, dataset, batch_size, seq_len
         self._rank, self._world_size = rank, world_size
         self.prefetch, self.reconnect_deadline_s = prefetch, reconnect_deadline_s
         self.client_id = client_id
+        self.pin_memory, self.flash_attn_kwargs = pin_memory, flash_attn_kwargs
         self.stream_options = stream_options
         self.cursor = b""
         self.epoch: int | None = None
@@ -53,22 +67,51 @@ class FeedDataset(IterableDataset[dict[str, torch.Tensor]]):
             return rank * worker.num_workers + worker.id, world_size * worker.num_workers
         return rank, world_size
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[ModelInputs]:
         """Stream batches from right after the last one yielded (or the loaded state)."""
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers > 0:
+            raise NotImplementedError("FeedDataset runs in the training process: use DataLoader(..., "
+                                      "num_workers=0); the sigil-feed sidecar already does the data work")
         return self._batches()
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Generator behind __iter__; its finally (via the with block) closes the stream."""
-        rank, world_size = self.ranks()
-        with BatchStream(self.target, self.dataset, batch_size=self.batch_size, seq_len=self.seq_len or 0,
-                         rank=rank, world_size=world_size, cursor=self.cursor, prefetch=self.prefetch,
-                         client_id=self.client_id or f"rank{rank}-pid{os.getpid()}",
-                         reconnect_deadline_s=self.reconnect_deadline_s, **self.stream_options) as stream:
+    def fetch_info(self) -> feed_pb2.DatasetInfo:
+        """Connect briefly to learn the dataset's facts (vocab size, eos/pad ids, packing) before training."""
+        with self._open(prefetch=1) as stream:
             self.info = stream.info
+        return self.info
+
+    def _open(self, prefetch: int) -> BatchStream:
+        """A stream for this rank from the current cursor."""
+        rank, world_size = self.ranks()
+        return BatchStream(self.target, self.dataset, batch_size=self.batch_size, seq_len=self.seq_len or 0,
+                           rank=rank, world_size=world_size, cursor=self.cursor, prefetch=prefetch,
+                           client_id=self.client_id or f"rank{rank}-pid{os.getpid()}",
+                           reconnect_deadline_s=self.reconnect_deadline_s, **self.stream_options)
+
+    def _batches(self) -> Iterator[ModelInputs]:
+        """Generator behind __iter__; its finally (via the with block) closes the stream.
+
+        A `break` or an exception in the training loop drops the DataLoader's iterator, which closes
+        this generator and with it the gRPC stream and its receiving thread.
+        """
+        pin = self.pin_memory and _can_pin()
+        with self._open(self.prefetch) as stream:
+            self.info = stream.info
+            if self.flash_attn_kwargs and not stream.info.pack:
+                raise ValueError(f"flash_attn_kwargs=True needs packed rows, but dataset {self.dataset!r} "
+                                 f"at {self.target} is served with pack: false")
             for item in stream:
                 if isinstance(item, FeedBatch):
                     self.cursor, self.epoch = item.cursor, item.epoch
-                    yield {name: torch.from_numpy(array) for name, array in item.arrays.items()}
+                    yield self._to_torch(item.arrays, pin)
+
+    def _to_torch(self, arrays: dict[str, np.ndarray], pin: bool) -> ModelInputs:
+        """Wrap decoded arrays as tensors (no copy unless pinning), adding the varlen kwargs if asked."""
+        if self.flash_attn_kwargs:
+            arrays = {**arrays, **varlen_kwargs(arrays["position_ids"])}
+        return {name: _tensor(value, pin) if isinstance(value, np.ndarray) else value
+                for name, value in arrays.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The position right after the last batch yielded to the training loop."""
@@ -84,3 +127,18 @@ class FeedDataset(IterableDataset[dict[str, torch.Tensor]]):
             raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this is rank {rank} of "
                              f"{world_size}: a cursor only resumes the same rank and world size")
         self.cursor, self.epoch = bytes(state["cursor"]), state.get("epoch")
+
+
+def _can_pin() -> bool:
+    """Whether pinning is possible here; logs why pin_memory=True does nothing otherwise."""
+    if torch.cuda.is_available():
+        return True
+    log.warning("FeedDataset(pin_memory=True) has no effect: CUDA is not available, batches stay in "
+                "ordinary CPU memory")
+    return False
+
+
+def _tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """A tensor sharing the array's memory, or a page-locked copy of it."""
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory() if pin else tensor

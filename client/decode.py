@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,21 @@ def decode_batch(batch: feed_pb2.Batch, pack: bool) -> dict[str, np.ndarray]:
             raise ValueError(f"loss_mask has shape {loss_mask.shape}, input_ids {ids.shape}")
         trained &= loss_mask != 0
     return {"input_ids": ids, "labels": np.where(trained, ids, IGNORE_INDEX), **out}
+
+
+def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:
+    """FlashAttention varlen kwargs for packed rows, in the form DataCollatorWithFlattening returns them.
+
+    The rows are read as one flattened sequence (as FlashAttention's varlen kernels do with a [B, L] batch).
+    decode_batch restarts `position_ids` at 0 exactly where a run starts: each segment, and a row's trailing
+    padding, so the zeros are the sequence starts and `cu_seq_lens` is one flatnonzero. Returns int32
+    `cu_seq_lens_q`/`cu_seq_lens_k` and int `max_length_q`/`max_length_k`.
+    """
+    flat = position_ids.reshape(-1)
+    cu_seq_lens = np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
+    max_length = int(np.diff(cu_seq_lens).max(initial=0))
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens.copy(),
+            "max_length_q": max_length, "max_length_k": max_length}
 
 
 def _require(tensors: dict[str, np.ndarray], name: str, ndim: int) -> np.ndarray:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sigil_feed.client.decode import IGNORE_INDEX, decode_batch
+
+from sigil_feed.client.decode import IGNORE_INDEX, decode_batch, varlen_kwargs
 from sigil_feed.protos import feed_pb2
 
 X = IGNORE_INDEX
@@ -169,3 +170,47 @@ def test_packed_property(case: tuple[list[list[list[int]]], int], with_mask: boo
             masked = i in starts or i >= real or (mask is not None and mask[r][i] == 0)
             assert labels[i] == (X if masked else ids[i])
         assert ids[:real].tolist() == flat(row)
+
+
+def flattened(rows: list[list[list[int]]], seq_len: int) -> dict[str, np.ndarray]:
+    """sigil-feed's decode of packed rows, flattened to [1, B * L] like DataCollatorWithFlattening's output."""
+    out = decode_batch(packed_batch(rows, seq_len), pack=True)
+    return {**{name: array.reshape(1, -1) for name, array in out.items()}, **varlen_kwargs(out["position_ids"])}
+
+
+def assert_same_as_collator(ours: dict[str, np.ndarray], features: list[dict[str, list[int]]]) -> None:
+    """Every output of DataCollatorWithFlattening equals ours, dtype and value."""
+    from transformers import DataCollatorWithFlattening
+
+    theirs = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True)(features)
+    assert set(theirs) == set(ours)
+    for name, value in theirs.items():
+        if isinstance(value, int):
+            assert ours[name] == value, name
+        else:
+            assert ours[name].dtype == value.numpy().dtype, name
+            np.testing.assert_array_equal(ours[name], value.numpy(), err_msg=name)
+
+
+def test_whole_samples_decode_like_data_collator_with_flattening() -> None:
+    """Rows filled exactly by whole samples give the collator's input_ids, labels, position_ids, cu_seq_lens."""
+    samples = [[11, 12, 13], [14, 15], [16, 17, 18, 19, 20], [21, 22, 23, 24], [25, 26, 27], [28, 29, 30]]
+    assert_same_as_collator(flattened([samples[:3]], seq_len=10), [{"input_ids": s} for s in samples[:3]])
+    assert_same_as_collator(flattened([samples[:3], samples[3:]], seq_len=10),
+                            [{"input_ids": s} for s in samples])
+
+
+@settings(max_examples=100, deadline=None)
+@given(packed_rows())
+def test_any_packed_rows_decode_like_the_collator_over_their_segments(
+        case: tuple[list[list[list[int]]], int]) -> None:
+    """Documented difference: a row's segments are the collator's examples (a sample cut across rows is two),
+    and a row's trailing padding is one more example with no labels."""
+    rows, seq_len = case
+    features = []
+    for row in rows:
+        features += [{"input_ids": seg, "labels": seg} for seg in row]
+        pad = seq_len - sum(map(len, row))
+        if pad:
+            features.append({"input_ids": [0] * pad, "labels": [X] * pad})
+    assert_same_as_collator(flattened(rows, seq_len), features)

@@ -1,0 +1,228 @@
+"""The examples/ training loops, run as their users run them, and the client behaviour they rely on.
+
+One real server for the module, on a small repetitive corpus; every example trains a tiny GPT-2 on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sigil_feed.client import FeedConnectionError, FeedDataset
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
+
+EXAMPLES = REPO / "examples"
+SEQ_LEN, BATCH = 64, 4
+COMMON = ("--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """400 near-identical Rust pairs, packed into rows of 64, shuffled, endless; plus an unpacked copy."""
+    folder = tmp_path_factory.mktemp("feed")
+    write_jsonl(folder / "pairs.jsonl", [rust_pair(i) for i in range(400)])
+    config = write_config(folder / "feed.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
+                                                 "shuffle_seed": 1},
+                          max_seq_len=SEQ_LEN, server={"datasets": {"padded": {"pack": False}}})
+    server = ServerProcess(config)
+    yield server
+    server.stop()
+
+
+def launch(*cmd: str) -> subprocess.Popen[str]:
+    """Start an example (one torch thread each, so two can share the CPUs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def losses(proc: subprocess.Popen[str]) -> dict[int, list[float]]:
+    """Wait for an example to succeed; the losses each rank printed on its RESULT line."""
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    results = [json.loads(line.removeprefix("RESULT ")) for line in stdout.splitlines()
+               if line.startswith("RESULT ")]
+    return {r["rank"]: r["losses"] for r in results}
+
+
+def example(name: str, *args: str) -> subprocess.Popen[str]:
+    """python examples/<name> ARGS."""
+    return launch(sys.executable, str(EXAMPLES / name), *COMMON, *args)
+
+
+def torchrun(name: str, *args: str) -> subprocess.Popen[str]:
+    """torchrun --nproc-per-node 2 examples/<name> ARGS, on a free rendezvous port."""
+    return launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  str(EXAMPLES / name), *COMMON, *args)
+
+
+def steps(folder: Path, rank: int = 0) -> dict[int, list[str]]:
+    """The row hashes an example logged with --dump, by training step."""
+    lines = (folder / f"rank{rank}.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["rows"] for entry in map(json.loads, lines)}
+
+
+def row_hashes(input_ids: torch.Tensor) -> list[str]:
+    """The hashes examples/common.py BatchLog writes for a batch."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in input_ids.numpy()]
+
+
+def assert_learns(losses: list[float]) -> None:
+    """Finite throughout, and clearly lower at the end than at the start."""
+    assert len(losses) >= 20 and all(math.isfinite(x) for x in losses), losses
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_plain_loop_learns_and_resumes_with_exactly_the_next_batch(server: ServerProcess, tmp_path: Path) -> None:
+    checkpoint = str(tmp_path / "ckpt.pt")
+    full = example("plain_pytorch.py", "--target", server.target, "--steps", "30", "--dump", str(tmp_path / "a"))
+    cut = example("plain_pytorch.py", "--target", server.target, "--steps", "12", "--save", checkpoint,
+                  "--dump", str(tmp_path / "b"))
+    full_losses, first = losses(full)[0], losses(cut)[0]
+    rest = losses(example("plain_pytorch.py", "--target", server.target, "--steps", "30", "--resume", checkpoint,
+                          "--dump", str(tmp_path / "b")))[0]
+    assert_learns(full_losses)
+    assert steps(tmp_path / "b") == steps(tmp_path / "a")
+    assert first + rest == pytest.approx(full_losses, rel=1e-4)
+
+
+def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
+        server: ServerProcess, tmp_path: Path) -> None:
+    def trainer(out: str, *args: str) -> subprocess.Popen[str]:
+        return example("hf_trainer.py", "--target", server.target, "--steps", "24", "--save-steps", "8",
+                       "--output-dir", str(tmp_path / out), *args)
+
+    full = trainer("full", "--dump", str(tmp_path / "full-log"))
+    cut = trainer("cut", "--stop-at", "10", "--dump", str(tmp_path / "before"))
+    full_losses, _ = losses(full)[0], losses(cut)
+    assert sorted(p.parent.name for p in (tmp_path / "cut").glob("*/sigil_feed_rank0.pt")) == [
+        "checkpoint-10", "checkpoint-8"]
+    resumed = losses(trainer("cut", "--resume", "--dump", str(tmp_path / "after")))[0]
+    assert_learns(full_losses)
+    uninterrupted = steps(tmp_path / "full-log")
+    after = steps(tmp_path / "after")
+    assert sorted(after) == list(range(10, 24))
+    assert after == {step: rows for step, rows in uninterrupted.items() if step >= 10}
+    assert steps(tmp_path / "before") == {step: rows for step, rows in uninterrupted.items() if step < 10}
+    assert resumed == pytest.approx(full_losses, rel=1e-4)  # its log_history carries the first 10 over
+
+
+@pytest.mark.parametrize("name", ["torchrun_ddp.py", "accelerate_loop.py"])
+def test_two_ranks_learn_on_disjoint_shares_picked_up_from_torch_distributed(
+        server: ServerProcess, tmp_path: Path, name: str) -> None:
+    per_rank = losses(torchrun(name, "--target", server.target, "--steps", "20", "--dump", str(tmp_path)))
+    assert sorted(per_rank) == [0, 1]
+    seen = []
+    for rank in (0, 1):
+        assert_learns(per_rank[rank])
+        logged = steps(tmp_path, rank)
+        direct = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN, rank=rank, world_size=2)
+        assert logged == {step: row_hashes(batch["input_ids"]) for step, batch in zip(range(20), direct, strict=False)}
+        seen.append({row for rows in logged.values() for row in rows})
+    assert len(seen[0]) == len(seen[1]) == 20 * BATCH and not seen[0] & seen[1]
+
+
+def stream_clients(target: str) -> int:
+    """Streams the server counts as connected, over all datasets."""
+    with grpc.insecure_channel(target) as channel:
+        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=10)
+    return sum(len(dataset.clients) for dataset in stats.datasets)
+
+
+def feed_threads() -> list[str]:
+    """The client's receiving threads still alive in this process."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("sigil-feed-")]
+
+
+def assert_closed(target: str) -> None:
+    """The server saw the stream end and the receiving thread is gone (within a few seconds)."""
+    deadline = time.monotonic() + 10
+    while (stream_clients(target) or feed_threads()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stream_clients(target) == 0 and feed_threads() == []
+
+
+def test_break_and_exceptions_in_the_loop_close_the_stream(server: ServerProcess) -> None:
+    loader = DataLoader(FeedDataset(server.target, batch_size=2), batch_size=None)
+    for step, _batch in enumerate(loader):
+        if step == 0:
+            assert stream_clients(server.target) == 1 and len(feed_threads()) == 1
+        if step == 3:
+            break
+    assert_closed(server.target)
+    with pytest.raises(RuntimeError, match="loss is nan"):
+        for step, _batch in enumerate(loader):
+            if step == 3:
+                raise RuntimeError("loss is nan")
+    assert_closed(server.target)
+
+
+def test_unreachable_server_fails_fast_naming_the_address_and_the_fix() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+    feed = FeedDataset(target, batch_size=2, connect_deadline_s=0.5)
+    for start in (lambda: next(iter(DataLoader(feed, batch_size=None))), feed.fetch_info):
+        began = time.monotonic()
+        with pytest.raises(FeedConnectionError, match="could not reach") as error:
+            start()
+        assert time.monotonic() - began < 5
+        assert target in str(error.value) and "sigil-feed serve --config" in str(error.value)
+    assert feed_threads() == []
+
+
+def first(batches: Any) -> dict[str, Any]:
+    """The first item of an iterable, closing its iterator (and with it the stream) right away."""
+    for item in batches:
+        return item
+    raise AssertionError("no batch")
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_pin_memory_pins_with_cuda_and_says_so_without(server: ServerProcess,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    cuda = torch.cuda.is_available()
+    with caplog.at_level(logging.WARNING, logger="sigil_feed.client.dataset"):
+        batch = first(FeedDataset(server.target, batch_size=2, pin_memory=True))
+    assert all(tensor.is_pinned() == cuda for tensor in batch.values())
+    assert ("CUDA is not available" in caplog.text) != cuda
+    batch = first(DataLoader(FeedDataset(server.target, batch_size=2), batch_size=None, pin_memory=True))
+    assert all(tensor.is_pinned() == cuda for tensor in batch.values())
+
+
+def test_flash_attn_kwargs_delimit_every_sequence_and_a_model_takes_them(server: ServerProcess) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    batch = first(FeedDataset(server.target, batch_size=3, flash_attn_kwargs=True))
+    starts = np.flatnonzero(batch["position_ids"].reshape(-1).numpy() == 0)
+    for side in ("q", "k"):
+        cu_seq_lens = batch[f"cu_seq_lens_{side}"]
+        assert cu_seq_lens.dtype == torch.int32
+        assert cu_seq_lens.tolist() == [*starts.tolist(), 3 * SEQ_LEN]
+        assert batch[f"max_length_{side}"] == int(np.diff(cu_seq_lens.numpy()).max())
+    assert len(starts) > 3  # several samples per row
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=SEQ_LEN, n_embd=32, n_layer=1, n_head=2,
+                                       use_cache=False))
+    assert math.isfinite(model(**batch).loss.item())
+    with pytest.raises(ValueError, match="pack: false"):
+        first(FeedDataset(server.target, "padded", batch_size=2, flash_attn_kwargs=True))
