@@ -145,7 +145,8 @@ def test_tiny_causal_lm_trains_on_feed_batches(pairs_config: Path, start_server)
 
     server = start_server(pairs_config)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=64, n_embd=32, n_layer=2, n_head=2, use_cache=False))
+    config = GPT2Config(vocab_size=8192, n_positions=64, n_embd=32, n_layer=2, n_head=2, use_cache=False)
+    model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loader = torch.utils.data.DataLoader(FeedDataset(server.target, batch_size=4), batch_size=None)
     losses = []
