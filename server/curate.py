@@ -81,9 +81,9 @@ class CuratedSource:
         counted = self.counters.claim(record.file, record.row)
         sample = normalise(record, self.rules.pair_format)
         if isinstance(sample, str):
-            self._bad(record, sample)
-            if counted:
+            if counted:  # before _bad, which raises in fail mode: the fatal record is read, so it is counted
                 self.counters.outcome(False, sample, malformed=True)
+            self._bad(record, sample)
             return None
         reason = self._reject_reason(sample)
         if reason is None:
