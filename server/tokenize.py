@@ -87,18 +87,19 @@ class Encoder:
         return text, len(head) if text.startswith(head) else 0
 
     def encode(self, samples: list[Sample], with_prompts: bool) -> list[Encoded]:
-        """Encode a batch of samples; prompt token counts only when with_prompts (needs offsets)."""
-        texts = [s.text for s in samples]
+        """Encode a batch of samples, EOS appended.
+
+        With with_prompts (completion_only), a pair's prompt (and separator) and its completion are
+        encoded separately and joined, so no token straddles the boundary and the loss mask is exact.
+        """
         eos = np.array([self.eos_id], dtype=np.int32)
         if not with_prompts:
-            return [Encoded(np.concatenate((np.asarray(e.ids, dtype=np.int32), eos)), 0)
-                    for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        out = []
-        for sample, enc in zip(samples, self.backend.encode_batch(texts, add_special_tokens=False), strict=True):
-            starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
-            prompt_tokens = int(np.searchsorted(starts, sample.prompt_chars, side="left"))
-            out.append(Encoded(np.concatenate((np.asarray(enc.ids, dtype=np.int32), eos)), prompt_tokens))
-        return out
+            encodings = self.backend.encode_batch_fast([s.text for s in samples], add_special_tokens=False)
+            return [Encoded(np.concatenate((np.asarray(e.ids, dtype=np.int32), eos)), 0) for e in encodings]
+        heads = self.backend.encode_batch_fast([s.text[:s.prompt_chars] for s in samples], add_special_tokens=False)
+        tails = self.backend.encode_batch_fast([s.text[s.prompt_chars:] for s in samples], add_special_tokens=False)
+        return [Encoded(np.concatenate((np.asarray(h.ids, dtype=np.int32), np.asarray(t.ids, dtype=np.int32), eos)),
+                        len(h.ids)) for h, t in zip(heads, tails, strict=True)]
 
     def decode(self, ids: list[int]) -> str:
         """Token ids back to text (special tokens kept, so sample boundaries show)."""
