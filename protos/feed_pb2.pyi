@@ -207,7 +207,7 @@ class LengthBucket(_message.Message):
     def __init__(self, upper: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ClientStats(_message.Message):
-    __slots__ = ("peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s")
+    __slots__ = ("peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s", "lag_s", "tokens_per_s")
     PEER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,8 @@ class ClientStats(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_S_FIELD_NUMBER: _ClassVar[int]
+    LAG_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     peer: str
     client_id: str
     rank: int
@@ -226,7 +228,9 @@ class ClientStats(_message.Message):
     tokens: int
     credits: int
     connected_s: float
-    def __init__(self, peer: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches: _Optional[int] = ..., tokens: _Optional[int] = ..., credits: _Optional[int] = ..., connected_s: _Optional[float] = ...) -> None: ...
+    lag_s: float
+    tokens_per_s: float
+    def __init__(self, peer: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches: _Optional[int] = ..., tokens: _Optional[int] = ..., credits: _Optional[int] = ..., connected_s: _Optional[float] = ..., lag_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

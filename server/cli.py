@@ -1,10 +1,9 @@
-"""The `sigil-feed` command: serve, stats, peek."""
+"""The `sigil-feed` command: serve, stats, peek, health (and the cache commands)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,33 +14,88 @@ from google.protobuf import json_format
 from ..protos import feed_pb2, feed_pb2_grpc
 from .cache.commands import add_cache_commands
 from .errors import ConfigError, SourceError
+from .logs import configure as configure_logging
 
 DEFAULT_CONFIG = Path(__file__).parent / "default" / "default.yaml"
 EXIT_BAD_CONFIG = 2
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import run
+    from .app import resolve_listen, run
     from .config import load_config
 
     config = load_config(args.config or DEFAULT_CONFIG)
-    host = args.host or config.server.host
-    port = config.server.port if args.port is None else args.port
-    return run(config, host=host, port=port)
+    section = config.server
+    listen = resolve_listen(config, host=args.host or section.host,
+                            port=section.port if args.port is None else args.port,
+                            metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port)
+    return run(config, listen)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _add_connection_args(command: argparse.ArgumentParser) -> None:
+    """--target, and the TLS and token options a secured server needs."""
+    command.add_argument("--target", default=f"127.0.0.1:{os.environ.get('SIGIL_FEED_PORT') or 50051}",
+                         help="server address (default 127.0.0.1 on env SIGIL_FEED_PORT, else 50051)")
+    command.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (enables TLS)")
+    command.add_argument("--tls-cert", help="this client's certificate (mutual TLS)")
+    command.add_argument("--tls-key", help="this client's private key (mutual TLS)")
+    token = command.add_mutually_exclusive_group()
+    token.add_argument("--token-file", help="file holding the bearer token")
+    token.add_argument("--token-env", help="name of the environment variable holding the bearer token")
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    from .security import channel_credentials
+
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    from .security import bearer_metadata
+
+    if args.token_file:
+        return bearer_metadata(Path(args.token_file).read_text().strip())
+    if args.token_env:
+        return bearer_metadata(os.environ.get(args.token_env, "").strip())
+    return ()
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    credentials = _credentials(args)
+    if credentials is None:
+        return grpc.insecure_channel(args.target)
+    return grpc.secure_channel(args.target, credentials)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(args) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(
-            feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout)
+            feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout, metadata=_metadata(args))
     if args.json:
         print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True,
                                                    always_print_fields_with_no_presence=True), indent=2))
         return 0
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get every column
     for ds in stats.datasets:
         console.print(f"[bold]{ds.name}[/] {ds.info.mode} tokenizer={ds.info.tokenizer} "
                       f"fingerprint={ds.info.fingerprint} batches={ds.batches_served} "
@@ -52,10 +106,12 @@ def _stats(args: argparse.Namespace) -> int:
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
         if ds.clients:
-            clients = Table("peer", "client", "rank", "epoch", "batches", "tokens", "credits", "connected s")
+            clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
+                            "credits", "lag s", "connected s")
             for c in ds.clients:
-                clients.add_row(c.peer, c.client_id, f"{c.rank}/{c.world_size}", str(c.epoch),
-                                str(c.batches), f"{c.tokens:,}", str(c.credits), f"{c.connected_s:.0f}")
+                clients.add_row(c.peer, c.client_id, f"{c.rank}/{c.world_size}", str(c.epoch), str(c.batches),
+                                f"{c.tokens:,}", f"{c.tokens_per_s:,.0f}", str(c.credits), f"{c.lag_s:.2f}",
+                                f"{c.connected_s:.0f}")
             console.print(clients)
     return 0
 
@@ -80,10 +136,11 @@ def _peek(args: argparse.Namespace) -> int:
     from .tokenize import load_tokenizer
 
     with BatchStream(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len,
-                     prefetch=2, reconnect_deadline_s=5.0) as stream:
+                     prefetch=2, reconnect_deadline_s=5.0, credentials=_credentials(args),
+                     metadata=_metadata(args)) as stream:
         info = stream.info
         try:
-            tokenizer = load_tokenizer(info.tokenizer, base_dir=DEFAULT_CONFIG.parent)
+            tokenizer = load_tokenizer(info.tokenizer)
         except ConfigError:
             tokenizer = None
         print(f"dataset={info.name} tokenizer={info.tokenizer} vocab={info.vocab_size} "
@@ -103,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     root = argparse.ArgumentParser(prog="sigil-feed", description=__doc__)
     root.add_argument("--log-level", default=os.environ.get("SIGIL_FEED_LOG_LEVEL", "INFO"))
+    log_json = os.environ.get("SIGIL_FEED_LOG_JSON", "") not in ("", "0")
+    root.set_defaults(log_json=log_json)
     sub = root.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve batches (the embedded default dataset without --config)")
@@ -112,23 +171,34 @@ def parser() -> argparse.ArgumentParser:
     env_port = os.environ.get("SIGIL_FEED_PORT")
     serve.add_argument("--port", type=int, default=int(env_port) if env_port else None,
                        help="gRPC port (env SIGIL_FEED_PORT; default server.port, 50051; 0 picks a free one)")
+    serve.add_argument("--metrics-port", type=int, default=_env_int("SIGIL_FEED_METRICS_PORT"),
+                       help="Prometheus /metrics port (env SIGIL_FEED_METRICS_PORT; default server.metrics_port, "
+                            "off; 0 picks a free one)")
+    serve.add_argument("--log-json", action="store_true", default=log_json,
+                       help="log one JSON object per line (env SIGIL_FEED_LOG_JSON=1)")
     serve.set_defaults(func=_serve)
 
     stats = sub.add_parser("stats", help="print GetStats as a table (or --json)")
-    stats.add_argument("--target", default="127.0.0.1:50051")
+    _add_connection_args(stats)
     stats.add_argument("--dataset")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--timeout", type=float, default=10.0)
     stats.set_defaults(func=_stats)
 
     peek = sub.add_parser("peek", help="decode a few batches back to text")
-    peek.add_argument("--target", default="127.0.0.1:50051")
+    _add_connection_args(peek)
     peek.add_argument("--dataset", default="default")
     peek.add_argument("-n", type=int, default=2, help="batches to show")
     peek.add_argument("--batch-size", type=int, default=2)
     peek.add_argument("--seq-len", type=int, default=0)
     peek.add_argument("--chars", type=int, default=400, help="characters of each row to print")
     peek.set_defaults(func=_peek)
+
+    health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for probes and HEALTHCHECK)")
+    _add_connection_args(health)
+    health.add_argument("--service", default="", help="service to check (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_health)
     add_cache_commands(sub)
     return root
 
@@ -136,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit code 2 for bad configuration or missing sources."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, json_lines=args.log_json)
     try:
         return int(args.func(args))
     except (ConfigError, SourceError) as err:

@@ -102,11 +102,13 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_streams: PositiveInt = 64
-    max_credits: PositiveInt = 64
+    max_streams: PositiveInt = 64  # open streams at once; more are RESOURCE_EXHAUSTED
+    max_credits: PositiveInt = 64  # batches one stream may have granted and not yet received
     max_batch_size: PositiveInt = 1024
     max_seq_len: PositiveInt = 32_768
-    max_message_mb: PositiveInt = 256
+    max_message_mb: PositiveInt = 256  # largest batch message sent
+    max_world_size: PositiveInt = 65_536
+    max_cursor_kb: PositiveInt = 16  # largest resume cursor accepted (real ones: ~200 bytes); bounds requests too
 
 
 class NamedDataset(BaseModel):
@@ -120,6 +122,48 @@ class NamedDataset(BaseModel):
     dataset: dict[str, Any] = Field(default_factory=dict)
 
 
+class Keepalive(BaseModel):
+    """HTTP/2 pings that find clients which vanished without closing their connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    time_s: PositiveFloat = 30.0  # ping a connection after this long without activity
+    timeout_s: PositiveFloat = 10.0  # close it (ending its streams) when a ping stays unanswered this long
+
+
+class TlsSection(BaseModel):
+    """Transport security: PEM files, relative paths from the config file's folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: str = Field(min_length=1)  # the server's certificate chain
+    key_file: str = Field(min_length=1)
+    client_ca_file: str | None = None  # set: mutual TLS, clients must present a certificate signed by it
+
+
+class AuthSection(BaseModel):
+    """Bearer-token authentication; the token is read from a file or an environment variable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_file: str | None = None  # relative paths from the config file's folder
+    token_env: str | None = None  # the name of the environment variable holding the token
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data:
+            raise ValueError("the token itself never goes in the config file; set token_file (a path) "
+                             "or token_env (the name of an environment variable)")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSection:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("set exactly one of token_file and token_env")
+        return self
+
+
 class ServerSection(BaseModel):
     """sigil-feed's own settings under `server:`; unknown keys are errors."""
 
@@ -130,7 +174,11 @@ class ServerSection(BaseModel):
     tokenizer: str | None = None
     datasets: dict[str, NamedDataset] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)
-    grace_s: float = Field(default=10.0, ge=0)
+    grace_s: float = Field(default=10.0, ge=0)  # after SIGTERM, how long open streams may drain
+    keepalive: Keepalive = Field(default_factory=Keepalive)
+    tls: TlsSection | None = None  # None: plaintext (a sidecar on its pod's loopback)
+    auth: AuthSection | None = None  # None: no token required
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # Prometheus /metrics; None: off, 0: a free port
 
 
 class DatasetConfig(BaseModel):

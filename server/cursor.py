@@ -17,6 +17,7 @@ from .errors import RequestError
 from .stage import State
 
 VERSION = 1
+MAX_JSON = 64 << 10  # a real cursor's JSON is a few hundred bytes; refuse decompression bombs
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,11 @@ def decode_cursor(data: bytes, *, fingerprint: str, rank: int, world_size: int) 
     if not data or data[0] != VERSION:
         raise _refuse(f"unknown cursor version (this server reads version {VERSION})")
     try:
-        body = json.loads(zlib.decompress(data[1:]))
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(data[1:], MAX_JSON)
+        if inflater.unconsumed_tail:
+            raise ValueError("cursor expands beyond its limit")
+        body = json.loads(text)
         cursor = Cursor(str(body["fp"]), int(body["rank"]), int(body["world"]), int(body["epoch"]),
                         body["state"])
     except (ValueError, KeyError, TypeError, zlib.error):

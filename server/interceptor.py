@@ -1,18 +1,23 @@
-"""Turns sigil-feed's exceptions into gRPC status codes, in this one place."""
+"""Turns sigil-feed's exceptions (and undecodable requests) into gRPC status codes, in this one place."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from .errors import RequestError, SourceError
+from .errors import RequestError, SourceError, invalid
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Parse = Callable[[bytes], Any]
+StatusSink = Callable[[str, grpc.StatusCode], None]
 
 
 def _status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -24,29 +29,62 @@ def _status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
-def _guard(behaviour: Handler) -> Handler:
+def _parse(parse: Parse | None, raw: bytes) -> Any:
+    """A request message from its bytes; INVALID_ARGUMENT when they are not one."""
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except DecodeError:
+        raise invalid("request", "not a valid protobuf message of this method's request type") from None
+
+
+async def _parse_each(parse: Parse | None, raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    async for message in raw:
+        yield _parse(parse, message)
+
+
+def _guard(behaviour: Handler, parse: Parse | None, streaming: bool, method: str, sink: StatusSink) -> Handler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code = grpc.StatusCode.OK
         try:
-            return await behaviour(request, context)
+            parsed = _parse_each(parse, request) if streaming else _parse(parse, request)
+            return await behaviour(parsed, context)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as err:  # the one place that maps every failure to a status
             code, message = _status_of(err)
             await context.abort(code, message)
+        finally:
+            sink(method, code)
 
     return guarded
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps DataFeed's handlers so errors become a status and a message, never a crash."""
+def _ignore(method: str, code: grpc.StatusCode) -> None:
+    """Default status sink: count nothing."""
 
-    SERVICE_PREFIX = "/sigil_feed.v1.DataFeed/"
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every coroutine handler: decodes requests, maps errors to a status, reports each RPC's status."""
+
+    def __init__(self, on_status: StatusSink = _ignore) -> None:
+        self.on_status = on_status
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.SERVICE_PREFIX):
+        if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard(handler.unary_unary))
-        return handler._replace(stream_stream=_guard(handler.stream_stream))
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                    if getattr(handler, k) is not None)
+        behaviour = getattr(handler, kind)
+        if not inspect.iscoroutinefunction(behaviour):
+            return handler  # async-generator handlers (reflection) keep gRPC's own handling
+        guarded = _guard(behaviour, handler.request_deserializer, handler.request_streaming,
+                         handler_call_details.method, self.on_status)
+        return handler._replace(request_deserializer=None, **{kind: guarded})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -16,27 +18,50 @@ from .cursor import decode_cursor
 from .dataset import ServedDataset
 from .errors import RequestError, invalid
 from .feed import Feed, FeedItem
-from .stats import ClientStream
+from .stats import ClientStream, Throughput
 from .wire import to_batch
 
 log = logging.getLogger(__name__)
 
+MAX_TEXT = 256
+"""Longest dataset name or client id a request may carry."""
+
 
 class Credits:
-    """Batches a stream may still send; refilled by the client's Credit messages."""
+    """Batches a stream may still send, refilled by the client's Credit messages; knows its oldest unmet grant."""
 
     def __init__(self, initial: int, limit: int) -> None:
-        self.available, self.limit = initial, limit
+        self.limit = limit
+        self.available = 0
+        self.grants: deque[list[float]] = deque()  # [granted at, credits left], oldest first
         self.closed = False  # the client will send no more credits
+        self.draining = False  # the server is shutting down: serve what is granted, accept no more
         self.error: RequestError | None = None
         self.changed = asyncio.Condition()
+        self._grant(initial)
+
+    def _grant(self, credits: int) -> None:
+        if credits:
+            self.grants.append([time.monotonic(), credits])
+            self.available += credits
+
+    def lag_s(self) -> float:
+        """How long the oldest credit not yet answered with a batch has waited; 0 when none is owed."""
+        try:
+            return time.monotonic() - self.grants[0][0]
+        except IndexError:
+            return 0.0
 
     async def add(self, credits: int) -> None:
-        """Grant more; more outstanding than the limit is a client error."""
+        """Grant more; zero, or more outstanding than the limit, is a client error."""
         async with self.changed:
-            if self.available + credits > self.limit:
-                self.error = invalid("credit.credits", f"more than {self.limit} batches outstanding")
-            self.available += credits
+            if credits == 0:
+                self.error = invalid("credit.credits", "must be >= 1")
+            elif self.available + credits > self.limit:
+                self.error = invalid("credit.credits", f"{credits} would put more than {self.limit} batches "
+                                                       "outstanding (server.limits.max_credits)")
+            elif not self.draining:
+                self._grant(credits)
             self.changed.notify_all()
 
     async def fail(self, error: RequestError) -> None:
@@ -51,16 +76,52 @@ class Credits:
             self.closed = True
             self.changed.notify_all()
 
-    async def take(self) -> bool:
-        """Wait for one credit and use it; False when none can ever come."""
+    async def drain(self) -> None:
+        """Shutting down: what is granted is still served, new grants are ignored."""
         async with self.changed:
-            await self.changed.wait_for(lambda: self.available > 0 or self.closed or self.error)
+            self.draining = True
+            self.changed.notify_all()
+
+    async def take(self) -> bool:
+        """Wait for one credit and use it; False when none can ever come (UNAVAILABLE when draining)."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.available > 0 or self.closed or self.draining or self.error)
             if self.error:
                 raise self.error
             if self.available == 0:
+                if self.draining:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; every granted "
+                                                                    "batch was sent, resume from the last cursor")
                 return False
             self.available -= 1
+            self.grants[0][1] -= 1
+            if not self.grants[0][1]:
+                self.grants.popleft()
             return True
+
+
+@dataclass
+class OpenStream:
+    """One open stream as stats and metrics see it."""
+
+    dataset: str
+    client: ClientStream
+    credits: Credits
+    throughput: Throughput = field(default_factory=Throughput)
+
+    def to_proto(self) -> feed_pb2.ClientStats:
+        """The GetStats view of this stream."""
+        stats = self.client.to_proto()
+        stats.credits, stats.lag_s, stats.tokens_per_s = (self.credits.available, self.credits.lag_s(),
+                                                          self.throughput.rate())
+        return stats
+
+
+def _check_text(field: str, value: str) -> None:
+    if len(value) > MAX_TEXT:
+        raise invalid(field, f"longer than {MAX_TEXT} characters")
+    if not value.isprintable():
+        raise invalid(field, "must be printable text")
 
 
 class DataFeedService(feed_pb2_grpc.DataFeedServicer):
@@ -68,21 +129,26 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
 
     def __init__(self, datasets: dict[str, ServedDataset], limits: Limits, executor: Executor) -> None:
         self.datasets, self.limits, self.executor = datasets, limits, executor
-        self.clients: dict[int, tuple[str, ClientStream]] = {}
+        self.streams: dict[int, OpenStream] = {}
+        self.opened: Counter[str] = Counter()  # streams opened, by dataset
+        self.closed: Counter[str] = Counter()
         self.started = time.monotonic()
         self.accepting = True
 
-    def _dataset(self, name: str) -> ServedDataset:
+    def _dataset(self, name: str, field: str) -> ServedDataset:
+        _check_text(field, name)
         if name not in self.datasets:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"dataset {name!r} is not served here; known: {sorted(self.datasets)}")
+                               f"{field}: dataset {name!r} is not served here; known: {sorted(self.datasets)}")
         return self.datasets[name]
 
     def _check_open(self, request: feed_pb2.Open) -> tuple[ServedDataset, int, int]:
         """The dataset, world size and sequence length of a valid Open; RequestError otherwise."""
-        dataset = self._dataset(request.dataset or "default")
+        dataset = self._dataset(request.dataset or "default", "open.dataset")
         limits = self.limits
         world = request.world_size or 1
+        if world > limits.max_world_size:
+            raise invalid("open.world_size", f"{world} exceeds the limit {limits.max_world_size}")
         if request.rank >= world:
             raise invalid("open.rank", f"{request.rank} must be < world_size {world}")
         if not 0 < request.batch_size <= limits.max_batch_size:
@@ -95,17 +161,20 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         if request.batch_size * seq_len * 6 > limits.max_message_mb << 20:
             raise invalid("open.batch_size", f"batch_size x seq_len exceeds the {limits.max_message_mb} MB "
                                              "message limit")
-        if len(self.clients) >= limits.max_streams:
+        if len(request.cursor) > limits.max_cursor_kb << 10:
+            raise invalid("open.cursor", f"{len(request.cursor)} bytes exceeds the limit {limits.max_cursor_kb} KB")
+        _check_text("open.client_id", request.client_id)
+        if len(self.streams) >= limits.max_streams:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{limits.max_streams} streams already open (server.limits.max_streams)")
         return dataset, world, seq_len
 
     async def Stream(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
                      context: grpc.aio.ServicerContext) -> None:
-        """Open, then one batch per credit until the configured epochs end or the client leaves."""
+        """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
+        first = await anext(aiter(request_iterator), None)
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect elsewhere")
-        first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("open"):
             raise invalid("open", "the first message of a stream must be an Open")
         request = first.open
@@ -114,33 +183,42 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         if request.cursor:
             start = decode_cursor(request.cursor, fingerprint=dataset.fingerprint, rank=request.rank,
                                   world_size=world)
-        loop = asyncio.get_running_loop()
-        feed = await loop.run_in_executor(self.executor, lambda: Feed(
-            dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
-            start=start))
-        await context.write(feed_pb2.StreamResponse(
-            opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len)))
-        client = ClientStream(context.peer(), request.client_id, request.rank, world,
-                              epoch=feed.epoch, credits=request.credits)
-        key = id(client)
-        self.clients[key] = (dataset.name, client)
-        credits = Credits(request.credits, self.limits.max_credits)
-        reader = asyncio.create_task(self._read_credits(request_iterator, credits, client))
-        log.info("stream opened: peer=%s dataset=%s rank=%d/%d batch=%d seq_len=%d resume=%s",
-                 context.peer(), dataset.name, request.rank, world, request.batch_size, seq_len,
-                 start is not None)
+        peer = context.peer()
+        stream = OpenStream(dataset.name, ClientStream(peer, request.client_id, request.rank, world),
+                            Credits(request.credits, self.limits.max_credits))
+        key = id(stream)
+        self.streams[key] = stream  # before any await, so that max_streams holds under concurrent opens
+        self.opened[dataset.name] += 1
+        fields = {"peer": peer, "dataset": dataset.name, "rank": request.rank, "world_size": world,
+                  "client_id": request.client_id}
         try:
-            await self._serve(feed, dataset, credits, client, context)
+            loop = asyncio.get_running_loop()
+            feed = await loop.run_in_executor(self.executor, lambda: Feed(
+                dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
+                start=start))
+            stream.client.epoch = feed.epoch
+            await context.write(feed_pb2.StreamResponse(
+                opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len)))
+            log.info("stream opened: peer=%s dataset=%s rank=%d/%d batch=%d seq_len=%d resume=%s", peer,
+                     dataset.name, request.rank, world, request.batch_size, seq_len, start is not None,
+                     extra={**fields, "batch_size": request.batch_size, "seq_len": seq_len,
+                            "resume": start is not None})
+            reader = asyncio.create_task(self._read_credits(request_iterator, stream.credits))
+            try:
+                await self._serve(feed, dataset, stream, context)
+            finally:
+                reader.cancel()
         finally:
-            reader.cancel()
-            del self.clients[key]
-            log.info("stream closed: peer=%s dataset=%s rank=%d batches=%d", context.peer(), dataset.name,
-                     request.rank, client.batches)
+            del self.streams[key]
+            self.closed[dataset.name] += 1
+            log.info("stream closed: peer=%s dataset=%s rank=%d batches=%d", peer, dataset.name, request.rank,
+                     stream.client.batches, extra={**fields, "batches": stream.client.batches})
 
-    async def _serve(self, feed: Feed, dataset: ServedDataset, credits: Credits, client: ClientStream,
+    async def _serve(self, feed: Feed, dataset: ServedDataset, stream: OpenStream,
                      context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
-        vocab = dataset.encoder.vocab_size
+        vocab = dataset.facts.vocab_size
+        client = stream.client
         seq = 0
         while True:
             item: FeedItem | None = await loop.run_in_executor(self.executor, next, feed, None)
@@ -152,34 +230,49 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 client.epoch = item.epoch + 1
                 continue
             message = to_batch(item.rows, seq=seq, epoch=item.epoch, cursor=item.cursor, vocab_size=vocab)
-            if not await credits.take():
+            if not await stream.credits.take():
                 return
-            client.credits = credits.available
             await context.write(feed_pb2.StreamResponse(batch=message))
             seq += 1
             client.batches += 1
             client.tokens += item.rows.tokens
             client.epoch = item.epoch
             dataset.throughput.add(item.rows.tokens)
+            stream.throughput.add(item.rows.tokens)
 
-    async def _read_credits(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
-                            credits: Credits, client: ClientStream) -> None:
-        async for request in request_iterator:
-            if not request.HasField("credit"):
-                await credits.fail(invalid("credit", "after Open a stream only takes Credit messages"))
-                return
-            await credits.add(request.credit.credits)
-            client.credits = credits.available
+    @staticmethod
+    async def _read_credits(request_iterator: AsyncIterator[feed_pb2.StreamRequest], credits: Credits) -> None:
+        try:
+            async for request in request_iterator:
+                if not request.HasField("credit"):
+                    raise invalid("credit", "after Open a stream only takes Credit messages")
+                await credits.add(request.credit.credits)
+        except RequestError as err:
+            await credits.fail(err)
+            return
         await credits.close()
+
+    async def drain(self) -> None:
+        """Shutdown: refuse new streams; open ones send what they were granted, then end UNAVAILABLE."""
+        self.accepting = False
+        for stream in list(self.streams.values()):
+            await stream.credits.drain()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for every stream to end; True if they all did."""
+        deadline = time.monotonic() + timeout_s
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.streams
 
     async def GetStats(self, request: feed_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> feed_pb2.Stats:
         """Counters for one dataset or all of them."""
-        names = [self._dataset(request.dataset).name] if request.dataset else sorted(self.datasets)
+        names = [self._dataset(request.dataset, "dataset").name] if request.dataset else sorted(self.datasets)
         out = []
         for name in names:
             dataset = self.datasets[name]
-            clients = [c.to_proto() for d, c in self.clients.values() if d == name]
+            clients = [s.to_proto() for s in list(self.streams.values()) if s.dataset == name]
             out.append(feed_pb2.DatasetStats(
                 name=name, info=dataset.info(), sources=[c.to_proto() for c in dataset.counters], clients=clients,
                 cache=dataset.cache_state(),

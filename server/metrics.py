@@ -1,0 +1,131 @@
+"""Prometheus metrics, read from the server's own counters at scrape time: the serving path does no extra work."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .errors import ConfigError
+from .service import DataFeedService
+
+CACHE_STATES = ("pending", "building", "ready", "failed")
+CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
+
+
+class RpcStatuses:
+    """Finished RPCs by (method, status code); fed by the error interceptor, once per RPC."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def record(self, method: str, code: grpc.StatusCode) -> None:
+        """Count one finished RPC."""
+        with self._lock:
+            self.counts[method, code.name] += 1
+
+    def snapshot(self) -> list[tuple[tuple[str, str], int]]:
+        """The counts so far."""
+        with self._lock:
+            return list(self.counts.items())
+
+
+class FeedCollector(Collector):
+    """Builds every sigil-feed metric from the service's state when Prometheus scrapes."""
+
+    def __init__(self, service: DataFeedService, statuses: RpcStatuses) -> None:
+        self.service, self.statuses = service, statuses
+
+    def collect(self) -> Iterator[Metric]:
+        """All metric families, freshly read."""
+        yield from self._datasets()
+        yield from self._sources()
+        yield from self._clients()
+        rpcs = CounterMetricFamily("sigil_feed_rpcs", "RPCs finished, by method and status code (errors: code != OK)",
+                                   labels=["method", "code"])
+        for (method, code), count in self.statuses.snapshot():
+            rpcs.add_metric([method, code], count)
+        yield rpcs
+
+    def _datasets(self) -> Iterator[Metric]:
+        service = self.service
+        batches = CounterMetricFamily("sigil_feed_batches_served", "Batches sent to clients", labels=["dataset"])
+        tokens = CounterMetricFamily("sigil_feed_tokens_served", "Real (non-padding) tokens sent to clients",
+                                     labels=["dataset"])
+        opened = CounterMetricFamily("sigil_feed_streams_opened", "Streams opened", labels=["dataset"])
+        closed = CounterMetricFamily("sigil_feed_streams_closed", "Streams closed", labels=["dataset"])
+        cache = StateSetMetricFamily("sigil_feed_cache_state", "Token store state", labels=["dataset"])
+        cache_samples = GaugeMetricFamily("sigil_feed_cache_samples", "Samples written to the token store so far",
+                                          labels=["dataset"])
+        cache_tokens = GaugeMetricFamily("sigil_feed_cache_tokens", "Tokens written to the token store so far",
+                                         labels=["dataset"])
+        for name, dataset in service.datasets.items():
+            batches.add_metric([name], dataset.throughput.batches)
+            tokens.add_metric([name], dataset.throughput.tokens)
+            opened.add_metric([name], service.opened[name])
+            closed.add_metric([name], service.closed[name])
+            state = dataset.cache_state()
+            cache.add_metric([name], {s: state.state == s for s in CACHE_STATES})
+            cache_samples.add_metric([name], state.samples)
+            cache_tokens.add_metric([name], state.tokens)
+        yield from (batches, tokens, opened, closed, cache, cache_samples, cache_tokens)
+
+    def _sources(self) -> Iterator[Metric]:
+        labels = ["dataset", "source"]
+        read = CounterMetricFamily("sigil_feed_records_read", "Records read from each source", labels=labels)
+        kept = CounterMetricFamily("sigil_feed_records_kept", "Records that passed the filters", labels=labels)
+        dropped = CounterMetricFamily("sigil_feed_records_dropped", "Records dropped by a filter, by reason",
+                                      labels=[*labels, "reason"])
+        malformed = CounterMetricFamily("sigil_feed_records_malformed", "Malformed records skipped, by reason",
+                                        labels=[*labels, "reason"])
+        for name, dataset in self.service.datasets.items():
+            for counters in dataset.counters:
+                source = counters.to_proto()
+                read.add_metric([name, source.spec], source.read)
+                kept.add_metric([name, source.spec], source.kept)
+                for reason, count in source.dropped.items():
+                    dropped.add_metric([name, source.spec, reason], count)
+                for reason, count in source.malformed.items():
+                    malformed.add_metric([name, source.spec, reason], count)
+        yield from (read, kept, dropped, malformed)
+
+    def _clients(self) -> Iterator[Metric]:
+        streams = list(self.service.streams.values())
+        open_streams = GaugeMetricFamily("sigil_feed_streams_open", "Streams open now", labels=["dataset"])
+        for name in self.service.datasets:
+            open_streams.add_metric([name], sum(s.dataset == name for s in streams))
+        lag = GaugeMetricFamily("sigil_feed_client_lag_seconds",
+                                "How long the client's oldest granted, unsent batch has been owed",
+                                labels=CLIENT_LABELS)
+        credits = GaugeMetricFamily("sigil_feed_client_credits", "Batches granted by the client and not yet sent",
+                                    labels=CLIENT_LABELS)
+        position = GaugeMetricFamily("sigil_feed_client_batches", "Batches sent on the client's stream",
+                                     labels=CLIENT_LABELS)
+        for stream in streams:
+            client = stream.client
+            labels = [stream.dataset, str(client.rank), str(client.world_size), client.client_id, client.peer]
+            lag.add_metric(labels, stream.credits.lag_s())
+            credits.add_metric(labels, stream.credits.available)
+            position.add_metric(labels, client.batches)
+        yield from (open_streams, lag, credits, position)
+
+
+def serve_metrics(service: DataFeedService, statuses: RpcStatuses, *, host: str, port: int) -> WSGIServer:
+    """Serve /metrics over HTTP in a background thread; returns the server (its port, and shutdown())."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(FeedCollector(service, statuses))
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {err.strerror}", key="server.metrics_port",
+                          fix="choose a free port (--metrics-port, env SIGIL_FEED_METRICS_PORT)") from None
+    return server

@@ -1,0 +1,174 @@
+"""Graceful shutdown, stalled readers and vanished clients, against real servers."""
+
+from __future__ import annotations
+
+import queue
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from tests.conftest import ServerProcess
+from tests.integration.conftest import feed_config, open_request, stream_status
+
+BIG = {"batch_size": 100, "seq_len": 4096}
+"""Padded rows: 100 x 4096 uint16 ids, about 800 KB a batch, so a few fill HTTP/2's flow-control windows."""
+BIG_LIMITS = {"max_seq_len": 4096, "max_credits": 8}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class RawStream:
+    """A Stream call whose requests the test feeds by hand and whose answers it reads only when it wants."""
+
+    def __init__(self, channel: grpc.Channel, open_message: feed_pb2.StreamRequest) -> None:
+        self.requests: queue.SimpleQueue[feed_pb2.StreamRequest | None] = queue.SimpleQueue()
+        self.requests.put(open_message)
+        self.call = feed_pb2_grpc.DataFeedStub(channel).Stream(iter(self.requests.get, None), timeout=120)
+
+    def read_all(self) -> tuple[int, grpc.StatusCode, str]:
+        """Batches read until the stream ends, and its status."""
+        batches = 0
+        try:
+            for response in self.call:
+                batches += response.HasField("batch")
+        except grpc.RpcError as err:
+            return batches, err.code(), err.details() or ""
+        return batches, grpc.StatusCode.OK, ""
+
+
+def clients(channel: grpc.Channel) -> list[feed_pb2.ClientStats]:
+    stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=10)
+    return list(stats.datasets[0].clients)
+
+
+def test_sigterm_sends_every_granted_batch_then_exits_0(tmp_path: Path, start_server) -> None:
+    grace = 30.0
+    server = start_server(feed_config(tmp_path, {"limits": BIG_LIMITS, "grace_s": grace}, pairs=300, pack=False))
+    with grpc.insecure_channel(server.target) as channel:
+        stream = RawStream(channel, open_request(credits=8, **BIG))
+        assert next(stream.call).HasField("opened")
+        assert wait_for(lambda: any(c.batches for c in clients(channel)))
+        time.sleep(0.5)
+        sent_before = clients(channel)[0].batches
+        assert sent_before < 8  # the client is not reading: flow control holds the rest on the server
+
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                        == health_pb2.HealthCheckResponse.NOT_SERVING)
+        code, details, _ = stream_status(feed_pb2_grpc.DataFeedStub(channel), [open_request(batch_size=1)])
+        assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+        stream.requests.put(feed_pb2.StreamRequest(credit=feed_pb2.Credit(credits=4)))  # too late: not granted
+
+        batches, code, details = stream.read_all()
+    assert (batches, code) == (8, grpc.StatusCode.UNAVAILABLE) and "every granted batch was sent" in details
+    assert server.proc.wait(grace) == 0
+    assert time.monotonic() - signalled < grace / 2  # drained, not cut off by the grace period
+    assert any("stream closed" in line and "batches=8" in line for line in server.output)
+
+
+def rss_mb(server: ServerProcess) -> float:
+    return psutil.Process(server.proc.pid).memory_info().rss / 2**20
+
+
+def test_stalled_readers_cost_no_more_than_their_credits(tmp_path: Path, start_server) -> None:
+    server = start_server(feed_config(tmp_path, {"limits": BIG_LIMITS}, pairs=300, pack=False))
+    with grpc.insecure_channel(server.target) as channel:
+        warm = RawStream(channel, open_request(credits=2, **BIG))
+        warm.requests.put(None)
+        assert warm.read_all()[0] == 2  # pipeline, tokenizer and buffers warmed up
+        before = rss_mb(server)
+        stalled = [RawStream(channel, open_request(credits=2, client_id=f"stalled-{i}", **BIG)) for i in range(6)]
+        for s in stalled:
+            assert next(s.call).HasField("opened")  # then never read again, never grant more
+        assert wait_for(lambda: sorted(c.batches for c in clients(channel)) == [2] * 6)
+        settled = rss_mb(server)
+        time.sleep(4)
+        after = rss_mb(server)
+        assert sorted(c.batches for c in clients(channel)) == [2] * 6  # nothing produced beyond the credits
+        assert all(c.credits == 0 for c in clients(channel))
+        for s in stalled:
+            s.call.cancel()
+    print(f"server RSS: {before:.1f} MB before, {settled:.1f} MB with 6 stalled readers, {after:.1f} MB 4 s later")
+    assert after - settled < 8, (before, settled, after)
+    assert settled - before < 6 * 2 * 0.8 * 4 + 32, (before, settled, after)  # a few copies of each credited batch
+
+
+class FreezingProxy:
+    """A TCP relay that can go silent without closing anything, like a peer whose host vanished."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._relay, args=(src, dst), daemon=True).start()
+
+    def _relay(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self.closed.is_set():
+            if self.frozen.is_set():
+                time.sleep(0.05)
+                continue
+            try:
+                if not select.select([src], [], [], 0.05)[0]:
+                    continue
+                data = src.recv(1 << 16)
+                if not data:
+                    return
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_vanished_client_is_dropped_by_keepalive_and_leaves_stats(tmp_path: Path, start_server) -> None:
+    server = start_server(feed_config(tmp_path, {"keepalive": {"time_s": 1, "timeout_s": 1}}))
+    proxy = FreezingProxy(server.target)
+    try:
+        with grpc.insecure_channel(proxy.target) as far, grpc.insecure_channel(server.target) as near:
+            stream = RawStream(far, open_request(batch_size=2, credits=1, client_id="doomed"))
+            assert next(stream.call).HasField("opened") and next(stream.call).HasField("batch")
+            assert [c.client_id for c in clients(near)] == ["doomed"]
+            proxy.frozen.set()
+            vanished = time.monotonic()
+            assert wait_for(lambda: not clients(near), timeout=20)
+            print(f"vanished client dropped after {time.monotonic() - vanished:.1f} s")
+            stream.call.cancel()
+    finally:
+        proxy.close()
+    assert any("stream closed" in line and "rank=0 batches=1" in line for line in server.output)
