@@ -97,18 +97,31 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    ready = asyncio.create_task(_serving_when_ready(health_servicer, datasets))
     transport = "plaintext" if section.tls is None else "mutual-tls" if section.tls.client_ca_file else "tls"
     print(f"sigil-feed listening on {listen.host}:{bound} datasets={','.join(sorted(datasets))} "
           f"transport={transport} token={'required' if listen.token else 'off'}", flush=True)
 
     await stopping.wait()
+    ready.cancel()
     await _shut_down(server, service, health_servicer, section.grace_s)
     if metrics is not None:
         metrics.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
     return 0
+
+
+async def _serving_when_ready(health_servicer: health.aio.HealthServicer,
+                              datasets: dict[str, ServedDataset]) -> None:
+    """The DataFeed service reports SERVING once every token store is ready (a readiness probe's signal);
+    the server as a whole ("") is SERVING from the start, so liveness holds during a long cache build."""
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    loop = asyncio.get_running_loop()
+    for dataset in datasets.values():
+        await loop.run_in_executor(None, dataset.ready.wait)
+    if all(d.progress.state != "failed" for d in datasets.values()):
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def _shut_down(server: grpc.aio.Server, service: DataFeedService, health_servicer: health.aio.HealthServicer,

@@ -131,3 +131,27 @@ def test_killed_build_leaves_no_valid_looking_store(tmp_path: Path) -> None:
     listing = subprocess.run([*CLI, "cache", "ls", "--cache-dir", str(tmp_path / "cache")], capture_output=True,
                              text=True, check=True)
     assert "no token stores" in listing.stdout
+
+
+def test_health_is_live_during_the_build_and_ready_after(tmp_path: Path, start_server) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    write_jsonl(tmp_path / "big.jsonl", [{"text": f"fn f{i}() {{ {'let x = 1; ' * 300} }}"} for i in range(4000)])
+    config = write_config(tmp_path / "c.yaml", {"names": ["local:big.jsonl"], "use_cache": True,
+                                                "cache_dir": str(tmp_path / "cache")})
+    server = start_server(config)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str) -> int:
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        assert status("") == serving
+        assert status("sigil_feed.v1.DataFeed") != serving  # still tokenizing
+        deadline = time.monotonic() + 180
+        while status("sigil_feed.v1.DataFeed") != serving and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status("sigil_feed.v1.DataFeed") == serving
+    assert stores(tmp_path)
