@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,9 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., ServerProcess]]:
-    """Start real servers; all are stopped at the end of the test."""
+@contextmanager
+def running_servers() -> Iterator[Callable[..., ServerProcess]]:
+    """A starter of real servers; every server it started is killed on exit."""
     servers: list[ServerProcess] = []
 
     def start(config: Path | None, *extra: str) -> ServerProcess:
@@ -92,8 +93,17 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; all are stopped at the end of the test."""
+    with running_servers() as start:
+        yield start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,32 @@ class Source(Stage[RawRecord]):
     def identity(self) -> list[object]:
         """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
         return [file_identity(f) for f in self.files]
+
+
+class RowSource(Source):
+    """A source read by a generator from a (file, row) position; subclasses implement `_read`."""
+
+    _pos: tuple[int, int] = (0, 0)  # (file, row) of the next record; `_read` keeps it current
+    _it: Generator[RawRecord, None, None]
+
+    def _start(self) -> None:
+        self._pos = (0, 0)
+        self._it = self._read(0, 0)
+
+    def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
+        raise NotImplementedError
+
+    def __next__(self) -> RawRecord:
+        return next(self._it)
+
+    def get_state(self) -> State:
+        file, row = self._pos
+        return {"file": file, "row": row}
+
+    def set_state(self, state: State) -> None:
+        self._it.close()
+        self._pos = (int(state["file"]), int(state["row"]))
+        self._it = self._read(*self._pos)
 
 
 def file_identity(path: str) -> list[object]:

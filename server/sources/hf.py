@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SourceError
-from ..stage import State
-from .base import RawRecord, Source
+from .base import RawRecord, RowSource
 from .parquet import needed_columns, rows_of
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ def load_train(spec: str, name: str, *, base_dir: Path, cache_dir: str | None) -
         raise SourceError(f"{spec}: cannot load the {SPLIT} split of {where}: {err!r}{hint}") from err
 
 
-class HfSource(Source):
+class HfSource(RowSource):
     """Records of a Hugging Face dataset's train split; row is the row index, files is [name]."""
 
     def __init__(self, spec: str, index: int, name: str, dataset: Dataset,
@@ -56,28 +55,15 @@ class HfSource(Source):
         self._columns = needed_columns(dataset.column_names)
         # datasets counts no rows without columns, so keep one to have rows to turn into `{}` records
         self._data = dataset.select_columns(self._columns or dataset.column_names[:1]).with_format("arrow")
-        self._pos = (0, 0)  # (file, row) of the next record; file is always 0
-        self._it = self._read(0)
+        self._start()
 
     def identity(self) -> list[object]:
         """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
         return [self.files[0], getattr(self._data, "_fingerprint", None)]
 
-    def __next__(self) -> RawRecord:
-        return next(self._it)
-
-    def get_state(self) -> State:
-        file, row = self._pos
-        return {"file": file, "row": row}
-
-    def set_state(self, state: State) -> None:
-        self._it.close()
-        self._pos = (int(state["file"]), int(state["row"]))
-        self._it = self._read(self._pos[1] if self._pos[0] == 0 else len(self._data))
-
-    def _read(self, first_row: int) -> Generator[RawRecord, None, None]:
-        """Yield the records from a row on, one slice of rows at a time."""
-        index, name, row = self.index, self.files[0], first_row
+    def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
+        """Yield the records from a row on, one slice of rows at a time (file is always 0)."""
+        index, name, row = self.index, self.files[0], first_row if first_file == 0 else len(self._data)
         for start in range(first_row, len(self._data), self.slice_rows):
             for value in rows_of(self._data[start:start + self.slice_rows].select(self._columns)):
                 row += 1

@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stage import State
-from .base import RawRecord, Source
+from .base import RawRecord, RowSource
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +46,12 @@ def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
     return meta.num_row_groups, start
 
 
-class ParquetSource(Source):
+class ParquetSource(RowSource):
     """Records of Parquet files; row is the 0-based row within the file."""
 
     def __init__(self, spec: str, index: int, files: list[str], batch_rows: int = BATCH_ROWS) -> None:
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
-        self._pos = (0, 0)  # (file, row) of the next record
-        self._it = self._read(0, 0)
-
-    def __next__(self) -> RawRecord:
-        return next(self._it)
-
-    def get_state(self) -> State:
-        file, row = self._pos
-        return {"file": file, "row": row}
-
-    def set_state(self, state: State) -> None:
-        self._it.close()
-        self._pos = (int(state["file"]), int(state["row"]))
-        self._it = self._read(*self._pos)
+        self._start()
 
     def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row), starting at the row group that holds the row."""

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
+from tests.conftest import ServerProcess, running_servers, rust_pair, write_config, write_jsonl
 
 METRICS = re.compile(r"metrics on (http://\S+)")
 
@@ -61,18 +61,8 @@ def stream_status(stub: feed_pb2_grpc.DataFeedStub, requests: list[feed_pb2.Stre
 @pytest.fixture(scope="module")
 def module_server() -> Iterator[Callable[..., ServerProcess]]:
     """Like `start_server`, but the servers live for the whole test module."""
-    servers: list[ServerProcess] = []
-
-    def start(config: Path | None, *extra: str) -> ServerProcess:
-        server = ServerProcess(config, *extra)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    with running_servers() as start:
+        yield start
 
 
 @dataclass(frozen=True)
