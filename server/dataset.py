@@ -16,7 +16,8 @@ import numpy as np
 
 from ..protos import feed_pb2
 from .cache.build import BuildProgress, build_store
-from .cache.samples import CachedSamples, epoch_batches, epoch_order
+from .cache.order import epoch_batches, epoch_order
+from .cache.pack import CachedPacker
 from .cache.store import StoreDamaged, TokenStore, open_store
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
@@ -27,7 +28,6 @@ from .order import BlockShuffle
 from .pack import Packer, TokenizedSamples
 from .samples import Sample, plain_pair
 from .sources import Source, open_source
-from .stage import Stage
 from .stats import SourceCounters, Throughput
 from .tokenize import Encoded, Encoder, TokenFacts
 
@@ -159,25 +159,24 @@ class ServedDataset:
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
 
-    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer:
-        """One rank's epoch as a stage chain ending in the packer."""
+    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
+        """One rank's epoch as a stage chain ending in a packer."""
         section = self.section
-        samples: Stage[Encoded]
-        max_batches = None
         if self.store is not None:
             order = epoch_order(len(self.store), section.shuffle_seed, epoch)
-            samples = CachedSamples(self.store, order, rank=rank, world_size=world_size)
             max_batches = epoch_batches(self.store, order, world_size=world_size, batch_size=batch_size,
                                         seq_len=seq_len, pack=self.config.pack, remainder=section.remainder)
-        else:
-            block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
-            order_stage = BlockShuffle(self.mix(), block_size=block, seed=section.shuffle_seed, epoch=epoch,
-                                       rank=rank, world_size=world_size)
-            samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
-                                       on_encoded=self._record_lengths if epoch == 0 else _ignore)
+            return CachedPacker(self.store, order, rank=rank, world_size=world_size, batch_size=batch_size,
+                                seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
+                                pad_id=self.facts.pad_id, remainder=section.remainder, max_batches=max_batches)
+        block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
+        order_stage = BlockShuffle(self.mix(), block_size=block, seed=section.shuffle_seed, epoch=epoch, rank=rank,
+                                   world_size=world_size)
+        samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
+                                   on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id,
-                      remainder=section.remainder, max_batches=max_batches)
+                      remainder=section.remainder)
 
     def _record_lengths(self, samples: list[Sample], encoded: list[Encoded]) -> None:
         by_source: dict[int, list[int]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cache.pack import CachedPacker
 from .cursor import Cursor
 from .dataset import ServedDataset
 from .pack import Packer, Rows
@@ -28,16 +29,16 @@ class Feed:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
-        self.packer: Packer | None = None
+        self.packer: Packer | CachedPacker | None = None
         if start is not None and start.state is not None:
             self.packer = self._open_epoch()
             self.packer.set_state(start.state)
 
-    def _open_epoch(self) -> Packer:
+    def _open_epoch(self) -> Packer | CachedPacker:
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len)
 
-    def _cursor(self, epoch: int, packer: Packer | None) -> bytes:
+    def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = None if packer is None else packer.get_state()
         return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode()
 

@@ -1,11 +1,9 @@
-"""Cached-mode order: a seeded permutation of the store per epoch, dealt to ranks, read from the memory map."""
+"""Cached-mode order: a seeded permutation of the store per epoch, and the batches each rank sends."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..stage import State
-from ..tokenize import Encoded
 from .store import TokenStore
 
 
@@ -32,32 +30,3 @@ def epoch_batches(store: TokenStore, order: np.ndarray, *, world_size: int, batc
     if remainder == "drop":
         return int((units // per_batch).min())
     return int(-(-units.max() // per_batch))
-
-
-class CachedSamples:
-    """This rank's share of the epoch's permutation, as encoded samples sliced from the memory map."""
-
-    def __init__(self, store: TokenStore, order: np.ndarray, *, rank: int, world_size: int) -> None:
-        self.store = store
-        self.share = order[rank::world_size]
-        self.index = 0
-
-    def __iter__(self) -> CachedSamples:
-        return self
-
-    def __next__(self) -> Encoded:
-        if self.index >= len(self.share):
-            raise StopIteration
-        j = self.share[self.index]
-        self.index += 1
-        start = self.store.offsets[j]
-        ids = np.asarray(self.store.tokens[start:start + self.store.lengths[j]], dtype=np.int32)
-        return Encoded(ids, int(self.store.prompt_tokens[j]))
-
-    def get_state(self) -> State:
-        """Position in the rank's share."""
-        return {"index": self.index}
-
-    def set_state(self, state: State) -> None:
-        """Continue at a position in the rank's share."""
-        self.index = int(state["index"])
