@@ -9,6 +9,7 @@ The packer's state is the sample it is inside and how many of its tokens were al
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from .stage import Stage, State
 from .tokenize import Encoded, Encoder
 
 TOKENIZE_CHUNK = 256
+ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 
 
 @dataclass
@@ -33,7 +35,11 @@ class Rows:
 
 
 class TokenizedSamples:
-    """The rank's samples as token ids (streaming mode), encoded TOKENIZE_CHUNK at a time."""
+    """The rank's samples as token ids (streaming mode), encoded TOKENIZE_CHUNK at a time.
+
+    While the packer consumes one chunk, the next is already read and being encoded on ENCODE_POOL
+    (the Rust tokenizer releases the GIL), so encoding overlaps with packing and sending.
+    """
 
     def __init__(self, upstream: BlockShuffle, encoder: Encoder, *, with_prompts: bool,
                  on_encoded: Callable[[list[Sample], list[Encoded]], None]) -> None:
@@ -41,6 +47,7 @@ class TokenizedSamples:
         self.on_encoded = on_encoded
         self.buffer: list[tuple[State, Encoded]] = []
         self.index = 0
+        self.ahead: tuple[list[State], list[Sample], Future[list[Encoded]]] | None = None
 
     def __iter__(self) -> TokenizedSamples:
         return self
@@ -51,7 +58,7 @@ class TokenizedSamples:
         self.index += 1
         return self.buffer[self.index - 1][1]
 
-    def _fill(self) -> None:
+    def _read_ahead(self) -> tuple[list[State], list[Sample], Future[list[Encoded]]]:
         states, samples = [], []
         for _ in range(TOKENIZE_CHUNK):
             state = self.upstream.get_state()
@@ -60,22 +67,30 @@ class TokenizedSamples:
             except StopIteration:
                 break
             states.append(state)
+        return states, samples, ENCODE_POOL.submit(self.encoder.encode, samples, self.with_prompts)
+
+    def _fill(self) -> None:
+        states, samples, future = self.ahead or self._read_ahead()
+        encoded = future.result()
         if not samples:
+            self.ahead = None
             raise StopIteration
-        encoded = self.encoder.encode(samples, self.with_prompts)
         self.on_encoded(samples, encoded)
         self.buffer, self.index = list(zip(states, encoded, strict=True)), 0
+        self.ahead = self._read_ahead()
 
     def get_state(self) -> State:
         """The order's state right before the next sample."""
         if self.index < len(self.buffer):
             return self.buffer[self.index][0]
+        if self.ahead is not None and self.ahead[0]:
+            return self.ahead[0][0]
         return self.upstream.get_state()
 
     def set_state(self, state: State) -> None:
         """Continue right before the sample at `state`."""
         self.upstream.set_state(state)
-        self.buffer, self.index = [], 0
+        self.buffer, self.index, self.ahead = [], 0, None
 
 
 class Packer:

@@ -217,23 +217,21 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     async def _serve(self, feed: Feed, dataset: ServedDataset, stream: OpenStream,
                      context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
-        vocab = dataset.facts.vocab_size
+        produce = _Producer(feed, dataset.facts.vocab_size)
         client = stream.client
-        seq = 0
+        upcoming = loop.run_in_executor(self.executor, produce)
         while True:
-            item: FeedItem | None = await loop.run_in_executor(self.executor, next, feed, None)
+            item, response = await upcoming
             if item is None:
                 return
+            upcoming = loop.run_in_executor(self.executor, produce)  # the next batch is made while this one goes
             if item.rows is None:
-                await context.write(feed_pb2.StreamResponse(
-                    epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor)))
+                await context.write(response)
                 client.epoch = item.epoch + 1
                 continue
-            message = to_batch(item.rows, seq=seq, epoch=item.epoch, cursor=item.cursor, vocab_size=vocab)
             if not await stream.credits.take():
                 return
-            await context.write(feed_pb2.StreamResponse(batch=message))
-            seq += 1
+            await context.write(response)
             client.batches += 1
             client.tokens += item.rows.tokens
             client.epoch = item.epoch
@@ -284,3 +282,20 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                            context: grpc.aio.ServicerContext) -> feed_pb2.ListDatasetsResponse:
         """Every dataset this server defines."""
         return feed_pb2.ListDatasetsResponse(datasets=[self.datasets[n].info() for n in sorted(self.datasets)])
+
+
+class _Producer:
+    """Makes a stream's next response on a worker thread: the Feed's next item as a ready message."""
+
+    def __init__(self, feed: Feed, vocab_size: int) -> None:
+        self.feed, self.vocab_size, self.seq = feed, vocab_size, 0
+
+    def __call__(self) -> tuple[FeedItem | None, feed_pb2.StreamResponse | None]:
+        item = next(self.feed, None)
+        if item is None:
+            return None, None
+        if item.rows is None:
+            return item, feed_pb2.StreamResponse(epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor))
+        batch = to_batch(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor, vocab_size=self.vocab_size)
+        self.seq += 1
+        return item, feed_pb2.StreamResponse(batch=batch)
