@@ -27,6 +27,9 @@ MAX_TEXT = 256
 """Longest dataset name or client id a request may carry."""
 
 
+MAX_AHEAD = 4  # most batches made in one worker-thread call
+
+
 class Credits:
     """Batches a stream may still send, refilled by the client's Credit messages; knows its oldest unmet grant."""
 
@@ -219,24 +222,28 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         loop = asyncio.get_running_loop()
         produce = _Producer(feed, dataset.facts.vocab_size)
         client = stream.client
-        upcoming = loop.run_in_executor(self.executor, produce)
+        upcoming = loop.run_in_executor(self.executor, produce, 1)
         while True:
-            item, response = await upcoming
-            if item is None:
-                return
-            upcoming = loop.run_in_executor(self.executor, produce)  # the next batch is made while this one goes
-            if item.rows is None:
+            produced = await upcoming
+            # the next batches are made while these go out: as many as the client has credit for, so a
+            # worker-thread hop is shared by several batches and a stalled client holds at most its credits
+            ahead = max(1, min(stream.credits.available - len(produced), MAX_AHEAD))
+            upcoming = loop.run_in_executor(self.executor, produce, ahead)
+            for item, response in produced:
+                if item is None:
+                    return
+                if item.rows is None:
+                    await context.write(response)
+                    client.epoch = item.epoch + 1
+                    continue
+                if not await stream.credits.take():
+                    return
                 await context.write(response)
-                client.epoch = item.epoch + 1
-                continue
-            if not await stream.credits.take():
-                return
-            await context.write(response)
-            client.batches += 1
-            client.tokens += item.rows.tokens
-            client.epoch = item.epoch
-            dataset.throughput.add(item.rows.tokens)
-            stream.throughput.add(item.rows.tokens)
+                client.batches += 1
+                client.tokens += item.rows.tokens
+                client.epoch = item.epoch
+                dataset.throughput.add(item.rows.tokens)
+                stream.throughput.add(item.rows.tokens)
 
     @staticmethod
     async def _read_credits(request_iterator: AsyncIterator[feed_pb2.StreamRequest], credits: Credits) -> None:
@@ -285,17 +292,23 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
 
 
 class _Producer:
-    """Makes a stream's next response on a worker thread: the Feed's next item as a ready message."""
+    """Makes a stream's next responses on a worker thread: the Feed's items as ready messages."""
 
     def __init__(self, feed: Feed, vocab_size: int) -> None:
         self.feed, self.vocab_size, self.seq = feed, vocab_size, 0
 
-    def __call__(self) -> tuple[FeedItem | None, feed_pb2.StreamResponse | None]:
-        item = next(self.feed, None)
-        if item is None:
-            return None, None
-        if item.rows is None:
-            return item, feed_pb2.StreamResponse(epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor))
-        batch = to_batch(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor, vocab_size=self.vocab_size)
-        self.seq += 1
-        return item, feed_pb2.StreamResponse(batch=batch)
+    def __call__(self, batches: int) -> list[tuple[FeedItem | None, feed_pb2.StreamResponse | None]]:
+        """Up to `batches` batches, stopping after an epoch end or the end of the stream (item None)."""
+        out: list[tuple[FeedItem | None, feed_pb2.StreamResponse | None]] = []
+        while len(out) < batches:
+            item = next(self.feed, None)
+            if item is None or item.rows is None:
+                end = None if item is None else feed_pb2.StreamResponse(
+                    epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor))
+                out.append((item, end))
+                break
+            batch = to_batch(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor,
+                             vocab_size=self.vocab_size)
+            self.seq += 1
+            out.append((item, feed_pb2.StreamResponse(batch=batch)))
+        return out
