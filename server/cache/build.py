@@ -20,7 +20,7 @@ from .store import StoreWriter
 
 log = logging.getLogger(__name__)
 
-BUILD_CHUNK = 2048
+BUILD_CHUNK = 512  # small enough that reading the next chunk overlaps encoding even on small corpora
 
 
 @dataclass
