@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import grpc
@@ -89,9 +90,14 @@ def test_stats_shows_connected_clients_and_json_logs_name_peer_rank_dataset(serv
     (client,) = as_json["datasets"][0]["clients"]
     assert client["client_id"] == "rank-one" and client["rank"] == 1 and client["epoch"] in (0, 1)
     assert int(client["batches"]) >= 5 and client["tokens_per_s"] > 0 and client["lag_s"] >= 0
-    logs = [json.loads(line) for line in server.output if line.startswith("{")]
-    opened = [r for r in logs if r["msg"].startswith("stream opened") and r.get("client_id") == "rank-one"]
-    closed = [r for r in logs if r["msg"].startswith("stream closed") and r.get("client_id") == "rank-one"]
+    deadline = time.monotonic() + 30  # the server logs the close after the client has gone
+    while True:
+        logs = [json.loads(line) for line in list(server.output) if line.startswith("{")]
+        opened = [r for r in logs if r["msg"].startswith("stream opened") and r.get("client_id") == "rank-one"]
+        closed = [r for r in logs if r["msg"].startswith("stream closed") and r.get("client_id") == "rank-one"]
+        if (opened and closed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert opened and closed, logs[-5:]
     assert {"peer", "dataset", "rank", "world_size", "ts", "level", "logger"} <= set(opened[0])
     assert (opened[0]["rank"], opened[0]["dataset"], closed[0]["batches"] >= 5) == (1, "default", True)
