@@ -93,7 +93,40 @@ class TokenizedSamples:
         self.buffer, self.index, self.ahead = [], 0, None
 
 
-class Packer:
+class EpochBatches:
+    """What every packer shares: the epoch's batch limit and the `remainder` rule for a partial batch."""
+
+    batch_size: int
+    seq_len: int
+    pack: bool
+    remainder: str
+    max_batches: int | None
+    batches: int
+
+    def next_batch(self) -> Rows | None:
+        """The next batch, or None when the epoch has ended."""
+        if (self.max_batches is not None and self.batches >= self.max_batches) or self._ended():
+            return None
+        rows = self._packed() if self.pack else self._padded()
+        if rows is None or (self.remainder == "drop" and self._partial(rows)):
+            return None
+        self.batches += 1
+        return rows
+
+    def _ended(self) -> bool:
+        return False
+
+    def _partial(self, rows: Rows) -> bool:
+        return rows.input_ids.shape[0] < self.batch_size or (self.pack and rows.tokens < rows.input_ids.size)
+
+    def _packed(self) -> Rows | None:
+        raise NotImplementedError
+
+    def _padded(self) -> Rows | None:
+        raise NotImplementedError
+
+
+class Packer(EpochBatches):
     """Batches of packed or padded rows from a stream of encoded samples; resumable mid-sample.
 
     The end of an epoch follows `remainder`: `keep` sends the last partial batch, `drop` discards it,
@@ -131,20 +164,8 @@ class Packer:
                 self.wraps += 1
         return None
 
-    def next_batch(self) -> Rows | None:
-        """The next batch, or None when the epoch has ended."""
-        if self.max_batches is not None and self.batches >= self.max_batches:
-            return None
-        if self.max_batches is None and self.wraps:
-            return None  # a wrapped batch completed the epoch
-        rows = self._packed() if self.pack else self._padded()
-        if rows is None or (self.remainder == "drop" and self._partial(rows)):
-            return None
-        self.batches += 1
-        return rows
-
-    def _partial(self, rows: Rows) -> bool:
-        return rows.input_ids.shape[0] < self.batch_size or (self.pack and rows.tokens < rows.input_ids.size)
+    def _ended(self) -> bool:
+        return self.max_batches is None and self.wraps > 0  # a wrapped batch completed the epoch
 
     def _may_wrap(self, filled: int) -> bool:
         return filled > 0 or self.max_batches is not None

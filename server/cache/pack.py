@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pack import Rows
+from ..pack import EpochBatches, Rows
 from ..stage import State
 from .store import TokenStore
 
 
-class CachedPacker:
+class CachedPacker(EpochBatches):
     """One rank's batches for one epoch of a token store."""
 
     def __init__(self, store: TokenStore, order: np.ndarray, *, rank: int, world_size: int, batch_size: int,
@@ -30,19 +30,6 @@ class CachedPacker:
         self.remainder, self.max_batches = remainder, max_batches
         self.pos = 0  # packed: next stream position; padded: next sample
         self.batches = 0
-
-    def next_batch(self) -> Rows | None:
-        """The next batch, or None when the epoch has ended."""
-        if self.max_batches is not None and self.batches >= self.max_batches:
-            return None
-        rows = self._packed() if self.pack else self._padded()
-        if rows is None or (self.remainder == "drop" and self._partial(rows)):
-            return None
-        self.batches += 1
-        return rows
-
-    def _partial(self, rows: Rows) -> bool:
-        return rows.input_ids.shape[0] < self.batch_size or (self.pack and rows.tokens < rows.input_ids.size)
 
     def _span(self, count: int, total: int) -> np.ndarray | None:
         """Positions [pos, pos + count) of a stream of `total` units, wrapped when the epoch may wrap."""
