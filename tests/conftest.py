@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+import zstandard
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "server" / "default"
@@ -37,6 +39,17 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
         for record in records:
             out.write(record if isinstance(record, str) else json.dumps(record))
             out.write("\n")
+    return path
+
+
+def write_compressed(path: Path, data: bytes) -> Path:
+    """Write bytes, compressed by the file's suffix (.gz or .zst)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
     return path
 
 

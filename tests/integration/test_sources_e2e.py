@@ -9,7 +9,6 @@ compare what the real client receives, and what `sigil-feed stats --json` report
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import subprocess
@@ -24,12 +23,11 @@ import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zstandard
 from transformers import AutoTokenizer
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import FeedServerError
-from tests.conftest import TOKENIZER_DIR, ServerProcess, write_config
+from tests.conftest import TOKENIZER_DIR, ServerProcess, write_compressed, write_config
 
 IGNORE = -100
 HUB_OWNER, HUB_NAME = "acme", "rust-e2e"
@@ -112,14 +110,7 @@ CHAT_PAIRS = [pair(f"chat_{i}", "train", f"    x.checked_add({i}).map(|v| v * {i
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:
     """Write byte lines, compressed by suffix (.gz or .zst)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = b"".join(line + b"\n" for line in lines)
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    elif path.suffix == ".zst":
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-    return path
+    return write_compressed(path, b"".join(line + b"\n" for line in lines))
 
 
 def dumps(value: dict[str, Any] | str) -> bytes:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from sigil_feed.server.errors import SourceError
 from sigil_feed.server.sources import RawRecord, Source, open_source
+from tests.conftest import write_compressed
 
 PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "train",
         "_task_type": "completion"}
@@ -28,17 +29,6 @@ PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "tra
 def jsonl(rows: list[Any]) -> bytes:
     """JSON lines for a list of values."""
     return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
-
-
-def write(path: Path, data: bytes) -> Path:
-    """Write bytes, compressed by the file's suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    elif path.suffix == ".zst":
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-    return path
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], group_rows: int = 4) -> Path:
@@ -79,7 +69,7 @@ def check_resume(make: Callable[[], Source]) -> list[RawRecord]:
 
 def test_file_directory_and_glob_expand_sorted(tmp_path: Path) -> None:
     for name in ("b.jsonl", "a.jsonl.zst", "c.jsonl.gz", "notes.txt", "sub/d.jsonl"):
-        write(tmp_path / "data" / name, jsonl([{"text": name}]))
+        write_compressed(tmp_path / "data" / name, jsonl([{"text": name}]))
     data = tmp_path / "data"
     assert open_source(f"local:{data / 'b.jsonl'}", 0, base_dir=tmp_path).files == [str(data / "b.jsonl")]
     assert open_source(f"local:{data}", 0, base_dir=tmp_path).files == [
@@ -93,15 +83,15 @@ def test_file_directory_and_glob_expand_sorted(tmp_path: Path) -> None:
 def test_parquet_directory_lists_only_parquet(tmp_path: Path) -> None:
     write_parquet(tmp_path / "d" / "b.parquet", [{"text": "b"}])
     write_parquet(tmp_path / "d" / "a.parquet", [{"text": "a"}])
-    write(tmp_path / "d" / "x.jsonl", jsonl([{"text": "x"}]))
+    write_compressed(tmp_path / "d" / "x.jsonl", jsonl([{"text": "x"}]))
     assert values(read(f"parquet:{tmp_path / 'd'}", tmp_path)) == [{"text": "a"}, {"text": "b"}]
 
 
 def test_relative_path_tries_cwd_then_base_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cwd, base = tmp_path / "cwd", tmp_path / "base"
-    write(cwd / "d.jsonl", jsonl([{"text": "cwd"}]))
-    write(base / "d.jsonl", jsonl([{"text": "base"}]))
-    write(base / "only.jsonl", jsonl([{"text": "only-base"}]))
+    write_compressed(cwd / "d.jsonl", jsonl([{"text": "cwd"}]))
+    write_compressed(base / "d.jsonl", jsonl([{"text": "base"}]))
+    write_compressed(base / "only.jsonl", jsonl([{"text": "only-base"}]))
     monkeypatch.chdir(cwd)
     assert values(read("local:d.jsonl", base)) == [{"text": "cwd"}]
     assert values(read("local:only.jsonl", base)) == [{"text": "only-base"}]
@@ -131,7 +121,7 @@ def test_bad_spec_fails(tmp_path: Path, spec: str) -> None:
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_compressed_files_read_like_plain(tmp_path: Path, suffix: str) -> None:
     rows = [{"text": f"row {i}", "path": f"src/{i}.rs"} for i in range(50)]
-    path = write(tmp_path / f"d{suffix}", jsonl(rows))
+    path = write_compressed(tmp_path / f"d{suffix}", jsonl(rows))
     records = read(f"local:{path}", tmp_path)
     assert values(records) == rows
     assert [(r.source, r.file, r.row) for r in records] == [(0, 0, i) for i in range(50)]
@@ -158,7 +148,7 @@ def test_malformed_lines_and_blank_lines(tmp_path: Path) -> None:
         b"[" * 100_000,
         b'{"text": "last, no newline"}',
     ]
-    path = write(tmp_path / "d.jsonl", b"\n".join(lines))
+    path = write_compressed(tmp_path / "d.jsonl", b"\n".join(lines))
     records = read(f"local:{path}", tmp_path)
     got = [(r.row, r.location, r.value, r.error) for r in records]
     assert got == [
@@ -174,8 +164,8 @@ def test_malformed_lines_and_blank_lines(tmp_path: Path) -> None:
 
 
 def test_empty_file_yields_nothing(tmp_path: Path) -> None:
-    write(tmp_path / "a.jsonl", b"")
-    write(tmp_path / "b.jsonl", b"\n\n")
+    write_compressed(tmp_path / "a.jsonl", b"")
+    write_compressed(tmp_path / "b.jsonl", b"\n\n")
     source = open_source(f"local:{tmp_path}", 0, base_dir=tmp_path)
     assert list(source) == []
     with pytest.raises(StopIteration):
@@ -194,12 +184,12 @@ def test_single_50_mb_line(tmp_path: Path) -> None:
 
 
 def test_unreadable_and_corrupt_files_become_one_bad_file_record(tmp_path: Path) -> None:
-    write(tmp_path / "a.jsonl", jsonl([{"text": "a"}]))
-    write(tmp_path / "b.jsonl", jsonl([{"text": "b"}]))
+    write_compressed(tmp_path / "a.jsonl", jsonl([{"text": "a"}]))
+    write_compressed(tmp_path / "b.jsonl", jsonl([{"text": "b"}]))
     truncated = gzip.compress(jsonl([{"text": str(i) * 100} for i in range(2000)]))
     (tmp_path / "c.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])
     (tmp_path / "d.jsonl.zst").write_bytes(b"not zstd at all")
-    write(tmp_path / "e.jsonl", jsonl([{"text": "e"}]))
+    write_compressed(tmp_path / "e.jsonl", jsonl([{"text": "e"}]))
     source = open_source(f"local:{tmp_path}", 0, base_dir=tmp_path)
     (tmp_path / "b.jsonl").unlink()
     records = list(source)
@@ -213,16 +203,16 @@ def test_unreadable_and_corrupt_files_become_one_bad_file_record(tmp_path: Path)
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_jsonl_resume_from_every_state(tmp_path: Path, suffix: str) -> None:
-    write(tmp_path / f"a{suffix}", jsonl([{"text": str(i)} for i in range(5)]) + b"\n\nnot json\n")
-    write(tmp_path / f"b{suffix}", b"")
-    write(tmp_path / f"c{suffix}", b"\n" + jsonl([[1], {"text": "c"}]))
+    write_compressed(tmp_path / f"a{suffix}", jsonl([{"text": str(i)} for i in range(5)]) + b"\n\nnot json\n")
+    write_compressed(tmp_path / f"b{suffix}", b"")
+    write_compressed(tmp_path / f"c{suffix}", b"\n" + jsonl([[1], {"text": "c"}]))
     records = check_resume(lambda: open_source(f"local:{tmp_path}", 3, base_dir=tmp_path))
     ids = [(3, 0, i) for i in range(5)] + [(3, 0, 7), (3, 2, 1), (3, 2, 2)]
     assert [(r.source, r.file, r.row) for r in records] == ids
 
 
 def test_plain_state_has_offset_and_row_alone_also_resumes(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.jsonl", jsonl([{"text": str(i)} for i in range(10)]))
+    path = write_compressed(tmp_path / "a.jsonl", jsonl([{"text": str(i)} for i in range(10)]))
     source = open_source(f"local:{path}", 0, base_dir=tmp_path)
     first = [next(source) for _ in range(4)]
     assert source.get_state() == {"file": 0, "row": 4, "offset": sum(len(jsonl([r.value])) for r in first)}
@@ -251,7 +241,7 @@ def test_jsonl_property_rows_and_resume(files: list[tuple[list[bytes], bool]], s
         expected_rows = []
         for i, (lines, trailing_newline) in enumerate(files):
             data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
-            write(root / f"{i:02d}{suffix}", data)
+            write_compressed(root / f"{i:02d}{suffix}", data)
             expected_rows += [(i, row) for row, line in enumerate(io.BytesIO(data)) if not line.isspace()]
         records = check_resume(lambda: open_source(f"local:{root}", 0, base_dir=root))
         assert [(r.file, r.row) for r in records] == expected_rows
@@ -354,7 +344,7 @@ def test_hf_without_needed_columns_yields_empty_records(tmp_path: Path, offline:
 
 
 def test_hf_directory_of_data_files(tmp_path: Path, offline: None) -> None:
-    write(tmp_path / "files" / "train.jsonl", jsonl(HF_ROWS))
+    write_compressed(tmp_path / "files" / "train.jsonl", jsonl(HF_ROWS))
     assert read(str(tmp_path / "files"), tmp_path, cache_dir=str(tmp_path / "cache")) == expected_hf(
         str(tmp_path / "files"))
 
