@@ -162,28 +162,19 @@ def write_config(path: Path, work: Work, sources: list[Path], *, seq_len: int = 
     return path
 
 
-class RssPoller:
-    """Polls a process's resident memory (with its children) in a thread; keeps the peak."""
+class ProcessMemory:
+    """A process's resident memory and CPU time, read from the kernel on demand: no polling thread, which
+    would steal CPU from the server it measures."""
 
-    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+    def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
     def rss(self) -> int:
         """Resident bytes now (0 once the process is gone)."""
         try:
-            procs = [self.proc, *self.proc.children(recursive=True)]
-            return sum(p.memory_info().rss for p in procs)
+            return int(self.proc.memory_info().rss)
         except psutil.Error:
             return 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.rss())
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system, all threads) the process has used so far."""
@@ -194,23 +185,15 @@ class RssPoller:
         return float(times.user + times.system)
 
     def reset_peak(self) -> None:
-        """Start a new peak from now."""
-        self.peak = self.rss()
+        """Start a new peak from now (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
 
-    def hwm(self) -> int:
-        """The kernel's high-water mark of resident memory (Linux VmHWM), else the polled peak."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return self.peak
-
-    def stop(self) -> None:
-        """Stop polling."""
-        self._stop.set()
-        self._thread.join()
+    def peak(self) -> int:
+        """The kernel's high-water mark of resident memory since start or the last reset (Linux VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmHWM in /proc/{self.proc.pid}/status: peak RSS needs Linux")
 
 
 class Server:
@@ -224,7 +207,7 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO)
         self.output: list[str] = []
-        self.memory = RssPoller(self.proc.pid)
+        self.memory = ProcessMemory(self.proc.pid)
         self.target = self._wait_listening()
         self.listening_s = time.monotonic() - self.started
         self._drain = threading.Thread(target=self._collect, daemon=True)
@@ -252,7 +235,6 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then kill if it lingers; keeps its output in the log file."""
-        self.memory.stop()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -30,13 +30,13 @@ def decode_batch(batch: feed_pb2.Batch, pack: bool) -> dict[str, np.ndarray]:
     """Decode a batch into int64 input_ids, labels and position_ids (packed) or attention_mask."""
     tensors = {t.name: tensor_array(t) for t in batch.tensors}
     ids = _require(tensors, "input_ids", ndim=2).astype(np.int64)
-    out, trained = _decode_packed(tensors, ids.shape) if pack else _decode_padded(tensors, ids.shape)
+    labels, extra = _decode_packed(tensors, ids) if pack else _decode_padded(tensors, ids)
     loss_mask = tensors.get("loss_mask")
     if loss_mask is not None:
         if loss_mask.shape != ids.shape:
             raise ValueError(f"loss_mask has shape {loss_mask.shape}, input_ids {ids.shape}")
-        trained &= loss_mask != 0
-    return {"input_ids": ids, "labels": np.where(trained, ids, IGNORE_INDEX), **out}
+        labels[loss_mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, **extra}
 
 
 def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:
@@ -64,21 +64,20 @@ def _require(tensors: dict[str, np.ndarray], name: str, ndim: int) -> np.ndarray
     return array
 
 
-def _decode_padded(tensors: dict[str, np.ndarray],
-                   shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Padded rows: attention_mask from `lengths`, and the mask of labelled tokens."""
-    rows, seq_len = shape
+def _decode_padded(tensors: dict[str, np.ndarray], ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Padded rows: labels and attention_mask from `lengths`."""
+    rows, seq_len = ids.shape
     lengths = _require(tensors, "lengths", ndim=1).astype(np.int64)
     if lengths.shape != (rows,) or (lengths < 0).any() or (lengths > seq_len).any():
-        raise ValueError(f"lengths {lengths.tolist()} do not fit input_ids of shape {shape}")
+        raise ValueError(f"lengths {lengths.tolist()} do not fit input_ids of shape {ids.shape}")
     real = np.arange(seq_len) < lengths[:, None]
-    return {"attention_mask": real.astype(np.int64)}, real
+    return np.where(real, ids, IGNORE_INDEX), {"attention_mask": real.astype(np.int64)}
 
 
-def _decode_packed(tensors: dict[str, np.ndarray],
-                   shape: tuple[int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Packed rows: position_ids restarting at every segment, and the mask of labelled tokens."""
-    rows, seq_len = shape
+def _decode_packed(tensors: dict[str, np.ndarray], ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Packed rows: labels (none on a segment's first token or on padding) and position_ids restarting
+    at every run (each segment, and a row's trailing padding), from a few passes over the batch."""
+    rows, seq_len = ids.shape
     seg_lengths = _require(tensors, "segment_lengths", ndim=1).astype(np.int64)
     row_segments = _require(tensors, "row_segments", ndim=1).astype(np.int64)
     _check_segments(seg_lengths, row_segments, rows)
@@ -91,10 +90,15 @@ def _decode_packed(tensors: dict[str, np.ndarray],
     seg_row = np.repeat(np.arange(rows), row_segments)
     seg_starts = seg_row * seq_len + seg_ends[:-1] - row_offset[seg_row]
     pad_rows = np.flatnonzero(real < seq_len)
-    run_starts = np.sort(np.concatenate((seg_starts, pad_rows * seq_len + real[pad_rows])))
-    trained = np.arange(seq_len) < real[:, None]
-    trained.reshape(-1)[seg_starts] = False
-    return {"position_ids": _run_positions(run_starts, rows * seq_len).reshape(shape)}, trained
+    run_starts = np.concatenate((seg_starts, pad_rows * seq_len + real[pad_rows]))
+    run_lengths = np.concatenate((seg_lengths, seq_len - real[pad_rows]))
+    order = np.argsort(run_starts, kind="stable")
+    positions = np.arange(rows * seq_len) - np.repeat(run_starts[order], run_lengths[order])
+    labels = ids.copy()
+    labels.reshape(-1)[seg_starts] = IGNORE_INDEX
+    for row in pad_rows:
+        labels[row, real[row]:] = IGNORE_INDEX
+    return labels, {"position_ids": positions.reshape(ids.shape)}
 
 
 def _check_segments(seg_lengths: np.ndarray, row_segments: np.ndarray, rows: int) -> None:
@@ -104,11 +108,3 @@ def _check_segments(seg_lengths: np.ndarray, row_segments: np.ndarray, rows: int
     if row_segments.sum() != seg_lengths.size or (seg_lengths <= 0).any():
         raise ValueError(f"{seg_lengths.size} segment_lengths (min {seg_lengths.min(initial=1)}) do not "
                          f"match row_segments totalling {row_segments.sum()}")
-
-
-def _run_positions(run_starts: np.ndarray, size: int) -> np.ndarray:
-    """0, 1, 2, ... restarting at each of the sorted `run_starts` (the first is 0), by one cumsum."""
-    steps = np.ones(size, dtype=np.int64)
-    steps[run_starts[1:]] = 1 - np.diff(run_starts)
-    steps[run_starts[:1]] = 0
-    return np.cumsum(steps, out=steps)

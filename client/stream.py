@@ -138,6 +138,8 @@ class _Link:
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._buffered = 0
+        self._owed = 0  # credits earned by batches taken but not yet granted: they go out in chunks
+        self._credit_chunk = max(1, prefetch // 2)
         self._resume_cursor = template.cursor
         self._outbox: _Outbox | None = None
         self._call: Any = None
@@ -163,11 +165,15 @@ class _Link:
         return _End()
 
     def _return_credit(self) -> None:
-        """A batch left the buffer: grant its credit on the current call (or count it for the next Open)."""
+        """A batch left the buffer: its credit is granted on the current call once half the prefetch is owed
+        (one Credit message per chunk, not per batch; the server always holds the other half), or counted for
+        the next Open."""
         with self._cond:
             self._buffered -= 1
-            if self._outbox is not None:
-                self._outbox.credit(1)
+            self._owed += 1
+            if self._outbox is not None and self._owed >= self._credit_chunk:
+                self._outbox.credit(self._owed)
+                self._owed = 0
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -285,7 +291,7 @@ class _Link:
     def _attempt(self, deadline: float) -> feed_pb2.Opened:
         """One attempt: send Open from the resume cursor and wait (for the channel too) for Opened."""
         with self._cond:
-            credits = self._prefetch - self._buffered
+            credits, self._owed = self._prefetch - self._buffered, 0
             self._outbox = _Outbox(self._open_message(credits))
             self._call = call = self._stub.Stream(iter(self._outbox), metadata=self._metadata,
                                                   wait_for_ready=True)

@@ -42,6 +42,11 @@ class Feed:
         state = None if packer is None else packer.get_state()
         return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode()
 
+    @property
+    def in_cached_epoch(self) -> bool:
+        """Whether the next batch is cut from an open epoch of a token store (quick and never blocking)."""
+        return isinstance(self.packer, CachedPacker)
+
     def __iter__(self) -> Feed:
         return self
 

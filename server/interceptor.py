@@ -65,12 +65,23 @@ def _guard(behaviour: Handler, parse: Parse | None, streaming: bool, method: str
     return guarded
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """The handler's serializer, except that a response already encoded (bytes, see wire.py) goes out as is."""
+    def serialized(response: Any) -> bytes:
+        if isinstance(response, bytes) or serialize is None:
+            return response  # type: ignore[no-any-return]
+        return serialize(response)
+
+    return serialized
+
+
 def _ignore(method: str, code: grpc.StatusCode) -> None:
     """Default status sink: count nothing."""
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every coroutine handler: decodes requests, maps errors to a status, reports each RPC's status."""
+    """Wraps every coroutine handler: decodes requests, maps errors to a status, reports each RPC's status,
+    and sends responses the handler encoded itself (bytes) unchanged."""
 
     def __init__(self, on_status: StatusSink = _ignore) -> None:
         self.on_status = on_status
@@ -87,4 +98,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler  # async-generator handlers (reflection) keep gRPC's own handling
         guarded = _guard(behaviour, handler.request_deserializer, handler.request_streaming,
                          handler_call_details.method, self.on_status)
-        return handler._replace(request_deserializer=None, **{kind: guarded})
+        return handler._replace(request_deserializer=None,
+                                response_serializer=_passing_bytes(handler.response_serializer), **{kind: guarded})

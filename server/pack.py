@@ -27,7 +27,7 @@ ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 class Rows:
     """One batch of rows, ready for the wire."""
 
-    input_ids: np.ndarray  # [rows, seq_len] int32
+    input_ids: np.ndarray  # [rows, seq_len] token ids (int32, or the token store's dtype)
     lengths: np.ndarray  # padded: real tokens per row; packed: segment lengths, row-major
     row_segments: np.ndarray | None  # packed: segments per row
     loss_mask: np.ndarray | None  # [rows, seq_len] uint8, 1 = trained on; with completion_only

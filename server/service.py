@@ -19,7 +19,7 @@ from .dataset import ServedDataset
 from .errors import RequestError, invalid
 from .feed import Feed, FeedItem
 from .stats import ClientStream, Throughput
-from .wire import to_batch
+from .wire import batch_response
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ MAX_TEXT = 256
 
 
 MAX_AHEAD = 4  # most batches made in one worker-thread call
+
+Produced = tuple[FeedItem | None, feed_pb2.StreamResponse | bytes | None]
+"""A feed item with its response (a batch already encoded); item None: the stream has ended."""
 
 
 class Credits:
@@ -222,13 +225,13 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         loop = asyncio.get_running_loop()
         produce = _Producer(feed, dataset.facts.vocab_size)
         client = stream.client
-        upcoming = loop.run_in_executor(self.executor, produce, 1)
+        upcoming = self._produce(loop, produce, 1)
         while True:
             produced = await upcoming
             # the next batches are made while these go out: as many as the client has credit for, so a
             # worker-thread hop is shared by several batches and a stalled client holds at most its credits
             ahead = max(1, min(stream.credits.available - len(produced), MAX_AHEAD))
-            upcoming = loop.run_in_executor(self.executor, produce, ahead)
+            upcoming = self._produce(loop, produce, ahead)
             for item, response in produced:
                 if item is None:
                     return
@@ -244,6 +247,18 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 client.epoch = item.epoch
                 dataset.throughput.add(item.rows.tokens)
                 stream.throughput.add(item.rows.tokens)
+
+    def _produce(self, loop: asyncio.AbstractEventLoop, produce: _Producer,
+                 count: int) -> asyncio.Future[list[Produced]]:
+        """The stream's next batches. Inside an open cached epoch they are made right here: a batch is a few
+        hundred microseconds of numpy over the memory map, less than a hop to a worker thread and back costs
+        (measured: 1.1k vs 1.8k batches/s of 8x2048). Whatever may block (streaming reads and tokenization,
+        opening an epoch, which permutes the whole store) runs on a worker thread."""
+        if not produce.feed.in_cached_epoch:
+            return loop.run_in_executor(self.executor, produce, count)
+        made: asyncio.Future[list[Produced]] = loop.create_future()
+        made.set_result(produce(count))
+        return made
 
     @staticmethod
     async def _read_credits(request_iterator: AsyncIterator[feed_pb2.StreamRequest], credits: Credits) -> None:
@@ -297,9 +312,10 @@ class _Producer:
     def __init__(self, feed: Feed, vocab_size: int) -> None:
         self.feed, self.vocab_size, self.seq = feed, vocab_size, 0
 
-    def __call__(self, batches: int) -> list[tuple[FeedItem | None, feed_pb2.StreamResponse | None]]:
-        """Up to `batches` batches, stopping after an epoch end or the end of the stream (item None)."""
-        out: list[tuple[FeedItem | None, feed_pb2.StreamResponse | None]] = []
+    def __call__(self, batches: int) -> list[Produced]:
+        """Up to `batches` batches (as encoded responses), stopping after an epoch end or the end of the
+        stream (item None)."""
+        out: list[Produced] = []
         while len(out) < batches:
             item = next(self.feed, None)
             if item is None or item.rows is None:
@@ -307,8 +323,7 @@ class _Producer:
                     epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor))
                 out.append((item, end))
                 break
-            batch = to_batch(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor,
-                             vocab_size=self.vocab_size)
+            out.append((item, batch_response(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor,
+                                             vocab_size=self.vocab_size)))
             self.seq += 1
-            out.append((item, feed_pb2.StreamResponse(batch=batch)))
         return out

@@ -1,4 +1,10 @@
-"""Rows to protocol messages: raw little-endian tensors, only what the client cannot cheaply derive."""
+"""Rows to protocol messages: raw little-endian tensors, only what the client cannot cheaply derive.
+
+A batch response is encoded by hand around its tensors' buffers and joined once: protobuf's own
+encoder copies a large bytes field several times over (about 1 ms for a 16x4096 batch, several times
+the cost of making the batch). The bytes are exactly what `StreamResponse(batch=...).SerializeToString()`
+gives (fields in number order), so clients parse them with the generated classes.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,11 @@ import numpy as np
 from ..protos import feed_pb2
 from .pack import Rows
 
+Buffer = bytes | memoryview
 
-def tensor(name: str, array: np.ndarray) -> feed_pb2.Tensor:
-    """A named array as raw little-endian bytes with its numpy dtype string and shape."""
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return feed_pb2.Tensor(name=name, dtype=array.dtype.str, shape=list(array.shape), data=array.tobytes())
+_RESPONSE_BATCH = 2  # StreamResponse.batch
+_BATCH_TENSORS = 3  # Batch.tensors
+_TENSOR_DATA = 4  # Tensor.data
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -19,13 +25,42 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
-def to_batch(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> feed_pb2.Batch:
-    """The Batch message for a set of rows (packed rows carry segments, padded rows their lengths)."""
-    tensors = [tensor("input_ids", rows.input_ids.astype(ids_dtype(vocab_size)))]
+def batch_response(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> bytes:
+    """The serialized StreamResponse carrying a set of rows (packed rows carry segments, padded rows their
+    lengths); each tensor's buffer is copied once, into the result."""
+    tensors = [("input_ids", rows.input_ids.astype(ids_dtype(vocab_size), copy=False))]
     if rows.row_segments is None:
-        tensors.append(tensor("lengths", rows.lengths))
+        tensors.append(("lengths", rows.lengths))
     else:
-        tensors += [tensor("segment_lengths", rows.lengths), tensor("row_segments", rows.row_segments)]
+        tensors += [("segment_lengths", rows.lengths), ("row_segments", rows.row_segments)]
     if rows.loss_mask is not None:
-        tensors.append(tensor("loss_mask", rows.loss_mask))
-    return feed_pb2.Batch(seq=seq, epoch=epoch, tensors=tensors, cursor=cursor, tokens=rows.tokens)
+        tensors.append(("loss_mask", rows.loss_mask))
+    batch: list[Buffer] = [feed_pb2.Batch(seq=seq, epoch=epoch).SerializeToString()]
+    for name, array in tensors:
+        batch += _field(_BATCH_TENSORS, _tensor(name, array))
+    batch.append(feed_pb2.Batch(cursor=cursor, tokens=rows.tokens).SerializeToString())
+    return b"".join(_field(_RESPONSE_BATCH, batch))
+
+
+def _tensor(name: str, array: np.ndarray) -> list[Buffer]:
+    """A Tensor message's pieces: name, dtype and shape encoded by protobuf, then the raw data (no copy)."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    header = feed_pb2.Tensor(name=name, dtype=array.dtype.str, shape=list(array.shape)).SerializeToString()
+    if not array.size:
+        return [header]  # protobuf leaves an empty bytes field out
+    return [header, *_field(_TENSOR_DATA, [memoryview(array).cast("B")])]
+
+
+def _field(number: int, pieces: list[Buffer]) -> list[Buffer]:
+    """A length-delimited field (protobuf wire type 2) whose payload is the concatenated pieces."""
+    return [_varint(number << 3 | 2), _varint(sum(len(p) for p in pieces)), *pieces]
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -22,7 +22,9 @@ class CachedPacker(EpochBatches):
                  seq_len: int, pack: bool, completion_only: bool, pad_id: int, remainder: str,
                  max_batches: int | None) -> None:
         share = order[rank::world_size]
-        self.tokens, self.starts = store.tokens, store.offsets[share]
+        if not len(share) and max_batches:  # fewer samples than ranks: pad an empty share from the whole epoch
+            share = order
+        self.tokens, self.starts = np.asarray(store.tokens), store.offsets[share]  # plain view: fast take
         self.lengths = store.lengths[share].astype(np.int64)
         self.prompts = store.prompt_tokens[share] if completion_only else None
         self.cum = np.concatenate(([0], np.cumsum(self.lengths)))  # where each sample starts in the stream
@@ -31,53 +33,64 @@ class CachedPacker(EpochBatches):
         self.pos = 0  # packed: next stream position; padded: next sample
         self.batches = 0
 
-    def _span(self, count: int, total: int) -> np.ndarray | None:
-        """Positions [pos, pos + count) of a stream of `total` units, wrapped when the epoch may wrap."""
+    def _span(self, count: int, total: int) -> tuple[int, int] | None:
+        """Claim stream positions [start, stop) of `total` units (taken modulo total when the epoch wraps)."""
         if total == 0 or (self.max_batches is None and self.pos >= total):
             return None
-        end = self.pos + count if self.max_batches is not None else min(self.pos + count, total)
-        span = np.arange(self.pos, end) % total
-        self.pos = end
-        return span
+        start = self.pos
+        self.pos = start + count if self.max_batches is not None else min(start + count, total)
+        return start, self.pos
 
-    def _samples_at(self, span: np.ndarray) -> np.ndarray:
-        """The sample holding each stream position of a span (consecutive positions, possibly wrapped)."""
-        out = []
-        for piece in np.split(span, np.flatnonzero(np.diff(span) != 1) + 1):  # several only when wrapping
-            first, last = np.searchsorted(self.cum, [piece[0], piece[-1]], side="right") - 1
-            bounds = np.clip(self.cum[first:last + 2], piece[0], piece[-1] + 1)
-            out.append(np.repeat(np.arange(first, last + 1), np.diff(bounds)))
-        return np.concatenate(out)
+    def _runs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The span as runs of consecutive tokens, one per sample it touches: (sample, offset into the
+        sample, run length), in stream order, wrapping past the end of the epoch's stream."""
+        total = int(self.cum[-1])
+        samples, offsets, counts = [], [], []
+        while start < stop:
+            a = start % total
+            b = a + min(stop - start, total - a)
+            first, last = np.searchsorted(self.cum, [a, b - 1], side="right") - 1
+            sample = np.arange(first, last + 1)
+            lo = np.maximum(self.cum[first:last + 1], a)
+            samples.append(sample)
+            offsets.append(lo - self.cum[first:last + 1])
+            counts.append(np.minimum(self.cum[first + 1:last + 2], b) - lo)
+            start += b - a
+        return np.concatenate(samples), np.concatenate(offsets), np.concatenate(counts)
 
     def _packed(self) -> Rows | None:
         span = self._span(self.batch_size * self.seq_len, int(self.cum[-1]))
         if span is None:
             return None
-        sample = self._samples_at(span)
-        within = span - self.cum[sample]
-        n = len(span)
-        flat = np.full(self.batch_size * self.seq_len, self.pad_id, dtype=np.int32)
-        flat[:n] = self.tokens[self.starts[sample] + within]
+        sample, offset, count = self._runs(*span)
+        n = span[1] - span[0]
+        run_start = np.cumsum(count) - count  # where each run lands in the batch
+        flat = np.empty(self.batch_size * self.seq_len, dtype=self.tokens.dtype)
+        first = (self.starts[sample] + offset).tolist()  # one slice per run: cheaper than a gather by index
+        np.concatenate([self.tokens[a:a + c] for a, c in zip(first, count.tolist(), strict=True)], out=flat[:n])
+        flat[n:] = self.pad_id
         rows = -(-n // self.seq_len)
-        bounds = np.flatnonzero((within == 0) | (np.arange(n) % self.seq_len == 0))
+        bounds = np.union1d(run_start, np.arange(0, n, self.seq_len))  # segments start at samples and rows
         lengths = np.diff(np.append(bounds, n)).astype(np.int32)
         row_segments = np.bincount(bounds // self.seq_len, minlength=rows).astype(np.int32)
         mask = None
         if self.prompts is not None:
             flat_mask = np.ones(rows * self.seq_len, dtype=np.uint8)
-            flat_mask[:n] = within >= self.prompts[sample]
+            within = np.arange(n) - np.repeat(run_start - offset, count)
+            flat_mask[:n] = within >= np.repeat(self.prompts[sample], count)
             mask = flat_mask.reshape(rows, self.seq_len)
         return Rows(flat[:rows * self.seq_len].reshape(rows, self.seq_len), lengths, row_segments, mask, n)
 
     def _padded(self) -> Rows | None:
-        picked = self._span(self.batch_size, len(self.lengths))
-        if picked is None:
+        span = self._span(self.batch_size, len(self.lengths))
+        if span is None:
             return None
+        picked = np.arange(*span) % len(self.lengths)
         rows = len(picked)
         kept = np.minimum(self.lengths[picked], self.seq_len)
         row_of = np.repeat(np.arange(rows), kept)
         col = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-        ids = np.full((rows, self.seq_len), self.pad_id, dtype=np.int32)
+        ids = np.full((rows, self.seq_len), self.pad_id, dtype=self.tokens.dtype)
         ids[row_of, col] = self.tokens[np.repeat(self.starts[picked], kept) + col]
         mask = None
         if self.prompts is not None:

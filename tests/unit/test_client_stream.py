@@ -152,6 +152,20 @@ def test_credits_bound_what_the_server_sends(serve: Callable[..., tuple[str, grp
             taken += isinstance(next(stream), FeedBatch)
 
 
+def test_credits_go_back_in_chunks_of_half_the_prefetch(serve: Callable[..., tuple[str, grpc.Server]]) -> None:
+    """One Credit message per prefetch/2 batches taken; the server still holds the other half meanwhile."""
+    fake = FakeFeed(per_epoch=20, epochs=1)
+    target, _ = serve(fake)
+    prefetch, taken = 4, 0
+    with BatchStream(target, batch_size=1, prefetch=prefetch) as stream:
+        for step in range(12):
+            want = prefetch + taken // 2 * 2
+            assert settle(lambda want=want: fake.sent == want), (step, fake.sent, taken)
+            time.sleep(0.05)
+            assert fake.granted == fake.sent == want
+            taken += isinstance(next(stream), FeedBatch)
+
+
 def test_reconnect_resumes_from_last_batch_received(serve: Callable[..., tuple[str, grpc.Server]],
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """(b) UNAVAILABLE mid-stream: re-Open from the last batch received; no gap, no duplicate."""
@@ -170,9 +184,10 @@ def test_reconnect_credits_count_the_buffered_batches(serve: Callable[..., tuple
     fake = FakeFeed(fail_at=6)
     target, _ = serve(fake)
     with BatchStream(target, batch_size=1, prefetch=4) as stream:
-        items = [index_of(next(stream)) for _ in range(3)]
+        # 4 taken: credits go back in chunks of prefetch/2, so the server got 4 + 4 and breaks at batch 6
+        items = [index_of(next(stream)) for _ in range(4)]
         assert settle(lambda: len(fake.opens) == 2)
-        assert (fake.opens[1].cursor, fake.opens[1].credits) == (b"6", 1)
+        assert (fake.opens[1].cursor, fake.opens[1].credits) == (b"6", 2)
         items += [index_of(item) for item in stream]
     assert items == expected(fake)
 

@@ -1,0 +1,60 @@
+"""The hand-framed batch response is byte for byte what protobuf would encode, and decodes back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sigil_feed.client.decode import decode_batch
+from sigil_feed.protos import feed_pb2
+from sigil_feed.server.pack import Rows
+from sigil_feed.server.wire import batch_response, ids_dtype
+
+
+def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> bytes:
+    """The same response built and serialized by the generated protobuf classes."""
+    def tensor(name: str, array: np.ndarray) -> feed_pb2.Tensor:
+        return feed_pb2.Tensor(name=name, dtype=array.dtype.str, shape=list(array.shape), data=array.tobytes())
+
+    tensors = [tensor("input_ids", rows.input_ids.astype(ids_dtype(vocab_size)))]
+    if rows.row_segments is None:
+        tensors.append(tensor("lengths", rows.lengths))
+    else:
+        tensors += [tensor("segment_lengths", rows.lengths), tensor("row_segments", rows.row_segments)]
+    if rows.loss_mask is not None:
+        tensors.append(tensor("loss_mask", rows.loss_mask))
+    batch = feed_pb2.Batch(seq=seq, epoch=epoch, tensors=tensors, cursor=cursor, tokens=rows.tokens)
+    return feed_pb2.StreamResponse(batch=batch).SerializeToString()
+
+
+def packed(rows: int, seq_len: int, mask: bool) -> Rows:
+    rng = np.random.default_rng(rows * seq_len)
+    ids = rng.integers(0, 8192, (rows, seq_len)).astype(np.int32)
+    lengths = np.array([seq_len // 2, seq_len - seq_len // 2] * rows, dtype=np.int32)
+    loss_mask = (rng.random((rows, seq_len)) > 0.5).astype(np.uint8) if mask else None
+    return Rows(ids, lengths, np.full(rows, 2, dtype=np.int32), loss_mask, rows * seq_len)
+
+
+def padded(rows: int, seq_len: int) -> Rows:
+    ids = np.arange(rows * seq_len, dtype=np.uint16).reshape(rows, seq_len)
+    return Rows(ids, np.full(rows, seq_len, dtype=np.int32), None, None, rows * seq_len)
+
+
+@pytest.mark.parametrize("rows", [packed(16, 4096, False), packed(3, 7, True), padded(2, 5), padded(1, 1),
+                                  Rows(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                       None, 0)])
+@pytest.mark.parametrize(("seq", "epoch", "cursor", "vocab"), [(0, 0, b"", 8192), (300, 2, b"c" * 151, 129_280),
+                                                              (2**40, 7, b"\x00\xff", 65_536)])
+def test_batch_response_equals_protobufs_encoding(rows: Rows, seq: int, epoch: int, cursor: bytes,
+                                                  vocab: int) -> None:
+    encoded = batch_response(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
+    assert encoded == protobuf_encoded(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
+
+
+def test_batch_response_decodes_to_the_rows() -> None:
+    rows = packed(4, 64, True)
+    response = feed_pb2.StreamResponse.FromString(batch_response(rows, seq=9, epoch=1, cursor=b"x",
+                                                                 vocab_size=129_280))
+    assert (response.batch.seq, response.batch.epoch, response.batch.cursor) == (9, 1, b"x")
+    arrays = decode_batch(response.batch, pack=True)
+    assert (arrays["input_ids"] == rows.input_ids).all()
