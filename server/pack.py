@@ -23,6 +23,10 @@ TOKENIZE_CHUNK = 256
 ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 
 
+Chunk = tuple[list[State], list[Sample], "Future[list[Encoded]]"]
+"""Samples being encoded, each with the order's state right before it."""
+
+
 @dataclass
 class Rows:
     """One batch of rows, ready for the wire."""
@@ -37,8 +41,9 @@ class Rows:
 class TokenizedSamples:
     """The rank's samples as token ids (streaming mode), encoded TOKENIZE_CHUNK at a time.
 
-    While the packer consumes one chunk, the next is already read and being encoded on ENCODE_POOL
-    (the Rust tokenizer releases the GIL), so encoding overlaps with packing and sending.
+    Chunks are encoded on ENCODE_POOL (the Rust tokenizer releases the GIL) one at a time: the next chunk
+    is read while the current one encodes and submitted the moment it is done, so encoding overlaps with
+    reading, packing and sending and the tokenizer never waits for Python.
     """
 
     def __init__(self, upstream: BlockShuffle, encoder: Encoder, *, with_prompts: bool,
@@ -47,7 +52,7 @@ class TokenizedSamples:
         self.on_encoded = on_encoded
         self.buffer: list[tuple[State, Encoded]] = []
         self.index = 0
-        self.ahead: tuple[list[State], list[Sample], Future[list[Encoded]]] | None = None
+        self.ahead: Chunk | None = None  # the next chunk, encoding
 
     def __iter__(self) -> TokenizedSamples:
         return self
@@ -58,7 +63,8 @@ class TokenizedSamples:
         self.index += 1
         return self.buffer[self.index - 1][1]
 
-    def _read_ahead(self) -> tuple[list[State], list[Sample], Future[list[Encoded]]]:
+    def _read(self) -> tuple[list[State], list[Sample]]:
+        """The next chunk of samples, each with the order's state right before it."""
         states, samples = [], []
         for _ in range(TOKENIZE_CHUNK):
             state = self.upstream.get_state()
@@ -67,17 +73,22 @@ class TokenizedSamples:
             except StopIteration:
                 break
             states.append(state)
-        return states, samples, ENCODE_POOL.submit(self.encoder.encode, samples, self.with_prompts)
+        return states, samples
+
+    def _encode(self, chunk: tuple[list[State], list[Sample]]) -> Chunk:
+        return chunk[0], chunk[1], ENCODE_POOL.submit(self.encoder.encode, chunk[1], self.with_prompts)
 
     def _fill(self) -> None:
-        states, samples, future = self.ahead or self._read_ahead()
+        states, samples, future = self.ahead or self._encode(self._read())
+        # one chunk encodes at a time (a second would slow the first batch down); the next is read meanwhile
+        # and submitted the moment this one is done, so the tokenizer never waits for Python
+        following = self._read() if samples else None
         encoded = future.result()
+        self.ahead = None if following is None else self._encode(following)
         if not samples:
-            self.ahead = None
             raise StopIteration
         self.on_encoded(samples, encoded)
         self.buffer, self.index = list(zip(states, encoded, strict=True)), 0
-        self.ahead = self._read_ahead()
 
     def get_state(self) -> State:
         """The order's state right before the next sample."""

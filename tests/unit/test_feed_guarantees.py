@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sigil_feed.server import pack
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
@@ -24,6 +27,14 @@ from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_tokenize_chunks() -> Iterator[None]:
+    """Streaming mode encodes in chunks of 3 here, so that every property crosses chunk boundaries."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pack, "TOKENIZE_CHUNK", 3)
+        yield
 
 
 @cache
