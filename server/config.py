@@ -69,6 +69,7 @@ class DatasetSection(BaseModel):
     completion_only: bool = False
     on_bad_record: Literal["skip", "fail"] = "skip"
     shuffle_block: PositiveInt = 4096
+    shuffle_block_chars: PositiveInt = 16 << 20  # streaming: a block also ends at this much text
     epochs: int | None = Field(default=None, ge=1)  # None: forever
     remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
 

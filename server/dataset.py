@@ -37,7 +37,7 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
                     "prefer_idiomatic", "prefer_documented", "idiomatic_quality_ratio", "shuffle_seed",
                     "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "splits",
                     "legacy_filters", "chat_template", "completion_only")
-ORDER_SETTINGS = ("use_cache", "shuffle_block", "remainder")
+ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder")
 
 
 def default_cache_dir() -> Path:
@@ -170,8 +170,8 @@ class ServedDataset:
                                 seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                 pad_id=self.facts.pad_id, remainder=section.remainder, max_batches=max_batches)
         block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
-        order_stage = BlockShuffle(self.mix(), block_size=block, seed=section.shuffle_seed, epoch=epoch, rank=rank,
-                                   world_size=world_size)
+        order_stage = BlockShuffle(self.mix(), block_size=block, block_chars=section.shuffle_block_chars,
+                                   seed=section.shuffle_seed, epoch=epoch, rank=rank, world_size=world_size)
         samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
                                    on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,

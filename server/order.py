@@ -1,6 +1,8 @@
-"""Epoch order for streaming mode: fixed-size blocks, each permuted by (seed, epoch, block), dealt to ranks.
+"""Epoch order for streaming mode: bounded blocks, each permuted by (seed, epoch, block), dealt to ranks.
 
-A block of `block_size` consecutive samples from the mix is read, permuted with a seed derived from
+A block of `block_size` consecutive samples from the mix (fewer when they reach `block_chars` of text,
+so that memory stays bounded whatever the file sizes; still a multiple of the world size) is read,
+permuted with a seed derived from
 (seed, epoch, block index) when a seed is set, and rank r of w takes positions r, r+w, r+2w, ... of
 the permuted block. Every rank reads every block and keeps only its share, so the ranks' shares are
 disjoint and together exactly the epoch's samples. The state is (block index, the mix's state at the
@@ -19,9 +21,10 @@ from .stage import State
 class BlockShuffle:
     """This rank's share of each permuted block of the mix."""
 
-    def __init__(self, upstream: Mixer, *, block_size: int, seed: int | None, epoch: int,
+    def __init__(self, upstream: Mixer, *, block_size: int, block_chars: int, seed: int | None, epoch: int,
                  rank: int, world_size: int) -> None:
-        self.upstream, self.block_size, self.seed, self.epoch = upstream, block_size, seed, epoch
+        self.upstream, self.block_size, self.block_chars = upstream, block_size, block_chars
+        self.seed, self.epoch = seed, epoch
         self.rank, self.world_size = rank, world_size
         self.block = -1
         self.block_start: State = upstream.get_state()
@@ -43,10 +46,12 @@ class BlockShuffle:
     def _read_block(self) -> None:
         self.block += 1
         self.block_start = self.upstream.get_state()
-        samples = []
+        samples, chars = [], 0
         for sample in self.upstream:
             samples.append(sample)
-            if len(samples) == self.block_size:
+            chars += len(sample.text)
+            if len(samples) == self.block_size or (chars >= self.block_chars and
+                                                   len(samples) % self.world_size == 0):
                 break
         else:
             self.finished = True

@@ -19,7 +19,9 @@ from .samples import Sample
 from .stage import Stage, State
 from .tokenize import Encoded, Encoder
 
-TOKENIZE_CHUNK = 256
+TOKENIZE_CHUNK = 256  # samples encoded per call, at most ...
+TOKENIZE_CHUNK_CHARS = 1 << 20  # ... and about this much text: the tokenizer's working memory grows with it, so
+# a bound on characters (not only samples) keeps peak memory independent of how large the biggest files are
 ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 
 
@@ -39,7 +41,8 @@ class Rows:
 
 
 class TokenizedSamples:
-    """The rank's samples as token ids (streaming mode), encoded TOKENIZE_CHUNK at a time.
+    """The rank's samples as token ids (streaming mode), encoded a chunk at a time (TOKENIZE_CHUNK samples or
+    TOKENIZE_CHUNK_CHARS of text, whichever comes first).
 
     Chunks are encoded on ENCODE_POOL (the Rust tokenizer releases the GIL) one at a time: the next chunk
     is read while the current one encodes and submitted the moment it is done, so encoding overlaps with
@@ -65,14 +68,15 @@ class TokenizedSamples:
 
     def _read(self) -> tuple[list[State], list[Sample]]:
         """The next chunk of samples, each with the order's state right before it."""
-        states, samples = [], []
-        for _ in range(TOKENIZE_CHUNK):
+        states, samples, chars = [], [], 0
+        while len(samples) < TOKENIZE_CHUNK and chars < TOKENIZE_CHUNK_CHARS:
             state = self.upstream.get_state()
             try:
                 samples.append(next(self.upstream))
             except StopIteration:
                 break
             states.append(state)
+            chars += len(samples[-1].text)
         return states, samples
 
     def _encode(self, chunk: tuple[list[State], list[Sample]]) -> Chunk:

@@ -98,25 +98,39 @@ def test_weighted_mix_is_seeded_and_follows_weights() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 60), block=st.integers(1, 16), world=st.integers(1, 4), seed=st.none() | st.integers(0, 9))
-def test_ranks_partition_the_epoch(n: int, block: int, world: int, seed: int | None) -> None:
+@given(n=st.integers(0, 60), block=st.integers(1, 16), chars=st.integers(1, 80), world=st.integers(1, 4),
+       seed=st.none() | st.integers(0, 9))
+def test_ranks_partition_the_epoch(n: int, block: int, chars: int, world: int, seed: int | None) -> None:
+    size = -(-block // world) * world  # as the server rounds it: every block but the last splits evenly
     shares = []
     for rank in range(world):
-        order = BlockShuffle(mix("sequential", sizes=(n,)), block_size=block, seed=seed, epoch=0,
-                             rank=rank, world_size=world)
+        order = BlockShuffle(mix("sequential", sizes=(n,)), block_size=size, block_chars=chars, seed=seed,
+                             epoch=0, rank=rank, world_size=world)
         shares.append(names(list(order)))
     union = [name for share in shares for name in share]
     assert sorted(union) == sorted(f"a{i}" for i in range(n))
-    assert max(map(len, shares)) - min(map(len, shares)) <= -(-n // block)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_blocks_end_at_the_character_bound() -> None:
+    """However large the samples, a block holds about block_chars of text: memory stays bounded."""
+    def blocks(block_chars: int) -> int:
+        order = BlockShuffle(mix("sequential", sizes=(40,)), block_size=1000, block_chars=block_chars, seed=1,
+                             epoch=0, rank=0, world_size=2)
+        for _ in order:
+            assert len(order.share) * 2 * 4 <= block_chars + 2 * 6  # samples of 4-6 characters
+        return order.block + 1
+
+    assert blocks(1 << 20) == 1 and blocks(40) >= 5
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 40), block=st.integers(1, 9), world=st.integers(1, 3), stop=st.integers(0, 40),
-       mode=st.sampled_from(["sequential", "round_robin", "weighted"]))
-def test_order_resumes_from_any_position(n: int, block: int, world: int, stop: int, mode: str) -> None:
+@given(n=st.integers(1, 40), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 3),
+       stop=st.integers(0, 40), mode=st.sampled_from(["sequential", "round_robin", "weighted"]))
+def test_order_resumes_from_any_position(n: int, block: int, chars: int, world: int, stop: int, mode: str) -> None:
     def order() -> BlockShuffle:
-        return BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, seed=3,
-                            epoch=1, rank=world - 1, world_size=world)
+        return BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, block_chars=chars,
+                            seed=3, epoch=1, rank=world - 1, world_size=world)
 
     full = names(list(order()))
     first = order()
@@ -129,7 +143,7 @@ def test_order_resumes_from_any_position(n: int, block: int, world: int, stop: i
 
 def test_epochs_reshuffle() -> None:
     def epoch(e: int) -> list[str]:
-        return names(list(BlockShuffle(mix("sequential", sizes=(50,)), block_size=50, seed=0, epoch=e,
-                                       rank=0, world_size=1)))
+        return names(list(BlockShuffle(mix("sequential", sizes=(50,)), block_size=50, block_chars=1 << 20, seed=0,
+                                       epoch=e, rank=0, world_size=1)))
 
     assert epoch(0) != epoch(1) and sorted(epoch(0)) == sorted(epoch(1)) and epoch(1) == epoch(1)
