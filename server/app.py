@@ -18,7 +18,6 @@ from .config import FeedConfig, ServerSection
 from .dataset import ServedDataset, open_datasets
 from .errors import ConfigError
 from .interceptor import ErrorInterceptor
-from .malloc import cap_malloc_arenas
 from .metrics import RpcStatuses, serve_metrics
 from .security import TokenInterceptor, load_token, server_credentials
 from .service import DataFeedService
@@ -149,7 +148,6 @@ def resolve_listen(config: FeedConfig, *, host: str, port: int, metrics_port: in
 
 def run(config: FeedConfig, listen: Listen) -> int:
     """Load the datasets, then serve on uvloop when available."""
-    cap_malloc_arenas()
     datasets = load_datasets(config)
     try:
         import uvloop
