@@ -19,9 +19,11 @@ from .samples import Sample
 from .stage import Stage, State
 from .tokenize import Encoded, Encoder
 
-TOKENIZE_CHUNK = 256  # samples encoded per call, at most ...
-TOKENIZE_CHUNK_CHARS = 1 << 20  # ... and about this much text: the tokenizer's working memory grows with it, so
-# a bound on characters (not only samples) keeps peak memory independent of how large the biggest files are
+# A chunk encoded in one call ends at TOKENIZE_CHUNK samples or once it holds TOKENIZE_CHUNK_CHARS of text:
+# the tokenizer's working memory grows with the text, so the character bound keeps peak memory independent
+# of how large the biggest files are.
+TOKENIZE_CHUNK = 256
+TOKENIZE_CHUNK_CHARS = 1 << 20
 ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 
 

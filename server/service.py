@@ -228,8 +228,9 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         upcoming = self._produce(loop, produce, 1)
         while True:
             produced = await upcoming
-            # the next batches are made while these go out: as many as the client has credit for, so a
-            # worker-thread hop is shared by several batches and a stalled client holds at most its credits
+            # the next batches (on a worker thread, they are made while these go out): as many as the client
+            # has credit for, so a worker-thread hop is shared by several batches and a stalled client holds
+            # at most its credits
             ahead = max(1, min(stream.credits.available - len(produced), MAX_AHEAD))
             upcoming = self._produce(loop, produce, ahead)
             for item, response in produced:

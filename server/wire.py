@@ -15,9 +15,9 @@ from .pack import Rows
 
 Buffer = bytes | memoryview
 
-_RESPONSE_BATCH = 2  # StreamResponse.batch
-_BATCH_TENSORS = 3  # Batch.tensors
-_TENSOR_DATA = 4  # Tensor.data
+_RESPONSE_BATCH = feed_pb2.StreamResponse.DESCRIPTOR.fields_by_name["batch"].number
+_BATCH_TENSORS = feed_pb2.Batch.DESCRIPTOR.fields_by_name["tensors"].number
+_TENSOR_DATA = feed_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:

@@ -24,7 +24,7 @@ class CachedPacker(EpochBatches):
         share = order[rank::world_size]
         if not len(share) and max_batches:  # fewer samples than ranks: pad an empty share from the whole epoch
             share = order
-        self.tokens, self.starts = np.asarray(store.tokens), store.offsets[share]  # plain view: fast take
+        self.tokens, self.starts = np.asarray(store.tokens), store.offsets[share]  # plain ndarray: cheap slices
         self.lengths = store.lengths[share].astype(np.int64)
         self.prompts = store.prompt_tokens[share] if completion_only else None
         self.cum = np.concatenate(([0], np.cumsum(self.lengths)))  # where each sample starts in the stream
@@ -50,11 +50,11 @@ class CachedPacker(EpochBatches):
             a = start % total
             b = a + min(stop - start, total - a)
             first, last = np.searchsorted(self.cum, [a, b - 1], side="right") - 1
-            sample = np.arange(first, last + 1)
-            lo = np.maximum(self.cum[first:last + 1], a)
-            samples.append(sample)
-            offsets.append(lo - self.cum[first:last + 1])
-            counts.append(np.minimum(self.cum[first + 1:last + 2], b) - lo)
+            begins, ends = self.cum[first:last + 1], self.cum[first + 1:last + 2]
+            lo = np.maximum(begins, a)
+            samples.append(np.arange(first, last + 1))
+            offsets.append(lo - begins)
+            counts.append(np.minimum(ends, b) - lo)
             start += b - a
         return np.concatenate(samples), np.concatenate(offsets), np.concatenate(counts)
 

@@ -23,6 +23,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed, FeedItem
+from sigil_feed.server.order import BlockShuffle
 from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair
 
@@ -146,3 +147,18 @@ def test_same_config_gives_identical_batches_and_epochs_differ(tmp_path: Path) -
         assert run_a == run_b
         epochs = [[i.rows.input_ids.tolist() for i in epoch_items(feed(a, 0, 1, 2), e)] for e in (0, 1)]
         assert epochs[0] != epochs[1]
+
+
+def test_tokenize_chunks_end_at_the_character_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of long samples holds about TOKENIZE_CHUNK_CHARS of text, however many samples it may hold."""
+    dataset = make_dataset(tmp_path, 30, cached=False)
+    longest = max(len(s.text) for s in dataset.mix())
+    monkeypatch.setattr(pack, "TOKENIZE_CHUNK", 1000)
+    monkeypatch.setattr(pack, "TOKENIZE_CHUNK_CHARS", 2 * longest)
+    chunks: list[int] = []
+    order = BlockShuffle(dataset.mix(), block_size=64, block_chars=1 << 20, seed=None, epoch=0, rank=0,
+                         world_size=1)
+    samples = pack.TokenizedSamples(order, encoder(), with_prompts=False,
+                                    on_encoded=lambda chunk, _: chunks.append(sum(len(s.text) for s in chunk)))
+    assert len(list(samples)) == 30
+    assert len(chunks) > 1 and all(size < 3 * longest for size in chunks)
