@@ -103,7 +103,12 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_streams: PositiveInt = 64  # open streams at once; more are RESOURCE_EXHAUSTED
+    max_streams: PositiveInt = 64  # streams at once, counted from the first byte (before Open); more are
+    # RESOURCE_EXHAUSTED
+    max_streams_per_peer: PositiveInt = 32  # streams at once from one client address (IP, any port)
+    open_timeout_s: PositiveFloat = 10.0  # a stream must send its Open within this long
+    idle_timeout_s: PositiveFloat = 120.0  # a stream granting no credit for this long is ended (UNAVAILABLE:
+    # the client resumes from its last cursor when it wants more)
     max_credits: PositiveInt = 64  # batches one stream may have granted and not yet received
     max_batch_size: PositiveInt = 1024
     max_seq_len: PositiveInt = 32_768
@@ -180,6 +185,7 @@ class ServerSection(BaseModel):
     tls: TlsSection | None = None  # None: plaintext (a sidecar on its pod's loopback)
     auth: AuthSection | None = None  # None: no token required
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # Prometheus /metrics; None: off, 0: a free port
+    cursor_secret_env: str | None = None  # the environment variable holding the key that signs cursors
 
 
 class DatasetConfig(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache.pack import CachedPacker
-from .cursor import Cursor
+from .cursor import Cursor, refused
 from .dataset import ServedDataset
 from .pack import Packer, Rows
 
@@ -23,16 +23,20 @@ class Feed:
     """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor or at epoch 0."""
 
     def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
-                 seq_len: int, start: Cursor | None) -> None:
+                 seq_len: int, start: Cursor | None, secret: bytes = b"") -> None:
         dataset.wait_ready()
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.dataset, self.rank, self.world_size, self.secret = dataset, rank, world_size, secret
         self.batch_size, self.seq_len = batch_size, seq_len
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
         if start is not None and start.state is not None:
             self.packer = self._open_epoch()
-            self.packer.set_state(start.state)
+            try:
+                self.packer.set_state(start.state)
+            except (KeyError, IndexError, ValueError, TypeError, StopIteration):
+                raise refused("its position does not exist in this dataset (a state of another mode or "
+                              "source list)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
@@ -40,7 +44,7 @@ class Feed:
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = None if packer is None else packer.get_state()
-        return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode()
+        return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:

@@ -56,6 +56,13 @@ def _guard(behaviour: Handler, parse: Parse | None, streaming: bool, method: str
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except grpc.aio.InternalError:
+            # gRPC core failed a read or write of this call: the client cancelled or vanished while it was under
+            # way, before gRPC cancelled this handler. Nothing reaches the client any more: end as gRPC does for
+            # a cancel (the service logs the closed stream), not as an internal error.
+            code = grpc.StatusCode.CANCELLED
+            log.debug("%s: the call was cancelled under an operation", method)
+            raise asyncio.CancelledError from None
         except Exception as err:  # the one place that maps every failure to a status
             code, message = _status_of(err)
             await context.abort(code, message)

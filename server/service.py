@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ..protos import feed_pb2, feed_pb2_grpc
+from .admission import Admission
 from .config import Limits
 from .cursor import decode_cursor
 from .dataset import ServedDataset
@@ -28,6 +29,9 @@ MAX_TEXT = 256
 
 
 MAX_AHEAD = 4  # most batches made in one worker-thread call
+INLINE_TOKENS = 1 << 16
+"""Most tokens cut on the event loop per turn (about 1 ms); bigger cached batches are cut on a worker thread,
+so one client's big batches never stall the others' small ones."""
 
 Produced = tuple[FeedItem | None, feed_pb2.StreamResponse | bytes | None]
 """A feed item with its response (a batch already encoded); item None: the stream has ended."""
@@ -36,13 +40,13 @@ Produced = tuple[FeedItem | None, feed_pb2.StreamResponse | bytes | None]
 class Credits:
     """Batches a stream may still send, refilled by the client's Credit messages; knows its oldest unmet grant."""
 
-    def __init__(self, initial: int, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, initial: int, limit: int, idle_s: float | None = None) -> None:
+        self.limit, self.idle_s = limit, idle_s
         self.available = 0
         self.grants: deque[list[float]] = deque()  # [granted at, credits left], oldest first
         self.closed = False  # the client will send no more credits
         self.draining = False  # the server is shutting down: serve what is granted, accept no more
-        self.error: RequestError | None = None
+        self.error: Exception | None = None  # a client error, or gRPC's failure to read the call
         self.changed = asyncio.Condition()
         self._grant(initial)
 
@@ -70,8 +74,8 @@ class Credits:
                 self._grant(credits)
             self.changed.notify_all()
 
-    async def fail(self, error: RequestError) -> None:
-        """End the stream with this client error."""
+    async def fail(self, error: Exception) -> None:
+        """End the stream with this error."""
         async with self.changed:
             self.error = error
             self.changed.notify_all()
@@ -89,9 +93,16 @@ class Credits:
             self.changed.notify_all()
 
     async def take(self) -> bool:
-        """Wait for one credit and use it; False when none can ever come (UNAVAILABLE when draining)."""
+        """Wait for one credit and use it; False when none can ever come (UNAVAILABLE when draining, or when
+        none was granted for `idle_s`)."""
         async with self.changed:
-            await self.changed.wait_for(lambda: self.available > 0 or self.closed or self.draining or self.error)
+            try:
+                await asyncio.wait_for(self.changed.wait_for(
+                    lambda: self.available > 0 or self.closed or self.draining or self.error), self.idle_s)
+            except TimeoutError:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                   f"no credit granted for {self.idle_s:g} s (server.limits.idle_timeout_s): the "
+                                   "stream was closed to free its place; resume from the last cursor") from None
             if self.error:
                 raise self.error
             if self.available == 0:
@@ -133,8 +144,11 @@ def _check_text(field: str, value: str) -> None:
 class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     """Thin servicer: request checks here, data work in Feed (on the executor), errors in the interceptor."""
 
-    def __init__(self, datasets: dict[str, ServedDataset], limits: Limits, executor: Executor) -> None:
+    def __init__(self, datasets: dict[str, ServedDataset], limits: Limits, executor: Executor,
+                 cursor_secret: bytes = b"") -> None:
         self.datasets, self.limits, self.executor = datasets, limits, executor
+        self.cursor_secret = cursor_secret
+        self.admission = Admission(limits)
         self.streams: dict[int, OpenStream] = {}
         self.opened: Counter[str] = Counter()  # streams opened, by dataset
         self.closed: Counter[str] = Counter()
@@ -170,30 +184,41 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         if len(request.cursor) > limits.max_cursor_kb << 10:
             raise invalid("open.cursor", f"{len(request.cursor)} bytes exceeds the limit {limits.max_cursor_kb} KB")
         _check_text("open.client_id", request.client_id)
-        if len(self.streams) >= limits.max_streams:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{limits.max_streams} streams already open (server.limits.max_streams)")
         return dataset, world, seq_len
 
-    async def Stream(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
-                     context: grpc.aio.ServicerContext) -> None:
-        """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
-        first = await anext(aiter(request_iterator), None)
+    async def _first(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest]) -> feed_pb2.Open:
+        """The stream's Open, which must come first and within `open_timeout_s`."""
+        timeout = self.limits.open_timeout_s
+        try:
+            first = await asyncio.wait_for(anext(aiter(request_iterator), None), timeout)
+        except TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"open: no Open message within {timeout:g} s "
+                                                                  "(server.limits.open_timeout_s)") from None
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect elsewhere")
         if first is None or not first.HasField("open"):
             raise invalid("open", "the first message of a stream must be an Open")
-        request = first.open
+        return first.open
+
+    async def Stream(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
+                     context: grpc.aio.ServicerContext) -> None:
+        """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
+        peer = context.peer()
+        with self.admission.slot(peer):  # counted from here, Open or not
+            await self._stream(peer, request_iterator, context)
+
+    async def _stream(self, peer: str, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
+                      context: grpc.aio.ServicerContext) -> None:
+        request = await self._first(request_iterator)
         dataset, world, seq_len = self._check_open(request)
         start = None
         if request.cursor:
             start = decode_cursor(request.cursor, fingerprint=dataset.fingerprint, rank=request.rank,
-                                  world_size=world)
-        peer = context.peer()
+                                  world_size=world, secret=self.cursor_secret)
         stream = OpenStream(dataset.name, ClientStream(peer, request.client_id, request.rank, world),
-                            Credits(request.credits, self.limits.max_credits))
+                            Credits(request.credits, self.limits.max_credits, self.limits.idle_timeout_s))
         key = id(stream)
-        self.streams[key] = stream  # before any await, so that max_streams holds under concurrent opens
+        self.streams[key] = stream
         self.opened[dataset.name] += 1
         fields = {"peer": peer, "dataset": dataset.name, "rank": request.rank, "world_size": world,
                   "client_id": request.client_id}
@@ -201,7 +226,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             loop = asyncio.get_running_loop()
             feed = await loop.run_in_executor(self.executor, lambda: Feed(
                 dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
-                start=start))
+                start=start, secret=self.cursor_secret))
             stream.client.epoch = feed.epoch
             await context.write(feed_pb2.StreamResponse(
                 opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len)))
@@ -226,39 +251,45 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         produce = _Producer(feed, dataset.facts.vocab_size)
         client = stream.client
         upcoming = self._produce(loop, produce, 1)
-        while True:
-            produced = await upcoming
-            # the next batches (on a worker thread, they are made while these go out): as many as the client
-            # has credit for, so a worker-thread hop is shared by several batches and a stalled client holds
-            # at most its credits
-            ahead = max(1, min(stream.credits.available - len(produced), MAX_AHEAD))
-            upcoming = self._produce(loop, produce, ahead)
-            for item, response in produced:
-                if item is None:
-                    return
-                if item.rows is None:
+        try:
+            while True:
+                produced = await upcoming
+                # the next batches (on a worker thread, they are made while these go out): as many as the client
+                # has credit for, so a worker-thread hop is shared by several batches and a stalled client holds
+                # at most its credits
+                ahead = max(1, min(stream.credits.available - len(produced), MAX_AHEAD))
+                upcoming = self._produce(loop, produce, ahead)
+                for item, response in produced:
+                    if item is None:
+                        return
+                    if item.rows is None:
+                        await context.write(response)
+                        client.epoch = item.epoch + 1
+                        continue
+                    if not await stream.credits.take():
+                        return
                     await context.write(response)
-                    client.epoch = item.epoch + 1
-                    continue
-                if not await stream.credits.take():
-                    return
-                await context.write(response)
-                client.batches += 1
-                client.tokens += item.rows.tokens
-                client.epoch = item.epoch
-                dataset.throughput.add(item.rows.tokens)
-                stream.throughput.add(item.rows.tokens)
+                    client.batches += 1
+                    client.tokens += item.rows.tokens
+                    client.epoch = item.epoch
+                    dataset.throughput.add(item.rows.tokens)
+                    stream.throughput.add(item.rows.tokens)
+        finally:
+            upcoming.cancel()  # batches being made for a stream that ended are dropped, errors included
 
     def _produce(self, loop: asyncio.AbstractEventLoop, produce: _Producer,
                  count: int) -> asyncio.Future[list[Produced]]:
-        """The stream's next batches. Inside an open cached epoch they are made right here: a batch is a few
-        hundred microseconds of numpy over the memory map, less than a hop to a worker thread and back costs
-        (measured: 1.1k vs 1.8k batches/s of 8x2048). Whatever may block (streaming reads and tokenization,
-        opening an epoch, which permutes the whole store) runs on a worker thread."""
-        if not produce.feed.in_cached_epoch:
+        """The stream's next batches. Small batches inside an open cached epoch are made right here, at most
+        INLINE_TOKENS per call: such a batch is a few hundred microseconds of numpy over the memory map, less than
+        a hop to a worker thread and back costs (measured: 1.1k vs 1.8k batches/s of 8x2048). Whatever may block
+        or take longer (bigger batches, streaming reads and tokenization, opening an epoch, which permutes the
+        whole store) runs on a worker thread, so the event loop's time per batch stays bounded."""
+        feed = produce.feed
+        tokens = feed.batch_size * feed.seq_len
+        if not feed.in_cached_epoch or tokens > INLINE_TOKENS:
             return loop.run_in_executor(self.executor, produce, count)
         made: asyncio.Future[list[Produced]] = loop.create_future()
-        made.set_result(produce(count))
+        made.set_result(produce(max(1, min(count, INLINE_TOKENS // tokens))))
         return made
 
     @staticmethod
@@ -268,7 +299,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 if not request.HasField("credit"):
                     raise invalid("credit", "after Open a stream only takes Credit messages")
                 await credits.add(request.credit.credits)
-        except RequestError as err:
+        except (RequestError, grpc.aio.InternalError) as err:  # InternalError: the call broke (client gone)
             await credits.fail(err)
             return
         await credits.close()

@@ -16,8 +16,9 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
 from tests.integration.conftest import feed_config, open_request, stream_status
+from tests.integration.test_observability import sample, scrape
 
 BIG = {"batch_size": 100, "seq_len": 4096}
 """Padded rows: 100 x 4096 uint16 ids, about 800 KB a batch, so a few fill HTTP/2's flow-control windows."""
@@ -172,3 +173,34 @@ def test_a_vanished_client_is_dropped_by_keepalive_and_leaves_stats(tmp_path: Pa
     finally:
         proxy.close()
     assert any("stream closed" in line and "rank=0 batches=1" in line for line in server.output)
+
+
+def test_clients_cancelling_mid_batch_are_cancelled_not_internal_errors(tmp_path: Path, start_server) -> None:
+    write_jsonl(tmp_path / "pairs.jsonl", [rust_pair(i) for i in range(2000)])
+    config = write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "cache_dir": str(tmp_path)},
+                          server={"limits": {"max_seq_len": 8192}})
+    server = start_server(config, "--metrics-port", "0")
+    cancels = 40
+
+    def cancel_mid_batch(count: int) -> None:
+        with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            for _ in range(count):
+                call = feed_pb2_grpc.DataFeedStub(channel).Stream(
+                    iter([open_request(batch_size=1024, seq_len=8192, credits=8)]), timeout=60)
+                assert next(call).HasField("opened") and next(call).HasField("batch")
+                call.cancel()  # while the next 16 MB batches are on their way
+
+    threads = [threading.Thread(target=cancel_mid_batch, args=(cancels // 8,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    stream = "/sigil_feed.v1.DataFeed/Stream"
+    assert wait_for(lambda: sum(v for (n, ls), v in scrape(server).items()
+                                if n == "sigil_feed_rpcs_total" and ("method", stream) in ls) == cancels)
+    metrics = scrape(server)
+    codes = {dict(ls)["code"]: v for (n, ls), v in metrics.items() if n == "sigil_feed_rpcs_total"}
+    assert "INTERNAL" not in codes and sample(metrics, "sigil_feed_rpcs_total", method=stream, code="CANCELLED") > 0
+    log = "".join(server.output)
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    assert log.count("stream closed") == cancels

@@ -1,0 +1,57 @@
+"""The error interceptor's mapping of failures to status codes, one RPC at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from grpc._cython import cygrpc
+
+from sigil_feed.server.errors import RequestError
+from sigil_feed.server.interceptor import _guard
+
+
+class Context:
+    """The few ServicerContext calls the interceptor makes, recorded."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError("aborted")
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.aborted[0] if self.aborted else None
+
+
+def outcome(error: BaseException) -> tuple[type[BaseException], grpc.StatusCode, Context]:
+    """The exception the guarded handler ends with, the status it reported and the context."""
+    statuses: list[grpc.StatusCode] = []
+
+    async def behaviour(request: Any, context: Any) -> None:
+        raise error
+
+    context = Context()
+    guarded = _guard(behaviour, None, False, "/m", lambda method, code: statuses.append(code))
+    with pytest.raises(BaseException) as raised:
+        asyncio.run(guarded(b"", context))  # type: ignore[arg-type]
+    return raised.type, statuses[0], context
+
+
+def test_a_write_failing_because_the_client_left_is_cancelled_not_internal() -> None:
+    # gRPC core fails a write when the client cancelled under it, before it cancels the handler
+    kind, code, context = outcome(cygrpc.ExecuteBatchError('Failed "execute_batch"'))
+    assert (kind, code, context.aborted) == (asyncio.CancelledError, grpc.StatusCode.CANCELLED, None)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (RequestError(grpc.StatusCode.NOT_FOUND, "x"), grpc.StatusCode.NOT_FOUND),
+    (ValueError("boom"), grpc.StatusCode.INTERNAL),
+])
+def test_other_failures_are_sent_as_their_status(error: Exception, code: grpc.StatusCode) -> None:
+    kind, reported, context = outcome(error)
+    assert kind is grpc.aio.AbortError and reported == code and context.aborted is not None
+    assert context.aborted[0] == code
