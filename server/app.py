@@ -19,7 +19,7 @@ from .dataset import ServedDataset, open_datasets
 from .errors import ConfigError
 from .interceptor import ErrorInterceptor
 from .metrics import RpcStatuses, serve_metrics
-from .security import TokenInterceptor, load_token, server_credentials
+from .security import TokenInterceptor, load_cursor_secret, load_token, server_credentials
 from .service import DataFeedService
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,14 @@ def load_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
 
 @dataclass(frozen=True)
 class Listen:
-    """Where and how the server listens: gRPC address, metrics port, TLS and token (all resolved)."""
+    """Where and how the server listens: gRPC address, metrics port, TLS, token and cursor key (all resolved)."""
 
     host: str
     port: int
     metrics_port: int | None
     credentials: grpc.ServerCredentials | None
     token: str | None
+    cursor_secret: bytes = b""
 
 
 def _options(section: ServerSection) -> list[tuple[str, int]]:
@@ -82,7 +83,7 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
         interceptors.append(TokenInterceptor(listen.token))
     server = grpc.aio.server(interceptors=interceptors, options=_options(section))
     executor = ThreadPoolExecutor(max_workers=min(section.limits.max_streams, 32), thread_name_prefix="feed")
-    service = DataFeedService(datasets, section.limits, executor)
+    service = DataFeedService(datasets, section.limits, executor, listen.cursor_secret)
     feed_pb2_grpc.add_DataFeedServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,11 +140,13 @@ async def _shut_down(server: grpc.aio.Server, service: DataFeedService, health_s
 
 
 def resolve_listen(config: FeedConfig, *, host: str, port: int, metrics_port: int | None) -> Listen:
-    """Read the TLS files and the token now, so that a bad setting stops the start before datasets load."""
+    """Read the TLS files, the token and the cursor secret now, so that a bad setting stops the start before
+    datasets load."""
     section = config.server
     credentials = server_credentials(section.tls, config.file) if section.tls else None
     token = load_token(section.auth, config.file) if section.auth else None
-    return Listen(host, port, metrics_port, credentials, token)
+    return Listen(host, port, metrics_port, credentials, token,
+                  load_cursor_secret(section.cursor_secret_env, config.file))
 
 
 def run(config: FeedConfig, listen: Listen) -> int:

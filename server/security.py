@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 """Health checks need no token: probes (kubelet, HEALTHCHECK) carry none."""
 
 
-def _read(path_text: str, key: str, config_file: str) -> bytes:
+def _path(path_text: str, config_file: str) -> Path:
     path = Path(path_text)
-    if not path.is_absolute():
-        path = Path(config_file).parent / path
+    return path if path.is_absolute() else Path(config_file).parent / path
+
+
+def _read(path_text: str, key: str, config_file: str) -> bytes:
+    path = _path(path_text, config_file)
     try:
         return path.read_bytes()
     except OSError as err:
@@ -34,8 +38,33 @@ def server_credentials(tls: TlsSection, config_file: str) -> grpc.ServerCredenti
     chain = _read(tls.cert_file, "server.tls.cert_file", config_file)
     key = _read(tls.key_file, "server.tls.key_file", config_file)
     client_ca = _read(tls.client_ca_file, "server.tls.client_ca_file", config_file) if tls.client_ca_file else None
+    _check_pair(tls, config_file)
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def _check_pair(tls: TlsSection, config_file: str) -> None:
+    """A TLS error naming both files when the key is not the certificate's (or either is not PEM): gRPC would
+    only fail later, at listen time, with no word of TLS."""
+    cert, key = _path(tls.cert_file, config_file), _path(tls.key_file, config_file)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as err:
+        raise ConfigError(f"TLS: the certificate {cert} and the key {key} do not make a key pair "
+                          f"({getattr(err, 'reason', None) or err})", key="server.tls", file=config_file,
+                          fix="point cert_file and key_file at a certificate and its own private key (PEM)") \
+            from None
+
+
+def load_cursor_secret(name: str | None, config_file: str) -> bytes:
+    """The key that signs cursors, from the variable named by `server.cursor_secret_env` (empty when unset)."""
+    if name is None:
+        return b""
+    secret = os.environ.get(name, "").strip()
+    if not secret:
+        raise ConfigError(f"the environment variable {name} is not set or empty", key="server.cursor_secret_env",
+                          file=config_file, fix=f"export {name}=<a long random string, the same on every restart>")
+    return secret.encode()
 
 
 def load_token(auth: AuthSection, config_file: str) -> str:

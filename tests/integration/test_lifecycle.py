@@ -113,11 +113,13 @@ def test_stalled_readers_cost_no_more_than_their_credits(tmp_path: Path, start_s
 
 
 class FreezingProxy:
-    """A TCP relay that can go silent without closing anything, like a peer whose host vanished."""
+    """A TCP relay that can go silent without closing anything, like a peer whose host vanished; it may connect from
+    another loopback address, a second client host."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, source: str | None = None) -> None:
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
+        self.source = None if source is None else (source, 0)  # the address it connects from
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.frozen = threading.Event()
@@ -131,7 +133,7 @@ class FreezingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            server = socket.create_connection(self.upstream, source_address=self.source)
             self.sockets += [client, server]
             for src, dst in ((client, server), (server, client)):
                 threading.Thread(target=self._relay, args=(src, dst), daemon=True).start()

@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from sigil_feed.client.stream import BatchStream, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from sigil_feed.server.cursor import TAG_BYTES, Cursor
 from tests.conftest import ServerProcess
 from tests.integration.conftest import feed_config, open_request, stream_status
+from tests.integration.test_lifecycle import FreezingProxy
+from tests.unit.test_cursor import body, signed
 
 LIMITS = {"max_streams": 3, "max_credits": 4, "max_batch_size": 64, "max_seq_len": 4096, "max_message_mb": 1,
           "max_world_size": 16, "max_cursor_kb": 1}
@@ -97,11 +100,12 @@ def test_a_request_larger_than_the_message_limit_is_refused(channel: grpc.Channe
 
 
 class HeldStream:
-    """A stream kept open with zero credits until closed."""
+    """A stream kept open with zero credits (or, `silent`, without ever sending Open) until closed."""
 
-    def __init__(self, stub: feed_pb2_grpc.DataFeedStub) -> None:
+    def __init__(self, stub: feed_pb2_grpc.DataFeedStub, silent: bool = False) -> None:
         self.requests: queue.SimpleQueue[feed_pb2.StreamRequest | None] = queue.SimpleQueue()
-        self.requests.put(open_request(batch_size=1, credits=0))
+        if not silent:
+            self.requests.put(open_request(batch_size=1, credits=0))
         self.call = stub.Stream(iter(self.requests.get, None), timeout=60)
 
     def first(self) -> feed_pb2.StreamResponse | grpc.StatusCode:
@@ -110,6 +114,15 @@ class HeldStream:
             return next(self.call)
         except grpc.RpcError as err:
             return err.code()
+
+    def status(self) -> tuple[grpc.StatusCode, str]:
+        """The status that ends the stream, skipping its answers."""
+        try:
+            for _ in self.call:
+                pass
+        except grpc.RpcError as err:
+            return err.code(), err.details() or ""
+        return grpc.StatusCode.OK, ""
 
     def close(self) -> None:
         self.call.cancel()
@@ -171,6 +184,25 @@ SEQUENCES = st.one_of(st.lists(REQUESTS, max_size=4), st.tuples(VALID_OPENS, st.
     lambda t: [t[0], *t[1]]))
 
 
+def forged_cursors(stub: feed_pb2_grpc.DataFeedStub) -> list[bytes]:
+    """Cursors for this server's dataset that decompress, parse and carry a valid signature (the server has no
+    cursor secret) but hold a wrong state, plus ones with a bad signature."""
+    fp = stub.ListDatasets(feed_pb2.ListDatasetsRequest(), timeout=10).datasets[0].fingerprint
+    child = {"at": {"file": 0, "row": 0}, "skip": 0}
+    mix = {"turn": 0, "exhausted": [False], "done": False, "children": [child]}
+    packer = {"at": {"block": 0, "start": mix, "taken": 0}, "offset": 0, "batches": 0, "wraps": 0}
+    bodies = [{**b, "fp": fp} for b in (body(state={"pos": "abc"}), body(state={}), body(state=[1, 2]),
+                                        body(epoch=-1), body(epoch=2**40), body(state={"pos": 0, "batches": -1e9}),
+                                        body(state=None, world=0))]
+    bodies += [{}, [1, 2], {"fp": fp}]
+    states = [{"pos": 3, "batches": 1},  # a cached state, for this streaming dataset
+              {**packer, "at": {**packer["at"], "start": {**mix, "exhausted": [False] * 2, "children": [child] * 2}}},
+              {**packer, "at": {**packer["at"], "start": {**mix, "turn": -1}}}]
+    good = Cursor(fp, 0, 1, 0, packer).encode()
+    return ([signed(b) for b in bodies] + [Cursor(fp, 0, 1, 0, s).encode() for s in states]
+            + [good[:1] + bytes(TAG_BYTES) + good[1 + TAG_BYTES:], Cursor(fp, 0, 1, 0, packer).encode(b"guess")])
+
+
 def test_fuzzed_requests_and_garbage_bytes_get_a_status_while_a_good_client_streams(server: ServerProcess,
                                                                                     channel: grpc.Channel) -> None:
     good = WellBehavedClient(server.target)
@@ -202,9 +234,89 @@ def test_fuzzed_requests_and_garbage_bytes_get_a_status_while_a_good_client_stre
         except grpc.RpcError as err:
             assert err.code() in EXPECTED_CODES, (err.code(), err.details())
 
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(forged_cursors(stub)), VALID_OPENS)
+    def forged(cursor: bytes, request: feed_pb2.StreamRequest) -> None:
+        request.open.cursor = cursor
+        code, details, _ = stream_status(stub, [request])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("cursor: "), (code, details)
+        assert "Error" not in details, details  # plain words, no Python exception text
+
     messages()
     garbage()
+    forged()
     during = good.batches
     good.stop.set()
     good.join(30)
     assert good.error is None and during > before, (good.error, before, during)
+
+
+GUARDED = {"max_streams": 4, "max_streams_per_peer": 2, "open_timeout_s": 1, "idle_timeout_s": 2}
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, module_server) -> ServerProcess:
+    """A server with short Open and idle timeouts and room for two streams per client address."""
+    return module_server(feed_config(tmp_path_factory.mktemp("guarded"), {"limits": GUARDED}))
+
+
+@pytest.fixture
+def second_host(guarded: ServerProcess) -> Iterator[grpc.Channel]:
+    """A channel to the server whose connections come from 127.0.0.2, another client address."""
+    proxy = FreezingProxy(guarded.target, source="127.0.0.2")
+    try:
+        with grpc.insecure_channel(proxy.target) as channel:
+            yield channel
+    finally:
+        proxy.close()
+
+
+def test_streams_that_never_send_open_are_counted_and_timed_out(guarded: ServerProcess) -> None:
+    with grpc.insecure_channel(guarded.target) as channel:
+        stub = feed_pb2_grpc.DataFeedStub(channel)
+        silent = [HeldStream(stub, silent=True) for _ in range(2)]
+        time.sleep(0.3)
+        assert HeldStream(stub).first() == EXHAUSTED  # the silent streams hold this address's two places
+        for s in silent:
+            code, details = s.status()
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no Open message within 1 s" in details
+        assert HeldStream(stub).first().HasField("opened")  # type: ignore[union-attr]
+
+
+def test_streams_are_capped_per_client_address_and_in_total(guarded: ServerProcess, second_host: grpc.Channel) -> None:
+    with grpc.insecure_channel(guarded.target) as channel:
+        here, there = feed_pb2_grpc.DataFeedStub(channel), feed_pb2_grpc.DataFeedStub(second_host)
+        held = [HeldStream(here, silent=True) for _ in range(2)]
+        time.sleep(0.3)
+        code, details, _ = stream_status(here, [open_request(batch_size=1)])
+        assert code == EXHAUSTED and "from 127.0.0.1 (server.limits.max_streams_per_peer)" in details
+        held += [HeldStream(there, silent=True) for _ in range(2)]  # another address still gets in
+        time.sleep(0.3)
+        code, details, _ = stream_status(there, [open_request(batch_size=1)])
+        assert code == EXHAUSTED and "4 streams already open (server.limits.max_streams)" in details
+        for h in held:
+            h.close()
+
+
+def test_a_stream_granting_no_credit_is_ended_after_the_idle_timeout(guarded: ServerProcess) -> None:
+    with grpc.insecure_channel(guarded.target) as channel:
+        idle = HeldStream(feed_pb2_grpc.DataFeedStub(channel))
+        assert idle.first().HasField("opened")  # type: ignore[union-attr]
+        code, details = idle.status()
+    assert code == grpc.StatusCode.UNAVAILABLE and "no credit granted for 2 s" in details
+    assert read_batches(guarded.target, pause_s=2.5) == read_batches(guarded.target, pause_s=0)
+
+
+def read_batches(target: str, pause_s: float) -> list[list[int]]:
+    """The first three batches' token ids, pausing after the first (a trainer that stops reading for a while)."""
+    out = []
+    with BatchStream(target, batch_size=2, prefetch=1) as stream:
+        for item in stream:
+            if isinstance(item, FeedBatch):
+                out.append(item.arrays["input_ids"].ravel().tolist())
+                if len(out) == 1:
+                    time.sleep(pause_s)  # long enough for the server to close the idle stream; the client resumes
+                if len(out) == 3:
+                    return out
+    return out
