@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sigil_feed.client.stream import BatchStream, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.integration.conftest import Pki, feed_config, open_request
+from tests.integration.conftest import Pki, feed_config, open_request, stream_status
 
 TOKEN = "s3cret-Token_0123456789"
 
@@ -130,3 +130,28 @@ def test_unreadable_certificate_stops_serve_with_exit_code_2(tmp_path: Path) -> 
     result = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "serve", "--port", "0", "--config",
                              str(config)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "server.tls.cert_file" in result.stderr and "missing.pem" in result.stderr
+
+
+def test_a_certificate_and_key_that_do_not_match_are_a_tls_error_naming_both(tmp_path: Path, pki: Pki) -> None:
+    config = feed_config(tmp_path, {"tls": {"cert_file": str(pki.server_cert), "key_file": str(pki.client_key)}})
+    result = cli("serve", "--port", "0", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "TLS" in result.stderr and str(pki.server_cert) in result.stderr and str(pki.client_key) in result.stderr
+    assert "free port" not in result.stderr
+
+
+def test_cursors_signed_with_the_configured_secret_resume_only_there(tmp_path: Path, start_server,
+                                                                     monkeypatch) -> None:
+    config = feed_config(tmp_path, {"cursor_secret_env": "SIGIL_TEST_CURSOR_SECRET"})
+    assert "SIGIL_TEST_CURSOR_SECRET" in cli("serve", "--port", "0", "--config", str(config)).stderr
+    monkeypatch.setenv("SIGIL_TEST_CURSOR_SECRET", "one secret")
+    first = start_server(config)
+    cursor = first_batch(first.target).cursor
+    assert first_batch(first.target, cursor=cursor).cursor != cursor  # resumes after it
+    first.stop()
+    monkeypatch.setenv("SIGIL_TEST_CURSOR_SECRET", "another secret")
+    second = start_server(config)
+    with grpc.insecure_channel(second.target) as channel:
+        code, details, _ = stream_status(feed_pb2_grpc.DataFeedStub(channel),
+                                         [open_request(batch_size=2, cursor=cursor)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "not made by this server" in details
