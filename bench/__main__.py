@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import build, cached, memory, mosaic, plot, startup, stream_mode
+from bench import build, cached, memory, mosaic, neighbour, plot, startup, stream_mode
 from bench.common import BENCH_DIR, Metric, Work, find_corpus, make_tokenizer_dir, skipped, subset_jsonl, write_config
 
 QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
@@ -27,7 +27,8 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_tokenizer_li
            "client_cpu_vs_inprocess": ("CPU s / M tokens", "<= 0.02"), "vs_best_local": ("tokens/s", ">= 1.0"),
            "vs_mosaic_streaming": ("tokens/s", ">= 1.0"), "warm_first_batch_s": ("s", "<= 3"),
            "cache_build_speedup": ("s", ">= 1.7"), "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"),
-           "stalled_client_rss_ratio": ("MB RSS", "<= 1.05")}
+           "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
+           "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -92,6 +93,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         feeds = result[1] if result else {}
         if result:
             r.add(result[0])
+        r.add(r.guard("small_stream_p99_vs_greedy_neighbour",
+                      lambda: neighbour.small_stream_p99_vs_greedy_neighbour(work, cold.server.target)))
         streaming = r.guard("streaming_vs_tokenizer_limit",
                             lambda: stream_mode.streaming_vs_tokenizer_limit(work, cold.server.target, "once"))
         epoch = streaming[1] if streaming else None
