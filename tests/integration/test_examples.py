@@ -226,3 +226,20 @@ def test_flash_attn_kwargs_delimit_every_sequence_and_a_model_takes_them(server:
     assert math.isfinite(model(**batch).loss.item())
     with pytest.raises(ValueError, match="pack: false"):
         first(FeedDataset(server.target, "padded", batch_size=2, flash_attn_kwargs=True))
+
+
+ABANDONED_ITERATOR = """
+import sys
+from sigil_feed.client import FeedDataset
+ds = FeedDataset(sys.argv[1], batch_size=2)
+it = iter(ds)
+next(it)
+print(ds.state_dict()["epoch"])
+"""
+
+
+def test_a_script_that_leaves_its_iterator_open_exits_at_once_and_silently(server: ServerProcess) -> None:
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", ABANDONED_ITERATOR, server.target], capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+        assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "0")
