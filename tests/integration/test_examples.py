@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,9 @@ from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
 
 EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from common import tiny_causal_lm  # noqa: E402  (examples/common.py: the examples' tiny model)
+
 SEQ_LEN, BATCH = 64, 4
 COMMON = ("--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH))
 
@@ -106,10 +110,13 @@ def test_plain_loop_learns_and_resumes_with_exactly_the_next_batch(server: Serve
     assert first + rest == pytest.approx(full_losses, rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["hf_trainer.py", "trl_sft.py"])
 def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
-        server: ServerProcess, tmp_path: Path) -> None:
+        server: ServerProcess, tmp_path: Path, name: str) -> None:
+    """FeedTrainer and FeedSFTTrainer: stopped at step 10, resumed in a new process from the newest complete
+    checkpoint (a later one whose feed position is missing, as after a kill while saving, is passed over)."""
     def trainer(out: str, *args: str) -> subprocess.Popen[str]:
-        return example("hf_trainer.py", "--target", server.target, "--steps", "24", "--save-steps", "8",
+        return example(name, "--target", server.target, "--steps", "24", "--save-steps", "8",
                        "--output-dir", str(tmp_path / out), *args)
 
     full = trainer("full", "--dump", str(tmp_path / "full-log"))
@@ -117,6 +124,9 @@ def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_
     full_losses, _ = losses(full)[0], losses(cut)
     assert sorted(p.parent.name for p in (tmp_path / "cut").glob("*/sigil_feed_rank0.pt")) == [
         "checkpoint-10", "checkpoint-8"]
+    torn = tmp_path / "cut" / "checkpoint-11"
+    shutil.copytree(tmp_path / "cut" / "checkpoint-10", torn)
+    (torn / "sigil_feed_rank0.pt").unlink()
     resumed = losses(trainer("cut", "--resume", "--dump", str(tmp_path / "after")))[0]
     assert_learns(full_losses)
     uninterrupted = steps(tmp_path / "full-log")
@@ -125,6 +135,42 @@ def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_
     assert after == {step: rows for step, rows in uninterrupted.items() if step >= 10}
     assert steps(tmp_path / "before") == {step: rows for step, rows in uninterrupted.items() if step < 10}
     assert resumed == pytest.approx(full_losses, rel=1e-4)  # its log_history carries the first 10 over
+
+
+def test_trl_batches_reach_the_model_padding_free(server: ServerProcess, tmp_path: Path) -> None:
+    """FeedSFTTrainer hands the model the feed's packed rows: position_ids kept, no attention_mask."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from sigil_feed.client.integrations.trl import FeedSFTTrainer
+
+    feed = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN)
+    info = feed.fetch_info()
+    model = tiny_causal_lm(info, SEQ_LEN)
+    seen: list[set[str]] = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=2, report_to="none", disable_tqdm=True,
+                       save_strategy="no", bf16=False, activation_checkpointing=False)
+    FeedSFTTrainer(model=model, args=config, train_dataset=feed,
+                   processing_class=AutoTokenizer.from_pretrained(info.tokenizer)).train()
+    assert len(seen) == 2
+    assert all({"input_ids", "labels", "position_ids"} <= keys and "attention_mask" not in keys for keys in seen)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_stock_trainer_and_a_prepared_loader_fail_naming_the_fix(server: ServerProcess, tmp_path: Path) -> None:
+    """Trainer(train_dataset=FeedDataset) names FeedTrainer; accelerator.prepare(loader) names the fix."""
+    from accelerate import Accelerator
+    from transformers import Trainer, TrainingArguments
+
+    feed = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", disable_tqdm=True)
+    with pytest.raises(TypeError, match="FeedTrainer"):
+        Trainer(model=tiny_causal_lm(feed.fetch_info(), SEQ_LEN), args=args, train_dataset=feed).train()
+    loader = Accelerator(cpu=True).prepare(DataLoader(feed, batch_size=None))
+    with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
+        next(iter(loader))
+    assert_closed(server.target)
 
 
 @pytest.mark.parametrize("name", ["torchrun_ddp.py", "accelerate_loop.py"])
