@@ -210,6 +210,24 @@ def test_two_ranks_learn_on_disjoint_shares_picked_up_from_torch_distributed(
     assert len(seen[0]) == len(seen[1]) == 20 * BATCH and not seen[0] & seen[1]
 
 
+@pytest.mark.parametrize("ranks", [1, 2], ids=["single", "torchrun"])
+def test_accelerate_resumed_from_save_state_gets_the_batches_of_an_uninterrupted_run(
+        server: ServerProcess, tmp_path: Path, ranks: int) -> None:
+    """save_state() at step 8 holds every rank's position; load_state() in new processes continues each rank
+    with exactly its next batch."""
+    def run(dump: str, *args: str) -> dict[int, list[float]]:
+        launcher = example if ranks == 1 else torchrun
+        return losses(launcher("accelerate_loop.py", "--target", server.target, "--dump", str(tmp_path / dump),
+                               *args))
+
+    full = run("full", "--steps", "16")
+    first = run("cut", "--steps", "8", "--save-dir", str(tmp_path / "state"))
+    rest = run("cut", "--steps", "16", "--resume", str(tmp_path / "state"))
+    for rank in range(ranks):
+        assert steps(tmp_path / "cut", rank) == steps(tmp_path / "full", rank)
+        assert first[rank] + rest[rank] == pytest.approx(full[rank], rel=1e-4)
+
+
 def stream_clients(target: str) -> int:
     """Streams the server counts as connected, over all datasets."""
     with grpc.insecure_channel(target) as channel:
