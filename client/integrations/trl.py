@@ -28,7 +28,8 @@ class FeedSFTTrainer(FeedTrainerMixin, SFTTrainer):
     def __init__(self, *, train_dataset: FeedDataset, args: SFTConfig, **kwargs: Any) -> None:
         args = copy.copy(args)
         args.padding_free, args.packing, args.max_length = True, False, None
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        given = args.dataset_kwargs if isinstance(args.dataset_kwargs, dict) else {}  # parsed by SFTConfig
+        args.dataset_kwargs = {**given, "skip_prepare_dataset": True}
         # SFTTrainer inspects a sample of a datasets.Dataset in __init__; the feed replaces it for training
         stand_in = Dataset.from_dict({"input_ids": [[0]], "labels": [[0]]})
         super().__init__(train_dataset=stand_in, args=args, **kwargs)
