@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .decode import IGNORE_INDEX, decode_batch, varlen_kwargs
+from .position import FeedState, PositionedBatch, batch_state
 from .stream import (
     BatchStream,
     EpochEnd,
@@ -26,6 +27,9 @@ __all__ = [
     "FeedDataset",
     "FeedError",
     "FeedServerError",
+    "FeedState",
+    "PositionedBatch",
+    "batch_state",
     "decode_batch",
     "varlen_kwargs",
 ]

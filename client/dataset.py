@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Iterator
+from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..protos import feed_pb2
 from .decode import varlen_kwargs
-from .stream import BatchStream, FeedBatch
+from .position import FeedState, PositionedBatch, decode_cursor, encode_cursor
+from .stream import BatchStream, FeedBatch, FeedError
+from .wrappers import check_not_wrapped
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,12 @@ def default_rank_world() -> tuple[int, int]:
 
 
 class FeedDataset(IterableDataset[ModelInputs]):
-    """Batches [B, L] from a sigil-feed server as dicts of torch tensors; use DataLoader(batch_size=None)."""
+    """Batches [B, L] from a sigil-feed server as dicts of torch tensors; use DataLoader(batch_size=None).
+
+    Each batch is a PositionedBatch: `batch_state(batch)` is the state that resumes right after it, for
+    loops that fetch ahead of training (Lightning, a DataLoader with workers). state_dict() is the state
+    after the last batch yielded, for loops that do not.
+    """
 
     def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 4,
@@ -52,6 +61,9 @@ class FeedDataset(IterableDataset[ModelInputs]):
         self.cursor = b""
         self.epoch: int | None = None
         self.info: feed_pb2.DatasetInfo | None = None
+        # one shared byte, set by DataLoader workers forked from this process when they iterate a copy
+        self._worker_flag: mmap.mmap | None = mmap.mmap(-1, 1)
+        self._sent_to_workers = False
 
     def ranks(self) -> tuple[int, int]:
         """(rank, world_size) of this stream: the trainer's rank, split further across DataLoader workers.
@@ -59,17 +71,30 @@ class FeedDataset(IterableDataset[ModelInputs]):
         Worker w of W inside rank r reads the stream of rank r*W + w of world_size*W, so workers never
         overlap; each worker's state_dict (as torchdata's StatefulDataLoader collects them) resumes it.
         """
-        rank, world_size = default_rank_world()
-        rank = rank if self._rank is None else self._rank
-        world_size = world_size if self._world_size is None else self._world_size
+        rank, world_size = self._trainer_ranks()
         worker = get_worker_info()
         if worker is not None and worker.num_workers > 1:
             return rank * worker.num_workers + worker.id, world_size * worker.num_workers
         return rank, world_size
 
+    def _trainer_ranks(self) -> tuple[int, int]:
+        """(rank, world_size) of the training process, before any split across DataLoader workers."""
+        rank, world_size = default_rank_world()
+        return (rank if self._rank is None else self._rank,
+                world_size if self._world_size is None else self._world_size)
+
     def __iter__(self) -> Iterator[ModelInputs]:
         """Stream batches from right after the last one yielded (or the loaded state)."""
+        check_not_wrapped()
+        if get_worker_info() is not None and self._worker_flag is not None:
+            self._worker_flag[0] = 1
         return self._batches()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the fork-shared flag; a copy pickled for a new process marks this one as shared."""
+        if get_spawning_popen() is not None:
+            self._sent_to_workers = True
+        return {**self.__dict__, "_worker_flag": None}
 
     def fetch_info(self) -> feed_pb2.DatasetInfo:
         """Connect briefly to learn the dataset's facts (vocab size, eos/pad ids, packing) before training."""
@@ -97,32 +122,62 @@ class FeedDataset(IterableDataset[ModelInputs]):
             if self.flash_attn_kwargs and not stream.info.pack:
                 raise ValueError(f"flash_attn_kwargs=True needs packed rows, but dataset {self.dataset!r} "
                                  f"at {self.target} is served with pack: false")
+            rank, world_size = self.ranks()
+            batches = 0
             for item in stream:
                 if isinstance(item, FeedBatch):
                     self.cursor, self.epoch = item.cursor, item.epoch
-                    yield self._to_torch(item.arrays, pin)
+                    batches += 1
+                    yield self._to_torch(item.arrays, pin, self._state(rank, world_size))
+            trainer_rank, trainer_world = self._trainer_ranks()
+            if trainer_world > 1 and stream.info.mode == "streaming":
+                log.warning(uneven_end_hint(trainer_rank, trainer_world, batches))
 
-    def _to_torch(self, arrays: dict[str, np.ndarray], pin: bool) -> ModelInputs:
+    def _to_torch(self, arrays: dict[str, np.ndarray], pin: bool, state: FeedState) -> ModelInputs:
         """Wrap decoded arrays as tensors (no copy unless pinning), adding the varlen kwargs if asked."""
         if self.flash_attn_kwargs:
             arrays = {**arrays, **varlen_kwargs(arrays["position_ids"])}
-        return {name: _tensor(value, pin) if isinstance(value, np.ndarray) else value
-                for name, value in arrays.items()}
+        batch = PositionedBatch({name: _tensor(value, pin) if isinstance(value, np.ndarray) else value
+                                 for name, value in arrays.items()})
+        batch.feed_state = state
+        return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """The position right after the last batch yielded to the training loop."""
-        rank, world_size = self.ranks()
-        return {"cursor": self.cursor, "epoch": self.epoch, "dataset": self.dataset, "rank": rank,
-                "world_size": world_size}
+    def _state(self, rank: int, world_size: int) -> FeedState:
+        """The current position as a state dict (plain types: loads with torch.load(weights_only=True))."""
+        return {"cursor": encode_cursor(self.cursor), "epoch": self.epoch, "dataset": self.dataset,
+                "rank": rank, "world_size": world_size}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> FeedState:
+        """The position right after the last batch yielded in this process (or the loaded one).
+
+        Raises FeedError when DataLoader workers iterated this dataset: the positions live in the workers
+        (torchdata's StatefulDataLoader collects them).
+        """
+        if get_worker_info() is None and (self._sent_to_workers or (self._worker_flag is not None
+                                                                    and self._worker_flag[0])):
+            raise FeedError(
+                "FeedDataset.state_dict(): DataLoader worker processes iterated this dataset, so its position "
+                "is in the workers, not here. Use torchdata's StatefulDataLoader and save loader.state_dict(), "
+                "or DataLoader(num_workers=0) (the sidecar already does the data work)")
+        return self._state(*self.ranks())
+
+    def load_state_dict(self, state: FeedState) -> None:
         """Make the next iteration resume with exactly the batch after the saved one."""
         rank, world_size = self.ranks()
         saved = (state.get("rank", rank), state.get("world_size", world_size))
         if saved != (rank, world_size):
             raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this is rank {rank} of "
                              f"{world_size}: a cursor only resumes the same rank and world size")
-        self.cursor, self.epoch = bytes(state["cursor"]), state.get("epoch")
+        self.cursor, self.epoch = decode_cursor(state["cursor"]), state.get("epoch")
+
+
+def uneven_end_hint(rank: int, world_size: int, batches: int) -> str:
+    """What to do when a rank's finite streaming epochs end (other ranks may have more batches)."""
+    return (f"rank {rank} of {world_size}: the stream ended after {batches} batches (every configured epoch). "
+            "In streaming mode ranks end their finite epochs on different steps, so ranks training in lockstep "
+            "(DDP) would now hang or fail in their next collective. Wrap the loop in `with ddp_model.join():`, "
+            "or stream endlessly (leave `epochs` unset) and stop at max_steps, or use cached mode "
+            "(use_cache: true), where every rank gets the same number of batches")
 
 
 def _can_pin() -> bool:

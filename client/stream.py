@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +125,17 @@ def _describe(error: grpc.RpcError) -> str:
     return f"{error.code().name}: {error.details()}"
 
 
+_OPEN_LINKS: weakref.WeakSet[_Link] = weakref.WeakSet()
+"""Streams not closed yet: closed at exit, before the interpreter tears down the modules gRPC needs."""
+
+
+@atexit.register
+def _close_open_links() -> None:
+    """Close streams a script left open (an iterator never exhausted), so exit is silent and immediate."""
+    for link in list(_OPEN_LINKS):
+        link.close()
+
+
 class _Link:
     """Connection, credits, receiving thread and reconnects; shared by BatchStream and its thread."""
 
@@ -145,6 +158,7 @@ class _Link:
         self._call: Any = None
         self._thread: threading.Thread | None = None
         self.opened = feed_pb2.Opened()
+        _OPEN_LINKS.add(self)
 
     def start(self) -> None:
         """Open the stream (blocking up to the connect deadline), then start receiving."""
@@ -181,6 +195,7 @@ class _Link:
         if self._closed.is_set():
             return
         self._closed.set()
+        _OPEN_LINKS.discard(self)
         with self._cond:
             self._cond.notify_all()
         self._end_call()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -59,4 +60,6 @@ class BatchLog:
 
 def report(losses: list[float], rank: int = 0) -> None:
     """Print the line the integration tests read: RESULT {"rank": ..., "losses": [...]}."""
-    print("RESULT " + json.dumps({"rank": rank, "losses": losses}), flush=True)
+    # one write of one line: ranks sharing a pipe (Lightning's DDP children) cannot interleave it
+    sys.stdout.write("RESULT " + json.dumps({"rank": rank, "losses": losses}) + "\n")
+    sys.stdout.flush()

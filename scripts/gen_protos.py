@@ -8,6 +8,9 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
+PACKAGE = "sigil_feed.protos"
+"""The import path of the generated modules; messages register under it so that they pickle."""
+
 
 def generate(proto_dir: Path, out_dir: Path) -> None:
     """Compile every .proto in proto_dir into out_dir with package-relative imports."""
@@ -20,6 +23,10 @@ def generate(proto_dir: Path, out_dir: Path) -> None:
     for grpc_file in out_dir.glob("*_pb2_grpc.py"):
         text = grpc_file.read_text()
         grpc_file.write_text(re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M))
+    for message_file in out_dir.glob("*_pb2.py"):
+        text = message_file.read_text()
+        message_file.write_text(re.sub(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'(\w+_pb2)'",
+                                       rf"\1'{PACKAGE}.\2'", text))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +31,9 @@ from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
 
 EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from common import tiny_causal_lm  # noqa: E402  (examples/common.py: the examples' tiny model)
+
 SEQ_LEN, BATCH = 64, 4
 COMMON = ("--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH))
 
@@ -106,10 +110,13 @@ def test_plain_loop_learns_and_resumes_with_exactly_the_next_batch(server: Serve
     assert first + rest == pytest.approx(full_losses, rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["hf_trainer.py", "trl_sft.py"])
 def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
-        server: ServerProcess, tmp_path: Path) -> None:
+        server: ServerProcess, tmp_path: Path, name: str) -> None:
+    """FeedTrainer and FeedSFTTrainer: stopped at step 10, resumed in a new process from the newest complete
+    checkpoint (a later one whose feed position is missing, as after a kill while saving, is passed over)."""
     def trainer(out: str, *args: str) -> subprocess.Popen[str]:
-        return example("hf_trainer.py", "--target", server.target, "--steps", "24", "--save-steps", "8",
+        return example(name, "--target", server.target, "--steps", "24", "--save-steps", "8",
                        "--output-dir", str(tmp_path / out), *args)
 
     full = trainer("full", "--dump", str(tmp_path / "full-log"))
@@ -117,6 +124,9 @@ def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_
     full_losses, _ = losses(full)[0], losses(cut)
     assert sorted(p.parent.name for p in (tmp_path / "cut").glob("*/sigil_feed_rank0.pt")) == [
         "checkpoint-10", "checkpoint-8"]
+    torn = tmp_path / "cut" / "checkpoint-11"
+    shutil.copytree(tmp_path / "cut" / "checkpoint-10", torn)
+    (torn / "sigil_feed_rank0.pt").unlink()
     resumed = losses(trainer("cut", "--resume", "--dump", str(tmp_path / "after")))[0]
     assert_learns(full_losses)
     uninterrupted = steps(tmp_path / "full-log")
@@ -125,6 +135,64 @@ def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_
     assert after == {step: rows for step, rows in uninterrupted.items() if step >= 10}
     assert steps(tmp_path / "before") == {step: rows for step, rows in uninterrupted.items() if step < 10}
     assert resumed == pytest.approx(full_losses, rel=1e-4)  # its log_history carries the first 10 over
+
+
+@pytest.mark.parametrize("devices", [1, 2], ids=["single", "ddp"])
+def test_lightning_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
+        server: ServerProcess, tmp_path: Path, devices: int) -> None:
+    """fit(ckpt_path=...) after a run stopped at step 10: every rank trains on exactly the batches it would
+    have (Lightning has already fetched step 11's batch when it writes the checkpoint)."""
+    def fit(out: str, dump: str, *args: str) -> dict[int, list[float]]:
+        return losses(example("lightning_fit.py", "--target", server.target, "--devices", str(devices),
+                              "--save-steps", "10", "--output-dir", str(tmp_path / out),
+                              "--dump", str(tmp_path / dump), *args))
+
+    full = fit("full", "full-log", "--steps", "24")
+    fit("cut", "before", "--steps", "10")
+    resumed = fit("cut", "after", "--steps", "24", "--resume", str(tmp_path / "cut" / "last.ckpt"))
+    assert sorted(full) == sorted(resumed) == list(range(devices))
+    for rank in range(devices):
+        assert_learns(full[rank])
+        uninterrupted = steps(tmp_path / "full-log", rank)
+        assert steps(tmp_path / "before", rank) == {s: rows for s, rows in uninterrupted.items() if s < 10}
+        assert steps(tmp_path / "after", rank) == {s: rows for s, rows in uninterrupted.items() if s >= 10}
+        assert resumed[rank] == pytest.approx(full[rank][10:], rel=1e-4)
+
+
+def test_trl_batches_reach_the_model_padding_free(server: ServerProcess, tmp_path: Path) -> None:
+    """FeedSFTTrainer hands the model the feed's packed rows: position_ids kept, no attention_mask."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from sigil_feed.client.integrations.trl import FeedSFTTrainer
+
+    feed = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN)
+    info = feed.fetch_info()
+    model = tiny_causal_lm(info, SEQ_LEN)
+    seen: list[set[str]] = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=2, report_to="none", disable_tqdm=True,
+                       save_strategy="no", bf16=False, activation_checkpointing=False)
+    FeedSFTTrainer(model=model, args=config, train_dataset=feed,
+                   processing_class=AutoTokenizer.from_pretrained(info.tokenizer)).train()
+    assert len(seen) == 2
+    assert all({"input_ids", "labels", "position_ids"} <= keys and "attention_mask" not in keys for keys in seen)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_stock_trainer_and_a_prepared_loader_fail_naming_the_fix(server: ServerProcess, tmp_path: Path) -> None:
+    """Trainer(train_dataset=FeedDataset) names FeedTrainer; accelerator.prepare(loader) names the fix."""
+    from accelerate import Accelerator
+    from transformers import Trainer, TrainingArguments
+
+    feed = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none", disable_tqdm=True)
+    with pytest.raises(TypeError, match="FeedTrainer"):
+        Trainer(model=tiny_causal_lm(feed.fetch_info(), SEQ_LEN), args=args, train_dataset=feed).train()
+    loader = Accelerator(cpu=True).prepare(DataLoader(feed, batch_size=None))
+    with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
+        next(iter(loader))
+    assert_closed(server.target)
 
 
 @pytest.mark.parametrize("name", ["torchrun_ddp.py", "accelerate_loop.py"])
@@ -140,6 +208,24 @@ def test_two_ranks_learn_on_disjoint_shares_picked_up_from_torch_distributed(
         assert logged == {step: row_hashes(batch["input_ids"]) for step, batch in zip(range(20), direct, strict=False)}
         seen.append({row for rows in logged.values() for row in rows})
     assert len(seen[0]) == len(seen[1]) == 20 * BATCH and not seen[0] & seen[1]
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["single", "torchrun"])
+def test_accelerate_resumed_from_save_state_gets_the_batches_of_an_uninterrupted_run(
+        server: ServerProcess, tmp_path: Path, ranks: int) -> None:
+    """save_state() at step 8 holds every rank's position; load_state() in new processes continues each rank
+    with exactly its next batch."""
+    def run(dump: str, *args: str) -> dict[int, list[float]]:
+        launcher = example if ranks == 1 else torchrun
+        return losses(launcher("accelerate_loop.py", "--target", server.target, "--dump", str(tmp_path / dump),
+                               *args))
+
+    full = run("full", "--steps", "16")
+    first = run("cut", "--steps", "8", "--save-dir", str(tmp_path / "state"))
+    rest = run("cut", "--steps", "16", "--resume", str(tmp_path / "state"))
+    for rank in range(ranks):
+        assert steps(tmp_path / "cut", rank) == steps(tmp_path / "full", rank)
+        assert first[rank] + rest[rank] == pytest.approx(full[rank], rel=1e-4)
 
 
 def stream_clients(target: str) -> int:
@@ -226,3 +312,20 @@ def test_flash_attn_kwargs_delimit_every_sequence_and_a_model_takes_them(server:
     assert math.isfinite(model(**batch).loss.item())
     with pytest.raises(ValueError, match="pack: false"):
         first(FeedDataset(server.target, "padded", batch_size=2, flash_attn_kwargs=True))
+
+
+ABANDONED_ITERATOR = """
+import sys
+from sigil_feed.client import FeedDataset
+ds = FeedDataset(sys.argv[1], batch_size=2)
+it = iter(ds)
+next(it)
+print(ds.state_dict()["epoch"])
+"""
+
+
+def test_a_script_that_leaves_its_iterator_open_exits_at_once_and_silently(server: ServerProcess) -> None:
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", ABANDONED_ITERATOR, server.target], capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+        assert (done.returncode, done.stderr, done.stdout.strip()) == (0, "", "0")

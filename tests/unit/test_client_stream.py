@@ -9,12 +9,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from sigil_feed.client import BatchStream, EpochEnd, FeedBatch, FeedConnectionError, FeedServerError
+from sigil_feed.client import BatchStream, EpochEnd, FeedBatch, FeedConnectionError, FeedError, FeedServerError
+from sigil_feed.client.position import batch_state, decode_cursor
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 
 SEQ_LEN = 4
@@ -50,7 +52,8 @@ class FakeFeed(feed_pb2_grpc.DataFeedServicer):
         self.opens.append(opening)
         if opening.dataset != "default":
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown dataset {opening.dataset!r}")
-        info = feed_pb2.DatasetInfo(name="default", pack=True, fingerprint="fp", vocab_size=65536)
+        info = feed_pb2.DatasetInfo(name="default", pack=True, fingerprint="fp", vocab_size=65536,
+                                    mode="streaming")
         yield feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=info, seq_len=SEQ_LEN))
         credits = self._grant(opening.credits)
         index = int(opening.cursor or b"0")
@@ -287,7 +290,8 @@ def test_feed_dataset_state_dict_resumes_exactly(serve: Callable[..., tuple[str,
         if len(seen) == 5:
             break
     state = dataset.state_dict()
-    assert state["cursor"] == b"5" and state["epoch"] == dataset.epoch == 1
+    assert decode_cursor(state["cursor"]) == b"5" and state["epoch"] == dataset.epoch == 1
+    assert batch_state(batch) == state
     assert dataset.info.name == "default"
     del loader, batch
     gc.collect()
@@ -298,3 +302,70 @@ def test_feed_dataset_state_dict_resumes_exactly(serve: Callable[..., tuple[str,
     assert seen == list(range(fake.total))
     with pytest.raises(ValueError, match="rank 0 of 1"):
         FeedDataset(target, batch_size=1, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_a_state_from_any_point_loads_with_default_torch_load(serve: Callable[..., tuple[str, grpc.Server]],
+                                                               tmp_path: Path) -> None:
+    """Before the first batch (empty cursor) and after one, the state loads with weights_only=True."""
+    torch = pytest.importorskip("torch")
+    from sigil_feed.client import FeedDataset
+
+    target, _ = serve(FakeFeed(per_epoch=4, epochs=1))
+    dataset = FeedDataset(target, batch_size=1, rank=0, world_size=1)
+    for taken in (0, 1):
+        if taken:
+            first = next(iter(dataset))
+            assert batch_state(first) == dataset.state_dict()
+        torch.save({"data": dataset.state_dict()}, tmp_path / "state.pt")
+        resumed = FeedDataset(target, batch_size=1, rank=0, world_size=1)
+        resumed.load_state_dict(torch.load(tmp_path / "state.pt")["data"])
+        assert [int(b["input_ids"][0, 0]) for b in resumed] == list(range(taken, 4))
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_connected_feed_dataset_pickles_into_spawned_workers(serve: Callable[..., tuple[str, grpc.Server]],
+                                                               method: str) -> None:
+    """A FeedDataset that has connected (info set) goes to spawn/forkserver workers; the main copy then says
+    that its position is in the workers instead of returning an empty one."""
+    torch = pytest.importorskip("torch")
+    from sigil_feed.client import FeedDataset
+
+    target, _ = serve(FakeFeed(per_epoch=3, epochs=1))
+    dataset = FeedDataset(target, batch_size=1, rank=0, world_size=1)
+    assert dataset.fetch_info().name == "default"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context=method)
+    batches = list(loader)
+    assert [int(b["input_ids"][0, 0]) for b in batches] == [0, 1, 2]
+    assert decode_cursor(batch_state(batches[-1])["cursor"]) == b"3"
+    with pytest.raises(FeedError, match="StatefulDataLoader"):
+        dataset.state_dict()
+
+
+def test_state_dict_refuses_when_forked_workers_hold_the_position(
+        serve: Callable[..., tuple[str, grpc.Server]]) -> None:
+    """DataLoader(num_workers=2) (fork): the main process never iterated, so it cannot know the position."""
+    torch = pytest.importorskip("torch")
+    from sigil_feed.client import FeedDataset
+
+    target, _ = serve(FakeFeed(per_epoch=4, epochs=1))
+    dataset = FeedDataset(target, batch_size=1, rank=0, world_size=1)
+    assert dataset.state_dict()["cursor"] == ""  # nothing read anywhere yet: the start is known
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    assert list(loader)  # (the fake serves every stream in full, whatever its rank)
+    with pytest.raises(FeedError, match="worker processes iterated this dataset"):
+        dataset.state_dict()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_end_of_finite_streaming_epochs_says_what_ranks_in_lockstep_need(
+        serve: Callable[..., tuple[str, grpc.Server]], caplog: pytest.LogCaptureFixture, world_size: int) -> None:
+    """Ranks end finite streaming epochs on different steps: a rank of several says so, naming the fixes."""
+    pytest.importorskip("torch")
+    from sigil_feed.client import FeedDataset
+
+    target, _ = serve(FakeFeed(per_epoch=2, epochs=1))
+    with caplog.at_level(logging.WARNING, logger="sigil_feed.client.dataset"):
+        assert len(list(FeedDataset(target, batch_size=1, rank=0, world_size=world_size))) == 2
+    hint = [r.message for r in caplog.records if "stream ended after 2 batches" in r.message]
+    assert len(hint) == (world_size > 1)
+    assert all("join()" in h and "max_steps" in h and "cached mode" in h for h in hint)

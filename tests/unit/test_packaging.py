@@ -44,5 +44,14 @@ def test_client_imports_without_server_dependencies() -> None:
 
 
 def test_client_package_imports_without_torch() -> None:
-    result = run_isolated("sys.modules['torch'] = None\nimport sigil_feed.client\nprint('ok')\n")
+    result = run_isolated("sys.modules['torch'] = None\nimport sigil_feed.client\n"
+                          "import sigil_feed.client.integrations\nprint('ok')\n")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generated_messages_register_under_the_package_so_they_pickle() -> None:
+    """protoc names the module `feed_pb2`; the generated code must say `sigil_feed.protos.feed_pb2`."""
+    result = run_isolated("import pickle\nfrom sigil_feed.protos import feed_pb2\n"
+                          "info = feed_pb2.DatasetInfo(name='x', fingerprint='fp')\n"
+                          "assert pickle.loads(pickle.dumps(info)) == info\nprint('ok')\n")
     assert result.returncode == 0, result.stderr
