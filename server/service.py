@@ -44,6 +44,7 @@ class Credits:
         self.closed = False  # the client will send no more credits
         self.draining = False  # the server is shutting down: serve what is granted, accept no more
         self.error: RequestError | None = None
+        self.owed_s = 0.0  # summed over the batches sent: how long each was owed (the input-bound warning's cause)
         self.changed = asyncio.Condition()
         self._grant(initial)
 
@@ -101,6 +102,7 @@ class Credits:
                                                                     "batch was sent, resume from the last cursor")
                 return False
             self.available -= 1
+            self.owed_s += time.monotonic() - self.grants[0][0]
             self.grants[0][1] -= 1
             if not self.grants[0][1]:
                 self.grants.popleft()

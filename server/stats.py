@@ -151,12 +151,14 @@ class StepStats:
     step_s: float = 0.0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(len(WAIT_BUCKETS_S) + 1, dtype=np.int64))
     first: float | None = None  # when the first report arrived
-    recent: deque[tuple[float, int, float, float, bool]] = field(default_factory=deque)  # t, steps, wait, step, owed
+    owed_s: float = 0.0  # the stream's Credits.owed_s at the last report
+    recent: deque[tuple[float, int, float, float, float]] = field(default_factory=deque)  # t, steps, wait, step, owed
 
-    def add(self, timing: feed_pb2.StepTiming, owed: bool) -> None:
-        """Count one report; `owed`: the server owed this client batches when it arrived."""
+    def add(self, timing: feed_pb2.StepTiming, owed_s: float) -> None:
+        """Count one report; `owed_s`: summed over the batches sent so far, how long the server owed each."""
         now = time.monotonic()
         self.first = now if self.first is None else self.first
+        owed, self.owed_s = owed_s - self.owed_s, owed_s
         self.steps += timing.steps
         self.wait_s += timing.wait_s
         self.step_s += timing.step_s
@@ -173,7 +175,7 @@ class StepStats:
         for t, steps, wait, step, owed in list(self.recent):
             if t >= since:
                 out.steps, out.wait_s, out.step_s = out.steps + steps, out.wait_s + wait, out.step_s + step
-                out.reports, out.owed = out.reports + 1, out.owed + owed
+                out.owed_s += owed
         return out
 
     def covers(self, horizon_s: float) -> bool:
@@ -188,8 +190,7 @@ class Window:
     steps: int = 0
     wait_s: float = 0.0
     step_s: float = 0.0
-    reports: int = 0
-    owed: int = 0  # reports that arrived while the server owed the client batches
+    owed_s: float = 0.0  # summed over the batches sent meanwhile: how long the server owed each
 
     @property
     def fraction(self) -> float:

@@ -34,8 +34,8 @@ class InputBoundWatch:
 
     def observe(self, stream: OpenStream, timing: feed_pb2.StepTiming, dataset: ServedDataset,
                 streams: Iterable[OpenStream]) -> None:
-        """Count a timing report (call before its credits are added), then check the stream's job."""
-        stream.steps.add(timing, owed=stream.credits.available > 0)
+        """Count a timing report, then check the stream's job."""
+        stream.steps.add(timing, owed_s=stream.credits.owed_s)
         job = (stream.dataset, stream.client.world_size)
         now = time.monotonic()
         if now - self._checked.get(job, 0.0) < CHECK_INTERVAL_S:
@@ -69,9 +69,10 @@ class InputBoundWatch:
 
 
 def likely_cause(cached: bool, bound: list[tuple[OpenStream, Window]]) -> str:
-    """What the server can see behind the waiting: it owed the ranks batches (it is too slow), or it had sent
-    everything they granted (their prefetch, network or decoding is too slow)."""
-    owed = [s.client.rank for s, w in bound if w.reports and 2 * w.owed >= w.reports]
+    """What the server can see behind the waiting. A rank only waits for a batch it has granted, so if the server
+    is too slow, the batches it owed the rank add up to at least about the rank's wait; if they add up to much
+    less, the server had sent what was granted and the wait lies with the client (prefetch, network, decoding)."""
+    owed = [s.client.rank for s, w in bound if 2 * w.owed_s >= w.wait_s]
     starved = [s.client.rank for s, w in bound if s.client.rank not in owed]
     causes = []
     if owed:
