@@ -28,7 +28,8 @@ class Pane:
     def __init__(self, command: str, width: int = 160, height: int = 48) -> None:
         self.name = f"sigil-top-{uuid.uuid4().hex[:8]}"
         self._tmux("new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height),
-                   f"env -u COLUMNS -u LINES {command}; echo EXIT=$?; sleep 600")  # the pane's size, not pytest's
+                   # env -u: the pane's size, not the one pytest's environment names
+                   f"env -u COLUMNS -u LINES {command}; echo EXIT=$?; sleep 600")
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-f", "/dev/null", "-L", self.name, *args], check=True, capture_output=True, text=True, timeout=30).stdout
@@ -96,7 +97,8 @@ def test_top_shows_datasets_sources_and_clients_live_and_exits_cleanly_on_ctrl_c
             assert seen in screen, (seen, screen)
         cells = [c.strip() for c in client_row(screen).strip("│ ").split("│")]
         dataset, rank, client, epoch, batches_s, tokens_s, credits, lag, bound = cells
-        assert (dataset, rank, client) == ("default", "1/2", "trainer-1")
+        assert (dataset, rank, client) == ("default", "1/2", "trainer-1") and int(epoch) >= 0
+        assert int(credits) >= 0 and float(lag) >= 0
         assert float(batches_s) > 1 and int(tokens_s.replace(",", "")) > 0 and 0 <= int(bound.rstrip("%")) <= 100
         first = pane.screen()
         time.sleep(2.5)  # it refreshes every second: the uptime moves on
