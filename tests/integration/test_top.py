@@ -32,7 +32,8 @@ class Pane:
                    f"env -u COLUMNS -u LINES {command}; echo EXIT=$?; sleep 600")
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-f", "/dev/null", "-L", self.name, *args], check=True, capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run(["tmux", "-f", "/dev/null", "-L", self.name, *args], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
 
     def screen(self) -> str:
         """What a person looking at the terminal sees now."""
