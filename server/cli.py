@@ -119,7 +119,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _get_stats(channel: grpc.Channel, args: argparse.Namespace) -> feed_pb2.Stats:
-    return feed_pb2_grpc.DataFeedStub(channel).GetStats(  # type: ignore[no-any-return]
+    return feed_pb2_grpc.DataFeedStub(channel).GetStats(
         feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout, metadata=_metadata(args))
 
 
