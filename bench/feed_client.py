@@ -20,7 +20,8 @@ Batches = Iterator[tuple[int, int, str]]  # (tokens, token-id bytes on the wire,
 def _dataset_batches(args: argparse.Namespace, batch: int, seq: int) -> Batches:
     from sigil_feed.client.dataset import FeedDataset
 
-    dataset = FeedDataset(args.target, args.dataset, batch_size=batch, seq_len=seq, prefetch=args.prefetch)
+    dataset = FeedDataset(args.target, args.dataset, batch_size=batch, seq_len=seq, prefetch=args.prefetch,
+                          report_timing=not args.no_timing)
     for tensors in dataset:
         ids = tensors["input_ids"]
         yield ids.numel(), ids.numel() * 4, dataset.info.mode if dataset.info else ""
@@ -29,7 +30,8 @@ def _dataset_batches(args: argparse.Namespace, batch: int, seq: int) -> Batches:
 def _stream_batches(args: argparse.Namespace, batch: int, seq: int) -> Batches:
     from sigil_feed.client.stream import BatchStream, FeedBatch
 
-    with BatchStream(args.target, args.dataset, batch_size=batch, seq_len=seq, prefetch=args.prefetch) as stream:
+    with BatchStream(args.target, args.dataset, batch_size=batch, seq_len=seq, prefetch=args.prefetch,
+                     report_timing=not args.no_timing) as stream:
         for item in stream:
             if isinstance(item, FeedBatch):
                 yield item.tokens, item.arrays["input_ids"].size * 4, stream.info.mode
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--shape", action="append", required=True, help="BATCHxSEQ_LEN, e.g. 16x4096; repeatable")
     parser.add_argument("--prefetch", type=int, default=8)
     parser.add_argument("--api", choices=("dataset", "stream"), default="dataset")
+    parser.add_argument("--no-timing", action="store_true", help="do not report step timing to the server")
     parser.add_argument("--warmup", type=int, default=3, help="batches before the clock starts")
     parser.add_argument("--seconds", type=float, default=0.0, help="measure this long (0: to the stream's end)")
     parser.add_argument("--max-tokens", type=int, default=0, help="stop after this many tokens (0: no limit)")

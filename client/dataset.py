@@ -49,7 +49,7 @@ class FeedDataset(IterableDataset[ModelInputs]):
 
         pin_memory: yield page-locked tensors when CUDA is available (for `.to(device, non_blocking=True)`).
         flash_attn_kwargs: packed datasets only; add `cu_seq_lens_q/k` and `max_length_q/k` (see varlen_kwargs).
-        stream_options go to BatchStream, e.g. connect_deadline_s, credentials, metadata.
+        stream_options go to BatchStream, e.g. connect_deadline_s, credentials, metadata, report_timing.
         """
         super().__init__()
         self.target, self.dataset, self.batch_size, self.seq_len = target, dataset, batch_size, seq_len

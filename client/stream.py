@@ -19,6 +19,7 @@ import numpy as np
 
 from ..protos import feed_pb2, feed_pb2_grpc
 from .decode import decode_batch
+from .timing import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ class _Outbox:
         self._messages: queue.SimpleQueue[feed_pb2.StreamRequest | None] = queue.SimpleQueue()
         self._messages.put(feed_pb2.StreamRequest(open=open_msg))
 
-    def credit(self, credits: int) -> None:
-        """Grant the server `credits` more batches."""
-        self._messages.put(feed_pb2.StreamRequest(credit=feed_pb2.Credit(credits=credits)))
+    def credit(self, credits: int, timing: feed_pb2.StepTiming | None = None) -> None:
+        """Grant the server `credits` more batches, with the loop's timing when a report is due."""
+        self._messages.put(feed_pb2.StreamRequest(credit=feed_pb2.Credit(credits=credits, timing=timing)))
 
     def close(self) -> None:
         """End the request stream so gRPC's request thread exits."""
@@ -141,8 +142,8 @@ class _Link:
 
     def __init__(self, target: str, template: feed_pb2.Open, prefetch: int, connect_deadline_s: float,
                  reconnect_deadline_s: float, channel: grpc.Channel,
-                 metadata: Sequence[tuple[str, str]]) -> None:
-        self.target, self._template, self._prefetch = target, template, prefetch
+                 metadata: Sequence[tuple[str, str]], timer: StepTimer | None = None) -> None:
+        self.target, self._template, self._prefetch, self._timer = target, template, prefetch, timer
         self._connect_deadline_s, self._reconnect_deadline_s = connect_deadline_s, reconnect_deadline_s
         self._channel, self._metadata = channel, tuple(metadata)
         self._stub = feed_pb2_grpc.DataFeedStub(channel)
@@ -186,7 +187,7 @@ class _Link:
             self._buffered -= 1
             self._owed += 1
             if self._outbox is not None and self._owed >= self._credit_chunk:
-                self._outbox.credit(self._owed)
+                self._outbox.credit(self._owed, self._timer.report() if self._timer else None)
                 self._owed = 0
             self._cond.notify_all()
 
@@ -381,8 +382,10 @@ class BatchStream:
                  client_id: str = "", connect_deadline_s: float = 60.0, reconnect_deadline_s: float = 300.0,
                  channel_options: Sequence[tuple[str, Any]] = (),
                  credentials: grpc.ChannelCredentials | None = None,
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
-        """Connect and open the stream; raises FeedConnectionError or FeedServerError on failure."""
+                 metadata: Sequence[tuple[str, str]] = (), report_timing: bool = True) -> None:
+        """Connect and open the stream; raises FeedConnectionError or FeedServerError on failure.
+
+        report_timing: tell the server how long the loop waits for data (see client/timing.py)."""
         _check_args(batch_size, seq_len, rank, world_size, prefetch)
         options = list({**DEFAULT_CHANNEL_OPTIONS, **dict(channel_options)}.items())
         channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
@@ -391,8 +394,9 @@ class BatchStream:
                                  seq_len=seq_len, cursor=cursor, client_id=client_id)
         self.cursor = cursor
         self._terminal: _Failure | _End | None = None
+        self._timer = StepTimer() if report_timing else None
         self._link = _Link(target, template, prefetch, connect_deadline_s, reconnect_deadline_s, channel,
-                           metadata)
+                           metadata, self._timer)
         try:
             self._link.start()
         except BaseException:
@@ -415,6 +419,8 @@ class BatchStream:
 
     def __next__(self) -> StreamItem:
         """The next batch or epoch marker; StopIteration once the server has sent every epoch."""
+        if self._timer is not None:
+            self._timer.waiting()
         item = self._terminal or self._link.take()
         if isinstance(item, _End):
             self._finish(item)
@@ -423,6 +429,8 @@ class BatchStream:
             self._finish(item)
             raise item.error
         self.cursor = item.cursor
+        if self._timer is not None and isinstance(item, FeedBatch):
+            self._timer.served()
         return item
 
     def _finish(self, terminal: _Failure | _End) -> None:

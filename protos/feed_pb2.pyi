@@ -35,10 +35,24 @@ class Open(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class Credit(_message.Message):
-    __slots__ = ("credits",)
+    __slots__ = ("credits", "timing")
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     credits: int
-    def __init__(self, credits: _Optional[int] = ...) -> None: ...
+    timing: StepTiming
+    def __init__(self, credits: _Optional[int] = ..., timing: _Optional[_Union[StepTiming, _Mapping]] = ...) -> None: ...
+
+class StepTiming(_message.Message):
+    __slots__ = ("steps", "wait_s", "step_s", "wait_counts")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    wait_s: float
+    step_s: float
+    wait_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("opened", "batch", "epoch_end")
@@ -133,7 +147,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ("name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache")
+    __slots__ = ("name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +156,8 @@ class DatasetStats(_message.Message):
     TOKENS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BOUND_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
     name: str
     info: DatasetInfo
     sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
@@ -150,7 +166,51 @@ class DatasetStats(_message.Message):
     tokens_served: int
     tokens_per_s: float
     cache: CacheState
-    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ...) -> None: ...
+    input_bound: InputBound
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStats]
+    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ...) -> None: ...
+
+class InputBound(_message.Message):
+    __slots__ = ("fraction_1m", "fraction_total", "steps_per_s", "steps", "wait_s", "step_s", "wait_histogram", "reported", "slowest_rank", "slowest_client")
+    FRACTION_1M_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    SLOWEST_RANK_FIELD_NUMBER: _ClassVar[int]
+    SLOWEST_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    fraction_1m: float
+    fraction_total: float
+    steps_per_s: float
+    steps: int
+    wait_s: float
+    step_s: float
+    wait_histogram: _containers.RepeatedCompositeFieldContainer[WaitBucket]
+    reported: bool
+    slowest_rank: int
+    slowest_client: str
+    def __init__(self, fraction_1m: _Optional[float] = ..., fraction_total: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_histogram: _Optional[_Iterable[_Union[WaitBucket, _Mapping]]] = ..., reported: _Optional[bool] = ..., slowest_rank: _Optional[int] = ..., slowest_client: _Optional[str] = ...) -> None: ...
+
+class WaitBucket(_message.Message):
+    __slots__ = ("upper_s", "count")
+    UPPER_S_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    upper_s: float
+    count: int
+    def __init__(self, upper_s: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class JobStats(_message.Message):
+    __slots__ = ("world_size", "ranks", "input_bound")
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BOUND_FIELD_NUMBER: _ClassVar[int]
+    world_size: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    input_bound: InputBound
+    def __init__(self, world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ...) -> None: ...
 
 class CacheState(_message.Message):
     __slots__ = ("state", "samples", "tokens", "path", "error")
@@ -207,7 +267,7 @@ class LengthBucket(_message.Message):
     def __init__(self, upper: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ClientStats(_message.Message):
-    __slots__ = ("peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s", "lag_s", "tokens_per_s")
+    __slots__ = ("peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s", "lag_s", "tokens_per_s", "input_bound", "batches_per_s")
     PEER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +279,8 @@ class ClientStats(_message.Message):
     CONNECTED_S_FIELD_NUMBER: _ClassVar[int]
     LAG_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BOUND_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
     peer: str
     client_id: str
     rank: int
@@ -230,7 +292,9 @@ class ClientStats(_message.Message):
     connected_s: float
     lag_s: float
     tokens_per_s: float
-    def __init__(self, peer: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches: _Optional[int] = ..., tokens: _Optional[int] = ..., credits: _Optional[int] = ..., connected_s: _Optional[float] = ..., lag_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    input_bound: InputBound
+    batches_per_s: float
+    def __init__(self, peer: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches: _Optional[int] = ..., tokens: _Optional[int] = ..., credits: _Optional[int] = ..., connected_s: _Optional[float] = ..., lag_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., batches_per_s: _Optional[float] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

@@ -21,6 +21,7 @@ from .interceptor import ErrorInterceptor
 from .metrics import RpcStatuses, serve_metrics
 from .security import TokenInterceptor, load_cursor_secret, load_token, server_credentials
 from .service import DataFeedService
+from .watch import InputBoundWatch
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
         interceptors.append(TokenInterceptor(listen.token))
     server = grpc.aio.server(interceptors=interceptors, options=_options(section))
     executor = ThreadPoolExecutor(max_workers=min(section.limits.max_streams, 32), thread_name_prefix="feed")
-    service = DataFeedService(datasets, section.limits, executor, listen.cursor_secret)
+    service = DataFeedService(datasets, section.limits, executor, listen.cursor_secret,
+                              InputBoundWatch(section.input_bound))
     feed_pb2_grpc.add_DataFeedServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,4 @@
-"""The `sigil-feed` command: serve, stats, peek, health (and the cache commands)."""
+"""The `sigil-feed` command: serve, stats, top, peek, health (and the cache commands)."""
 
 from __future__ import annotations
 
@@ -88,9 +88,10 @@ def _stats(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .top import input_bound_text
+
     with _channel(args) as channel:
-        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(
-            feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout, metadata=_metadata(args))
+        stats = _get_stats(channel, args)
     if args.json:
         print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True,
                                                    always_print_fields_with_no_presence=True), indent=2))
@@ -99,7 +100,8 @@ def _stats(args: argparse.Namespace) -> int:
     for ds in stats.datasets:
         console.print(f"[bold]{ds.name}[/] {ds.info.mode} tokenizer={ds.info.tokenizer} "
                       f"fingerprint={ds.info.fingerprint} batches={ds.batches_served} "
-                      f"tokens={ds.tokens_served} tokens/s={ds.tokens_per_s:,.0f}")
+                      f"tokens={ds.tokens_served} tokens/s={ds.tokens_per_s:,.0f} "
+                      f"input-bound={input_bound_text(ds.input_bound)}")
         sources = Table("source", "read", "kept", "dropped", "malformed", "tokens", "median len")
         for src in ds.sources:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
@@ -107,13 +109,25 @@ def _stats(args: argparse.Namespace) -> int:
         console.print(sources)
         if ds.clients:
             clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
-                            "credits", "lag s", "connected s")
+                            "credits", "lag s", "input-bound", "connected s")
             for c in ds.clients:
                 clients.add_row(c.peer, c.client_id, f"{c.rank}/{c.world_size}", str(c.epoch), str(c.batches),
                                 f"{c.tokens:,}", f"{c.tokens_per_s:,.0f}", str(c.credits), f"{c.lag_s:.2f}",
-                                f"{c.connected_s:.0f}")
+                                input_bound_text(c.input_bound), f"{c.connected_s:.0f}")
             console.print(clients)
     return 0
+
+
+def _get_stats(channel: grpc.Channel, args: argparse.Namespace) -> feed_pb2.Stats:
+    return feed_pb2_grpc.DataFeedStub(channel).GetStats(
+        feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout, metadata=_metadata(args))
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    with _channel(args) as channel:
+        return run_top(lambda: _get_stats(channel, args), args.target, interval_s=args.interval)
 
 
 def _reasons(counts: object) -> str:
@@ -184,6 +198,13 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--timeout", type=float, default=10.0)
     stats.set_defaults(func=_stats)
+
+    top = sub.add_parser("top", help="a live view of datasets, sources and clients (Ctrl-C quits)")
+    _add_connection_args(top)
+    top.add_argument("--dataset")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--timeout", type=float, default=5.0)
+    top.set_defaults(func=_top)
 
     peek = sub.add_parser("peek", help="decode a few batches back to text")
     _add_connection_args(peek)

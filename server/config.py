@@ -170,6 +170,15 @@ class AuthSection(BaseModel):
         return self
 
 
+class InputBoundWarning(BaseModel):
+    """When to warn that a job waits for data: its data wait / step time above `threshold` for `window_s`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(default=0.1, gt=0, le=1)  # fraction of step time spent waiting for data
+    window_s: float = Field(default=60.0, gt=0, le=600)  # how long it must last (and the window it is measured over)
+
+
 class ServerSection(BaseModel):
     """sigil-feed's own settings under `server:`; unknown keys are errors."""
 
@@ -186,6 +195,7 @@ class ServerSection(BaseModel):
     auth: AuthSection | None = None  # None: no token required
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # Prometheus /metrics; None: off, 0: a free port
     cursor_secret_env: str | None = None  # the environment variable holding the key that signs cursors
+    input_bound: InputBoundWarning = Field(default_factory=InputBoundWarning)  # the input-bound warning
 
 
 class DatasetConfig(BaseModel):

@@ -9,12 +9,19 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import ConfigError
-from .service import DataFeedService
+from .service import DataFeedService, OpenStream
+from .stats import input_bound, job_views
 
 CACHE_STATES = ("pending", "building", "ready", "failed")
 CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
@@ -49,6 +56,7 @@ class FeedCollector(Collector):
         yield from self._datasets()
         yield from self._sources()
         yield from self._clients()
+        yield from self._timing()
         rpcs = CounterMetricFamily("sigil_feed_rpcs", "RPCs finished, by method and status code (errors: code != OK)",
                                    labels=["method", "code"])
         for (method, code), count in self.statuses.snapshot():
@@ -110,12 +118,52 @@ class FeedCollector(Collector):
         position = GaugeMetricFamily("sigil_feed_client_batches", "Batches sent on the client's stream",
                                      labels=CLIENT_LABELS)
         for stream in streams:
-            client = stream.client
-            labels = [stream.dataset, str(client.rank), str(client.world_size), client.client_id, client.peer]
+            client, labels = stream.client, _client_labels(stream)
             lag.add_metric(labels, stream.credits.lag_s())
             credits.add_metric(labels, stream.credits.available)
             position.add_metric(labels, client.batches)
         yield from (open_streams, lag, credits, position)
+
+    def _timing(self) -> Iterator[Metric]:
+        """The training loops' data wait, as their clients report it, per client and per job."""
+        streams = [s for s in list(self.service.streams.values()) if s.steps.steps]
+        ratio = GaugeMetricFamily("sigil_feed_client_input_bound_ratio",
+                                  "Share of the training loop's step time spent waiting for data, last minute",
+                                  labels=CLIENT_LABELS)
+        wait = HistogramMetricFamily("sigil_feed_client_wait_seconds",
+                                     "Data wait per training step, as the client measures it", labels=CLIENT_LABELS)
+        step = CounterMetricFamily("sigil_feed_client_step_seconds", "Training step time reported by the client",
+                                   labels=CLIENT_LABELS)
+        rate = GaugeMetricFamily("sigil_feed_client_steps_per_second", "Training steps per second, last minute",
+                                 labels=CLIENT_LABELS)
+        for stream in streams:
+            labels = _client_labels(stream)
+            view = input_bound([(stream.client.rank, stream.client.client_id, stream.steps)])
+            ratio.add_metric(labels, view.fraction_1m)
+            buckets, total = [], 0
+            for bucket in view.wait_histogram:
+                total += bucket.count
+                buckets.append(("+Inf" if bucket.upper_s == float("inf") else repr(bucket.upper_s), total))
+            wait.add_metric(labels, buckets, view.wait_s)
+            step.add_metric(labels, view.step_s)
+            rate.add_metric(labels, view.steps_per_s)
+        job_ratio = GaugeMetricFamily("sigil_feed_job_input_bound_ratio",
+                                      "Share of step time the ranks of a job (one world size) wait for data, last "
+                                      "minute", labels=["dataset", "world_size"])
+        slowest = GaugeMetricFamily("sigil_feed_job_slowest_rank", "The job's rank waiting longest for data",
+                                    labels=["dataset", "world_size"])
+        for name in self.service.datasets:
+            _, jobs = job_views([(s.client.rank, s.client.world_size, s.client.client_id, s.steps)
+                                 for s in streams if s.dataset == name])
+            for job in jobs:
+                job_ratio.add_metric([name, str(job.world_size)], job.input_bound.fraction_1m)
+                slowest.add_metric([name, str(job.world_size)], job.input_bound.slowest_rank)
+        yield from (ratio, wait, step, rate, job_ratio, slowest)
+
+
+def _client_labels(stream: OpenStream) -> list[str]:
+    client = stream.client
+    return [stream.dataset, str(client.rank), str(client.world_size), client.client_id, client.peer]
 
 
 def serve_metrics(service: DataFeedService, statuses: RpcStatuses, *, host: str, port: int) -> WSGIServer:

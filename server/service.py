@@ -19,7 +19,8 @@ from .cursor import decode_cursor
 from .dataset import ServedDataset
 from .errors import RequestError, invalid
 from .feed import Feed, FeedItem
-from .stats import ClientStream, Throughput
+from .stats import ClientStream, StepStats, Throughput, input_bound, job_views
+from .watch import InputBoundWatch
 from .wire import batch_response
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Credits:
         self.closed = False  # the client will send no more credits
         self.draining = False  # the server is shutting down: serve what is granted, accept no more
         self.error: Exception | None = None  # a client error, or gRPC's failure to read the call
+        self.owed_s = 0.0  # summed over the batches sent: how long each was owed (the input-bound warning's cause)
         self.changed = asyncio.Condition()
         self._grant(initial)
 
@@ -111,6 +113,7 @@ class Credits:
                                                                     "batch was sent, resume from the last cursor")
                 return False
             self.available -= 1
+            self.owed_s += time.monotonic() - self.grants[0][0]
             self.grants[0][1] -= 1
             if not self.grants[0][1]:
                 self.grants.popleft()
@@ -125,12 +128,15 @@ class OpenStream:
     client: ClientStream
     credits: Credits
     throughput: Throughput = field(default_factory=Throughput)
+    steps: StepStats = field(default_factory=StepStats)  # the timing the client reports
 
     def to_proto(self) -> feed_pb2.ClientStats:
         """The GetStats view of this stream."""
         stats = self.client.to_proto()
         stats.credits, stats.lag_s, stats.tokens_per_s = (self.credits.available, self.credits.lag_s(),
                                                           self.throughput.rate())
+        stats.batches_per_s = self.throughput.batch_rate()
+        stats.input_bound.CopyFrom(input_bound([(self.client.rank, self.client.client_id, self.steps)]))
         return stats
 
 
@@ -145,10 +151,11 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     """Thin servicer: request checks here, data work in Feed (on the executor), errors in the interceptor."""
 
     def __init__(self, datasets: dict[str, ServedDataset], limits: Limits, executor: Executor,
-                 cursor_secret: bytes = b"") -> None:
+                 cursor_secret: bytes = b"", watch: InputBoundWatch | None = None) -> None:
         self.datasets, self.limits, self.executor = datasets, limits, executor
         self.cursor_secret = cursor_secret
         self.admission = Admission(limits)
+        self.watch = watch or InputBoundWatch()
         self.streams: dict[int, OpenStream] = {}
         self.opened: Counter[str] = Counter()  # streams opened, by dataset
         self.closed: Counter[str] = Counter()
@@ -234,7 +241,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                      dataset.name, request.rank, world, request.batch_size, seq_len, start is not None,
                      extra={**fields, "batch_size": request.batch_size, "seq_len": seq_len,
                             "resume": start is not None})
-            reader = asyncio.create_task(self._read_credits(request_iterator, stream.credits))
+            reader = asyncio.create_task(self._read_credits(request_iterator, stream))
             try:
                 await self._serve(feed, dataset, stream, context)
             finally:
@@ -292,12 +299,16 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         made.set_result(produce(max(1, min(count, INLINE_TOKENS // tokens))))
         return made
 
-    @staticmethod
-    async def _read_credits(request_iterator: AsyncIterator[feed_pb2.StreamRequest], credits: Credits) -> None:
+    async def _read_credits(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
+                            stream: OpenStream) -> None:
+        credits = stream.credits
         try:
             async for request in request_iterator:
                 if not request.HasField("credit"):
                     raise invalid("credit", "after Open a stream only takes Credit messages")
+                if request.credit.HasField("timing"):
+                    self.watch.observe(stream, request.credit.timing, self.datasets[stream.dataset],
+                                       self.streams.values())
                 await credits.add(request.credit.credits)
         except (RequestError, grpc.aio.InternalError) as err:  # InternalError: the call broke (client gone)
             await credits.fail(err)
@@ -324,9 +335,12 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         out = []
         for name in names:
             dataset = self.datasets[name]
-            clients = [s.to_proto() for s in list(self.streams.values()) if s.dataset == name]
+            streams = [s for s in list(self.streams.values()) if s.dataset == name]
+            overall, jobs = job_views([(s.client.rank, s.client.world_size, s.client.client_id, s.steps)
+                                       for s in streams])
             out.append(feed_pb2.DatasetStats(
-                name=name, info=dataset.info(), sources=[c.to_proto() for c in dataset.counters], clients=clients,
+                name=name, info=dataset.info(), sources=[c.to_proto() for c in dataset.counters],
+                clients=[s.to_proto() for s in streams], input_bound=overall, jobs=jobs,
                 cache=dataset.cache_state(),
                 batches_served=dataset.throughput.batches, tokens_served=dataset.throughput.tokens,
                 tokens_per_s=dataset.throughput.rate()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sigil_feed.client.stream import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
+from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
 from tests.integration.conftest import metrics_url
 
 N_PAIRS = 40
@@ -36,6 +37,17 @@ def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]
         text = response.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "stateset": ("",)}
+
+
+def exported_names(server: ServerProcess) -> set[str]:
+    """Every sample name /metrics exports, including those of families with no samples right now."""
+    with urllib.request.urlopen(metrics_url(server), timeout=10) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    return ({s.name for family in families for s in family.samples}
+            | {family.name + suffix for family in families for suffix in SUFFIXES.get(family.type, ("",))})
 
 
 def sample(metrics: dict, name: str, **labels: str) -> float:
@@ -109,3 +121,22 @@ def test_health_command_exits_0_only_for_a_serving_server(server: ServerProcess)
     assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
     down = cli("health", "--target", "127.0.0.1:1", "--timeout", "1")
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exported(server: ServerProcess) -> None:
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) and all("gridPos" in p for p in panels)
+    queries = [t["expr"] for p in panels for t in p["targets"]]
+    queries.append(next(v["definition"] for v in dashboard["templating"]["list"] if v["name"] == "dataset"))
+    used = {name for query in queries for name in re.findall(r"\bsigil_feed_\w+", query)}
+    with BatchStream(server.target, batch_size=2, prefetch=2, client_id="dashboard") as stream:
+        started = time.monotonic()
+        for _ in stream:  # long enough for timing reports (up to two a second) to reach the server
+            time.sleep(0.01)
+            if time.monotonic() - started > 1.5:
+                break
+        exported = exported_names(server)
+    assert used and used <= exported, sorted(used - exported)
+    for panel in ("Input-bound % per rank", "Throughput", "Lag", "Token store build progress", "RPCs by status"):
+        assert any(p["title"].startswith(panel) for p in panels), panel
