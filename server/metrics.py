@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .errors import ConfigError
 from .service import DataFeedService
 
-CACHE_STATES = ("pending", "building", "ready", "failed")
+CACHE_STATES = ("pending", "building", "retrying", "ready", "failed")
 CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
 
 
