@@ -56,7 +56,8 @@ def _ls(args: argparse.Namespace) -> int:
             print(f"{e['path']}  dataset={e['dataset']} samples={e['samples']} tokens={e['tokens']} "
                   f"bytes={e['bytes']}")
         else:
-            print(f"{e['path']}  {e['state']}: {e.get('reason') or e.get('detail')} bytes={e['bytes']}")
+            detail = f"damaged: {e['reason']}" if e["state"] == "damaged" else e["detail"]
+            print(f"{e['path']}  {detail} bytes={e['bytes']}")
     if not any(e["state"] == "ready" for e in entries):
         print("no token stores")
     if any(e["state"] == "stale" for e in entries):
