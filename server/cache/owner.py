@@ -107,7 +107,8 @@ def owner_alive(owner: Owner | None, heartbeat_age: float, *, machine: str) -> b
 
 
 class Heartbeat:
-    """Writes the owner record into a temporary folder and touches it every HEARTBEAT_S until stopped."""
+    """Writes the owner record into a temporary folder and touches it every HEARTBEAT_S until stopped; it stays
+    until the folder is renamed into place or removed, so the folder always names its owner."""
 
     def __init__(self, folder: Path, owner: Owner) -> None:
         self.path = folder / OWNER
@@ -121,13 +122,13 @@ class Heartbeat:
             try:
                 os.utime(self.path)
             except OSError as err:
-                log.warning("cannot touch the build's owner record %s: %s", self.path, err)
+                if not self._stop.is_set():
+                    log.warning("cannot touch the build's owner record %s: %s", self.path, err)
 
     def stop(self) -> None:
-        """Stop touching the record and remove it (the folder is about to become a store, or go)."""
+        """Stop touching the record (the folder has become a store, or is about to go)."""
         self._stop.set()
         self._thread.join()
-        self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .manifest import FORMAT_VERSION, MANIFEST, REQUIRED_FILES, SAMPLES, TOKENS, Manifest, StoreDamaged, read_manifest
-from .owner import Heartbeat, discard, folder_bytes, new_owner, temp_name
+from .owner import OWNER, Heartbeat, discard, folder_bytes, new_owner, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class StoreWriter:
             **meta,
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        self.heartbeat.stop()
         return self._rename_into_place(self.cache_dir / self.fingerprint)
 
     def _rename_into_place(self, final: Path) -> Path:
@@ -109,6 +108,8 @@ class StoreWriter:
         while True:
             try:
                 os.rename(self.tmp, final)
+                self.heartbeat.stop()
+                (final / OWNER).unlink()
                 return final
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -120,7 +121,7 @@ class StoreWriter:
                 discard(final)
                 continue
             log.info("token store %s was finished first by another builder: keeping it, discarding ours", final)
-            discard(self.tmp)
+            self.abort()
             return final
 
     def abort(self) -> None:
@@ -189,6 +190,8 @@ def list_stores(cache_dir: Path) -> list[dict[str, Any]]:
     out = []
     for manifest_file in sorted(cache_dir.glob(f"*/{MANIFEST}")):
         path = manifest_file.parent
+        if path.name.startswith("."):
+            continue  # a temporary folder (see owner.py), not a store
         entry: dict[str, Any] = {"path": str(path), "fingerprint": path.name, "state": "ready",
                                  "bytes": folder_bytes(path)}
         try:

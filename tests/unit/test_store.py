@@ -26,7 +26,7 @@ from sigil_feed.server.cache.owner import (
     temp_name,
     this_machine,
 )
-from sigil_feed.server.cache.store import StoreWriter, open_store
+from sigil_feed.server.cache.store import StoreWriter, list_stores, open_store
 
 FP = "0123456789abcdef"
 META = {"dataset": "d", "tokenizer_fingerprint": "t", "token_facts": {"vocab_size": 100, "eos_id": 0, "pad_id": 0},
@@ -150,12 +150,15 @@ def test_reclaim_removes_only_the_folders_of_builders_that_are_gone(tmp_path: Pa
     assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
 
 
-def test_heartbeat_writes_the_owner_record_and_removes_it_on_stop(tmp_path: Path) -> None:
+def test_a_temporary_folder_names_its_owner_until_it_is_gone(tmp_path: Path) -> None:
     owner = new_owner()
-    beat = Heartbeat(tmp_path, owner)
-    assert json.loads((tmp_path / OWNER).read_text()) == asdict(owner)
+    folder = tmp_path / temp_name(FP, owner)
+    folder.mkdir()
+    beat = Heartbeat(folder, owner)
     beat.stop()
-    assert not (tmp_path / OWNER).exists()
+    assert json.loads((folder / OWNER).read_text()) == asdict(owner)
+    (temp,) = temp_folders(tmp_path)
+    assert temp.owner == owner and temp.alive and temp.describe().startswith(f"building by {owner.label}")
 
 
 def test_two_builders_of_one_fingerprint_in_one_process_keep_the_first_store(tmp_path: Path) -> None:
@@ -182,3 +185,14 @@ def test_discard_leaves_nothing(tmp_path: Path) -> None:
     discard(path)
     discard(path)  # already gone: nothing to do
     assert list(tmp_path.iterdir()) == []
+
+
+def test_list_stores_shows_damaged_stores_and_never_a_temporary_folder(tmp_path: Path) -> None:
+    writer(tmp_path).commit(META)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / MANIFEST).write_text("{}")
+    (tmp_path / f".{FP}.tmp-host-1-token").mkdir()
+    (tmp_path / f".{FP}.tmp-host-1-token" / MANIFEST).write_text("{}")  # a build about to be renamed
+    listed = {Path(s["path"]).name: s for s in list_stores(tmp_path)}
+    assert set(listed) == {FP, "bad"} and listed[FP]["state"] == "ready" and listed[FP]["samples"] == 3
+    assert listed["bad"]["state"] == "damaged" and "format None" in listed["bad"]["reason"]
