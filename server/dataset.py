@@ -6,8 +6,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,12 @@ import numpy as np
 
 from ..protos import feed_pb2
 from .cache.build import BuildProgress, build_store
+from .cache.manifest import StoreDamaged, read_manifest
 from .cache.order import epoch_batches, epoch_order
+from .cache.owner import discard, reclaim
 from .cache.pack import CachedPacker
-from .cache.store import StoreDamaged, TokenStore, open_store
+from .cache.retry import BUILD_BACKOFF
+from .cache.store import TokenStore, open_store
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
 from .errors import ConfigError, RequestError
@@ -80,34 +83,54 @@ class ServedDataset:
         return self.cache_dir / self.content_fingerprint
 
     def prepare(self, *, show_bar: bool = True) -> None:
-        """Cached mode: open the token store, or (re)build it if it is missing or damaged."""
+        """Cached mode: open the token store, or (re)build it if it is missing or damaged; a build that fails
+        with an OSError (disk full, a folder not writable) is retried with exponential backoff."""
         if not self.cached:
             return
         try:
-            self.store = self._open_store()
-            if self.store is None:
-                build_store(self.mix(), self.encoder, cache_dir=self.cache_dir, fingerprint=self.content_fingerprint,
-                            with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar,
-                            on_encoded=self._record_lengths,
-                            meta=lambda: {"dataset": self.name, "sources": [c.snapshot() for c in self.counters]})
-                self.store = self._open_store(verify=False)
+            for attempt in range(1, BUILD_BACKOFF.attempts + 1):
+                try:
+                    self._prepare_once(show_bar)
+                    break
+                except OSError as err:
+                    if attempt == BUILD_BACKOFF.attempts:
+                        raise
+                    delay = BUILD_BACKOFF.delay(attempt)
+                    self.progress.state = "retrying"
+                    self.progress.error = BUILD_BACKOFF.describe(attempt, err, delay)
+                    log.warning("dataset %s: token store build %s", self.name, self.progress.error)
+                    time.sleep(delay)
             assert self.store is not None
-            self.counters = [SourceCounters.restore(s) for s in self.store.manifest["sources"]]
+            self.counters = [SourceCounters.restore(s.model_dump()) for s in self.store.manifest.sources]
             self.progress.state, self.progress.samples = "ready", len(self.store)
-            self.progress.tokens = int(self.store.manifest["tokens"])
+            self.progress.tokens, self.progress.error = self.store.manifest.tokens, ""
         except BaseException as err:
             self.progress.state, self.progress.error = "failed", str(err)
             raise
         finally:
             self.ready.set()
 
+    def _prepare_once(self, show_bar: bool) -> None:
+        """One attempt: reclaim what dead builders left, then open the store or build it from scratch."""
+        reclaim(self.cache_dir)
+        self.store = self._open_store()
+        if self.store is not None:
+            return
+        self.counters = [SourceCounters(spec) for spec in self.specs]  # a retry counts from zero again
+        self.progress.samples = self.progress.tokens = 0
+        build_store(self.mix(), self.encoder, cache_dir=self.cache_dir, fingerprint=self.content_fingerprint,
+                    with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar,
+                    on_encoded=self._record_lengths,
+                    meta=lambda: {"dataset": self.name, "sources": [c.snapshot() for c in self.counters]})
+        self.store = self._open_store(verify=False)
+
     def _stored_facts(self) -> TokenFacts | None:
         """Token facts from an existing store's manifest, so a warm start needs no tokenizer."""
         if not self.cached:
             return None
         try:
-            return TokenFacts(**json.loads((self.store_path / "manifest.json").read_text())["token_facts"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return read_manifest(self.store_path, self.content_fingerprint).token_facts
+        except StoreDamaged:
             return None
 
     def prepare_in_background(self) -> None:
@@ -135,7 +158,7 @@ class ServedDataset:
             return open_store(self.store_path, self.content_fingerprint, verify=verify)
         except StoreDamaged as err:
             log.warning("token store damaged, rebuilding: %s", err)
-            shutil.rmtree(self.store_path, ignore_errors=True)
+            discard(self.store_path)
             return None
 
     def info(self) -> feed_pb2.DatasetInfo:

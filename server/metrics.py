@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .service import DataFeedService, OpenStream
 from .stats import input_bound, job_views
 
-CACHE_STATES = ("pending", "building", "ready", "failed")
+CACHE_STATES = ("pending", "building", "retrying", "ready", "failed")
 CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
 
 

@@ -63,12 +63,12 @@ def write_config(path: Path, dataset: dict[str, Any], **top: Any) -> Path:
 class ServerProcess:
     """`sigil-feed serve` in a subprocess on a free port; its output is kept for assertions."""
 
-    def __init__(self, config: Path | None, *extra: str) -> None:
+    def __init__(self, config: Path | None, *extra: str, preexec_fn: Callable[[], None] | None = None) -> None:
         cmd = [sys.executable, "-m", "sigil_feed.server.cli", "serve", "--port", "0", *extra]
         if config is not None:
             cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
         self.output: list[str] = []
         self.target = self._wait_listening()
         self._drain = threading.Thread(target=self._collect, daemon=True)
@@ -101,8 +101,8 @@ def running_servers() -> Iterator[Callable[..., ServerProcess]]:
     """A starter of real servers; every server it started is killed on exit."""
     servers: list[ServerProcess] = []
 
-    def start(config: Path | None, *extra: str) -> ServerProcess:
-        server = ServerProcess(config, *extra)
+    def start(config: Path | None, *extra: str, preexec_fn: Callable[[], None] | None = None) -> ServerProcess:
+        server = ServerProcess(config, *extra, preexec_fn=preexec_fn)
         servers.append(server)
         return server
 

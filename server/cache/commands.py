@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from .owner import discard, folder_bytes, reclaim, temp_folders
 from .store import list_stores
 
 
@@ -38,26 +38,50 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _temporaries(cache_dir: Path) -> list[dict[str, Any]]:
+    """The temporary folders of builds under way (`building`) or left by builders that are gone (`stale`)."""
+    return [{"path": str(t.path), "fingerprint": t.fingerprint, "state": "building" if t.alive else "stale",
+             "owner": t.owner.label if t.owner else None, "heartbeat_age_s": round(t.heartbeat_age, 1),
+             "bytes": folder_bytes(t.path), "detail": t.describe()} for t in temp_folders(cache_dir)]
+
+
 def _ls(args: argparse.Namespace) -> int:
-    stores: list[dict[str, Any]] = [s for d in _cache_dirs(args) for s in list_stores(d)]
+    entries: list[dict[str, Any]] = [e for d in _cache_dirs(args) if d.is_dir()
+                                     for e in (*list_stores(d), *_temporaries(d))]
     if args.json:
-        print(json.dumps(stores, indent=2))
+        print(json.dumps(entries, indent=2))
         return 0
-    for s in stores:
-        print(f"{s['path']}  dataset={s['dataset']} samples={s['samples']} tokens={s['tokens']} "
-              f"bytes={s['bytes']}")
-    if not stores:
+    for e in entries:
+        if e["state"] == "ready":
+            print(f"{e['path']}  dataset={e['dataset']} samples={e['samples']} tokens={e['tokens']} "
+                  f"bytes={e['bytes']}")
+        else:
+            detail = f"damaged: {e['reason']}" if e["state"] == "damaged" else e["detail"]
+            print(f"{e['path']}  {detail} bytes={e['bytes']}")
+    if not any(e["state"] == "ready" for e in entries):
         print("no token stores")
+    if any(e["state"] == "stale" for e in entries):
+        print("stale temporary folders are reclaimed by the next start or by `sigil-feed cache rm --all`")
     return 0
 
 
 def _rm(args: argparse.Namespace) -> int:
     removed = 0
-    for store in (s for d in _cache_dirs(args) for s in list_stores(d)):
-        if args.all or store["fingerprint"] in args.fingerprints:
-            shutil.rmtree(store["path"])
-            print(f"removed {store['path']}")
-            removed += 1
+    for cache_dir in _cache_dirs(args):
+        if not cache_dir.is_dir():
+            continue
+        for store in list_stores(cache_dir):
+            if args.all or store["fingerprint"] in args.fingerprints:
+                discard(Path(store["path"]))
+                print(f"removed {store['path']}")
+                removed += 1
+        for fingerprint in [None] if args.all else args.fingerprints:
+            for temp in reclaim(cache_dir, fingerprint):
+                print(f"removed {temp.path} ({temp.describe()})")
+                removed += 1
+        for temp in temp_folders(cache_dir):
+            if temp.alive and (args.all or temp.fingerprint in args.fingerprints):
+                print(f"left {temp.path}: {temp.describe()}")
     return 0 if removed or not args.fingerprints else 1
 
 
@@ -75,4 +99,5 @@ def add_cache_commands(sub: Any) -> None:
         parser.set_defaults(func=func)
     verbs.choices["ls"].add_argument("--json", action="store_true")
     verbs.choices["rm"].add_argument("fingerprints", nargs="*", help="stores to remove")
-    verbs.choices["rm"].add_argument("--all", action="store_true", help="remove every store in the folder")
+    verbs.choices["rm"].add_argument("--all", action="store_true",
+                                     help="remove every store and stale temporary folder in the folder")
