@@ -6,6 +6,10 @@ server's cursor secret (`server.cursor_secret_env`; empty when unset) over the v
 holds the fingerprint; so a cursor resumes only the dataset, fingerprint and rank layout it was made for, on
 any server with the same secret, and anything else is FAILED_PRECONDITION. The state is checked against
 the schema of each stage's state before any stage sees it.
+
+Version 1, the released server's cursors (one version byte, then the same compressed JSON, no tag), still
+resumes where no cursor secret is configured: there the tag only detects corruption, which the schema check
+and the fingerprint also catch. A server with a secret refuses them, since anyone could have made one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .errors import RequestError
 from .stage import State
 
 VERSION = 2
+UNSIGNED = 1  # the released server's cursors: no tag
 TAG_BYTES = 16
 MAX_JSON = 64 << 10  # a real cursor's JSON is a few hundred bytes; refuse decompression bombs
 MAX_EPOCH = (1 << 31) - 1  # epochs travel as uint32 on the wire, with room for the next one
@@ -138,14 +143,22 @@ def _body(payload: bytes) -> Any:
 
 def decode_cursor(data: bytes, *, fingerprint: str, rank: int, world_size: int, secret: bytes = b"") -> Cursor:
     """Parse, authenticate and check a cursor against the stream it is meant to resume."""
-    if not data or data[0] != VERSION:
-        raise refused(f"unknown cursor version (this server reads version {VERSION}); start without a cursor")
-    tag, payload = data[1:1 + TAG_BYTES], data[1 + TAG_BYTES:]
+    if data[:1] == bytes([UNSIGNED]):
+        if secret:
+            raise refused("unsigned cursor from an older server; the server has a cursor secret configured "
+                          "(server.cursor_secret_env), so it resumes only cursors signed with it: start without a "
+                          "cursor, or resume it on a server without a cursor secret")
+        tag, payload = None, data[1:]
+    elif data[:1] == bytes([VERSION]):
+        tag, payload = data[1:1 + TAG_BYTES], data[1 + TAG_BYTES:]
+    else:
+        raise refused(f"unknown cursor version (this server reads versions {UNSIGNED} and {VERSION}); "
+                      "start without a cursor")
     raw = _body(payload)
     if isinstance(raw, dict) and raw.get("fp") not in (None, fingerprint):
         raise refused("made for another dataset configuration (sources, filters or tokenizer changed); "
                       "start without a cursor or restore the old configuration")
-    if not hmac.compare_digest(tag, _tag(secret, payload)):
+    if tag is not None and not hmac.compare_digest(tag, _tag(secret, payload)):
         raise refused("not made by this server (its signature does not match: corrupt, edited, or made with "
                       "another server.cursor_secret_env)")
     try:

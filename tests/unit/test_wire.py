@@ -8,7 +8,7 @@ import pytest
 from sigil_feed.client.decode import decode_batch
 from sigil_feed.protos import feed_pb2
 from sigil_feed.server.pack import Rows
-from sigil_feed.server.wire import batch_response, ids_dtype
+from sigil_feed.server.wire import CHUNK, batch_response, ids_dtype, join
 
 
 def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> bytes:
@@ -40,7 +40,8 @@ def padded(rows: int, seq_len: int) -> Rows:
     return Rows(ids, np.full(rows, seq_len, dtype=np.int32), None, None, rows * seq_len)
 
 
-@pytest.mark.parametrize("rows", [packed(16, 4096, False), packed(3, 7, True), padded(2, 5), padded(1, 1),
+@pytest.mark.parametrize("rows", [packed(16, 4096, False), packed(64, 16384, True), packed(3, 7, True),
+                                  padded(2, 5), padded(1, 1),
                                   Rows(np.zeros((0, 4), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32),
                                        None, 0)])
 @pytest.mark.parametrize(("seq", "epoch", "cursor", "vocab"), [(0, 0, b"", 8192), (300, 2, b"c" * 151, 129_280),
@@ -58,3 +59,11 @@ def test_batch_response_decodes_to_the_rows() -> None:
     assert (response.batch.seq, response.batch.epoch, response.batch.cursor) == (9, 1, b"x")
     arrays = decode_batch(response.batch, pack=True)
     assert (arrays["input_ids"] == rows.input_ids).all()
+
+
+@pytest.mark.parametrize("sizes", [[0], [3, 5], [2 * CHUNK + 1], [CHUNK - 1, 2, CHUNK, 7, 3 * CHUNK + 5, 0, 1]])
+def test_join_of_a_big_response_in_chunks_equals_a_plain_join(sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    pieces = [memoryview(rng.integers(0, 256, n, dtype=np.uint8)) if i % 2 else rng.bytes(n)
+              for i, n in enumerate(sizes)]
+    assert join(pieces) == b"".join(pieces)
