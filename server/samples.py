@@ -77,14 +77,14 @@ def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair) -> Sample
         return Sample(*ids, text=text, kind="pair", prompt_chars=prompt_chars,
                       task_type=_meta(value, "_task_type"), split=_meta(value, "_split"))
     for field, kind in (("text", "text"), ("content", "content")):
-        text = value.get(field)
-        if text is not None:
-            error = _text_error(text)
+        body = value.get(field)
+        if body is not None:
+            error = _text_error(body)
             if error:
                 return error
             path = value.get("path")
             if path is None and kind == "content":
                 path = value.get("max_stars_repo_path")
-            return Sample(*ids, text=text, kind=kind, path=path if isinstance(path, str) else None,
+            return Sample(*ids, text=body, kind=kind, path=path if isinstance(path, str) else None,
                           split=_meta(value, "_split"))
     return "missing_fields"

@@ -495,3 +495,14 @@ def test_hf_hub_name_from_offline_cache(tmp_path: Path, offline: None,
 def test_hf_unknown_name_fails_at_open_with_hint(tmp_path: Path, offline: None) -> None:
     with pytest.raises(SourceError, match=r"acme/absent.*HF_DATASETS_CACHE / cache_dir.*HF_HUB_OFFLINE=0"):
         open_source("acme/absent", 0, base_dir=tmp_path, cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_null_text_is_missing_fields_in_every_source(tmp_path: Path, offline: None) -> None:
+    import datasets
+
+    write_compressed(tmp_path / "n.jsonl", b'{"text": null}\n')
+    table = pa.table({"text": pa.array([None], pa.string())})
+    pq.write_table(table, tmp_path / "n.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+    for spec in (f"local:{tmp_path / 'n.jsonl'}", f"parquet:{tmp_path / 'n.parquet'}", str(tmp_path / "hf")):
+        assert [normalise(r) for r in read(spec, tmp_path)] == ["missing_fields"], spec
