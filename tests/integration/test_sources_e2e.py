@@ -5,6 +5,8 @@ a JSONL directory (plain, .gz and .zst), a Parquet glob, a Hugging Face dataset 
 from an offline cache, and a file of pipeline pairs. Every record's fate is written down by hand in the
 tables below (the data contract's rules applied by a person, not by sigil-feed's code), and the tests
 compare what the real client receives, and what `sigil-feed stats --json` reports, against them.
+A second server serves records that must never reach the tokenizer (lone surrogates, invalid UTF-8 in
+Parquet, deep JSON, null text), in streaming and cached mode, skipping them or failing on them.
 """
 
 from __future__ import annotations
