@@ -24,7 +24,7 @@ from .cache.retry import BUILD_BACKOFF
 from .cache.store import TokenStore, open_store
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
-from .errors import ConfigError, RequestError
+from .errors import ConfigError, RequestError, SourceError
 from .filters import make_filter
 from .mixing import Mixer
 from .order import BlockShuffle
@@ -69,6 +69,7 @@ class ServedDataset:
         self.cache_dir = Path(self.section.cache_dir) if self.section.cache_dir else default_cache_dir()
         self.progress = BuildProgress(state="ready" if not self.cached else "pending")
         self.store: TokenStore | None = None
+        self.build_error: BaseException | None = None
         self.facts = self._stored_facts() or self.encoder.facts()  # loads the tokenizer unless a store has them
         self.ready = threading.Event()
         if not self.cached:
@@ -105,7 +106,7 @@ class ServedDataset:
             self.progress.state, self.progress.samples = "ready", len(self.store)
             self.progress.tokens, self.progress.error = self.store.manifest.tokens, ""
         except BaseException as err:
-            self.progress.state, self.progress.error = "failed", str(err)
+            self.progress.state, self.progress.error, self.build_error = "failed", str(err), err
             raise
         finally:
             self.ready.set()
@@ -145,11 +146,14 @@ class ServedDataset:
             log.exception("dataset %s: building the token store failed", self.name)
 
     def wait_ready(self) -> None:
-        """Block until the dataset can serve; UNAVAILABLE if its token store could not be built."""
+        """Block until the dataset can serve; UNAVAILABLE if its token store could not be built, DATA_LOSS
+        if a bad record stopped the build (on_bad_record: fail), which no retry can get past."""
         self.ready.wait()
         if self.progress.state == "failed":
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"dataset {self.name!r}: token store build failed: {self.progress.error}")
+            message = f"dataset {self.name!r}: token store build failed: {self.progress.error}"
+            if isinstance(self.build_error, SourceError):
+                raise SourceError(message)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, message)
 
     def _open_store(self, verify: bool = True) -> TokenStore | None:
         if not self.store_path.exists():

@@ -44,27 +44,47 @@ def _meta(value: dict[str, Any], key: str) -> str | None:
     return item if isinstance(item, str) else None
 
 
+def _text_error(item: object) -> str | None:
+    """Why a value cannot be training text: not a string (bad_type), or not encodable as UTF-8 (bad_utf8:
+    a lone surrogate, as JSON's escaped "\\ud800" or undecodable Arrow bytes give), else None."""
+    if not isinstance(item, str):
+        return "bad_type"
+    if item.isascii():
+        return None
+    try:
+        item.encode()
+    except UnicodeEncodeError:
+        return "bad_utf8"
+    return None
+
+
 def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair) -> Sample | str:
-    """Turn a raw record into a Sample, or return the malformed reason (missing_fields, bad_type, ...)."""
+    """Turn a raw record into a Sample, or return the malformed reason (missing_fields, bad_type, bad_utf8, ...).
+
+    A null field counts as missing, as a null column in Parquet or Arrow does. Every string that reaches the
+    tokenizer (prompt and gen before any chat template, text, content) is checked here.
+    """
     value = record.value
     if value is None:
         return record.error or "bad_json"
     ids = (record.source, record.file, record.row)
-    if "prompt" in value and "gen" in value:
+    if value.get("prompt") is not None and value.get("gen") is not None:
         prompt, gen = value["prompt"], value["gen"]
-        if not isinstance(prompt, str) or not isinstance(gen, str):
-            return "bad_type"
+        error = _text_error(prompt) or _text_error(gen)
+        if error:
+            return error
         text, prompt_chars = pair_format(prompt, gen)
         return Sample(*ids, text=text, kind="pair", prompt_chars=prompt_chars,
                       task_type=_meta(value, "_task_type"), split=_meta(value, "_split"))
     for field, kind in (("text", "text"), ("content", "content")):
-        if field in value:
-            text = value[field]
-            if not isinstance(text, str):
-                return "bad_type"
+        body = value.get(field)
+        if body is not None:
+            error = _text_error(body)
+            if error:
+                return error
             path = value.get("path")
             if path is None and kind == "content":
                 path = value.get("max_stars_repo_path")
-            return Sample(*ids, text=text, kind=kind, path=path if isinstance(path, str) else None,
+            return Sample(*ids, text=body, kind=kind, path=path if isinstance(path, str) else None,
                           split=_meta(value, "_split"))
     return "missing_fields"

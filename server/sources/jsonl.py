@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 BUFFER_BYTES = 1 << 20
 ZSTD_MAX_WINDOW = 1 << 31  # accept files written with `zstd --long=31`
-READ_ERRORS = (OSError, EOFError, zstandard.ZstdError)  # unreadable, truncated gzip, corrupt zstd
+ZSTD_INPUT_BYTES = 1 << 13  # compressed bytes per step: bounds what one step may expand to
+READ_ERRORS = (OSError, EOFError, zstandard.ZstdError)  # unreadable, truncated gzip or zstd, corrupt zstd
 
 
 def is_plain(path: str) -> bool:
@@ -28,19 +29,58 @@ def is_plain(path: str) -> bool:
     return not path.endswith((".gz", ".zst", ".zstd"))
 
 
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstd file, frame after frame; like gzip, it raises EOFError when the file
+    ends inside a frame (zstandard's own stream reader ends quietly there, so a cut file lost data silently)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = io.FileIO(path)
+        self._context = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._frame = self._context.decompressobj()
+        self._in_frame = False  # part of a frame was read and its end was not
+        self._input = b""  # compressed bytes read after the end of the last frame
+        self._output = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill buffer with decompressed bytes; 0 at the end of the last frame."""
+        while not self._output:
+            data, self._input = self._input or self._file.read(ZSTD_INPUT_BYTES), b""
+            if not data:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of its last zstd frame")
+                return 0
+            self._output = memoryview(self._frame.decompress(data))
+            self._in_frame = not self._frame.eof
+            if self._frame.eof:
+                self._input, self._frame = self._frame.unused_data, self._context.decompressobj()
+        size = min(len(buffer), len(self._output))
+        buffer[:size], self._output = self._output[:size], self._output[size:]
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def open_lines(path: str) -> io.BufferedIOBase:
     """Open a JSONL file for binary line iteration, decompressing by suffix."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-        reader = decompressor.stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)  # noqa: SIM115
-        return io.BufferedReader(reader, BUFFER_BYTES)  # type: ignore[arg-type]
+        return io.BufferedReader(ZstdReader(path), BUFFER_BYTES)
     return io.BufferedReader(io.FileIO(path), BUFFER_BYTES)
 
 
-def parse_failed(line: bytes) -> tuple[dict[str, Any] | None, str | None] | None:
-    """Classify a rejected line: None if blank, a value if only a BOM was in the way, else a reason."""
+def json_error(err: Exception) -> str:
+    """The malformed reason of a line json cannot load: too_deep if only its nesting was too deep."""
+    return "too_deep" if isinstance(err, RecursionError) else "bad_json"
+
+
+def parse_failed(line: bytes, err: Exception) -> tuple[dict[str, Any] | None, str | None] | None:
+    """Classify a line json rejected with err: None if blank, a value if only a BOM was in the way, else a reason."""
     if line.isspace():
         return None
     try:
@@ -50,10 +90,10 @@ def parse_failed(line: bytes) -> tuple[dict[str, Any] | None, str | None] | None
     if text.startswith("\ufeff"):
         try:
             value = json.loads(text[1:])
-        except (ValueError, RecursionError):
-            return None, "bad_json"
+        except (ValueError, RecursionError) as retry:
+            return None, json_error(retry)
         return (value, None) if type(value) is dict else (None, "bad_type")
-    return None, "bad_json"
+    return None, json_error(err)
 
 
 class JsonlSource(Source):
@@ -99,14 +139,15 @@ class JsonlSource(Source):
                             value, error = loads(line.decode()), None
                             if type(value) is not dict:
                                 value, error = None, "bad_type"
-                        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
-                            failed = parse_failed(line)
+                        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+                            failed = parse_failed(line, err)
                             if failed is None:
                                 continue
                             value, error = failed
                         self._pos = (file, row, offset)
                         yield RawRecord(index, file, row - 1, f"{path}:{row}", value, error)
             except READ_ERRORS as err:
-                log.warning("%s: cannot read %s at line %d: %s", self.spec, path, row + 1, err)
+                log.warning("%s: cannot read %s after line %d, its last good line (%s); the rest of the file "
+                            "is skipped", self.spec, path, row, err)
                 self._pos = (file + 1, 0, 0)
                 yield RawRecord(index, file, row, f"{path}:{row + 1}", None, "bad_file")

@@ -5,6 +5,8 @@ a JSONL directory (plain, .gz and .zst), a Parquet glob, a Hugging Face dataset 
 from an offline cache, and a file of pipeline pairs. Every record's fate is written down by hand in the
 tables below (the data contract's rules applied by a person, not by sigil-feed's code), and the tests
 compare what the real client receives, and what `sigil-feed stats --json` reports, against them.
+A second server serves records that must never reach the tokenizer (lone surrogates, invalid UTF-8 in
+Parquet, deep JSON, null text), in streaming and cached mode, skipping them or failing on them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers import AutoTokenizer
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import FeedServerError
-from tests.conftest import TOKENIZER_DIR, ServerProcess, write_compressed, write_config
+from tests.conftest import TOKENIZER_DIR, ServerProcess, running_servers, write_compressed, write_config
 
 IGNORE = -100
 HUB_OWNER, HUB_NAME = "acme", "rust-e2e"
@@ -204,7 +206,7 @@ def kept(fates: list[Fate], legacy: bool = False) -> list[str]:
 
 def outcome(reasons: list[str | None]) -> dict[str, Any]:
     """A source's expected stats from the fate of each record it reads."""
-    malformed = {"bad_json", "bad_utf8", "bad_type", "missing_fields"}
+    malformed = {"bad_json", "bad_utf8", "too_deep", "bad_type", "missing_fields", "bad_file"}
     counts = Counter(r for r in reasons if r is not None)
     return {"read": len(reasons), "kept": reasons.count(None),
             "dropped": {r: n for r, n in counts.items() if r not in malformed},
@@ -234,25 +236,29 @@ class Row:
     labels: list[int]
 
 
-class Served:
-    """The module's server and, per dataset, every row of its single epoch (read once, then remembered)."""
+def rows_of(batch: dict[str, Any]) -> list[Row]:
+    """The rows of an unpacked batch, each checked to be masked and ignored past its real tokens."""
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        real = mask.bool()
+        assert (labels[~real] == IGNORE).all()
+        rows.append(Row(ids[real].tolist(), labels[real].tolist()))
+    return rows
 
-    def __init__(self, server: ServerProcess, corpus: Corpus) -> None:
-        self.server, self.corpus, self.target = server, corpus, server.target
+
+class ServedData:
+    """A server and, per dataset, every row of its single epoch (read once, then remembered)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server, self.target = server, server.target
         self._rows: dict[str, list[Row]] = {}
 
     def rows(self, dataset: str) -> list[Row]:
         """Every row of the dataset's epoch, read through the real client."""
         if dataset not in self._rows:
-            rows = []
-            for batch in FeedDataset(self.target, dataset, batch_size=4, reconnect_deadline_s=10):
-                assert set(batch) == {"input_ids", "labels", "attention_mask"}
-                for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                             strict=True):
-                    real = mask.bool()
-                    assert (labels[~real] == IGNORE).all()
-                    rows.append(Row(ids[real].tolist(), labels[real].tolist()))
-            self._rows[dataset] = rows
+            batches = FeedDataset(self.target, dataset, batch_size=4, reconnect_deadline_s=10)
+            self._rows[dataset] = [row for batch in batches for row in rows_of(batch)]
         return self._rows[dataset]
 
     def stats(self) -> dict[str, list[dict[str, Any]]]:
@@ -266,6 +272,14 @@ class Served:
                                    "malformed": {k: int(v) for k, v in s["malformed"].items()}}
                                   for s in ds["sources"]]
         return result
+
+
+class Served(ServedData):
+    """The module's server over the corpus."""
+
+    def __init__(self, server: ServerProcess, corpus: Corpus) -> None:
+        super().__init__(server)
+        self.corpus = corpus
 
 
 @pytest.fixture(scope="module")
@@ -411,3 +425,84 @@ def test_stats_json_accounts_for_every_record_of_every_source(served: Served) ->
     first_bad = len(CODE_A) + BAD_UTF8_LINE  # the strict stream read up to the bad line and stopped there
     assert stats["strict"] == [{"spec": corpus.code, **outcome(code_reasons()[:first_bad])}]
     assert sum(s["kept"] for s in stats["default"]) == len(served.rows("default"))
+
+
+# --- records that must never reach the tokenizer, in both modes ------------------------------------
+# A lone surrogate (JSON's escaped "\\ud800") or invalid UTF-8 in Parquet has no UTF-8 encoding, so the
+# tokenizer raised on the whole batch: the store build failed, or the stream ended INTERNAL at every resume.
+
+LONE = '"bad \\ud800 text"'  # as it appears in a JSON line
+DEEP = b'{"a": ' * 10_000 + b"1" + b"}" * 10_000
+TEXT_LINES = [dumps({"text": rust("kept_0")}), dumps({"text": rust("kept_1")}), f'{{"text": {LONE}}}'.encode(),
+              dumps({"text": rust("kept_3")}), DEEP, b'{"text": null}', dumps({"text": rust("kept_6")})]
+TEXT_KEPT = [rust("kept_0"), rust("kept_1"), rust("kept_3"), rust("kept_6")]
+TEXT_MALFORMED = {"bad_utf8": 1, "too_deep": 1, "missing_fields": 1}
+LONE_LINE = 3  # 1-based line of text.jsonl.zst holding the lone surrogate
+PARQUET_TEXTS = [rust("parquet_0").encode(), rust("parquet_\xff").encode("latin-1"), rust("parquet_2").encode()]
+PAIR_LINES = [dumps(CHAT_PAIRS[0]), f'{{"prompt": "fn f() {{", "gen": {LONE}}}'.encode(), dumps(CHAT_PAIRS[1])]
+
+
+def invalid_utf8_parquet(path: Path, values: list[bytes]) -> None:
+    """A Parquet file whose `text` column holds these bytes unchecked (Arrow does not validate on write)."""
+    offsets = pa.array([sum(map(len, values[:i])) for i in range(len(values) + 1)], pa.int32()).buffers()[1]
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), len(values),
+                                                           [None, offsets, pa.py_buffer(b"".join(values))])}), path)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedData]:
+    """A server over files holding such records: streaming and cached datasets, skip and fail."""
+    root = tmp_path_factory.mktemp("bad-records")
+    write_lines(root / "text.jsonl.zst", TEXT_LINES)
+    invalid_utf8_parquet(root / "part.parquet", PARQUET_TEXTS)
+    write_lines(root / "pairs.jsonl", PAIR_LINES)
+    names = [f"local:{root / 'text.jsonl.zst'}", f"parquet:{root / 'part.parquet'}", f"local:{root / 'pairs.jsonl'}"]
+    strict = {"names": names[:1], "on_bad_record": "fail"}
+    datasets = {"cached": {"use_cache": True}, "chat": {"names": names[2:], "chat_template": True},
+                "strict": strict, "strict_cached": {**strict, "use_cache": True}}
+    config = write_config(root / "trainer.yaml", {"names": names, "use_cache": False, "epochs": 1, "remainder": "keep",
+                                                  "cache_dir": str(root / "cache")},
+                          max_seq_len=256, pack=False,
+                          server={"datasets": {name: {"dataset": d} for name, d in datasets.items()}})
+    with running_servers() as start:
+        yield ServedData(start(config))
+
+
+@pytest.mark.parametrize("dataset", ["default", "cached"])
+def test_unencodable_records_are_skipped_counted_and_logged(bad: ServedData, tokenizer: Any, dataset: str) -> None:
+    pairs = [text_of(CHAT_PAIRS[0]), text_of(CHAT_PAIRS[1])]
+    parquet = [t.decode() for t in PARQUET_TEXTS[::2]]
+    assert sorted(texts(bad.rows(dataset), tokenizer)) == sorted(TEXT_KEPT + parquet + pairs)
+    assert [(s["kept"], s["malformed"]) for s in bad.stats()[dataset]] == [
+        (4, TEXT_MALFORMED), (2, {"bad_utf8": 1}), (2, {"bad_utf8": 1})]
+    log = "".join(bad.server.output)
+    assert f"text.jsonl.zst:{LONE_LINE}: skipped bad record (bad_utf8)" in log
+    assert "part.parquet row-group 0 row 1: skipped bad record (bad_utf8)" in log
+    assert "pairs.jsonl:2: skipped bad record (bad_utf8)" in log
+
+
+def test_chat_template_never_sees_an_unencodable_pair(bad: ServedData, tokenizer: Any) -> None:
+    assert len(bad.rows("chat")) == 2
+    assert bad.stats()["chat"][0]["malformed"] == {"bad_utf8": 1}
+
+
+@pytest.mark.parametrize("dataset", ["strict", "strict_cached"])
+def test_fail_mode_ends_the_stream_with_data_loss_naming_file_and_line(bad: ServedData, dataset: str) -> None:
+    with pytest.raises(FeedServerError) as info:
+        bad.rows(dataset)
+    assert info.value.code == grpc.StatusCode.DATA_LOSS
+    assert f"text.jsonl.zst:{LONE_LINE}: bad record (bad_utf8)" in info.value.details
+
+
+def test_streaming_cursor_resumes_past_the_record(bad: ServedData, tokenizer: Any) -> None:
+    whole = texts(bad.rows("default"), tokenizer)
+    for cut in range(len(TEXT_KEPT) + 1):  # cursors before and after the bad lines of the first file
+        first = FeedDataset(bad.target, batch_size=1, reconnect_deadline_s=10)
+        batches = iter(first)
+        head = [row for _, batch in zip(range(cut), batches, strict=False) for row in rows_of(batch)]
+        cursor = first.state_dict()
+        batches.close()  # type: ignore[attr-defined]
+        resumed = FeedDataset(bad.target, batch_size=1, reconnect_deadline_s=10)
+        resumed.load_state_dict(cursor)
+        rest = [row for batch in resumed for row in rows_of(batch)]
+        assert texts(head + rest, tokenizer) == whole, cut

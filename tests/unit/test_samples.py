@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -72,6 +73,8 @@ def test_non_string_path_is_dropped() -> None:
     ({"text": "t", "content": "c"}, "text"),
     ({"prompt": "p", "text": "t"}, "text"),  # a pair needs both prompt and gen
     ({"gen": "g", "content": "c"}, "content"),
+    ({"text": None, "content": "c"}, "content"),  # null is missing, as a null Parquet or Arrow column is
+    ({"prompt": "p", "gen": None, "text": "t"}, "text"),
 ])
 def test_detection_order(value: dict[str, Any], kind: str) -> None:
     sample = normalise(raw(value))
@@ -79,17 +82,17 @@ def test_detection_order(value: dict[str, Any], kind: str) -> None:
     assert sample.kind == kind
 
 
-@pytest.mark.parametrize("value", [{}, {"prompt": "p"}, {"gen": "g"}, {"body": "x", "path": "a.rs"}])
+@pytest.mark.parametrize("value", [{}, {"prompt": "p"}, {"gen": "g"}, {"body": "x", "path": "a.rs"},
+                                   {"text": None}, {"prompt": "p", "gen": None}, {"content": None, "path": "a.rs"}])
 def test_missing_fields(value: dict[str, Any]) -> None:
     assert normalise(raw(value)) == "missing_fields"
 
 
 @pytest.mark.parametrize("value", [
     {"prompt": 1, "gen": "g"},
-    {"prompt": "p", "gen": None},
     {"prompt": ["p"], "gen": "g", "text": "t"},  # the pair is chosen, so its bad type counts
     {"text": 5},
-    {"text": None, "content": "c"},  # text is chosen first
+    {"text": 0, "content": "c"},  # text is chosen first
     {"content": {"a": 1}},
     {"content": b"bytes"},
 ])
@@ -101,3 +104,31 @@ def test_bad_type(value: dict[str, Any]) -> None:
                                                (None, "bad_json")])
 def test_malformed_raw_record_passes_its_error_through(error: str | None, reason: str) -> None:
     assert normalise(raw(None, error)) == reason
+
+
+LONE = "bad \ud800 text"  # what json.loads makes of an escaped lone surrogate: no UTF-8 encoding exists
+
+
+@pytest.mark.parametrize("value", [
+    {"text": LONE},
+    {"content": LONE, "path": "src/lib.rs"},
+    {"prompt": LONE, "gen": "g"},
+    {"prompt": "p", "gen": "tail \udfff"},
+    {"text": LONE, "content": "ok"},
+    {"text": "ab\udcff"},  # invalid bytes decoded with surrogateescape (Arrow sources)
+])
+def test_lone_surrogates_are_bad_utf8_before_any_format(value: dict[str, Any]) -> None:
+    formatted: list[tuple[str, str]] = []
+
+    def chat(prompt: str, gen: str) -> tuple[str, int]:
+        formatted.append((prompt, gen))
+        return prompt + gen, len(prompt)
+
+    assert normalise(raw(value), chat) == "bad_utf8"
+    assert formatted == []  # the chat template never sees the string
+
+
+@pytest.mark.parametrize("text", ["caf\u00e9", "\u4e2d\u6587", json.loads('"emoji \\ud83d\\ude00 (an escaped pair)"')])
+def test_valid_non_ascii_text_is_kept(text: str) -> None:
+    sample = normalise(raw({"text": text}))
+    assert isinstance(sample, Sample) and sample.text == text

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,7 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.errors import SourceError
+from sigil_feed.server.samples import normalise
 from sigil_feed.server.sources import RawRecord, Source, open_source
+from sigil_feed.server.sources.jsonl import SUFFIXES as jsonl_suffixes
 from tests.conftest import write_compressed
 
 PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "train",
@@ -78,6 +82,53 @@ def test_file_directory_and_glob_expand_sorted(tmp_path: Path) -> None:
         str(data / "b.jsonl"), str(data / "sub/d.jsonl")]
     names = ("a.jsonl.zst", "b.jsonl", "c.jsonl.gz")
     assert values(read(f"local:{data}", tmp_path)) == [{"text": n} for n in names]
+
+
+@pytest.mark.parametrize("pattern", ["/**/*.jsonl", "/*", "", "/**"])
+def test_folder_link_loops_read_each_real_file_once(tmp_path: Path, pattern: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "dir"
+    write_compressed(data / "a.jsonl", jsonl([{"text": "a1"}, {"text": "a2"}]))
+    write_compressed(data / "sub" / "b.jsonl", jsonl([{"text": "b"}]))
+    (data / "self").symlink_to(".")
+    (data / "sub" / "up").symlink_to("..")
+    (data / "alias.jsonl").symlink_to("a.jsonl")
+    spec = f"local:{data}{pattern}"
+    with caplog.at_level(logging.WARNING):
+        first = open_source(spec, 0, base_dir=tmp_path)
+        second = open_source(spec, 0, base_dir=tmp_path)
+    expected = [str(data / "a.jsonl")] + ([str(data / "sub" / "b.jsonl")] if pattern else [])
+    assert first.files == second.files == expected
+    assert first.identity() == second.identity()  # the fingerprint's part is stable
+    assert sorted(r.value["text"] for r in first if r.value) == ["a1", "a2", "b"][:len(expected) + 1]
+    skipped = [r.getMessage() for r in caplog.records if "skipping link" in r.getMessage()]
+    assert len(skipped) == len(set(skipped))  # each link logged once, however often the source is opened
+    if pattern:
+        assert any(f"{data / 'self'} -> {data}" in m and "back into the listed tree" in m for m in skipped)
+    assert any(f"{data / 'alias.jsonl'} -> {data / 'a.jsonl'}" in m for m in skipped)
+
+
+def test_folder_link_out_of_the_tree_is_followed_once(tmp_path: Path) -> None:
+    write_compressed(tmp_path / "outside" / "o.jsonl", jsonl([{"text": "o"}]))
+    data = tmp_path / "dir"
+    write_compressed(data / "a.jsonl", jsonl([{"text": "a"}]))
+    for name in ("link1", "link2"):  # two links to one folder: the first by name is listed
+        (data / name).symlink_to(tmp_path / "outside")
+    (tmp_path / "outside" / "back").symlink_to(data)  # a loop through the outside folder
+    for pattern in ("/**/*.jsonl", "/*"):
+        assert open_source(f"local:{data}{pattern}", 0, base_dir=tmp_path).files == [
+            str(data / "a.jsonl"), str(data / "link1" / "o.jsonl")]
+
+
+def test_glob_matches_like_glob_module(tmp_path: Path) -> None:
+    for name in ("a.jsonl", "x/b.jsonl", "x/y/c.jsonl", "x/y/z/d.jsonl", ".hidden/e.jsonl", "x/.f.jsonl",
+                 "x/y/notes.txt", "w1/g.jsonl", "w2/h.jsonl.gz"):
+        write_compressed(tmp_path / name, jsonl([{"text": name}]))
+    for pattern in ("**/*.jsonl", "*/*.jsonl", "x/**", "x/*/*.jsonl", "w[12]/*", "w?", "x/**/y/*", "**/z/*.jsonl"):
+        want = sorted({str(p) for m in glob.glob(str(tmp_path / pattern), recursive=True)
+                       for p in ([q for q in Path(m).iterdir() if q.name.endswith(jsonl_suffixes) and q.is_file()]
+                                 if Path(m).is_dir() else [Path(m)])})
+        assert open_source(f"local:{tmp_path}/{pattern}", 0, base_dir=tmp_path).files == want, pattern
 
 
 def test_parquet_directory_lists_only_parquet(tmp_path: Path) -> None:
@@ -146,6 +197,7 @@ def test_malformed_lines_and_blank_lines(tmp_path: Path) -> None:
         b"42",
         b"\xef\xbb\xbf" + b'{"text": "bom"}',
         b"[" * 100_000,
+        b'{"a": ' * 10_000 + b"1" + b"}" * 10_000,  # valid JSON, nested deeper than json can parse
         b'{"text": "last, no newline"}',
     ]
     path = write_compressed(tmp_path / "d.jsonl", b"\n".join(lines))
@@ -158,8 +210,9 @@ def test_malformed_lines_and_blank_lines(tmp_path: Path) -> None:
         (5, f"{path}:6", None, "bad_type"),
         (6, f"{path}:7", None, "bad_type"),
         (7, f"{path}:8", {"text": "bom"}, None),
-        (8, f"{path}:9", None, "bad_json"),
-        (9, f"{path}:10", {"text": "last, no newline"}, None),
+        (8, f"{path}:9", None, "too_deep"),
+        (9, f"{path}:10", None, "too_deep"),
+        (10, f"{path}:11", {"text": "last, no newline"}, None),
     ]
 
 
@@ -199,6 +252,41 @@ def test_unreadable_and_corrupt_files_become_one_bad_file_record(tmp_path: Path)
     assert records[1].row == 0 and records[-2].row == 0  # b and d fail at the start
     c_rows = [r.row for r in records if r.file == 2]
     assert c_rows == list(range(len(c_rows))) and len(c_rows) > 1
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory: pytest.TempPathFactory) -> dict[int, bytes]:
+    """JSONL bytes of 2,000 and 20,000 records."""
+    return {n: jsonl([{"text": f"record {i} " + "x" * (i % 50)} for i in range(n)]) for n in (2_000, 20_000)}
+
+
+@pytest.mark.parametrize("records", [2_000, 20_000])
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_truncated_compressed_file_is_bad_file_after_its_last_good_line(
+        tmp_path: Path, big_files: dict[int, bytes], records: int, cut: float, suffix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    whole = write_compressed(tmp_path / f"whole{suffix}", big_files[records]).read_bytes()
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(whole[: int(len(whole) * cut)])
+    source = open_source(f"local:{tmp_path}/cut*", 0, base_dir=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        got = list(source)
+    good = len(got) - 1
+    assert [r.value for r in got[:good]] == [{"text": f"record {i} " + "x" * (i % 50)} for i in range(good)]
+    # the torn line is no bad_json: the file ends with one bad_file record
+    assert (got[-1].row, got[-1].location, got[-1].error) == (good, f"{path}:{good + 1}", "bad_file")
+    assert any(f"cannot read {path} after line {good}, its last good line" in r.getMessage() for r in caplog.records)
+    source.set_state({"file": 0, "row": good})  # a cursor at the tear resumes to the same verdict
+    assert [r.error for r in source] == ["bad_file"]
+
+
+def test_lone_surrogate_in_jsonl_is_read_and_normalised_to_bad_utf8(tmp_path: Path) -> None:
+    lines = [b'{"text": "bad \\ud800 text"}', b'{"prompt": "p", "gen": "\\udfff"}', b'{"text": "ok \\ud83d\\ude00"}']
+    path = write_compressed(tmp_path / "s.jsonl.zst", b"\n".join(lines))
+    got = [(r.location, normalise(r)) for r in read(f"local:{path}", tmp_path)]
+    assert [(loc, s if isinstance(s, str) else s.text) for loc, s in got] == [
+        (f"{path}:1", "bad_utf8"), (f"{path}:2", "bad_utf8"), (f"{path}:3", "ok \U0001f600")]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
@@ -286,6 +374,21 @@ def test_corrupt_parquet_is_one_bad_file_record(tmp_path: Path, corrupt: bytes |
         (0, 0, {"text": "a"}, None), (1, 0, None, "bad_file"), (2, 0, {"text": "c"}, None)]
 
 
+def invalid_utf8_table() -> pa.Table:
+    """A table whose `text` column holds invalid UTF-8 in row 1 (Arrow does not check it on write)."""
+    values = [b"fine", b"caf\xe9", b"also fine"]
+    offsets = pa.array([0, 4, 8, 17], pa.int32()).buffers()[1]
+    text = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"".join(values))])
+    return pa.table({"text": text, "path": ["a.rs", "b.rs", "c.rs"]})
+
+
+def test_parquet_invalid_utf8_is_one_bad_utf8_record(tmp_path: Path) -> None:
+    pq.write_table(invalid_utf8_table(), tmp_path / "a.parquet")
+    records = read(f"parquet:{tmp_path}", tmp_path)
+    assert [normalise(r) if r.row == 1 else r.value for r in records] == [
+        {"text": "fine", "path": "a.rs"}, "bad_utf8", {"text": "also fine", "path": "c.rs"}]
+
+
 def test_parquet_resume_from_every_state(tmp_path: Path) -> None:
     write_parquet(tmp_path / "a.parquet", [{"text": str(i)} for i in range(11)], group_rows=4)
     write_parquet(tmp_path / "b.parquet", [{"content": "x", "path": "p"}], group_rows=4)
@@ -336,6 +439,15 @@ def test_hf_save_to_disk_directory(tmp_path: Path, offline: None) -> None:
     check_resume(sliced)
 
 
+def test_hf_invalid_utf8_is_one_bad_utf8_record(tmp_path: Path, offline: None) -> None:
+    import datasets
+
+    datasets.Dataset(invalid_utf8_table()).save_to_disk(str(tmp_path / "saved"))
+    records = read(str(tmp_path / "saved"), tmp_path)
+    assert [normalise(r) if r.row == 1 else r.value for r in records] == [
+        {"text": "fine", "path": "a.rs"}, "bad_utf8", {"text": "also fine", "path": "c.rs"}]
+
+
 def test_hf_without_needed_columns_yields_empty_records(tmp_path: Path, offline: None) -> None:
     import datasets
 
@@ -383,3 +495,14 @@ def test_hf_hub_name_from_offline_cache(tmp_path: Path, offline: None,
 def test_hf_unknown_name_fails_at_open_with_hint(tmp_path: Path, offline: None) -> None:
     with pytest.raises(SourceError, match=r"acme/absent.*HF_DATASETS_CACHE / cache_dir.*HF_HUB_OFFLINE=0"):
         open_source("acme/absent", 0, base_dir=tmp_path, cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_null_text_is_missing_fields_in_every_source(tmp_path: Path, offline: None) -> None:
+    import datasets
+
+    write_compressed(tmp_path / "n.jsonl", b'{"text": null}\n')
+    table = pa.table({"text": pa.array([None], pa.string())})
+    pq.write_table(table, tmp_path / "n.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+    for spec in (f"local:{tmp_path / 'n.jsonl'}", f"parquet:{tmp_path / 'n.parquet'}", str(tmp_path / "hf")):
+        assert [normalise(r) for r in read(spec, tmp_path)] == ["missing_fields"], spec
