@@ -10,6 +10,7 @@ from collections.abc import Generator
 from itertools import islice
 from typing import Any
 
+import orjson
 import zstandard
 
 from ..stage import State
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 BUFFER_BYTES = 1 << 20
 ZSTD_MAX_WINDOW = 1 << 31  # accept files written with `zstd --long=31`
+ORJSON_MAX_BYTES = 1024  # at most 512 levels deep: far below json.loads' recursion limit (orjson has none)
 READ_ERRORS = (OSError, EOFError, zstandard.ZstdError)  # unreadable, truncated gzip, corrupt zstd
 
 
@@ -37,6 +39,18 @@ def open_lines(path: str) -> io.BufferedIOBase:
         reader = decompressor.stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)  # noqa: SIM115
         return io.BufferedReader(reader, BUFFER_BYTES)  # type: ignore[arg-type]
     return io.BufferedReader(io.FileIO(path), BUFFER_BYTES)
+
+
+def loads(line: bytes) -> Any:
+    """json.loads, with orjson (several times faster) first on short lines. orjson accepts a subset of what
+    json.loads does (no NaN, no lone surrogates; the same values but for integers beyond 64 bits, which no
+    sample field reads); a short line cannot nest deeply enough to reach json.loads' recursion limit."""
+    if len(line) <= ORJSON_MAX_BYTES:
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(line.decode())
 
 
 def parse_failed(line: bytes) -> tuple[dict[str, Any] | None, str | None] | None:
@@ -82,7 +96,7 @@ class JsonlSource(Source):
     def _read(self, first_file: int, first_row: int,
               first_offset: int | None) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row); seek to offset when given for a plain file."""
-        loads, index = json.loads, self.index
+        index = self.index
         for file in range(first_file, len(self.files)):
             path = self.files[file]
             row, offset = (first_row, first_offset) if file == first_file else (0, 0)
@@ -96,7 +110,7 @@ class JsonlSource(Source):
                         row += 1
                         offset += len(line)
                         try:
-                            value, error = loads(line.decode()), None
+                            value, error = loads(line), None
                             if type(value) is not dict:
                                 value, error = None, "bad_type"
                         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
