@@ -56,7 +56,7 @@ class TokenizedSamples:
         self.upstream, self.encoder, self.with_prompts = upstream, encoder, with_prompts
         self.on_encoded = on_encoded
         self.states: list[State] = []  # the order's state right before each sample of `encoded`
-        self.encoded: EncodedBatch | None = None
+        self.encoded: list[Encoded] = []  # views into the chunk's flat buffer
         self.index = 0
         self.ahead: Chunk | None = None  # the next chunk, encoding
 
@@ -66,9 +66,8 @@ class TokenizedSamples:
     def __next__(self) -> Encoded:
         if self.index >= len(self.states):
             self._fill()
-        assert self.encoded is not None
         self.index += 1
-        return self.encoded.sample(self.index - 1)
+        return self.encoded[self.index - 1]
 
     def _read(self) -> tuple[list[State], list[Sample]]:
         """The next chunk of samples, each with the order's state right before it."""
@@ -96,7 +95,7 @@ class TokenizedSamples:
         if not samples:
             raise StopIteration
         self.on_encoded(samples, encoded)
-        self.states, self.encoded, self.index = states, encoded, 0
+        self.states, self.encoded, self.index = states, encoded.samples(), 0
 
     def get_state(self) -> State:
         """The order's state right before the next sample."""
@@ -109,7 +108,7 @@ class TokenizedSamples:
     def set_state(self, state: State) -> None:
         """Continue right before the sample at `state`."""
         self.upstream.set_state(state)
-        self.states, self.encoded, self.index, self.ahead = [], None, 0, None
+        self.states, self.encoded, self.index, self.ahead = [], [], 0, None
 
 
 class EpochBatches:

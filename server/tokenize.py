@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,9 +18,9 @@ from .samples import Sample
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt."""
+class Encoded(NamedTuple):
+    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt (a tuple: one is
+    made per sample, so it must be cheap)."""
 
     ids: np.ndarray  # int32
     prompt_tokens: int
@@ -42,9 +42,10 @@ class EncodedBatch:
         """Tokens per sample, EOS included."""
         return np.diff(self.offsets)
 
-    def sample(self, i: int) -> Encoded:
-        """Sample i as a view into the buffer."""
-        return Encoded(self.ids[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_tokens[i]))
+    def samples(self) -> list[Encoded]:
+        """Every sample as a view into the buffer."""
+        bounds, prompts, ids = self.offsets.tolist(), self.prompt_tokens.tolist(), self.ids
+        return [Encoded(ids[bounds[i]:bounds[i + 1]], prompts[i]) for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)
@@ -107,16 +108,19 @@ class Encoder:
         `hf`: HF. `auto`/`fastokens`: fastokens if it loads this tokenizer and gives HF's ids on every probe
         string (fixed edge cases, the added tokens, chat template output when `chat`, and the texts `data`'s
         samples are encoded as); otherwise `auto` falls back to HF with one log line and `fastokens` raises
-        ConfigError. Called again (another dataset), it re-probes with that call's data.
+        ConfigError; either way one log line says which and why. Called again (another dataset), it re-probes
+        with that call's data.
         """
         hf = HfFlat(self.backend)
         if self.requested == "hf" or (self._flat is not None and self._flat.name == "hf"):
             self._flat = hf
             return hf.name
         fast = self._flat or load_fast(self.backend)
-        why = fast if isinstance(fast, str) else first_difference(hf, fast, self._probes(data, chat))
+        probes = self._probes(data, chat)
+        why = fast if isinstance(fast, str) else first_difference(hf, fast, probes)
         if why is None:
             assert not isinstance(fast, str)
+            log.info("tokenizer %s: encoding with fastokens (HF's ids on all %d probe strings)", self.name, len(probes))
             self._flat = fast
             return fast.name
         if self.requested == "fastokens":
