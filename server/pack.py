@@ -71,7 +71,9 @@ class TokenizedSamples:
 
     def _read(self) -> tuple[list[State], list[Sample]]:
         """The next chunk of samples, each with the order's state right before it."""
-        states, samples, chars = [], [], 0
+        states: list[State] = []
+        samples: list[Sample] = []
+        chars = 0
         while len(samples) < TOKENIZE_CHUNK and chars < TOKENIZE_CHUNK_CHARS:
             state = self.upstream.get_state()
             try:
