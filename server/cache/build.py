@@ -58,7 +58,7 @@ def build_store(mixer: Mixer, encoder: Encoder, *, cache_dir: Path, fingerprint:
     bar = tqdm(desc="tokenizing", unit=" samples", disable=not show_bar)
 
     def write(samples: list[Sample], encoded: EncodedBatch) -> None:
-        writer.append(np.split(encoded.ids, encoded.offsets[1:-1]), encoded.prompt_tokens,
+        writer.append(np.split(encoded.ids, encoded.offsets[1:-1]), encoded.prompt_tokens.tolist(),
                       [s.source for s in samples], [s.file for s in samples], [s.row for s in samples])
         on_encoded(samples, encoded)
         progress.samples += len(samples)
