@@ -19,15 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import build, cached, memory, mosaic, neighbour, plot, startup, stream_mode
+from bench import build, cached, exact, memory, mosaic, neighbour, plot, startup, stream_mode
 from bench.common import BENCH_DIR, Metric, Work, find_corpus, make_tokenizer_dir, skipped, subset_jsonl, write_config
 
 QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
-TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_tokenizer_limit": ("tokens/s", ">= 0.8"),
+TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer": ("tokens/s", ">= 5"),
+           "streaming_vs_tokenizer_limit": ("tokens/s", ">= 0.8"), "streaming_vs_read_limit": ("tokens/s", ""),
            "client_cpu_vs_inprocess": ("CPU s / M tokens", "<= 0.02"), "vs_best_local": ("tokens/s", ">= 1.0"),
            "vs_mosaic_streaming": ("tokens/s", ">= 1.0"), "warm_first_batch_s": ("s", "<= 3"),
-           "cache_build_speedup": ("s", ">= 1.7"), "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"),
-           "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
+           "cache_build_vs_hf_single": ("s", ">= 5"), "fast_backend_exact": ("mismatching samples", "<= 0"),
+           "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"), "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3")}
 STALL_DATASETS = ["default", "stream"]
 
@@ -95,11 +96,10 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
             r.add(result[0])
         r.add(r.guard("small_stream_p99_vs_greedy_neighbour",
                       lambda: neighbour.small_stream_p99_vs_greedy_neighbour(work, cold.server.target)))
-        streaming = r.guard("streaming_vs_tokenizer_limit",
-                            lambda: stream_mode.streaming_vs_tokenizer_limit(work, cold.server.target, "once"))
+        streaming = r.guard("streaming_vs", lambda: stream_mode.streaming_metrics(work, cold.server, "once"))
         epoch = streaming[1] if streaming else None
-        if streaming:
-            r.add(streaming[0])
+        for metric in streaming[0] if streaming else []:
+            r.add(metric)
         # The stall only waits, and the steps overlapping it measure CPU seconds and peak RSS, which other load
         # on the machine does not change: they share its 30 s.
         stall = r.guard("stalled_client_rss_ratio", lambda: memory.stall_begin(cold.server, STALL_DATASETS))
@@ -115,7 +115,7 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
             r.add(r.guard("vs_best_local", lambda: cached.vs_best_local(work, feed, tokens)))
         if feed and tokens.exists():
             r.add(r.guard("vs_mosaic_streaming", lambda: cached.vs_mosaic(work, feed, tokens, mosaic_venv)))
-        r.add(r.guard("cache_build_speedup", lambda: build.cache_build_speedup(
+        r.add(r.guard("cache_build_vs_hf_single", lambda: build.cache_build_vs_hf_single(
             work, cold, epoch["wall_s"] if epoch else None, lambda i: write_config(
                 work.path(f"rebuild-{i}.yaml"), work, work.sources, use_cache=True,
                 cache_dir=str(work.path(f"cache-rebuild-{i}"))))))
@@ -123,6 +123,7 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         cold.server.stop()
     # What a trainer's sidecar runs: the cached dataset alone (the main config's streaming datasets would make
     # every start load the tokenizer, which a warm cached start does not need).
+    r.add(r.guard("fast_backend_exact", lambda: exact.fast_backend_exact(work)))
     warm = write_config(work.path("warm.yaml"), work, work.sources, use_cache=True, cache_dir=str(work.path("cache")))
     r.add(r.guard("warm_first_batch_s", lambda: startup.warm_first_batch(work, warm, work.root / "cache")))
     for name, (unit, target) in TARGETS.items():

@@ -17,6 +17,8 @@ def _headroom(metric: Metric) -> float | None:
     if number is None or not metric.target:
         return None
     op, bound = metric.target.split()
+    if not float(bound):
+        return None  # an exact target (0 mismatches): the table says it
     if op == ">=":
         return number / float(bound)
     return float(bound) / number if number else float("inf")
@@ -25,8 +27,8 @@ def _headroom(metric: Metric) -> float | None:
 def _rates(metrics: dict[str, Metric]) -> dict[str, float]:
     """tokens/s of sigil-feed and of each alternative, from the metrics' details."""
     rates: dict[str, float] = {}
-    local, peer, stream = metrics.get("vs_best_local"), metrics.get("vs_mosaic_streaming"), \
-        metrics.get("streaming_vs_tokenizer_limit")
+    local, peer, stream, hf = metrics.get("vs_best_local"), metrics.get("vs_mosaic_streaming"), \
+        metrics.get("streaming_vs_tokenizer_limit"), metrics.get("streaming_vs_hf_tokenizer")
     if local and local.value is not None and local.baseline is not None:
         rates[f"sigil-feed ({local.mode})"] = local.value
         rates["datasets map + DataLoader(2)"] = local.baseline
@@ -34,7 +36,10 @@ def _rates(metrics: dict[str, Metric]) -> dict[str, float]:
         rates["MosaicML Streaming (MDS)"] = peer.baseline
     if stream and stream.value is not None and stream.baseline is not None:
         rates["sigil-feed streaming epoch"] = stream.value
-        rates["tokenizer alone (all cores)"] = stream.baseline
+        backend = stream.details.get("tokenizer", {}).get("backend", "tokenizer")
+        rates[f"{backend} alone (all cores)"] = stream.baseline
+    if hf and hf.baseline is not None:
+        rates["HF tokenizers alone (all cores)"] = hf.baseline
     return rates
 
 

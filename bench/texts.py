@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sigil_feed.server.config import DatasetSection
 from sigil_feed.server.filters import FilterFn, make_filter
-from sigil_feed.server.samples import normalise
+from sigil_feed.server.samples import Sample, normalise
 from sigil_feed.server.sources.base import RawRecord
 
 SPLITS = frozenset({"train"})
@@ -30,8 +30,8 @@ def keep(kind: str, split: str | None, path: str | None, text: str, rule: Filter
     return kind == "pair" or rule(path, text) is None
 
 
-def curated_texts(files: list[Path]) -> Iterator[str]:
-    """Every kept sample's training text, in source order (the sequential mix)."""
+def curated_samples(files: list[Path]) -> Iterator[Sample]:
+    """Every kept sample, in source order (the sequential mix)."""
     rule = trainer_filter()
     for source, path in enumerate(files):
         with path.open("rb") as lines:
@@ -40,4 +40,9 @@ def curated_texts(files: list[Path]) -> Iterator[str]:
                 if isinstance(sample, str):
                     continue
                 if keep(sample.kind, sample.split, sample.path, sample.text, rule):
-                    yield sample.text
+                    yield sample
+
+
+def curated_texts(files: list[Path]) -> Iterator[str]:
+    """Every kept sample's training text, in source order (the sequential mix)."""
+    return (sample.text for sample in curated_samples(files))

@@ -72,6 +72,7 @@ class DatasetSection(BaseModel):
     shuffle_block_chars: PositiveInt = 16 << 20  # streaming: a block also ends at this much text
     epochs: int | None = Field(default=None, ge=1)  # None: forever
     remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
+    tokenizer_backend: Literal["auto", "hf", "fastokens"] = "auto"  # who encodes; the ids are HF's either way
 
     @field_validator("names", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,10 @@ from .filters import make_filter
 from .mixing import Mixer
 from .order import BlockShuffle
 from .pack import Packer, TokenizedSamples
-from .samples import Sample, plain_pair
+from .samples import ChatFormat, Sample, normalise, plain_pair
 from .sources import Source, open_source
 from .stats import SourceCounters, Throughput
-from .tokenize import Encoded, Encoder, TokenFacts
+from .tokenize import EncodedBatch, Encoder, TokenFacts
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
                     "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "splits",
                     "legacy_filters", "chat_template", "completion_only")
 ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder")
+PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
 def default_cache_dir() -> Path:
@@ -54,7 +56,8 @@ class ServedDataset:
     def __init__(self, config: DatasetConfig, config_file: str, encoder: Encoder | None = None) -> None:
         self.config, self.section = config, config.dataset
         self.name, self.cached = config.name, config.dataset.use_cache
-        self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file)
+        self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
+                                          backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
         probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
         self.weights = _source_weights(self.section, self.specs, config_file)
@@ -70,7 +73,10 @@ class ServedDataset:
         self.progress = BuildProgress(state="ready" if not self.cached else "pending")
         self.store: TokenStore | None = None
         self.build_error: BaseException | None = None
-        self.facts = self._stored_facts() or self.encoder.facts()  # loads the tokenizer unless a store has them
+        stored = self._stored_facts()
+        self.facts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
+        if stored is None:  # this dataset will encode: choose the backend now, so a forced one fails at start
+            self.encoder.choose_backend(_first_samples(probes, self._pair_format()), chat=self.section.chat_template)
         self.ready = threading.Event()
         if not self.cached:
             self.ready.set()
@@ -177,7 +183,7 @@ class ServedDataset:
         """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
         section = self.section
         seed = section.shuffle_seed or 0
-        pair_format = self.encoder.chat_format if section.chat_template else plain_pair
+        pair_format = self._pair_format()
         children = []
         for index, spec in enumerate(section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
@@ -185,6 +191,9 @@ class ServedDataset:
                                 pair_format=pair_format)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
+
+    def _pair_format(self) -> ChatFormat:
+        return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer."""
@@ -205,12 +214,11 @@ class ServedDataset:
                       completion_only=section.completion_only, pad_id=self.facts.pad_id,
                       remainder=section.remainder)
 
-    def _record_lengths(self, samples: list[Sample], encoded: list[Encoded]) -> None:
-        by_source: dict[int, list[int]] = {}
-        for sample, enc in zip(samples, encoded, strict=True):
-            by_source.setdefault(sample.source, []).append(len(enc.ids))
-        for source, lengths in by_source.items():
-            self.counters[source].add_lengths(np.asarray(lengths, dtype=np.int64))
+    def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
+        sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
+        lengths = encoded.lengths
+        for source in np.unique(sources):
+            self.counters[source].add_lengths(lengths[sources == source])
 
     def cache_state(self) -> feed_pb2.CacheState:
         """The token store's state and build progress."""
@@ -221,17 +229,32 @@ class ServedDataset:
 
 def open_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
     """Open every configured dataset (tokenizers shared); raises ConfigError/SourceError on bad input."""
-    encoders: dict[str, Encoder] = {}
+    encoders: dict[tuple[str, str], Encoder] = {}
     datasets = {}
     for name, dataset_config in config.datasets.items():
-        dataset = ServedDataset(dataset_config, config.file, encoders.get(dataset_config.tokenizer))
-        encoders[dataset_config.tokenizer] = dataset.encoder
+        key = (dataset_config.tokenizer, dataset_config.dataset.tokenizer_backend)
+        dataset = ServedDataset(dataset_config, config.file, encoders.get(key))
+        encoders[key] = dataset.encoder
         datasets[name] = dataset
     return datasets
 
 
-def _ignore(samples: list[Sample], encoded: list[Encoded]) -> None:
+def _ignore(samples: list[Sample], encoded: EncodedBatch) -> None:
     """Lengths are recorded in epoch 0 only."""
+
+
+def _first_samples(sources: list[Source], pair_format: ChatFormat) -> list[Sample]:
+    """The first PROBE_RECORDS records of every source as samples (unfiltered, uncounted; bad ones left out)."""
+    samples = []
+    for source in sources:
+        try:
+            for record in islice(source, PROBE_RECORDS):
+                sample = normalise(record, pair_format)
+                if not isinstance(sample, str):
+                    samples.append(sample)
+        except SourceError:
+            continue  # reading it for real reports the error where it belongs
+    return samples
 
 
 def _source_weights(section: DatasetSection, specs: list[str], file: str) -> list[float]:

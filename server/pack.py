@@ -17,7 +17,7 @@ import numpy as np
 from .order import BlockShuffle
 from .samples import Sample
 from .stage import Stage, State
-from .tokenize import Encoded, Encoder
+from .tokenize import Encoded, EncodedBatch, Encoder
 
 # A chunk encoded in one call ends at TOKENIZE_CHUNK samples or once it holds TOKENIZE_CHUNK_CHARS of text:
 # the tokenizer's working memory grows with the text, so the character bound keeps peak memory independent
@@ -27,7 +27,7 @@ TOKENIZE_CHUNK_CHARS = 1 << 20
 ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
 
 
-Chunk = tuple[list[State], list[Sample], "Future[list[Encoded]]"]
+Chunk = tuple[list[State], list[Sample], "Future[EncodedBatch]"]
 """Samples being encoded, each with the order's state right before it."""
 
 
@@ -52,10 +52,11 @@ class TokenizedSamples:
     """
 
     def __init__(self, upstream: BlockShuffle, encoder: Encoder, *, with_prompts: bool,
-                 on_encoded: Callable[[list[Sample], list[Encoded]], None]) -> None:
+                 on_encoded: Callable[[list[Sample], EncodedBatch], None]) -> None:
         self.upstream, self.encoder, self.with_prompts = upstream, encoder, with_prompts
         self.on_encoded = on_encoded
-        self.buffer: list[tuple[State, Encoded]] = []
+        self.states: list[State] = []  # the order's state right before each sample of `encoded`
+        self.encoded: list[Encoded] = []  # views into the chunk's flat buffer
         self.index = 0
         self.ahead: Chunk | None = None  # the next chunk, encoding
 
@@ -63,14 +64,16 @@ class TokenizedSamples:
         return self
 
     def __next__(self) -> Encoded:
-        if self.index >= len(self.buffer):
+        if self.index >= len(self.states):
             self._fill()
         self.index += 1
-        return self.buffer[self.index - 1][1]
+        return self.encoded[self.index - 1]
 
     def _read(self) -> tuple[list[State], list[Sample]]:
         """The next chunk of samples, each with the order's state right before it."""
-        states, samples, chars = [], [], 0
+        states: list[State] = []
+        samples: list[Sample] = []
+        chars = 0
         while len(samples) < TOKENIZE_CHUNK and chars < TOKENIZE_CHUNK_CHARS:
             state = self.upstream.get_state()
             try:
@@ -94,12 +97,12 @@ class TokenizedSamples:
         if not samples:
             raise StopIteration
         self.on_encoded(samples, encoded)
-        self.buffer, self.index = list(zip(states, encoded, strict=True)), 0
+        self.states, self.encoded, self.index = states, encoded.samples(), 0
 
     def get_state(self) -> State:
         """The order's state right before the next sample."""
-        if self.index < len(self.buffer):
-            return self.buffer[self.index][0]
+        if self.index < len(self.states):
+            return self.states[self.index]
         if self.ahead is not None and self.ahead[0]:
             return self.ahead[0][0]
         return self.upstream.get_state()
@@ -107,7 +110,7 @@ class TokenizedSamples:
     def set_state(self, state: State) -> None:
         """Continue right before the sample at `state`."""
         self.upstream.set_state(state)
-        self.buffer, self.index, self.ahead = [], 0, None
+        self.states, self.encoded, self.index, self.ahead = [], [], 0, None
 
 
 class EpochBatches:

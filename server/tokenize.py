@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from .encode_backends import FlatEncoder, HfFlat, first_difference, load_fast, probe_texts
 from .errors import ConfigError
 from .samples import Sample
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt."""
+
+class Encoded(NamedTuple):
+    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt (a tuple: one is
+    made per sample, so it must be cheap)."""
 
     ids: np.ndarray  # int32
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch of samples' token ids in one flat buffer: sample i is `ids[offsets[i]:offsets[i + 1]]`, EOS last."""
+
+    ids: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len(samples) + 1
+    prompt_tokens: np.ndarray  # int32: leading tokens of each sample that belong to its prompt
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample, EOS included."""
+        return np.diff(self.offsets)
+
+    def samples(self) -> list[Encoded]:
+        """Every sample as a view into the buffer."""
+        bounds, prompts, ids = self.offsets.tolist(), self.prompt_tokens.tolist(), self.ids
+        return [Encoded(ids[bounds[i]:bounds[i + 1]], prompts[i]) for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)
@@ -34,14 +61,17 @@ class Encoder:
     """Encodes samples with a fast tokenizer's Rust backend (parallel over cores, no per-token Python).
 
     The tokenizer's files are found and hashed at once (the fingerprint); the tokenizer itself loads on
-    first use, so a restart that serves from a token store never imports transformers.
+    first use, so a restart that serves from a token store never imports transformers. Ids come from the
+    `backend` setting's encoder (see `choose_backend`); decoding is always HF's.
     """
 
-    def __init__(self, name: str, *, base_dir: Path | None = None, file: str | None = None) -> None:
-        self.name, self.file = name, file
+    def __init__(self, name: str, *, base_dir: Path | None = None, file: str | None = None,
+                 backend: str = "auto") -> None:
+        self.name, self.file, self.requested = name, file, backend
         self.path = resolve_tokenizer(name, base_dir=base_dir, file=file)
         self.fingerprint = files_fingerprint(self.path)
         self._tokenizer: Any = None
+        self._flat: FlatEncoder | None = None  # the encode backend, once chosen
 
     @property
     def tokenizer(self) -> Any:
@@ -58,6 +88,57 @@ class Encoder:
     def backend(self) -> Any:
         """The Rust `tokenizers.Tokenizer`."""
         return self.tokenizer.backend_tokenizer
+
+    @property
+    def backend_name(self) -> str:
+        """Which encoder makes the ids: `hf` or `fastokens` (chosen on first use if not yet)."""
+        return self.flat.name
+
+    @property
+    def flat(self) -> FlatEncoder:
+        """The encode backend; chosen with the fixed probe strings alone if `choose_backend` was not called."""
+        if self._flat is None:
+            self.choose_backend()
+        assert self._flat is not None
+        return self._flat
+
+    def choose_backend(self, data: Sequence[Sample] = (), chat: bool = False) -> str:
+        """Pick the encode backend for the `backend` setting and return its name.
+
+        `hf`: HF. `auto`/`fastokens`: fastokens if it loads this tokenizer and gives HF's ids on every probe
+        string (fixed edge cases, the added tokens, chat template output when `chat`, and the texts `data`'s
+        samples are encoded as); otherwise `auto` falls back to HF with one log line and `fastokens` raises
+        ConfigError; either way one log line says which and why. Called again (another dataset), it re-probes
+        with that call's data.
+        """
+        hf = HfFlat(self.backend)
+        if self.requested == "hf" or (self._flat is not None and self._flat.name == "hf"):
+            self._flat = hf
+            return hf.name
+        fast = self._flat or load_fast(self.backend)
+        probes = self._probes(data, chat)
+        why = fast if isinstance(fast, str) else first_difference(hf, fast, probes)
+        if why is None:
+            assert not isinstance(fast, str)
+            log.info("tokenizer %s: encoding with fastokens (HF's ids on all %d probe strings)", self.name, len(probes))
+            self._flat = fast
+            return fast.name
+        if self.requested == "fastokens":
+            raise ConfigError(f"tokenizer {self.name!r}: {why}", key="dataset.tokenizer_backend", file=self.file,
+                              fix="set tokenizer_backend: auto (or hf) to encode with HF tokenizers")
+        log.info("tokenizer %s: encoding with HF tokenizers, not fastokens: %s", self.name, why)
+        self._flat = hf
+        return hf.name
+
+    def _probes(self, data: Sequence[Sample], chat: bool) -> list[str]:
+        """The probe strings: fixed, added tokens, chat template output, and what `data` is encoded as."""
+        added = [token.content for token in self.tokenizer.added_tokens_decoder.values()]
+        extra = [text for s in data for text in ((s.text, *_pieces(s)) if s.prompt_chars else (s.text,))]
+        if chat:
+            for prompt, gen in CHAT_PROBES:
+                text, head = self.chat_format(prompt, gen)
+                extra += [text, text[:head], text[head:]]
+        return probe_texts(added, extra)
 
     @property
     def eos_id(self) -> int:
@@ -86,24 +167,35 @@ class Encoder:
         head = self.tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
         return text, len(head) if text.startswith(head) else 0
 
-    def encode(self, samples: list[Sample], with_prompts: bool) -> list[Encoded]:
-        """Encode a batch of samples, EOS appended.
+    def encode(self, samples: Sequence[Sample], with_prompts: bool) -> EncodedBatch:
+        """Encode a batch of samples into one flat buffer, EOS appended to each (no per-token Python).
 
         With with_prompts (completion_only), a pair's prompt (and separator) and its completion are
-        encoded separately and joined, so no token straddles the boundary and the loss mask is exact.
+        encoded as separate texts, side by side in one call, so no token straddles the boundary and the
+        loss mask is exact.
         """
-        eos = np.array([self.eos_id], dtype=np.int32)
         if not with_prompts:
-            encodings = self.backend.encode_batch_fast([s.text for s in samples], add_special_tokens=False)
-            return [Encoded(np.concatenate((np.asarray(e.ids, dtype=np.int32), eos)), 0) for e in encodings]
-        heads = self.backend.encode_batch_fast([s.text[:s.prompt_chars] for s in samples], add_special_tokens=False)
-        tails = self.backend.encode_batch_fast([s.text[s.prompt_chars:] for s in samples], add_special_tokens=False)
-        return [Encoded(np.concatenate((np.asarray(h.ids, dtype=np.int32), np.asarray(t.ids, dtype=np.int32), eos)),
-                        len(h.ids)) for h, t in zip(heads, tails, strict=True)]
+            ids, bounds = self.flat.encode_flat([s.text for s in samples])
+            prompts = np.zeros(len(samples), dtype=np.int32)
+        else:
+            ids, bounds = self.flat.encode_flat([piece for s in samples for piece in _pieces(s)])
+            prompts = (bounds[1::2] - bounds[:-1:2]).astype(np.int32)
+            bounds = bounds[::2]
+        # EOS goes in front of the next sample's first token; the int32 view is exact (ids < 2**31)
+        return EncodedBatch(np.insert(ids.view(np.int32), bounds[1:], self.eos_id),
+                            bounds + np.arange(len(bounds)), prompts)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids back to text (special tokens kept, so sample boundaries show)."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+CHAT_PROBES = (("Write a function.", "fn f() {}"), ("  <|endoftext|> \r\n中文 😀", "\n\n"), ("", "x"))
+
+
+def _pieces(sample: Sample) -> tuple[str, str]:
+    """A sample's prompt (and separator) and the rest: what completion_only encodes."""
+    return sample.text[:sample.prompt_chars], sample.text[sample.prompt_chars:]
 
 
 def resolve_tokenizer(name: str, *, base_dir: Path | None = None, file: str | None = None) -> Path:

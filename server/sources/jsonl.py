@@ -10,6 +10,7 @@ from collections.abc import Generator
 from itertools import islice
 from typing import Any
 
+import orjson
 import zstandard
 
 from ..stage import State
@@ -21,6 +22,7 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 BUFFER_BYTES = 1 << 20
 ZSTD_MAX_WINDOW = 1 << 31  # accept files written with `zstd --long=31`
 ZSTD_INPUT_BYTES = 1 << 13  # compressed bytes per step: bounds what one step may expand to
+ORJSON_MAX_BYTES = 1024  # at most 512 levels deep: far below json.loads' recursion limit (orjson has none)
 READ_ERRORS = (OSError, EOFError, zstandard.ZstdError)  # unreadable, truncated gzip or zstd, corrupt zstd
 
 
@@ -79,6 +81,18 @@ def json_error(err: Exception) -> str:
     return "too_deep" if isinstance(err, RecursionError) else "bad_json"
 
 
+def loads(line: bytes) -> Any:
+    """json.loads, with orjson (several times faster) first on short lines. orjson accepts a subset of what
+    json.loads does (no NaN, no lone surrogates; the same values but for integers beyond 64 bits, which no
+    sample field reads); a short line cannot nest deeply enough to reach json.loads' recursion limit."""
+    if len(line) <= ORJSON_MAX_BYTES:
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(line.decode())
+
+
 def parse_failed(line: bytes, err: Exception) -> tuple[dict[str, Any] | None, str | None] | None:
     """Classify a line json rejected with err: None if blank, a value if only a BOM was in the way, else a reason."""
     if line.isspace():
@@ -122,7 +136,7 @@ class JsonlSource(Source):
     def _read(self, first_file: int, first_row: int,
               first_offset: int | None) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row); seek to offset when given for a plain file."""
-        loads, index = json.loads, self.index
+        index = self.index
         for file in range(first_file, len(self.files)):
             path = self.files[file]
             row, offset = (first_row, first_offset) if file == first_file else (0, 0)
@@ -136,7 +150,7 @@ class JsonlSource(Source):
                         row += 1
                         offset += len(line)
                         try:
-                            value, error = loads(line.decode()), None
+                            value, error = loads(line), None
                             if type(value) is not dict:
                                 value, error = None, "bad_type"
                         except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError

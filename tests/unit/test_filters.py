@@ -228,8 +228,21 @@ FRAGMENTS = ["Result<", "Option<", "Vec<u8>", ">", " ", "\n", "{", "(", ")", "x"
              "#", "/test", "s/", "/", "cfg", "é"]
 
 
+def counts(text: str) -> tuple[int, int]:
+    """(idiom patterns, low-quality patterns) that occur, by the filters' own fast checks."""
+    hits = [(is_idiom, occurs(text)) for is_idiom, occurs in filters._QUALITY_CHECKS]
+    return sum(hit for is_idiom, hit in hits if is_idiom), sum(hit for is_idiom, hit in hits if not is_idiom)
+
+
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
 def test_fast_paths_agree_with_the_contract_patterns(text: str) -> None:
-    assert filters._idioms(text) == sum(bool(re.search(p, text)) for p in IDIOMS)
-    assert filters._low_quality(text) == sum(bool(re.search(p, text)) for p in LOW_QUALITY)
+    assert counts(text) == (sum(bool(re.search(p, text)) for p in IDIOMS),
+                            sum(bool(re.search(p, text)) for p in LOW_QUALITY))
     assert make(legacy=True)(None, pad(text, 1000)) == ("test_file" if re.search(LEGACY_TEST, text) else None)
+
+
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join),
+       st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 7.0]))
+def test_idiomatic_decision_stops_early_but_agrees_with_the_counts(text: str, ratio: float) -> None:
+    idioms, low = counts(text)
+    assert filters._idiomatic_enough(text, ratio) == (idioms >= 1 and idioms >= low * ratio)

@@ -1,0 +1,201 @@
+"""Encode backends: fastokens gives exactly HF's ids (real Rust and fuzz, two tokenizers); the probe picks HF
+whenever fastokens cannot load a tokenizer or differs on any probe string; the store does not depend on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sigil_feed.server import tokenize
+from sigil_feed.server.config import parse_config
+from sigil_feed.server.dataset import ServedDataset
+from sigil_feed.server.encode_backends import FIXED_PROBES, FastFlat, FlatIds, HfFlat
+from sigil_feed.server.errors import ConfigError
+from sigil_feed.server.samples import Sample, normalise, plain_pair
+from sigil_feed.server.sources.base import RawRecord
+from tests.conftest import DEFAULT_DIR, TOKENIZER_DIR, write_metaspace_tokenizer
+
+FUZZ_STRINGS = 1500
+# code point ranges the fuzz strings draw from: ASCII, controls, Latin-1, combining marks, Cyrillic, Arabic,
+# Devanagari, zero-width and bidi marks, CJK, Hangul, private use, emoji, variation selectors, astral CJK
+RANGES = ((0x20, 0x7E), (0x00, 0x1F), (0x7F, 0xFF), (0x300, 0x36F), (0x400, 0x4FF), (0x600, 0x6FF),
+          (0x900, 0x97F), (0x200B, 0x200F), (0x2028, 0x202E), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
+          (0xE000, 0xE0FF), (0x1F300, 0x1FAFF), (0xFE00, 0xFE0F), (0x20000, 0x2A6DF))
+
+
+@pytest.fixture(scope="module", params=["embedded", "deepseek"])
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """The embedded 8k tokenizer and the DeepSeek 129k one."""
+    return TOKENIZER_DIR if request.param == "embedded" else request.getfixturevalue("deepseek_tokenizer")
+
+
+@cache
+def encoders(folder: Path) -> tuple[tokenize.Encoder, tokenize.Encoder]:
+    """(HF, fastokens) encoders of one tokenizer."""
+    return tokenize.Encoder(str(folder), backend="hf"), tokenize.Encoder(str(folder), backend="fastokens")
+
+
+def corpus_samples() -> list[Sample]:
+    """The embedded default dataset (real Rust pairs and code files) as samples."""
+    lines = (DEFAULT_DIR / "default.jsonl").read_text().splitlines()
+    samples = [normalise(RawRecord(0, 0, i, f"default.jsonl:{i + 1}", json.loads(line)), plain_pair)
+               for i, line in enumerate(lines)]
+    assert all(isinstance(s, Sample) for s in samples)
+    return samples  # type: ignore[return-value]
+
+
+def fuzz_strings(added: list[str], n: int = FUZZ_STRINGS, seed: int = 13) -> list[str]:
+    """Seeded random strings of fragments: probe edge cases, added tokens, random code points, long runs."""
+    rng = random.Random(seed)
+    fragments = [*FIXED_PROBES[:120], *added[:200], "fn ", "let x = ", "::<", "\r\n", "    ", "//!", "0x"]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            kind = rng.random()
+            if kind < 0.35:
+                parts.append(rng.choice(fragments))
+            elif kind < 0.8:
+                lo, hi = rng.choice(RANGES)
+                parts.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 12))))
+            else:
+                lo, hi = rng.choice(RANGES)
+                parts.append(chr(rng.randint(lo, hi)) * rng.randint(2, 400))
+        out.append("".join(parts))
+    return out
+
+
+def assert_same(a: tokenize.EncodedBatch, b: tokenize.EncodedBatch) -> None:
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.prompt_tokens, b.prompt_tokens)
+    np.testing.assert_array_equal(a.ids, b.ids)
+
+
+@pytest.mark.parametrize("with_prompts", [False, True])
+def test_fastokens_gives_hf_ids_on_real_rust(tokenizer_dir: Path, with_prompts: bool) -> None:
+    hf, fast = encoders(tokenizer_dir)
+    assert (hf.backend_name, fast.backend_name) == ("hf", "fastokens")
+    samples = corpus_samples()
+    assert_same(fast.encode(samples, with_prompts), hf.encode(samples, with_prompts))
+
+
+def test_fastokens_gives_hf_ids_on_fuzz_strings(tokenizer_dir: Path) -> None:
+    hf, _ = encoders(tokenizer_dir)
+    added = [t.content for t in hf.tokenizer.added_tokens_decoder.values()]
+    texts = fuzz_strings(added)
+    fast = FastFlat(hf.backend.to_str())
+    hf_ids, hf_offsets = HfFlat(hf.backend).encode_flat(texts)
+    fast_ids, fast_offsets = fast.encode_flat(texts)
+    differing = [i for i in range(len(texts)) if not np.array_equal(hf_ids[hf_offsets[i]:hf_offsets[i + 1]],
+                                                                    fast_ids[fast_offsets[i]:fast_offsets[i + 1]])]
+    assert differing == []
+
+
+@pytest.mark.parametrize("with_prompts", [False, True])
+def test_flat_batch_equals_per_text_hf_encoding(with_prompts: bool) -> None:
+    """EOS after every sample, completion_only's prompt and completion encoded apart: checked text by text."""
+    hf, fast = encoders(TOKENIZER_DIR)
+    samples = [*corpus_samples()[:50], Sample(0, 0, 99, text="", kind="text"),
+               Sample(0, 0, 98, text="x\n\n", kind="pair", prompt_chars=3)]
+    backend, eos = hf.backend, hf.eos_id
+    expected, prompts = [], []
+    for s in samples:
+        head = backend.encode(s.text[:s.prompt_chars] if with_prompts else "", add_special_tokens=False).ids
+        tail = backend.encode(s.text[s.prompt_chars:] if with_prompts else s.text, add_special_tokens=False).ids
+        expected.append([*head, *tail, eos])
+        prompts.append(len(head))
+    for encoder in (hf, fast):
+        batch = encoder.encode(samples, with_prompts)
+        assert [sample.ids.tolist() for sample in batch.samples()] == expected
+        assert batch.prompt_tokens.tolist() == prompts and batch.ids.dtype == np.int32
+
+
+class Skewed:
+    """fastokens, except that one id changes in every text containing `marker`: a backend that differs."""
+
+    name = "fastokens"
+
+    def __init__(self, real: FastFlat, marker: str) -> None:
+        self.real, self.marker = real, marker
+
+    def encode_flat(self, texts: list[str]) -> FlatIds:
+        ids, offsets = self.real.encode_flat(texts)
+        ids = ids.copy()
+        for i, text in enumerate(texts):
+            if self.marker in text and offsets[i + 1] > offsets[i]:
+                ids[offsets[i]] += 1
+        return ids, offsets
+
+
+@pytest.mark.parametrize(("marker", "data", "chat", "caught"), [
+    ("中", "", False, True),  # a fixed unicode probe
+    ("<|endoftext|>", "", False, True),  # an added token
+    ("zqxv", "fn zqxv() {}", False, True),  # only in the data's first records
+    ("zqxv", "", False, False),  # ... so without them nothing differs
+    ("<|assistant|>", "", True, True),  # only in the chat template's output
+    ("<|assistant|>", "", False, False),
+])
+def test_probe_falls_back_to_hf_on_any_difference(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                  marker: str, data: str, chat: bool, caught: bool) -> None:
+    real = tokenize.load_fast
+    monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real(backend), marker))  # type: ignore
+    samples = [Sample(0, 0, 0, text=data, kind="content")] if data else []
+    encoder = tokenize.Encoder(str(TOKENIZER_DIR))
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.tokenize"):
+        chosen = encoder.choose_backend(samples, chat=chat)
+    assert chosen == ("hf" if caught else "fastokens")
+    assert len(caplog.records) == 1
+    assert ("not fastokens" if caught else "encoding with fastokens") in caplog.text
+    if caught:
+        assert "not fastokens" in caplog.text and "differs" in caplog.text
+        forced = tokenize.Encoder(str(TOKENIZER_DIR), backend="fastokens")
+        with pytest.raises(ConfigError, match=r"tokenizer_backend.*differs"):
+            forced.choose_backend(samples, chat=chat)
+
+
+def test_a_tokenizer_fastokens_cannot_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_metaspace_tokenizer(tmp_path / "tok")
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.tokenize"):
+        auto = tokenize.Encoder(str(folder))
+        assert auto.backend_name == "hf"
+        assert auto.encode([Sample(0, 0, 0, text="fn ab() {}", kind="text")], False).ids[-1] == auto.eos_id
+    assert len(caplog.records) == 1 and "Metaspace" in caplog.text
+    with pytest.raises(ConfigError, match=r"dataset\.tokenizer_backend: tokenizer .*Metaspace"):
+        tokenize.Encoder(str(folder), backend="fastokens").choose_backend()
+
+
+def dataset(root: Path, backend: str, tokenizer: Path = TOKENIZER_DIR) -> ServedDataset:
+    raw = {"model_name": str(tokenizer), "max_seq_len": 64,
+           "dataset": {"names": [f"local:{DEFAULT_DIR / 'default.jsonl'}"], "use_cache": True,
+                       "cache_dir": str(root / backend), "completion_only": True, "tokenizer_backend": backend}}
+    return ServedDataset(parse_config(raw, "t.yaml", root).datasets["default"], "t.yaml")
+
+
+def test_store_is_the_same_whichever_backend_builds_it(tmp_path: Path) -> None:
+    hf, fast = dataset(tmp_path, "hf"), dataset(tmp_path, "fastokens")
+    assert hf.fingerprint == fast.fingerprint and hf.content_fingerprint == fast.content_fingerprint
+    for d in (hf, fast):
+        d.prepare(show_bar=False)
+    manifests = [json.loads((d.store_path / "manifest.json").read_text()) for d in (hf, fast)]
+    assert [m["tokenizer_backend"] for m in manifests] == ["hf", "fastokens"]
+    assert (hf.store_path / "tokens.bin").read_bytes() == (fast.store_path / "tokens.bin").read_bytes()
+    assert manifests[0]["sources"] == manifests[1]["sources"]
+
+
+def test_forced_fastokens_fails_when_the_dataset_opens(tmp_path: Path) -> None:
+    folder = write_metaspace_tokenizer(tmp_path / "tok")
+    with pytest.raises(ConfigError, match="tokenizer_backend"):
+        dataset(tmp_path, "fastokens", folder)
+    assert dataset(tmp_path, "auto", folder).encoder.backend_name == "hf"
+
+
+def test_tokenizer_backend_is_validated() -> None:
+    raw = {"model_name": "x", "dataset": {"names": ["local:x"], "tokenizer_backend": "tiktoken"}}
+    with pytest.raises(ConfigError, match="tokenizer_backend"):
+        parse_config(raw, "t.yaml", Path.cwd())
