@@ -16,8 +16,8 @@ from sigil_feed.client.dataset import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
 
-AGREE = 0.04  # the server's fraction may differ from the test's by this much (absolute): the test also times the
-#               conversion to tensors, which the client does not count as data wait
+AGREE = 0.06  # the server's fraction may differ from the test's by this much (absolute): the test also times the
+#               conversion to tensors, which the client does not count as data wait (0.042 seen at load average 10)
 
 
 @dataclass
