@@ -1,0 +1,212 @@
+"""Who is building in a cache folder: unique temporary names, owner records kept fresh by a heartbeat, and
+the reclaiming of what builders that are gone left behind.
+
+A build writes into `.<fingerprint>.tmp-<host>-<pid>-<token>/` holding `owner.json` (host, machine, pid,
+process start time, token); its mtime is the heartbeat, touched every HEARTBEAT_S while the build runs.
+A temporary folder is stale, and may be removed, only when its owner is gone:
+- same machine (same kernel boot and PID namespace, so the PID is meaningful here): the PID is not running,
+  or runs a process that started at another time (the PID was reused);
+- another machine: the heartbeat is older than STALE_AFTER_S;
+- no owner record (a build from an older version, or one that is just starting): the folder's mtime is older
+  than STALE_AFTER_S.
+Folders named `.<name>.del-<token>` are being removed and are always stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OWNER = "owner.json"
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 120.0
+TEMP_MARK, DELETE_MARK = ".tmp-", ".del-"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A builder: which process on which machine, and a token unique to this build."""
+
+    host: str  # for people: the hostname (the pod's name in k8s)
+    machine: str  # for liveness: kernel boot id and PID namespace; PIDs compare only within one
+    pid: int
+    started: int  # the process's start time in clock ticks since boot (0 where unknown)
+    token: str
+
+    @property
+    def label(self) -> str:
+        """HOST/PID, as logs and `cache ls` show it."""
+        return f"{self.host}/{self.pid}"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@cache
+def this_machine() -> str:
+    """This kernel boot and PID namespace (just the hostname where /proc is missing)."""
+    boot, pid_ns = _read("/proc/sys/kernel/random/boot_id"), ""
+    with contextlib.suppress(OSError):
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    return f"{socket.gethostname()}:{boot}:{pid_ns}"
+
+
+def process_started(pid: int) -> int | None:
+    """The start time of a running process (0 where the platform does not say), None if it is not running."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat:
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    if os.path.isdir("/proc/self"):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def new_owner() -> Owner:
+    """An owner for a new build by this process."""
+    pid = os.getpid()
+    return Owner(host=socket.gethostname(), machine=this_machine(), pid=pid, started=process_started(pid) or 0,
+                 token=secrets.token_hex(4))
+
+
+def temp_name(fingerprint: str, owner: Owner) -> str:
+    """A temporary folder's name, unique per host, process and build."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", owner.host)[:48]
+    return f".{fingerprint}{TEMP_MARK}{host}-{owner.pid}-{owner.token}"
+
+
+def owner_alive(owner: Owner | None, heartbeat_age: float, *, machine: str) -> bool:
+    """Whether a temporary folder's owner may still be building (see the module's rules)."""
+    if owner is None or owner.machine != machine:
+        return heartbeat_age < STALE_AFTER_S
+    return process_started(owner.pid) == owner.started
+
+
+class Heartbeat:
+    """Writes the owner record into a temporary folder and touches it every HEARTBEAT_S until stopped; it stays
+    until the folder is renamed into place or removed, so the folder always names its owner."""
+
+    def __init__(self, folder: Path, owner: Owner) -> None:
+        self.path = folder / OWNER
+        self.path.write_text(json.dumps(asdict(owner)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{folder.name}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError as err:
+                if not self._stop.is_set():
+                    log.warning("cannot touch the build's owner record %s: %s", self.path, err)
+
+    def stop(self) -> None:
+        """Stop touching the record (the folder has become a store, or is about to go)."""
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class TempFolder:
+    """A temporary folder in a cache folder, with what is known of its owner."""
+
+    path: Path
+    fingerprint: str
+    owner: Owner | None
+    heartbeat_age: float
+    alive: bool
+
+    def describe(self) -> str:
+        """`building by HOST/PID` or `stale (...)`, for logs and `cache ls`."""
+        if DELETE_MARK in self.path.name:
+            return "stale: a removal that did not finish"
+        who = self.owner.label if self.owner else "an unknown builder"
+        age = f"heartbeat {self.heartbeat_age:.0f} s ago"
+        return f"building by {who} ({age})" if self.alive else f"stale: left by {who}, which is gone ({age})"
+
+
+def _owner(folder: Path) -> tuple[Owner | None, float]:
+    """The folder's owner record (None if absent or unreadable) and its heartbeat's age."""
+    now = time.time()
+    try:
+        record = folder / OWNER
+        age = now - record.stat().st_mtime
+        return Owner(**json.loads(record.read_text())), age
+    except (OSError, ValueError, TypeError):
+        try:
+            return None, now - folder.stat().st_mtime
+        except OSError:
+            return None, float("inf")
+
+
+def temp_folders(cache_dir: Path) -> list[TempFolder]:
+    """Every temporary folder under cache_dir (builds under way, or left behind)."""
+    machine = this_machine()
+    found = []
+    for path in sorted(cache_dir.glob(".*")):
+        fingerprint = path.name[1:].split(".")[0]
+        if DELETE_MARK in path.name and path.is_dir():
+            found.append(TempFolder(path, fingerprint, None, float("inf"), alive=False))
+        elif TEMP_MARK in path.name and path.is_dir():
+            owner, age = _owner(path)
+            found.append(TempFolder(path, fingerprint, owner, age, owner_alive(owner, age, machine=machine)))
+    return found
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files directly in a folder (a store or a temporary folder is flat)."""
+    total = 0
+    for file in path.iterdir() if path.is_dir() else ():
+        with contextlib.suppress(OSError):
+            total += file.stat().st_size
+    return total
+
+
+def reclaim(cache_dir: Path, fingerprint: str | None = None) -> list[TempFolder]:
+    """Remove the stale temporary folders (of one fingerprint, or all); returns what was removed."""
+    if not cache_dir.is_dir():
+        return []
+    removed = []
+    for temp in temp_folders(cache_dir):
+        if temp.alive or fingerprint not in (None, temp.fingerprint):
+            continue
+        size = folder_bytes(temp.path)
+        shutil.rmtree(temp.path, ignore_errors=True)
+        log.warning("reclaimed %s (%d bytes): %s", temp.path, size, temp.describe())
+        removed.append(temp)
+    return removed
+
+
+def discard(path: Path) -> None:
+    """Remove a folder so that nobody ever sees it half-removed: rename it aside, then delete it."""
+    aside = path.with_name(f".{path.name.lstrip('.')}{DELETE_MARK}{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
