@@ -21,7 +21,8 @@ are serve-time decisions.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..stats import LENGTH_BUCKETS
 from ..tokenize import TokenFacts
 from .fs import StoreFS
 
@@ -50,6 +52,10 @@ class StoreDamaged(Exception):
 
 class StoreOutdated(StoreDamaged):
     """A store of an older format, which this server rebuilds."""
+
+    def __init__(self, message: str, format: int) -> None:
+        super().__init__(message)
+        self.format = format
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -201,9 +207,11 @@ def samples_table(rows: list[ShardRows], source: int) -> pa.Table:
 
 
 def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows], *, source: int,
-                dtype: np.dtype | str, accounting: dict[str, Any] | None = None) -> ShardFacts:
+                dtype: np.dtype | str,
+                accounting: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> ShardFacts:
     """Write a shard from its runs of samples (ids streamed, the samples table at the end), then its facts
-    file; returns the facts. Each file appears whole or not at all."""
+    file; returns the facts. Each file appears whole or not at all. `accounting` (a SourceSnapshot's fields,
+    or a function giving them once the chunks are consumed) records what the shard's input held."""
     dtype = np.dtype(dtype).newbyteorder("<")
     tokens_path, samples_path, facts_path = shard_paths(store, name)
     kept: list[ShardRows] = []
@@ -224,12 +232,29 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
     pq.write_table(table, buffer)
     data = buffer.getvalue().to_pybytes()
     fs.write_bytes(samples_path, data)
+    if callable(accounting):
+        accounting = accounting()
     facts = ShardFacts(name=name, source=source, samples=table.num_rows, tokens=n_tokens, dtype=dtype.str,
                        tokens_file=tokens.facts(),
                        samples_file=FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data)),
                        accounting=SourceSnapshot.model_validate(accounting) if accounting is not None else None)
     fs.write_bytes(facts_path, facts.model_dump_json().encode())
     return facts
+
+
+def merge_accounting(spec: str, shards: list[ShardFacts]) -> SourceSnapshot:
+    """One source's accounting: the sum of its shards' (shards without accounting count nothing)."""
+    parts = [s.accounting for s in shards if s.accounting is not None]
+    dropped: Counter[str] = Counter()
+    malformed: Counter[str] = Counter()
+    lengths = np.zeros(max((len(p.lengths) for p in parts), default=len(LENGTH_BUCKETS)), dtype=np.int64)
+    for part in parts:
+        dropped.update(part.dropped)
+        malformed.update(part.malformed)
+        lengths[:len(part.lengths)] += part.lengths
+    return SourceSnapshot(spec=spec, read=sum(p.read for p in parts), kept=sum(p.kept for p in parts),
+                          dropped=dict(dropped), malformed=dict(malformed), tokens=sum(p.tokens for p in parts),
+                          lengths=[int(n) for n in lengths])
 
 
 def read_shard_facts(fs: StoreFS, store: str, name: str) -> ShardFacts | None:
@@ -285,7 +310,8 @@ def read_manifest(fs: StoreFS, store: str, fingerprint: str | None = None) -> Ma
     if not isinstance(data, dict):
         raise StoreDamaged(f"{where}: not a JSON object")
     if isinstance(data.get("format"), int) and data["format"] < FORMAT_VERSION:
-        raise StoreOutdated(f"{where}: format {data['format']}, this server reads format {FORMAT_VERSION}")
+        raise StoreOutdated(f"{where}: format {data['format']}, this server reads format {FORMAT_VERSION}",
+                            data["format"])
     if data.get("format") != FORMAT_VERSION:
         raise StoreDamaged(f"{where}: format {data.get('format')!r}, this server reads format {FORMAT_VERSION}")
     try:
