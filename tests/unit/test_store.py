@@ -224,3 +224,19 @@ def test_a_temporary_folder_names_its_owner_until_it_is_gone(tmp_path: Path) -> 
     assert temp.owner == owner and temp.alive and temp.describe().startswith(f"building by {owner.label}")
 
 
+
+
+def test_temporary_files_are_stale_once_their_heartbeat_mtime_is_old(tmp_path: Path) -> None:
+    """A file being written (fs.open_write) has no owner record: its mtime is its heartbeat."""
+    fs = resolve(tmp_path)
+    with fs.open_write(fs.path("shards", "a.tokens.bin")) as out:
+        out.write(b"x")
+        (writing,) = temp_folders(tmp_path / "shards")
+        assert writing.alive and writing.path.is_file()
+    assert temp_folders(tmp_path / "shards") == []  # renamed into place
+    left = tmp_path / "shards" / temp_name("b.tokens.bin", new_owner())
+    left.write_bytes(b"x")
+    then = os.path.getmtime(left) - STALE_AFTER_S - 5
+    os.utime(left, (then, then))
+    assert [t.path for t in reclaim(tmp_path / "shards")] == [left] and not left.exists()
+    assert (tmp_path / "shards" / "a.tokens.bin").read_bytes() == b"x"
