@@ -52,5 +52,7 @@ def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, lo
     assert again.store is not None and again.store.manifest.shards == shards
     assert again.counters[0].read == 30 and again.counters[0].kept == 30  # accounting merged from every shard
     written.clear()
-    dataset(tmp_path, location).prepare(show_bar=False)
+    warm = dataset(tmp_path, location)
+    warm.prepare(show_bar=False)
     assert written == []  # a committed store is opened, not rebuilt
+    assert warm.encoder._tokenizer is None  # a warm start needs no tokenizer: the manifest has its facts
