@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format())
-            plans.append(SourcePlan(spec.name, list(self._open(index).files), lambda i=index: self._open(i), rules))
+            plans.append(SourcePlan(spec.name, list(self._open(index).files), partial(self._open, index), rules))
         return plans
 
     def _stored_facts(self) -> TokenFacts | None:

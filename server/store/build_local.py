@@ -154,7 +154,7 @@ class LocalBuilder:
         finally:
             self.bar.close()
         manifest = Manifest(
-            format=FORMAT_VERSION, fingerprint=self.fingerprint, dtype=self.dtype.str,
+            format=FORMAT_VERSION, fingerprint=self.fingerprint, dtype=self.dtype.str,  # type: ignore[arg-type]
             samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
             dataset=dataset, shards=shards,
             sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],

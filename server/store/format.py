@@ -36,7 +36,7 @@ from ..stats import LENGTH_BUCKETS
 from ..tokenize import TokenFacts
 from .fs import StoreFS
 
-FORMAT_VERSION = 2
+FORMAT_VERSION: Literal[2] = 2
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 TOKENS_SUFFIX, SAMPLES_SUFFIX, FACTS_SUFFIX = ".tokens.bin", ".samples.parquet", ".json"
@@ -196,7 +196,7 @@ class _Checksummed:
 def samples_table(rows: list[ShardRows], source: int) -> pa.Table:
     """A shard's samples table (see the module's layout)."""
     def column(name: str, dtype: type) -> np.ndarray:
-        parts = [np.asarray(getattr(r, name), dtype=dtype) for r in rows]
+        parts: list[np.ndarray] = [np.asarray(getattr(r, name), dtype=dtype) for r in rows]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
     lengths = column("lengths", np.int32)
@@ -223,7 +223,7 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
             if int(lengths.sum()) != len(chunk.ids) or len(chunk.task_type) != len(lengths):
                 raise ValueError(f"shard {name}: a chunk's lengths, ids and task types disagree")
             ids = np.ascontiguousarray(chunk.ids, dtype=dtype)
-            tokens.write(memoryview(ids).cast("B"))
+            tokens.write(ids.data.cast("B"))
             n_tokens += len(ids)
             kept.append(ShardRows(np.zeros(0, dtype=dtype), lengths, chunk.prompt_tokens, chunk.file, chunk.row,
                                   list(chunk.task_type)))
@@ -234,7 +234,8 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
     fs.write_bytes(samples_path, data)
     if callable(accounting):
         accounting = accounting()
-    facts = ShardFacts(name=name, source=source, samples=table.num_rows, tokens=n_tokens, dtype=dtype.str,
+    facts = ShardFacts(name=name, source=source, samples=table.num_rows, tokens=n_tokens,
+                       dtype=dtype.str,  # type: ignore[arg-type]
                        tokens_file=tokens.facts(),
                        samples_file=FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data)),
                        accounting=SourceSnapshot.model_validate(accounting) if accounting is not None else None)
