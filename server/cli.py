@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import json_format
 
 from ..protos import feed_pb2, feed_pb2_grpc
-from .cache.commands import add_cache_commands
+from .cache_commands import add_cache_commands
 from .errors import ConfigError, SourceError
 from .logs import configure as configure_logging
 

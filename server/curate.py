@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import SourceError
 from .samples import ChatFormat, Sample, normalise
 from .sources.base import RawRecord, Source
@@ -33,15 +35,34 @@ class CurateRules:
     pair_format: ChatFormat
 
 
-def copies(weight: float, seed: int, sample: Sample) -> int:
+def copies(weight: float, seed: int, sample_id: tuple[int, int, int]) -> int:
     """floor(w) copies, plus one more with probability frac(w), drawn from the seed and the sample id."""
     whole = math.floor(weight)
     frac = weight - whole
     if frac == 0:
         return whole
-    key = f"{seed}:{sample.source}:{sample.file}:{sample.row}".encode()
+    source, file, row = sample_id
+    key = f"{seed}:{source}:{file}:{row}".encode()
     draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64
     return whole + (1 if draw < frac else 0)
+
+
+def task_copies(task: np.ndarray, task_types: list[str], weights: dict[str, float] | None, seed: int,
+                ids: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """`copies` for many samples at once: task is each sample's index into task_types (-1: none), ids the
+    samples' (source, file, row) columns. Samples of a task without a weight appear once."""
+    out = np.ones(len(task), dtype=np.int64)
+    for code, name in enumerate(task_types):
+        if weights is None or name not in weights:
+            continue
+        picked = np.flatnonzero(task == code)
+        weight = weights[name]
+        if weight == math.floor(weight):
+            out[picked] = int(weight)
+        else:
+            source, file, row = (column[picked].tolist() for column in ids)
+            out[picked] = [copies(weight, seed, key) for key in zip(source, file, row, strict=True)]
+    return out
 
 
 class CuratedSource:
@@ -74,7 +95,7 @@ class CuratedSource:
         weights = self.rules.task_weights
         if weights is None or sample.task_type not in weights:
             return 1
-        return copies(weights[sample.task_type], self.rules.seed, sample)
+        return copies(weights[sample.task_type], self.rules.seed, sample.id)
 
     def _accept(self, record: RawRecord) -> Sample | None:
         """The sample if the record is kept; counts the outcome once per record position."""

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,8 @@ import grpc
 import numpy as np
 
 from ..protos import feed_pb2
-from .cache.build import BuildProgress, build_store
-from .cache.manifest import StoreDamaged, read_manifest
-from .cache.order import epoch_batches, epoch_order
-from .cache.owner import discard, reclaim
+from .cache.order import epoch_batches, epoch_order, served_sequence
 from .cache.pack import CachedPacker
-from .cache.retry import BUILD_BACKOFF
-from .cache.store import TokenStore, open_store
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
 from .errors import ConfigError, RequestError, SourceError
@@ -33,15 +29,23 @@ from .pack import Packer, TokenizedSamples
 from .samples import ChatFormat, Sample, normalise, plain_pair
 from .sources import Source, open_source
 from .stats import SourceCounters, Throughput
+from .store.build_local import BuildProgress, SourcePlan, build_store
+from .store.format import MANIFEST, StoreDamaged, StoreOutdated, read_manifest, store_dir
+from .store.fs import is_uri, resolve
+from .store.owner import reclaim
+from .store.reader import TokenStore, open_store
+from .store.retry import BUILD_BACKOFF
 from .tokenize import EncodedBatch, Encoder, TokenFacts
 
 log = logging.getLogger(__name__)
 
 CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclude_examples", "exclude_benches",
-                    "prefer_idiomatic", "prefer_documented", "idiomatic_quality_ratio", "shuffle_seed",
-                    "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "splits",
+                    "prefer_idiomatic", "prefer_documented", "idiomatic_quality_ratio", "splits",
                     "legacy_filters", "chat_template", "completion_only")
-ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder")
+"""What decides which samples exist and their tokens: part of the token store's fingerprint."""
+ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder", "shuffle_seed",
+                  "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights")
+"""Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
@@ -69,9 +73,11 @@ class ServedDataset:
                                                 self.encoder.fingerprint)
         self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
                                         self.config.pack, self.content_fingerprint)
-        self.cache_dir = Path(self.section.cache_dir) if self.section.cache_dir else default_cache_dir()
+        self.store_fs = resolve(self.section.cache_dir or default_cache_dir())
+        self.store_dir = store_dir(self.store_fs, self.content_fingerprint)
         self.progress = BuildProgress(state="ready" if not self.cached else "pending")
         self.store: TokenStore | None = None
+        self.sequence = np.zeros(0, dtype=np.int64)  # the served sequence of store samples (cached mode)
         self.build_error: BaseException | None = None
         stored = self._stored_facts()
         self.facts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
@@ -82,12 +88,18 @@ class ServedDataset:
             self.ready.set()
 
     def _open(self, index: int) -> Source:
-        return open_source(self.specs[index], index, base_dir=self.config.base_dir, cache_dir=self.section.cache_dir)
+        hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
+        return open_source(self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache)
 
     @property
-    def store_path(self) -> Path:
-        """Where this dataset's token store lives."""
-        return self.cache_dir / self.content_fingerprint
+    def store_path(self) -> str:
+        """Where this dataset's token store lives: a local path or a URI."""
+        return self.store_fs.uri(self.store_dir)
+
+    @property
+    def shard_dir(self) -> Path:
+        """Where shards of a remote store are fetched to (a local store is read where it lies)."""
+        return default_cache_dir() / "shards" / self.content_fingerprint
 
     def prepare(self, *, show_bar: bool = True) -> None:
         """Cached mode: open the token store, or (re)build it if it is missing or damaged; a build that fails
@@ -109,6 +121,10 @@ class ServedDataset:
                     time.sleep(delay)
             assert self.store is not None
             self.counters = [SourceCounters.restore(s.model_dump()) for s in self.store.manifest.sources]
+            self.sequence = served_sequence(self.store, sources=len(self.specs), mode=self.section.interleave_mode,
+                                            stopping=self.section.stopping_strategy, weights=self.weights,
+                                            task_weights=self.section.task_weights,
+                                            seed=self.section.shuffle_seed or 0)
             self.progress.state, self.progress.samples = "ready", len(self.store)
             self.progress.tokens, self.progress.error = self.store.manifest.tokens, ""
         except BaseException as err:
@@ -118,25 +134,35 @@ class ServedDataset:
             self.ready.set()
 
     def _prepare_once(self, show_bar: bool) -> None:
-        """One attempt: reclaim what dead builders left, then open the store or build it from scratch."""
-        reclaim(self.cache_dir)
+        """One attempt: reclaim what dead builders left, then open the store or build (or finish) it."""
+        if self.store_fs.is_local:
+            reclaim(Path(self.store_fs.root))
+            reclaim(Path(self.store_dir) / "shards")
         self.store = self._open_store()
         if self.store is not None:
             return
-        self.counters = [SourceCounters(spec) for spec in self.specs]  # a retry counts from zero again
-        self.progress.samples = self.progress.tokens = 0
-        build_store(self.mix(), self.encoder, cache_dir=self.cache_dir, fingerprint=self.content_fingerprint,
-                    with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar,
-                    on_encoded=self._record_lengths,
-                    meta=lambda: {"dataset": self.name, "sources": [c.snapshot() for c in self.counters]})
+        self.progress.samples = self.progress.tokens = 0  # a retry counts from zero again
+        build_store(self._source_plans(), self.encoder, fs=self.store_fs, store=self.store_dir,
+                    fingerprint=self.content_fingerprint, dataset=self.name,
+                    with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar)
         self.store = self._open_store(verify=False)
+
+    def _source_plans(self) -> list[SourcePlan]:
+        """What the store builder reads: every source with its rules, task weights left to serve time."""
+        plans = []
+        for index, spec in enumerate(self.section.names):
+            rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
+                                task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
+                                pair_format=self._pair_format())
+            plans.append(SourcePlan(spec.name, list(self._open(index).files), partial(self._open, index), rules))
+        return plans
 
     def _stored_facts(self) -> TokenFacts | None:
         """Token facts from an existing store's manifest, so a warm start needs no tokenizer."""
         if not self.cached:
             return None
         try:
-            return read_manifest(self.store_path, self.content_fingerprint).token_facts
+            return read_manifest(self.store_fs, self.store_dir, self.content_fingerprint).token_facts
         except StoreDamaged:
             return None
 
@@ -162,14 +188,18 @@ class ServedDataset:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, message)
 
     def _open_store(self, verify: bool = True) -> TokenStore | None:
-        if not self.store_path.exists():
+        """The committed store, or None if there is none or it must be rebuilt (which rewrites only the shards
+        that are not complete and valid; a store in place is never deleted)."""
+        if not self.store_fs.exists(f"{self.store_dir}/{MANIFEST}"):
             return None
         try:
-            return open_store(self.store_path, self.content_fingerprint, verify=verify)
+            return open_store(self.store_fs, self.store_dir, self.content_fingerprint, local_dir=self.shard_dir,
+                              verify=verify)
+        except StoreOutdated as err:
+            log.warning("token store format %s at %s: rebuilding as format 2", err.format, self.store_path)
         except StoreDamaged as err:
             log.warning("token store damaged, rebuilding: %s", err)
-            discard(self.store_path)
-            return None
+        return None
 
     def info(self) -> feed_pb2.DatasetInfo:
         """The dataset's facts, as sent to clients."""
@@ -199,7 +229,7 @@ class ServedDataset:
         """One rank's epoch as a stage chain ending in a packer."""
         section = self.section
         if self.store is not None:
-            order = epoch_order(len(self.store), section.shuffle_seed, epoch)
+            order = epoch_order(self.sequence, section.shuffle_seed, epoch)
             max_batches = epoch_batches(self.store, order, world_size=world_size, batch_size=batch_size,
                                         seq_len=seq_len, pack=self.config.pack, remainder=section.remainder)
             return CachedPacker(self.store, order, rank=rank, world_size=world_size, batch_size=batch_size,

@@ -32,13 +32,16 @@ class WeightedDraws:
         self._chunk = -1
         self._choices = np.empty(0, dtype=np.int64)
 
-    def __getitem__(self, t: int) -> int:
-        chunk = t // DRAW_CHUNK
+    def chunk(self, chunk: int) -> np.ndarray:
+        """The choices of draws chunk * DRAW_CHUNK onwards, DRAW_CHUNK of them."""
         if chunk != self._chunk:
             rng = np.random.default_rng([self.seed, chunk])
             self._choices = rng.choice(len(self.p), size=DRAW_CHUNK, p=self.p)
             self._chunk = chunk
-        return int(self._choices[t % DRAW_CHUNK])
+        return self._choices
+
+    def __getitem__(self, t: int) -> int:
+        return int(self.chunk(t // DRAW_CHUNK)[t % DRAW_CHUNK])
 
 
 class Mixer:
@@ -95,3 +98,49 @@ class Mixer:
         self.turn, self.exhausted, self.done = state["turn"], list(state["exhausted"]), state["done"]
         for child, child_state in zip(self.children, state["children"], strict=True):
             child.set_state(child_state)
+
+
+def _occurrences(choices: np.ndarray) -> np.ndarray:
+    """For each choice, how many earlier choices picked the same child."""
+    order = np.argsort(choices, kind="stable")
+    ranked = choices[order]
+    occ = np.empty(len(choices), dtype=np.int64)
+    occ[order] = np.arange(len(choices)) - np.searchsorted(ranked, ranked, side="left")
+    return occ
+
+
+def interleave(sizes: Sequence[int], mode: str, stopping: str, weights: Sequence[float],
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Mixer's draws over children of the given sizes, vectorised: (child, position in child) per sample
+    of the mix, exactly the sequence a Mixer yields over children with that many samples each."""
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    if mode == "sequential":
+        return (np.repeat(np.arange(len(sizes_arr)), sizes_arr),
+                np.concatenate([np.arange(n) for n in sizes_arr]) if len(sizes_arr) else np.zeros(0, np.int64))
+    draws = WeightedDraws(weights, seed) if mode == "weighted" else None
+    pos = np.zeros(len(sizes_arr), dtype=np.int64)
+    exhausted = np.zeros(len(sizes_arr), dtype=bool)
+    children, positions = [], []
+    turn = 0
+    while len(sizes_arr):
+        if draws is None:
+            choices = (turn + np.arange(DRAW_CHUNK)) % len(sizes_arr)
+        else:
+            choices = draws.chunk(turn // DRAW_CHUNK)[turn % DRAW_CHUNK:]
+        at = pos[choices] + _occurrences(choices)
+        over = at >= sizes_arr[choices]
+        hit = int(np.argmax(over)) if over.any() else len(choices)
+        children.append(choices[:hit])
+        positions.append(at[:hit])
+        pos += np.bincount(choices[:hit], minlength=len(sizes_arr))
+        turn += hit
+        if hit == len(choices):
+            continue
+        child = int(choices[hit])  # runs out at this turn; the turn is drawn again (see Mixer.__next__)
+        exhausted[child] = True
+        if stopping == "first_exhausted" or exhausted.all() or sizes_arr[child] == 0:
+            break  # an empty child drawn again would never yield: the mix ends here
+        pos[child] = 0
+    if not children:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(children).astype(np.int64), np.concatenate(positions)

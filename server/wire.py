@@ -12,6 +12,7 @@ import numpy as np
 
 from ..protos import feed_pb2
 from .pack import Rows
+from .store.format import ids_dtype
 
 Buffer = bytes | memoryview
 
@@ -19,11 +20,6 @@ _RESPONSE_BATCH = feed_pb2.StreamResponse.DESCRIPTOR.fields_by_name["batch"].num
 _BATCH_TENSORS = feed_pb2.Batch.DESCRIPTOR.fields_by_name["tensors"].number
 _TENSOR_DATA = feed_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number
 CHUNK = 1 << 20  # bytes copied under the GIL at a time when joining a big response (see join)
-
-
-def ids_dtype(vocab_size: int) -> np.dtype:
-    """uint16 on the wire when every id fits, else int32."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
 def batch_response(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> bytes:

@@ -1,1 +1,1 @@
-"""Cached mode: tokenize once into a memory-mapped token store, then serve epochs by permutation."""
+"""Cached mode: serve epochs of a token store (see server/store/) by a seeded order of its samples."""

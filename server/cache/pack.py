@@ -12,7 +12,7 @@ import numpy as np
 
 from ..pack import EpochBatches, Rows
 from ..stage import State
-from .store import TokenStore
+from ..store.reader import TokenStore
 
 
 class CachedPacker(EpochBatches):
@@ -24,7 +24,8 @@ class CachedPacker(EpochBatches):
         share = order[rank::world_size]
         if not len(share) and max_batches:  # fewer samples than ranks: pad an empty share from the whole epoch
             share = order
-        self.tokens, self.starts = np.asarray(store.tokens), store.offsets[share]  # plain ndarray: cheap slices
+        self.store, self.shard, self.starts = store, store.shard[share], store.offsets[share]
+        self.dtype = np.dtype(store.manifest.dtype)
         self.lengths = store.lengths[share].astype(np.int64)
         self.prompts = store.prompt_tokens[share] if completion_only else None
         self.cum = np.concatenate(([0], np.cumsum(self.lengths)))  # where each sample starts in the stream
@@ -65,9 +66,12 @@ class CachedPacker(EpochBatches):
         sample, offset, count = self._runs(*span)
         n = span[1] - span[0]
         run_start = np.cumsum(count) - count  # where each run lands in the batch
-        flat = np.empty(self.batch_size * self.seq_len, dtype=self.tokens.dtype)
+        flat = np.empty(self.batch_size * self.seq_len, dtype=self.dtype)
         first = (self.starts[sample] + offset).tolist()  # one slice per run: cheaper than a gather by index
-        np.concatenate([self.tokens[a:a + c] for a, c in zip(first, count.tolist(), strict=True)], out=flat[:n])
+        shards = self.shard[sample].tolist()
+        tokens = self.store.shard_tokens
+        np.concatenate([tokens(s)[a:a + c] for s, a, c in zip(shards, first, count.tolist(), strict=True)],
+                       out=flat[:n])
         flat[n:] = self.pad_id
         rows = -(-n // self.seq_len)
         bounds = np.union1d(run_start, np.arange(0, n, self.seq_len))  # segments start at samples and rows
@@ -88,10 +92,10 @@ class CachedPacker(EpochBatches):
         picked = np.arange(*span) % len(self.lengths)
         rows = len(picked)
         kept = np.minimum(self.lengths[picked], self.seq_len)
-        row_of = np.repeat(np.arange(rows), kept)
-        col = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-        ids = np.full((rows, self.seq_len), self.pad_id, dtype=self.tokens.dtype)
-        ids[row_of, col] = self.tokens[np.repeat(self.starts[picked], kept) + col]
+        ids = np.full((rows, self.seq_len), self.pad_id, dtype=self.dtype)
+        for row, (shard, start, count) in enumerate(zip(self.shard[picked].tolist(), self.starts[picked].tolist(),
+                                                        kept.tolist(), strict=True)):
+            ids[row, :count] = self.store.shard_tokens(shard)[start:start + count]
         mask = None
         if self.prompts is not None:
             mask = (np.arange(self.seq_len)[None, :] >= self.prompts[picked][:, None]).astype(np.uint8)

@@ -1,7 +1,9 @@
-"""Cached mode for real: build once, reuse on restart, rebuild on change or damage, same data as streaming."""
+"""Cached mode for real: build once, reuse on restart (and on a change of serve-time settings), rebuild on a
+change of content or on damage, resume a killed build, serve from object storage, same data as streaming."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -18,8 +20,9 @@ import pytest
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from sigil_feed.server.cache.store import open_store
-from tests.conftest import TOKENIZER_DIR, ServerProcess, rust_pair, write_config, write_jsonl
+from sigil_feed.server.store.fs import resolve
+from sigil_feed.server.store.reader import TokenStore, open_store
+from tests.conftest import TOKENIZER_DIR, rust_pair, write_config, write_jsonl
 
 CLI = [sys.executable, "-m", "sigil_feed.server.cli"]
 
@@ -44,6 +47,10 @@ def stores(tmp_path: Path) -> list[Path]:
     return sorted(p.parent for p in (tmp_path / "cache").glob("*/manifest.json"))
 
 
+def open_local(store: Path) -> TokenStore:
+    return open_store(resolve(store.parent), str(store), store.name, local_dir=store / "unused")
+
+
 def build(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, "cache", "build", "--config", str(config)], capture_output=True, text=True,
                           timeout=300, check=True, cwd=config.parent)
@@ -58,15 +65,33 @@ def epoch_rows(target: str, batch_size: int = 16) -> Counter[tuple[int, ...]]:
     return rows
 
 
-def test_cached_and_streaming_serve_the_same_multiset(tmp_path: Path, start_server) -> None:
+SERVE_TIME = [{}, {"dataset_weights": {"local:files.jsonl": 3.0}, "task_weights": {"doc_to_code": 2.5},
+                  "shuffle_seed": 9, "stopping_strategy": "first_exhausted"},
+              {"interleave_mode": "round_robin", "task_weights": None, "stopping_strategy": "first_exhausted"}]
+
+
+def test_cached_and_streaming_serve_the_same_multiset_and_serve_time_settings_reuse_the_store(
+        tmp_path: Path, start_server) -> None:
+    """Mixing weights, task weights, stopping and the seed are serve-time decisions: a change of them serves
+    another multiset from the same store (not rebuilt), the same one streaming mode serves."""
     corpus(tmp_path)
-    results = {}
-    for use_cache in (True, False):
-        config = write_config(tmp_path / f"c{use_cache}.yaml", dataset_section(tmp_path, use_cache),
-                              max_seq_len=512, pack=False)
-        results[use_cache] = epoch_rows(start_server(config).target)
-    assert results[True] == results[False]
-    assert sum(results[True].values()) > 300 and max(results[True].values()) == 2  # task-weight copies
+    multisets, created = [], set()
+    for i, settings in enumerate(SERVE_TIME):
+        results = {}
+        for use_cache in (True, False):
+            config = write_config(tmp_path / f"c{i}{use_cache}.yaml", dataset_section(tmp_path, use_cache, **settings),
+                                  max_seq_len=512, pack=False)
+            server = start_server(config)
+            results[use_cache] = epoch_rows(server.target)
+            assert not use_cache or i == 0 or not any("tokenizing" in line for line in server.output)
+        assert results[True] == results[False], settings
+        (store,) = stores(tmp_path)
+        created.add(json.loads((store / "manifest.json").read_text())["created"])
+        multisets.append(results[True])
+    assert len(created) == 1  # built once
+    assert sum(multisets[0].values()) > 300 and max(multisets[0].values()) == 2  # task-weight copies
+    assert max(multisets[1].values()) == 3 and max(multisets[2].values()) == 1
+    assert len({frozenset(m.items()) for m in multisets}) == 3
 
 
 def test_store_is_reused_on_restart_and_rebuilt_on_change(tmp_path: Path, start_server) -> None:
@@ -101,15 +126,15 @@ def epoch_rows_packed(target: str) -> list[object]:
 
 
 @pytest.mark.parametrize(("damage", "reason"), [("truncate", "missing or truncated"), ("flip", "checksum mismatch"),
-                                               ("no files", "files: Field required"),
-                                               ("empty files, flip", "must list exactly tokens.bin")])
+                                               ("no shards", "shards: Field required"),
+                                               ("empty shards, flip", "the shards' samples do not sum")])
 def test_damaged_store_is_detected_and_rebuilt(tmp_path: Path, start_server, damage: str, reason: str) -> None:
     corpus(tmp_path)
     config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True), max_seq_len=512, pack=False)
     build(config)
     (store,) = stores(tmp_path)
     good = epoch_rows(start_server(config).target)
-    tokens = store / "tokens.bin"
+    (tokens, _) = sorted((store / "shards").glob("*.tokens.bin"))
     data = bytearray(tokens.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -117,24 +142,47 @@ def test_damaged_store_is_detected_and_rebuilt(tmp_path: Path, start_server, dam
         data[100:108] = bytes(8)
     tokens.write_bytes(bytes(data))
     manifest = json.loads((store / "manifest.json").read_text())
-    if "files" in damage:
-        manifest.pop("files") if damage == "no files" else manifest.update(files={})
+    if "shards" in damage:
+        manifest.pop("shards") if damage == "no shards" else manifest.update(shards=[])
     (store / "manifest.json").write_text(json.dumps(manifest))
     server = start_server(config)
     assert epoch_rows(server.target) == good
     assert any("damaged, rebuilding" in line and reason in line for line in server.output)
+    written = "0 written" if damage == "no shards" else "1 written"  # only the damaged shard is tokenized again
+    assert any(f"2 shards: {written}" in line for line in server.output), server.output
     assert stores(tmp_path) == [store] and temporaries(tmp_path) == []
 
 
-def big_config(tmp_path: Path, n: int) -> Path:
-    """A corpus of n long records (a build that takes a while) served cached."""
-    write_jsonl(tmp_path / "big.jsonl", [{"text": f"fn f{i}() {{ {'let x = 1; ' * 300} }}"} for i in range(n)])
-    return write_config(tmp_path / "c.yaml", {"names": ["local:big.jsonl"], "use_cache": True,
+def test_a_format_1_store_is_rebuilt_as_format_2_with_a_log_line(tmp_path: Path, start_server) -> None:
+    corpus(tmp_path)
+    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True), max_seq_len=512, pack=False)
+    good = epoch_rows(start_server(config).target)
+    (store,) = stores(tmp_path)
+    shutil.rmtree(store)
+    store.mkdir()
+    (store / "tokens.bin").write_bytes(bytes(64))  # what format 1 kept beside its manifest
+    (store / "manifest.json").write_text(json.dumps({"format": 1, "fingerprint": store.name, "files": {}}))
+    server = start_server(config)
+    assert epoch_rows(server.target) == good
+    assert any(f"token store format 1 at {store}: rebuilding as format 2" in line for line in server.output)
+    assert json.loads((store / "manifest.json").read_text())["format"] == 2 and not (store / "tokens.bin").exists()
+
+
+def big_config(tmp_path: Path, n: int, files: int = 1) -> Path:
+    """A corpus of n long records in `files` files (a build that takes a while) served cached."""
+    for f in range(files):  # one shard per file
+        write_jsonl(tmp_path / "big" / f"part{f}.jsonl", [{"text": f"fn f{i}() {{ {'let x = 1; ' * 300} }}"}
+                                                          for i in range(f, n, files)])
+    return write_config(tmp_path / "c.yaml", {"names": ["local:big"], "use_cache": True,
                                               "cache_dir": str(tmp_path / "cache")})
 
 
 def temporaries(tmp_path: Path) -> list[Path]:
-    return sorted((tmp_path / "cache").glob(".*.tmp-*"))
+    return sorted((tmp_path / "cache").glob("**/.*.tmp-*"))
+
+
+def shard_facts(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache").glob("*/shards/*.json"))
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 180) -> None:
@@ -148,56 +196,40 @@ def cache_cli(*args: str) -> str:
     return subprocess.run([*CLI, "cache", *args], capture_output=True, text=True, check=True, timeout=60).stdout
 
 
-def start_and_kill_mid_build(tmp_path: Path, start: Callable[[Path], ServerProcess], config: Path) -> Path:
-    """Start a server, SIGKILL it once its build has written tokens; returns the temporary folder it left."""
-    known = set(temporaries(tmp_path))
-    server = start(config)
-
-    def started() -> list[Path]:
-        return [t for t in temporaries(tmp_path) if t not in known and (t / "tokens.bin").exists()]
-
-    wait_for(started)
-    time.sleep(0.3)
+def test_a_killed_build_is_finished_by_the_next_start_which_skips_complete_shards(tmp_path: Path,
+                                                                                 start_server) -> None:
+    config = big_config(tmp_path, 6000, files=6)
+    server = start_server(config)
+    wait_for(lambda: len(shard_facts(tmp_path)) >= 2)
     server.stop(signal.SIGKILL)
-    (left,) = started()
-    return left
+    done = len(shard_facts(tmp_path))
+    assert stores(tmp_path) == [] and 2 <= done < 6  # no manifest: not a store, whatever shards are there
+    listing = cache_cli("ls", "--cache-dir", str(tmp_path / "cache"))
+    assert "no token stores" in listing and "partial" in listing
+
+    server = start_server(config)
+    wait_for(lambda: any("token store ready" in line for line in server.output))
+    assert any(f"6 shards: {6 - done} written, {done} complete from before" in line for line in server.output)
+    (store,) = stores(tmp_path)
+    assert len(open_local(store)) == 6000 and len(shard_facts(tmp_path)) == 6
+    assert f"removed {store}" in cache_cli("rm", "--all", "--cache-dir", str(tmp_path / "cache"))
+    assert not any(p.name == store.name for p in (tmp_path / "cache").iterdir())
 
 
-def test_killed_builds_are_reclaimed_and_live_ones_left_alone(tmp_path: Path, start_server) -> None:
-    config = big_config(tmp_path, 6000)
-    cache = str(tmp_path / "cache")
-    first = start_and_kill_mid_build(tmp_path, start_server, config)
-    assert stores(tmp_path) == [] and temporaries(tmp_path) == [first]
-    listing = cache_cli("ls", "--cache-dir", cache)
-    assert "no token stores" in listing and f"{first}  stale: left by" in listing
-
-    second = start_and_kill_mid_build(tmp_path, start_server, config)  # reclaims the first, then builds
-    assert second != first and temporaries(tmp_path) == [second] and stores(tmp_path) == []
-
-    server = start_server(config)  # reclaims the second, then builds
-    wait_for(lambda: any(f"reclaimed {second}" in line for line in server.output))
-    wait_for(lambda: temporaries(tmp_path))
-    (live,) = temporaries(tmp_path)
-    removal = cache_cli("rm", "--all", "--cache-dir", cache)
-    assert live.exists() and f"left {live}: building by" in removal  # never a build that is under way
-    server.stop(signal.SIGKILL)
-    assert f"removed {live}" in cache_cli("rm", "--all", "--cache-dir", cache)
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_two_builders_of_one_store_keep_one_and_neither_deletes_the_others(tmp_path: Path) -> None:
-    config = big_config(tmp_path, 3000)
+def test_two_builders_of_one_store_write_the_same_shards_and_neither_deletes_the_others(tmp_path: Path) -> None:
+    """Two builders with unique temporary names (PID 1 in two containers sharing a volume is the same PID)
+    write the same shards under the same names, each file renamed whole into place; the store folder is never
+    removed or replaced."""
+    config = big_config(tmp_path, 3000, files=3)
     builders = [subprocess.Popen([*CLI, "cache", "build", "--config", str(config)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
-    wait_for(lambda: stores(tmp_path) or all(b.poll() is not None for b in builders))
-    (store,) = stores(tmp_path)
-    inode = store.stat().st_ino
+    wait_for(lambda: list((tmp_path / "cache").glob("*")) or all(b.poll() is not None for b in builders))
+    (folder,) = (tmp_path / "cache").glob("*")
+    inode = folder.stat().st_ino
     logs = [b.communicate(timeout=300)[1] for b in builders]
     assert [b.returncode for b in builders] == [0, 0], logs
-    assert all("tokenizing" in log for log in logs), "both should have built"
-    assert sum("finished first by another builder: keeping it" in log for log in logs) == 1
-    assert store.stat().st_ino == inode and stores(tmp_path) == [store] and temporaries(tmp_path) == []
-    assert len(open_store(store, store.name)) == 3000
+    assert stores(tmp_path) == [folder] and folder.stat().st_ino == inode and temporaries(tmp_path) == []
+    assert len(open_local(folder)) == 3000
 
 
 def test_a_build_failing_for_a_transient_reason_is_retried_then_serves(tmp_path: Path, start_server) -> None:
@@ -214,11 +246,13 @@ def test_a_build_failing_for_a_transient_reason_is_retried_then_serves(tmp_path:
 
         wait_for(lambda: stats().cache.state == "retrying")
         error = stats().cache.error
-        assert "of 8 failed: OSError: [Errno 27] File too large" in error and "next attempt at" in error, error
+        assert "of 8 failed: OSError: [Errno 27]" in error and "File too large" in error, error
+        assert "next attempt at" in error, error
         resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (unlimited, unlimited))
         rows = epoch_rows(server.target)
         ready = stats()
-    assert ready.cache.state == "ready" and ready.cache.error == "" and sum(rows.values()) == ready.cache.samples
+    assert ready.cache.state == "ready" and ready.cache.error == "" and sum(rows.values()) > 300
+    assert ready.cache.samples == sum(s.kept for s in ready.sources)
     assert [s.read for s in ready.sources] == [301, 150]  # the retry counted from zero, once
     assert sum(s.tokens for s in ready.sources) == ready.cache.tokens
     assert any("token store build attempt 1 of 8 failed" in line for line in server.output)
@@ -243,3 +277,37 @@ def test_health_is_live_during_the_build_and_ready_after(tmp_path: Path, start_s
             time.sleep(0.2)
         assert status("sigil_feed.v1.DataFeed") == serving
     assert stores(tmp_path)
+
+
+def batch_digests(target: str, world_size: int) -> list[str]:
+    """Every batch of one epoch of every rank, as hashes of its tensors (packed rows)."""
+    digests = []
+    for rank in range(world_size):
+        for batch in FeedDataset(target, batch_size=4, rank=rank, world_size=world_size):
+            digest = hashlib.sha256()
+            for key in sorted(batch):
+                if hasattr(batch[key], "numpy"):
+                    digest.update(key.encode() + batch[key].numpy().tobytes())
+            digests.append(digest.hexdigest())
+    return digests
+
+
+def test_a_store_on_object_storage_serves_what_a_local_store_serves(tmp_path: Path, start_server,
+                                                                    s3_bucket: str) -> None:
+    """A store built into s3:// (a real S3-compatible server on loopback) and served from there: every batch of
+    both ranks identical to a local store's, every sample exactly once, and a restart builds nothing."""
+    corpus(tmp_path)
+    batches = {}
+    for where, location in (("local", str(tmp_path / "cache")), ("s3", f"{s3_bucket}/stores")):
+        config = write_config(tmp_path / f"{where}.yaml", dataset_section(tmp_path, True, cache_dir=location,
+                                                                           remainder="keep"), max_seq_len=128)
+        if where == "s3":
+            build(config)
+        server = start_server(config)
+        batches[where] = batch_digests(server.target, world_size=2)
+        assert where == "local" or not any("tokenizing" in line for line in server.output)
+    assert batches["s3"] == batches["local"] and len(batches["local"]) > 10
+    assert "samples=" in cache_cli("ls", "--cache-dir", f"{s3_bucket}/stores")
+    with grpc.insecure_channel(start_server(tmp_path / "s3.yaml").target) as channel:
+        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=60).datasets[0]
+    assert stats.cache.path.startswith(f"{s3_bucket}/stores/")

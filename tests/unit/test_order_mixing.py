@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.curate import CuratedSource, CurateRules, copies
-from sigil_feed.server.mixing import Mixer
+from sigil_feed.server.curate import CuratedSource, CurateRules, copies, task_copies
+from sigil_feed.server.mixing import Mixer, interleave
 from sigil_feed.server.order import BlockShuffle
 from sigil_feed.server.samples import Sample, plain_pair
 from sigil_feed.server.sources.base import RawRecord, Source
@@ -71,7 +72,7 @@ def test_task_weights_copies_are_seeded_per_sample() -> None:
     assert first == names(list(curated(0, values, {"rare": 1.5}, seed=7)))
     counts = Counter(first)
     assert set(counts.values()) == {1, 2} and 250 < len(first) < 350
-    assert copies(2.0, 0, Sample(0, 0, 0, "", "pair")) == 2
+    assert copies(2.0, 0, (0, 0, 0)) == 2
 
 
 def mix(mode: str, stopping: str = "first_exhausted", sizes: tuple[int, ...] = (3, 5)) -> Mixer:
@@ -147,3 +148,36 @@ def test_epochs_reshuffle() -> None:
                                        epoch=e, rank=0, world_size=1)))
 
     assert epoch(0) != epoch(1) and sorted(epoch(0)) == sorted(epoch(1)) and epoch(1) == epoch(1)
+
+
+@settings(max_examples=120, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+       mode=st.sampled_from(["sequential", "round_robin", "weighted"]),
+       stopping=st.sampled_from(["first_exhausted", "all_exhausted"]),
+       weights=st.lists(st.floats(0.05, 5.0), min_size=4, max_size=4), seed=st.integers(0, 3))
+def test_interleave_over_indices_is_the_mixers_sequence(sizes: list[int], mode: str, stopping: str,
+                                                        weights: list[float], seed: int) -> None:
+    """The cached mode's serve-time mix equals what the streaming Mixer yields over the same samples."""
+    if stopping == "all_exhausted" and mode != "sequential" and 0 in sizes:
+        sizes = [max(n, 1) for n in sizes]  # the Mixer never ends when it restarts an empty source
+    children = [curated(i, texts(n, chr(ord("a") + i))) for i, n in enumerate(sizes)]
+    expected = [(s.source, s.row) for s in Mixer(children, mode, stopping, weights[:len(sizes)], seed)]
+    child, position = interleave(sizes, mode, stopping, weights[:len(sizes)], seed)
+    assert list(zip(child.tolist(), position.tolist(), strict=True)) == expected
+
+
+def test_interleave_stops_where_the_mixer_would_hang() -> None:
+    child, _ = interleave([2, 0], "round_robin", "all_exhausted", [1, 1], 0)
+    assert child.tolist() == [0]
+
+
+def test_task_copies_match_per_sample_copies() -> None:
+    rng = np.random.default_rng(0)
+    task = rng.integers(-1, 3, 500)
+    ids = (rng.integers(0, 3, 500), rng.integers(0, 9, 500), np.arange(500))
+    weights = {"a": 1.5, "b": 0.0, "c": 3.0}
+    got = task_copies(task, ["a", "b", "zz"], weights, 7, ids)
+    names = ["a", "b", "zz"]
+    want = [copies(weights[names[t]], 7, (s, f, r)) if t >= 0 and names[t] in weights else 1
+            for t, s, f, r in zip(task.tolist(), *(c.tolist() for c in ids), strict=True)]
+    assert got.tolist() == want

@@ -51,10 +51,17 @@ def packer(encoded: list[Encoded], batch: int, seq: int, pack: bool = True, comp
 
 def cached_packer(encoded: list[Encoded], batch: int, seq: int, pack: bool, completion: bool, remainder: str,
                   max_batches: int | None) -> CachedPacker:
-    """A CachedPacker over the samples laid out as a token store's arrays, in store order."""
+    """A CachedPacker over the samples laid out as a token store's arrays, in store order, in two shards
+    (samples alternate between them, so runs of a batch cross shards)."""
     lengths = np.array([len(e.ids) for e in encoded], dtype=np.int32)
-    store = SimpleNamespace(tokens=np.concatenate([e.ids for e in encoded]), lengths=lengths,
-                            offsets=np.cumsum(lengths, dtype=np.int64) - lengths,
+    shard = np.arange(len(encoded)) % 2
+    offsets = np.zeros(len(encoded), dtype=np.int64)
+    for k in (0, 1):
+        offsets[shard == k] = np.cumsum(lengths[shard == k]) - lengths[shard == k]
+    tokens = [np.concatenate([e.ids for e, s in zip(encoded, shard, strict=True) if s == k] or [np.zeros(0, np.int32)])
+              for k in (0, 1)]
+    store = SimpleNamespace(shard_tokens=tokens.__getitem__, shard=shard, lengths=lengths, offsets=offsets,
+                            manifest=SimpleNamespace(dtype="<i4"),
                             prompt_tokens=np.array([e.prompt_tokens for e in encoded], dtype=np.int32))
     return CachedPacker(store, np.arange(len(encoded)), rank=0, world_size=1, batch_size=batch,  # type: ignore
                         seq_len=seq, pack=pack, completion_only=completion, pad_id=PAD, remainder=remainder,

@@ -1,4 +1,5 @@
-"""The token store on disk: manifest validation, unique temporary names, owner liveness, reclaiming, commit."""
+"""The token store on disk: manifest validation, opening shards, unique temporary names, owner liveness,
+reclaiming."""
 
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sigil_feed.server.cache.manifest import MANIFEST, SAMPLES, TOKENS, StoreDamaged
-from sigil_feed.server.cache.owner import (
+from sigil_feed.server.store.format import (
+    MANIFEST,
+    Manifest,
+    ShardRows,
+    StoreDamaged,
+    merge_accounting,
+    shard_name,
+    shard_paths,
+    store_dir,
+    write_manifest,
+    write_shard,
+)
+from sigil_feed.server.store.fs import StoreFS, resolve
+from sigil_feed.server.store.owner import (
     OWNER,
     STALE_AFTER_S,
     Heartbeat,
@@ -26,31 +39,50 @@ from sigil_feed.server.cache.owner import (
     temp_name,
     this_machine,
 )
-from sigil_feed.server.cache.store import StoreWriter, list_stores, open_store
+from sigil_feed.server.store.reader import list_stores, open_store
+from sigil_feed.server.tokenize import TokenFacts
 
 FP = "0123456789abcdef"
-META = {"dataset": "d", "tokenizer_fingerprint": "t", "token_facts": {"vocab_size": 100, "eos_id": 0, "pad_id": 0},
-        "sources": [{"spec": "local:a.jsonl", "read": 3, "kept": 3, "dropped": {}, "malformed": {}, "tokens": 9,
-                     "lengths": [0, 3]}]}
+ACCOUNTING = {"spec": "local:a.jsonl", "read": 2, "kept": 2, "dropped": {"too_short": 1}, "malformed": {},
+              "tokens": 6, "lengths": [2] + [0] * 17}
 
 
-def writer(cache: Path) -> StoreWriter:
-    """A writer holding three samples of three tokens."""
-    w = StoreWriter(cache, FP, np.dtype("<u2"))
-    w.append([np.arange(3) + i for i in range(3)], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 2])
-    return w
+def make_store(root: Path) -> tuple[StoreFS, str]:
+    """A committed store of two shards of source 0: samples of 3 tokens (ids 0-2, 1-3) and one of 3 (ids 2-4)."""
+    fs = resolve(root)
+    store = store_dir(fs, FP)
+    shards = []
+    for part, starts in enumerate(([0, 1], [2])):
+        ids = np.concatenate([np.arange(3) + i for i in starts])
+        rows = ShardRows(ids=ids, lengths=np.full(len(starts), 3), prompt_tokens=np.zeros(len(starts)),
+                         file=np.full(len(starts), part), row=np.arange(len(starts)),
+                         task_type=["completion", None][:len(starts)])
+        shards.append(write_shard(fs, store, shard_name(FP, 0, f"f{part}"), [rows], source=0, dtype="<u2",
+                                  accounting=ACCOUNTING))
+    write_manifest(fs, store, Manifest(
+        format=2, fingerprint=FP, dtype="<u2", samples=3, tokens=9, created=1.0, dataset="d", shards=shards,
+        sources=[merge_accounting("local:a.jsonl", shards)], tokenizer_fingerprint="t",
+        token_facts=TokenFacts(vocab_size=100, eos_id=0, pad_id=0)))
+    return fs, store
 
 
-def edit_manifest(store: Path, change: Any) -> None:
-    manifest = json.loads((store / MANIFEST).read_text())
-    (store / MANIFEST).write_text(json.dumps(change(manifest)))
+def edit_manifest(store: str, change: Any) -> None:
+    path = Path(store) / MANIFEST
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
 
 
-def test_a_written_store_opens_and_lists_exactly_its_files(tmp_path: Path) -> None:
-    store = open_store(writer(tmp_path).commit(META), FP)
-    assert len(store) == 3 and store.manifest.tokens == 9 and set(store.manifest.files) == {TOKENS, SAMPLES}
-    assert sorted(p.name for p in store.path.iterdir()) == [MANIFEST, SAMPLES, TOKENS]  # no owner record left
-    assert temp_folders(tmp_path) == []
+def test_a_written_store_opens_across_its_shards(tmp_path: Path) -> None:
+    fs, path = make_store(tmp_path)
+    store = open_store(fs, path, FP, local_dir=tmp_path / "fetched")
+    assert len(store) == 3 and store.manifest.tokens == 9 and store.shard.tolist() == [0, 0, 1]
+    got = [store.shard_tokens(s)[o:o + n].tolist() for s, o, n in zip(store.shard, store.offsets, store.lengths,
+                                                                                  strict=True)]
+    assert got == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert store.file.tolist() == [0, 0, 1] and store.row.tolist() == [0, 1, 0]
+    assert [store.task_types[t] if t >= 0 else None for t in store.task] == ["completion", None, "completion"]
+    merged = store.manifest.sources[0]
+    assert (merged.read, merged.dropped, merged.lengths[0]) == (4, {"too_short": 2}, 4)
+    assert temp_folders(Path(path) / "shards") == [] and not (tmp_path / "fetched").exists()  # local: read in place
 
 
 def _set(key: str, value: Any) -> Any:
@@ -61,42 +93,73 @@ def _without(key: str) -> Any:
     return lambda m: {k: v for k, v in m.items() if k != key}
 
 
-def _file(name: str, **facts: Any) -> Any:
-    return lambda m: {**m, "files": {**m["files"], name: {**m["files"].get(name, {}), **facts}}}
+def _shard(**facts: Any) -> Any:
+    return lambda m: {**m, "shards": [{**m["shards"][0], **facts}, *m["shards"][1:]]}
 
 
 @pytest.mark.parametrize(("change", "reason"), [
-    (_without("files"), "files: Field required"),
-    (_set("files", {}), "must list exactly tokens.bin, samples.parquet"),
-    (lambda m: {**m, "files": {TOKENS: m["files"][TOKENS]}}, "missing ['samples.parquet']"),
-    (_file("extra.bin", size=1, xxh3="0" * 16), "unexpected ['extra.bin']"),
-    (_file(TOKENS, size="18"), "files.tokens.bin.size: Input should be a valid integer"),
-    (_file(TOKENS, xxh3=7), "files.tokens.bin.xxh3"),
+    (_without("shards"), "shards: Field required"),
+    (_set("shards", []), "the shards' samples do not sum to 3"),
+    (lambda m: {**m, "shards": m["shards"][:1]}, "do not sum"),
+    (lambda m: {**m, "shards": [m["shards"][0]] * 2}, "shard names repeat"),
+    (_shard(tokens_file={"size": "12", "xxh3": "0" * 16}), "tokens_file.size: Input should be a valid integer"),
+    (_shard(samples_file={"size": 1, "xxh3": 7}), "samples_file.xxh3"),
+    (_shard(name="../../etc/passwd"), "name: String should match pattern"),
+    (_shard(tokens=5), "tokens file of 12 bytes, but 5 tokens"),
     (_without("tokens"), "tokens: Field required"),
     (_set("samples", -1), "samples: Input should be greater than or equal to 0"),
     (_set("dtype", "<f8"), "dtype"),
     (_without("sources"), "sources: Field required"),
     (_set("token_facts", {"vocab_size": "x"}), "token_facts"),
-    (_set("format", 2), "format 2"),
+    (_set("format", 3), "format 3"),
     (_set("fingerprint", "f" * 16), "does not match"),
     (lambda m: [m], "not a JSON object"),
-    (_set("tokens", 8), "counts 8 tokens"),
-    (_set("samples", 4), "3 rows, but the manifest counts 4"),
 ])
 def test_an_invalid_manifest_is_damage_with_the_reason(tmp_path: Path, change: Any, reason: str) -> None:
-    path = writer(tmp_path).commit(META)
+    fs, path = make_store(tmp_path)
     edit_manifest(path, change)
     with pytest.raises(StoreDamaged) as damage:
-        open_store(path, FP, verify=False)
+        open_store(fs, path, FP, local_dir=tmp_path, verify=False)
     assert reason in str(damage.value)
 
 
-def test_empty_files_no_longer_turns_checksums_off(tmp_path: Path) -> None:
-    path = writer(tmp_path).commit(META)
-    edit_manifest(path, _set("files", {}))
-    (path / TOKENS).write_bytes(bytes(18))  # same size, other tokens
-    with pytest.raises(StoreDamaged):
-        open_store(path, FP)
+@pytest.mark.parametrize(("damage", "reason"), [("truncate", "missing or truncated"), ("flip", "checksum mismatch"),
+                                               ("rows", "2 rows, but the manifest counts 1")])
+def test_a_damaged_shard_is_damage_with_the_reason(tmp_path: Path, damage: str, reason: str) -> None:
+    fs, path = make_store(tmp_path)
+    first, second = open_store(fs, path, FP, local_dir=tmp_path).manifest.shards
+    tokens = Path(shard_paths(path, first.name)[0])
+    if damage == "truncate":
+        tokens.write_bytes(tokens.read_bytes()[:-2])
+    elif damage == "flip":
+        tokens.write_bytes(bytes(len(tokens.read_bytes())))  # same size, other tokens
+    else:  # a shard's samples table swapped for another's: the checksums hold only when not verified
+        Path(shard_paths(path, second.name)[1]).write_bytes(Path(shard_paths(path, first.name)[1]).read_bytes())
+        edit_manifest(path, lambda m: {**m, "shards": [m["shards"][0], {**m["shards"][1], "samples_file":
+                                                                        m["shards"][0]["samples_file"]}]})
+    with pytest.raises(StoreDamaged, match=reason):
+        open_store(fs, path, FP, local_dir=tmp_path, verify=damage != "rows")
+
+
+def test_list_stores_shows_damaged_partial_and_outdated_stores_and_never_a_temporary_folder(tmp_path: Path) -> None:
+    make_store(tmp_path)
+    for name, manifest in (("1" * 16, "{}"), ("2" * 16, '{"format": 1}'), ("3" * 16, None)):
+        (tmp_path / name / "shards").mkdir(parents=True)
+        if manifest is not None:
+            (tmp_path / name / MANIFEST).write_text(manifest)
+    (tmp_path / f".{FP}.tmp-host-1-token").mkdir()
+    (tmp_path / "shards").mkdir()  # not a fingerprint: a folder of fetched shards, say
+    listed = {Path(s["path"]).name: s for s in list_stores(resolve(tmp_path))}
+    assert set(listed) == {FP, "1" * 16, "2" * 16, "3" * 16}
+    assert listed[FP]["state"] == "ready" and listed[FP]["samples"] == 3 and listed[FP]["shards"] == 2
+    assert [listed[n * 16]["state"] for n in "123"] == ["damaged", "outdated", "partial"]
+
+
+def test_discard_leaves_nothing(tmp_path: Path) -> None:
+    _, path = make_store(tmp_path)
+    discard(Path(path))
+    discard(Path(path))  # already gone: nothing to do
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_temporary_names_are_unique_per_build_even_with_one_pid(tmp_path: Path) -> None:
@@ -122,7 +185,7 @@ def test_owner_liveness_rules() -> None:
 def _temp(cache: Path, name: str, owner: dict[str, Any] | None, age: float) -> Path:
     folder = cache / name
     folder.mkdir(parents=True)
-    (folder / TOKENS).write_bytes(b"x" * 100)
+    (folder / "tokens.bin").write_bytes(b"x" * 100)
     stamped = folder
     if owner is not None:
         stamped = folder / OWNER
@@ -161,38 +224,19 @@ def test_a_temporary_folder_names_its_owner_until_it_is_gone(tmp_path: Path) -> 
     assert temp.owner == owner and temp.alive and temp.describe().startswith(f"building by {owner.label}")
 
 
-def test_two_builders_of_one_fingerprint_in_one_process_keep_the_first_store(tmp_path: Path) -> None:
-    """Two writers with the same PID (PID 1 in two containers sharing a volume) neither clobber each other's
-    temporary folder nor replace the store the first one put in place."""
-    first, second = writer(tmp_path), writer(tmp_path)
-    assert first.tmp != second.tmp and len(temp_folders(tmp_path)) == 2
-    final = first.commit(META)
-    inode = final.stat().st_ino
-    assert second.commit({**META, "dataset": "second"}) == final
-    assert final.stat().st_ino == inode and open_store(final, FP).manifest.dataset == "d"
-    assert temp_folders(tmp_path) == []
 
 
-def test_commit_replaces_a_damaged_store(tmp_path: Path) -> None:
-    (tmp_path / FP).mkdir()
-    (tmp_path / FP / MANIFEST).write_text("{}")
-    final = writer(tmp_path).commit(META)
-    assert open_store(final, FP).manifest.dataset == "d" and temp_folders(tmp_path) == []
-
-
-def test_discard_leaves_nothing(tmp_path: Path) -> None:
-    path = writer(tmp_path).commit(META)
-    discard(path)
-    discard(path)  # already gone: nothing to do
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_list_stores_shows_damaged_stores_and_never_a_temporary_folder(tmp_path: Path) -> None:
-    writer(tmp_path).commit(META)
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / MANIFEST).write_text("{}")
-    (tmp_path / f".{FP}.tmp-host-1-token").mkdir()
-    (tmp_path / f".{FP}.tmp-host-1-token" / MANIFEST).write_text("{}")  # a build about to be renamed
-    listed = {Path(s["path"]).name: s for s in list_stores(tmp_path)}
-    assert set(listed) == {FP, "bad"} and listed[FP]["state"] == "ready" and listed[FP]["samples"] == 3
-    assert listed["bad"]["state"] == "damaged" and "format None" in listed["bad"]["reason"]
+def test_temporary_files_are_stale_once_their_heartbeat_mtime_is_old(tmp_path: Path) -> None:
+    """A file being written (fs.open_write) has no owner record: its mtime is its heartbeat."""
+    fs = resolve(tmp_path)
+    with fs.open_write(fs.path("shards", "a.tokens.bin")) as out:
+        out.write(b"x")
+        (writing,) = temp_folders(tmp_path / "shards")
+        assert writing.alive and writing.path.is_file()
+    assert temp_folders(tmp_path / "shards") == []  # renamed into place
+    left = tmp_path / "shards" / temp_name("b.tokens.bin", new_owner())
+    left.write_bytes(b"x")
+    then = os.path.getmtime(left) - STALE_AFTER_S - 5
+    os.utime(left, (then, then))
+    assert [t.path for t in reclaim(tmp_path / "shards")] == [left] and not left.exists()
+    assert (tmp_path / "shards" / "a.tokens.bin").read_bytes() == b"x"

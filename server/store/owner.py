@@ -10,6 +10,8 @@ A temporary folder is stale, and may be removed, only when its owner is gone:
 - no owner record (a build from an older version, or one that is just starting): the folder's mtime is older
   than STALE_AFTER_S.
 Folders named `.<name>.del-<token>` are being removed and are always stale.
+A temporary file (`.<file>.tmp-<host>-<pid>-<token>`, see fs.py: one file being written, then renamed into
+place) has no owner record: its mtime, fresh while it is written, is its heartbeat.
 """
 
 from __future__ import annotations
@@ -165,21 +167,23 @@ def _owner(folder: Path) -> tuple[Owner | None, float]:
 
 
 def temp_folders(cache_dir: Path) -> list[TempFolder]:
-    """Every temporary folder under cache_dir (builds under way, or left behind)."""
+    """Every temporary folder or file under cache_dir (builds under way, or left behind)."""
     machine = this_machine()
     found = []
     for path in sorted(cache_dir.glob(".*")):
         fingerprint = path.name[1:].split(".")[0]
         if DELETE_MARK in path.name and path.is_dir():
             found.append(TempFolder(path, fingerprint, None, float("inf"), alive=False))
-        elif TEMP_MARK in path.name and path.is_dir():
+        elif TEMP_MARK in path.name and (path.is_dir() or path.is_file()):
             owner, age = _owner(path)
             found.append(TempFolder(path, fingerprint, owner, age, owner_alive(owner, age, machine=machine)))
     return found
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of the files directly in a folder (a store or a temporary folder is flat)."""
+    """Bytes of the files directly in a folder (a temporary folder is flat), or of a file."""
+    if path.is_file():
+        return path.stat().st_size
     total = 0
     for file in path.iterdir() if path.is_dir() else ():
         with contextlib.suppress(OSError):
@@ -196,7 +200,10 @@ def reclaim(cache_dir: Path, fingerprint: str | None = None) -> list[TempFolder]
         if temp.alive or fingerprint not in (None, temp.fingerprint):
             continue
         size = folder_bytes(temp.path)
-        shutil.rmtree(temp.path, ignore_errors=True)
+        if temp.path.is_dir():
+            shutil.rmtree(temp.path, ignore_errors=True)
+        else:
+            temp.path.unlink(missing_ok=True)
         log.warning("reclaimed %s (%d bytes): %s", temp.path, size, temp.describe())
         removed.append(temp)
     return removed

@@ -7,26 +7,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .owner import discard, folder_bytes, reclaim, temp_folders
-from .store import list_stores
+from .store.fs import StoreFS, resolve
+from .store.owner import discard, folder_bytes, reclaim, temp_folders
+from .store.reader import list_stores
 
 
-def _cache_dirs(args: argparse.Namespace) -> list[Path]:
-    from ..config import load_config
-    from ..dataset import default_cache_dir
+def _roots(args: argparse.Namespace) -> list[StoreFS]:
+    """The store locations to look at: --cache-dir, or every dataset's in --config, or the default."""
+    from .config import load_config
+    from .dataset import default_cache_dir
 
     if args.cache_dir:
-        return [Path(args.cache_dir)]
-    if not args.config:
-        return [default_cache_dir()]
-    config = load_config(args.config)
-    dirs = {Path(d.dataset.cache_dir) if d.dataset.cache_dir else default_cache_dir() for d in config.datasets.values()}
-    return sorted(dirs)
+        locations = [args.cache_dir]
+    elif not args.config:
+        locations = [str(default_cache_dir())]
+    else:
+        config = load_config(args.config)
+        locations = sorted({d.dataset.cache_dir or str(default_cache_dir()) for d in config.datasets.values()})
+    return [resolve(location) for location in locations]
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..dataset import open_datasets
+    from .config import load_config
+    from .dataset import open_datasets
 
     for name, dataset in open_datasets(load_config(args.config)).items():
         if not dataset.cached:
@@ -38,48 +41,61 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _temporaries(cache_dir: Path) -> list[dict[str, Any]]:
-    """The temporary folders of builds under way (`building`) or left by builders that are gone (`stale`)."""
+def _temporaries(root: StoreFS) -> list[dict[str, Any]]:
+    """Temporary folders and files of local builds under way (`building`) or left by builders that are gone
+    (`stale`): the root's, and those in each store's shard folder."""
+    if not root.is_local:
+        return []
+    base = Path(root.root)
+    folders = [base, *(p / "shards" for p in base.iterdir() if p.is_dir())] if base.is_dir() else []
     return [{"path": str(t.path), "fingerprint": t.fingerprint, "state": "building" if t.alive else "stale",
              "owner": t.owner.label if t.owner else None, "heartbeat_age_s": round(t.heartbeat_age, 1),
-             "bytes": folder_bytes(t.path), "detail": t.describe()} for t in temp_folders(cache_dir)]
+             "bytes": folder_bytes(t.path), "detail": t.describe()} for f in folders for t in temp_folders(f)]
 
 
 def _ls(args: argparse.Namespace) -> int:
-    entries: list[dict[str, Any]] = [e for d in _cache_dirs(args) if d.is_dir()
-                                     for e in (*list_stores(d), *_temporaries(d))]
+    entries: list[dict[str, Any]] = [e for root in _roots(args) for e in (*list_stores(root), *_temporaries(root))]
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
         if e["state"] == "ready":
             print(f"{e['path']}  dataset={e['dataset']} samples={e['samples']} tokens={e['tokens']} "
-                  f"bytes={e['bytes']}")
+                  f"shards={e['shards']} bytes={e['bytes']}")
+        elif e["state"] in ("damaged", "outdated", "partial"):
+            print(f"{e['path']}  {e['state']}: {e['reason']}")
         else:
-            detail = f"damaged: {e['reason']}" if e["state"] == "damaged" else e["detail"]
-            print(f"{e['path']}  {detail} bytes={e['bytes']}")
+            print(f"{e['path']}  {e['detail']} bytes={e['bytes']}")
     if not any(e["state"] == "ready" for e in entries):
         print("no token stores")
     if any(e["state"] == "stale" for e in entries):
-        print("stale temporary folders are reclaimed by the next start or by `sigil-feed cache rm --all`")
+        print("stale temporary files are reclaimed by the next start or by `sigil-feed cache rm --all`")
     return 0
+
+
+def _remove(root: StoreFS, path: str) -> None:
+    """Remove a store folder: locally renamed aside first (nobody sees it half-removed), remotely every object."""
+    if root.is_local:
+        discard(Path(path))
+    else:
+        root.fs.delete_dir(path)
 
 
 def _rm(args: argparse.Namespace) -> int:
     removed = 0
-    for cache_dir in _cache_dirs(args):
-        if not cache_dir.is_dir():
-            continue
-        for store in list_stores(cache_dir):
+    for root in _roots(args):
+        for store in list_stores(root):
             if args.all or store["fingerprint"] in args.fingerprints:
-                discard(Path(store["path"]))
+                _remove(root, root.path(store["fingerprint"]))
                 print(f"removed {store['path']}")
                 removed += 1
+        if not root.is_local or not Path(root.root).is_dir():
+            continue
         for fingerprint in [None] if args.all else args.fingerprints:
-            for temp in reclaim(cache_dir, fingerprint):
+            for temp in reclaim(Path(root.root), fingerprint):
                 print(f"removed {temp.path} ({temp.describe()})")
                 removed += 1
-        for temp in temp_folders(cache_dir):
+        for temp in temp_folders(Path(root.root)):
             if temp.alive and (args.all or temp.fingerprint in args.fingerprints):
                 print(f"left {temp.path}: {temp.describe()}")
     return 0 if removed or not args.fingerprints else 1
@@ -94,8 +110,9 @@ def add_cache_commands(sub: Any) -> None:
     build.set_defaults(func=_build)
     for verb, func in (("ls", _ls), ("rm", _rm)):
         parser = verbs.add_parser(verb, help=f"{verb} token stores")
-        parser.add_argument("--config", help="list the cache folders this config uses")
-        parser.add_argument("--cache-dir", help="a cache folder (default: SIGIL_FEED_CACHE or ~/.cache/sigil-feed)")
+        parser.add_argument("--config", help="list the store locations this config uses")
+        parser.add_argument("--cache-dir", help="a store location: a folder or a URI such as s3://bucket/prefix "
+                                                "(default: SIGIL_FEED_CACHE or ~/.cache/sigil-feed)")
         parser.set_defaults(func=func)
     verbs.choices["ls"].add_argument("--json", action="store_true")
     verbs.choices["rm"].add_argument("fingerprints", nargs="*", help="stores to remove")

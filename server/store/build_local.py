@@ -1,0 +1,178 @@
+"""Build a token store in this process: one shard per source file, curated and tokenized on all cores.
+
+Shards are written where the store lives (each file whole or not at all, see fs.py), skipped when a rerun
+finds them complete and valid, and committed by the manifest, written last. Reading and curating the next
+chunk (Python) overlaps with encoding the current one (Rust, no GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ..curate import CuratedSource, CurateRules
+from ..samples import Sample
+from ..sources.base import RawRecord, Source
+from ..stage import State
+from ..stats import SourceCounters
+from ..tokenize import EncodedBatch, Encoder
+from .format import (
+    FORMAT_VERSION,
+    Manifest,
+    ShardFacts,
+    ShardRows,
+    ids_dtype,
+    merge_accounting,
+    read_shard_facts,
+    shard_complete,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from .fs import StoreFS
+from .owner import new_owner
+
+log = logging.getLogger(__name__)
+
+BUILD_CHUNK = 512  # small enough that reading the next chunk overlaps encoding even on small corpora
+LEGACY_FILES = ("tokens.bin", "samples.parquet")  # a format-1 store's data files, removed once format 2 commits
+
+
+@dataclass
+class BuildProgress:
+    """What GetStats shows while a store is being built."""
+
+    state: str = "pending"  # pending, building, retrying, ready, failed
+    samples: int = 0
+    tokens: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """One source as the builder reads it: its spec, its files (one shard each), a fresh reader, its rules."""
+
+    spec: str
+    files: list[str]
+    open: Callable[[], Source]
+    rules: CurateRules  # without task weights: copies are a serve-time decision
+
+
+class _OneFile:
+    """A source's records of one file: ends where the next file begins."""
+
+    def __init__(self, source: Source, file: int) -> None:
+        self.source, self.file = source, file
+        source.set_state({"file": file, "row": 0})
+
+    def __iter__(self) -> _OneFile:
+        return self
+
+    def __next__(self) -> RawRecord:
+        record = next(self.source)
+        if record.file != self.file:
+            raise StopIteration
+        return record
+
+    def get_state(self) -> State:
+        return self.source.get_state()
+
+
+def _chunks(samples: Iterator[Sample]) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == BUILD_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class LocalBuilder:
+    """Writes one store's shards and manifest from the sources' plans."""
+
+    def __init__(self, fs: StoreFS, store: str, fingerprint: str, encoder: Encoder, *, with_prompts: bool,
+                 progress: BuildProgress, show_bar: bool = True) -> None:
+        self.fs, self.store, self.fingerprint, self.encoder = fs, store, fingerprint, encoder
+        self.with_prompts, self.progress = with_prompts, progress
+        self.dtype = ids_dtype(encoder.vocab_size)
+        self.bar = tqdm(desc="tokenizing", unit=" samples", disable=not show_bar)
+        self.written = self.skipped = 0
+
+    def _rows(self, samples: list[Sample], encoded: EncodedBatch, counters: SourceCounters) -> ShardRows:
+        counters.add_lengths(encoded.lengths)
+        self.progress.samples += len(samples)
+        self.progress.tokens += len(encoded.ids)
+        self.bar.update(len(samples))
+        return ShardRows(ids=encoded.ids, lengths=encoded.lengths, prompt_tokens=encoded.prompt_tokens,
+                         file=np.fromiter((s.file for s in samples), np.int32, len(samples)),
+                         row=np.fromiter((s.row for s in samples), np.int64, len(samples)),
+                         task_type=[s.task_type for s in samples])
+
+    def _encoded(self, samples: Iterator[Sample], counters: SourceCounters, pool: ThreadPoolExecutor
+                 ) -> Iterator[ShardRows]:
+        pending: tuple[list[Sample], Future[EncodedBatch]] | None = None
+        for chunk in _chunks(samples):
+            future = pool.submit(self.encoder.encode, chunk, self.with_prompts)
+            if pending is not None:
+                yield self._rows(pending[0], pending[1].result(), counters)
+            pending = (chunk, future)
+        if pending is not None:
+            yield self._rows(pending[0], pending[1].result(), counters)
+
+    def shard(self, index: int, plan: SourcePlan, file: int, pool: ThreadPoolExecutor) -> ShardFacts:
+        """One file's shard: the complete one already there, or a new one."""
+        name = shard_name(self.fingerprint, index, plan.files[file])
+        done = read_shard_facts(self.fs, self.store, name)
+        if done is not None and done.dtype == self.dtype.str and shard_complete(self.fs, self.store, done):
+            self.skipped += 1
+            self.progress.samples += done.samples
+            self.progress.tokens += done.tokens
+            self.bar.update(done.samples)
+            return done
+        counters = SourceCounters(plan.spec)
+        curated = CuratedSource(_OneFile(plan.open(), file), plan.rules, counters)  # type: ignore[arg-type]
+        facts = write_shard(self.fs, self.store, name, self._encoded(curated, counters, pool), source=index,
+                            dtype=self.dtype, accounting=counters.snapshot)
+        self.written += 1
+        return facts
+
+    def build(self, plans: list[SourcePlan], dataset: str) -> Manifest:
+        """Every shard (skipping complete ones), then the manifest: the commit point."""
+        self.progress.state = "building"
+        started = time.monotonic()
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+                shards = [self.shard(i, plan, f, pool) for i, plan in enumerate(plans) for f in range(len(plan.files))]
+        finally:
+            self.bar.close()
+        manifest = Manifest(
+            format=FORMAT_VERSION, fingerprint=self.fingerprint, dtype=self.dtype.str,  # type: ignore[arg-type]
+            samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
+            dataset=dataset, shards=shards,
+            sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
+            tokenizer_fingerprint=self.encoder.fingerprint, tokenizer_backend=self.encoder.backend_name,  # type: ignore[arg-type]
+            token_facts=self.encoder.facts(), engine="local", built_by=new_owner().label)
+        write_manifest(self.fs, self.store, manifest)
+        for name in LEGACY_FILES:
+            self.fs.delete(f"{self.store}/{name}")
+        log.info("token store ready: %s (%d samples, %d tokens, %d shards: %d written, %d complete from before; "
+                 "%.1f s)", self.fs.uri(self.store), manifest.samples, manifest.tokens, len(shards), self.written,
+                 self.skipped, time.monotonic() - started)
+        return manifest
+
+
+def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
+                dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True) -> Manifest:
+    """Build (or finish) the store at `store` and commit it; returns its manifest."""
+    builder = LocalBuilder(fs, store, fingerprint, encoder, with_prompts=with_prompts, progress=progress,
+                           show_bar=show_bar)
+    return builder.build(plans, dataset)
+

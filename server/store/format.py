@@ -1,0 +1,326 @@
+"""Token store format 2: shards plus a manifest, on any filesystem pyarrow understands (see fs.py).
+
+A store is `<root>/<fingerprint>/`:
+- `shards/<shard>.tokens.bin`: the shard's token ids (EOS included), concatenated, little-endian `uint16`
+  when the vocabulary fits, else `int32` (the dtype is in the manifest);
+- `shards/<shard>.samples.parquet`: one row per sample, in shard order: `length` (int32), `prompt_tokens`
+  (int32, the loss-masked prefix), `source` (int32), `file` (int32), `row` (int64; (source, file, row) is the
+  stable sample id), `task_type` (string, null if none);
+- `shards/<shard>.json`: the shard's facts, written after its two files: a rerun skips a shard whose facts
+  are there and whose files match them;
+- `manifest.json`: format, fingerprint, dtype, counts, every shard's facts in store order, per-source
+  accounting, the tokenizer's facts. It is written last and is the commit point: a folder without it is not
+  a store (object stores cannot rename a folder atomically).
+
+Shard names derive from their inputs (`shard_name`), so every engine and every rerun names a shard alike.
+The store's sample sequence is the shards in manifest order, each shard's samples in order: per source, per
+file, in file order, curated (splits and filters applied), not mixed and without task-weight copies, which
+are serve-time decisions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..stats import LENGTH_BUCKETS
+from ..tokenize import TokenFacts
+from .fs import StoreFS
+
+FORMAT_VERSION: Literal[2] = 2
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+TOKENS_SUFFIX, SAMPLES_SUFFIX, FACTS_SUFFIX = ".tokens.bin", ".samples.parquet", ".json"
+SAMPLE_COLUMNS = ("length", "prompt_tokens", "source", "file", "row", "task_type")
+ENGINES = ("local", "ray")
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class StoreDamaged(Exception):
+    """A store is incomplete or corrupt; the message says what is wrong."""
+
+
+class StoreOutdated(StoreDamaged):
+    """A store of an older format, which this server rebuilds."""
+
+    def __init__(self, message: str, format: int) -> None:
+        super().__init__(message)
+        self.format = format
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The dtype of stored token ids: uint16 when every id fits, else int32 (the wire uses the same rule)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+def shard_name(content_fingerprint: str, source: int, identity: Any, part: int = 0) -> str:
+    """A shard's name, derived from its inputs: the store's content fingerprint, the source's index, the
+    identity of what it reads (a file's path, size and mtime, or a Hugging Face dataset's fingerprint) and
+    the part of that input. `s{source:03d}-{hash16}`: names sort by source."""
+    key = json.dumps([content_fingerprint, source, identity, part], sort_keys=True, default=str).encode()
+    return f"s{source:03d}-{xxhash.xxh3_64_hexdigest(key)}"
+
+
+def store_dir(fs: StoreFS, fingerprint: str) -> str:
+    """Where the store of a content fingerprint lives on fs."""
+    return fs.path(fingerprint)
+
+
+def shard_paths(store: str, name: str) -> tuple[str, str, str]:
+    """The shard's tokens, samples and facts files."""
+    base = f"{store}/{SHARDS}/{name}"
+    return base + TOKENS_SUFFIX, base + SAMPLES_SUFFIX, base + FACTS_SUFFIX
+
+
+class FileFacts(BaseModel):
+    """One file of a shard: its size and xxh3-64 checksum."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    size: Count
+    xxh3: str = Field(pattern=r"^[0-9a-f]{16}$")
+
+
+class SourceSnapshot(BaseModel):
+    """One source's accounting from a build's pass (see SourceCounters.snapshot)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    spec: str
+    read: Count
+    kept: Count
+    dropped: dict[str, Count]
+    malformed: dict[str, Count]
+    tokens: Count
+    lengths: list[Count]
+
+
+class ShardFacts(BaseModel):
+    """One shard: its name, source, counts, both files' facts, and (optionally) the accounting of its input."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    name: str = Field(pattern=r"^s\d{3,}-[0-9a-f]{16}$")
+    source: Count
+    samples: Count
+    tokens: Count
+    dtype: Literal["<u2", "<i4"]
+    tokens_file: FileFacts
+    samples_file: FileFacts
+    accounting: SourceSnapshot | None = None  # the records of this shard's input: read, kept, dropped, ...
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> ShardFacts:
+        itemsize = np.dtype(self.dtype).itemsize
+        if self.tokens_file.size != self.tokens * itemsize:
+            raise ValueError(f"shard {self.name}: tokens file of {self.tokens_file.size} bytes, but {self.tokens} "
+                             f"tokens of {itemsize} bytes")
+        return self
+
+
+class Manifest(BaseModel):
+    """`manifest.json`: the commit point of a store, and everything the server needs to serve it."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="allow")
+
+    format: Literal[2]
+    fingerprint: str
+    dtype: Literal["<u2", "<i4"]
+    samples: Count
+    tokens: Count
+    created: float
+    dataset: str
+    shards: list[ShardFacts]  # in store order
+    sources: list[SourceSnapshot]
+    tokenizer_fingerprint: str
+    tokenizer_backend: Literal["hf", "fastokens"] = "hf"  # which encoder built it (the ids are the same)
+    token_facts: TokenFacts
+    engine: str = "local"
+    built_by: str = ""
+
+    @model_validator(mode="after")
+    def _counts_agree(self) -> Manifest:
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("shard names repeat")
+        if any(s.dtype != self.dtype for s in self.shards):
+            raise ValueError(f"a shard's dtype is not the store's {self.dtype}")
+        for total, field in ((self.samples, "samples"), (self.tokens, "tokens")):
+            if sum(getattr(s, field) for s in self.shards) != total:
+                raise ValueError(f"the shards' {field} do not sum to {total}")
+        return self
+
+    @property
+    def bytes(self) -> int:
+        """The store's size: every shard's files."""
+        return sum(s.tokens_file.size + s.samples_file.size for s in self.shards)
+
+
+@dataclass
+class ShardRows:
+    """A run of one shard's samples, in order: flat token ids and one entry per sample."""
+
+    ids: np.ndarray  # every sample's ids, concatenated
+    lengths: np.ndarray  # tokens per sample; sums to len(ids)
+    prompt_tokens: np.ndarray
+    file: np.ndarray
+    row: np.ndarray
+    task_type: list[str | None]
+
+
+class _Checksummed:
+    """Counts and checksums what is written through it."""
+
+    def __init__(self, out: pa.NativeFile) -> None:
+        self.out, self.digest, self.size = out, xxhash.xxh3_64(), 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.out.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def facts(self) -> FileFacts:
+        return FileFacts(size=self.size, xxh3=self.digest.hexdigest())
+
+
+def samples_table(rows: list[ShardRows], source: int) -> pa.Table:
+    """A shard's samples table (see the module's layout)."""
+    def column(name: str, dtype: type) -> np.ndarray:
+        parts: list[np.ndarray] = [np.asarray(getattr(r, name), dtype=dtype) for r in rows]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    lengths = column("lengths", np.int32)
+    return pa.table({"length": lengths, "prompt_tokens": column("prompt_tokens", np.int32),
+                     "source": np.full(len(lengths), source, dtype=np.int32), "file": column("file", np.int32),
+                     "row": column("row", np.int64),
+                     "task_type": pa.array([t for r in rows for t in r.task_type], type=pa.string())})
+
+
+def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows], *, source: int,
+                dtype: np.dtype | str,
+                accounting: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> ShardFacts:
+    """Write a shard from its runs of samples (ids streamed, the samples table at the end), then its facts
+    file; returns the facts. Each file appears whole or not at all. `accounting` (a SourceSnapshot's fields,
+    or a function giving them once the chunks are consumed) records what the shard's input held."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    tokens_path, samples_path, facts_path = shard_paths(store, name)
+    kept: list[ShardRows] = []
+    n_tokens = 0
+    with fs.open_write(tokens_path) as out:
+        tokens = _Checksummed(out)
+        for chunk in chunks:
+            lengths = np.asarray(chunk.lengths, dtype=np.int64)
+            if int(lengths.sum()) != len(chunk.ids) or len(chunk.task_type) != len(lengths):
+                raise ValueError(f"shard {name}: a chunk's lengths, ids and task types disagree")
+            ids = np.ascontiguousarray(chunk.ids, dtype=dtype)
+            tokens.write(ids.data.cast("B"))
+            n_tokens += len(ids)
+            kept.append(ShardRows(np.zeros(0, dtype=dtype), lengths, chunk.prompt_tokens, chunk.file, chunk.row,
+                                  list(chunk.task_type)))
+    table = samples_table(kept, source)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue().to_pybytes()
+    fs.write_bytes(samples_path, data)
+    if callable(accounting):
+        accounting = accounting()
+    facts = ShardFacts(name=name, source=source, samples=table.num_rows, tokens=n_tokens,
+                       dtype=dtype.str,  # type: ignore[arg-type]
+                       tokens_file=tokens.facts(),
+                       samples_file=FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data)),
+                       accounting=SourceSnapshot.model_validate(accounting) if accounting is not None else None)
+    fs.write_bytes(facts_path, facts.model_dump_json().encode())
+    return facts
+
+
+def merge_accounting(spec: str, shards: list[ShardFacts]) -> SourceSnapshot:
+    """One source's accounting: the sum of its shards' (shards without accounting count nothing)."""
+    parts = [s.accounting for s in shards if s.accounting is not None]
+    dropped: Counter[str] = Counter()
+    malformed: Counter[str] = Counter()
+    lengths = np.zeros(max((len(p.lengths) for p in parts), default=len(LENGTH_BUCKETS)), dtype=np.int64)
+    for part in parts:
+        dropped.update(part.dropped)
+        malformed.update(part.malformed)
+        lengths[:len(part.lengths)] += part.lengths
+    return SourceSnapshot(spec=spec, read=sum(p.read for p in parts), kept=sum(p.kept for p in parts),
+                          dropped=dict(dropped), malformed=dict(malformed), tokens=sum(p.tokens for p in parts),
+                          lengths=[int(n) for n in lengths])
+
+
+def read_shard_facts(fs: StoreFS, store: str, name: str) -> ShardFacts | None:
+    """A shard's facts file, None if it is missing or invalid (the shard is then not complete)."""
+    try:
+        return ShardFacts.model_validate_json(fs.read_bytes(shard_paths(store, name)[2]))
+    except (OSError, ValueError):
+        return None
+
+
+def checksum(fs: StoreFS, path: str) -> str:
+    """xxh3-64 of a file, read in chunks."""
+    digest = xxhash.xxh3_64()
+    with fs.fs.open_input_stream(path) as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problem(fs: StoreFS, store: str, facts: ShardFacts, *, verify: bool = True) -> str | None:
+    """What is wrong with a shard's files (missing, truncated, or, when verify, failing its checksum), else None."""
+    tokens_path, samples_path, _ = shard_paths(store, facts.name)
+    for path, file in ((tokens_path, facts.tokens_file), (samples_path, facts.samples_file)):
+        size = fs.size(path)
+        if size != file.size:
+            return f"{fs.uri(path)}: missing or truncated (expected {file.size} bytes)"
+        if verify and checksum(fs, path) != file.xxh3:
+            return f"{fs.uri(path)}: checksum mismatch (corrupted)"
+    return None
+
+
+def shard_complete(fs: StoreFS, store: str, facts: ShardFacts, *, verify: bool = True) -> bool:
+    """Whether a shard's files are there and match its facts (a rerun skips it)."""
+    return shard_problem(fs, store, facts, verify=verify) is None
+
+
+def write_manifest(fs: StoreFS, store: str, manifest: Manifest) -> None:
+    """Commit a store: write its manifest, last, in one piece (locally a rename, on an object store one PUT)."""
+    fs.write_bytes(f"{store}/{MANIFEST}", manifest.model_dump_json(indent=1).encode())
+
+
+def read_manifest(fs: StoreFS, store: str, fingerprint: str | None = None) -> Manifest:
+    """The store's validated manifest; StoreDamaged naming the first problems if it is missing, unreadable or
+    invalid, StoreOutdated if it is of an older format."""
+    where = fs.uri(f"{store}/{MANIFEST}")
+    try:
+        text = fs.read_bytes(f"{store}/{MANIFEST}")
+        data: Any = json.loads(text)
+    except FileNotFoundError:
+        raise StoreDamaged(f"{where}: missing") from None
+    except (OSError, ValueError) as err:
+        raise StoreDamaged(f"{where}: unreadable ({err})") from None
+    if not isinstance(data, dict):
+        raise StoreDamaged(f"{where}: not a JSON object")
+    if isinstance(data.get("format"), int) and data["format"] < FORMAT_VERSION:
+        raise StoreOutdated(f"{where}: format {data['format']}, this server reads format {FORMAT_VERSION}",
+                            data["format"])
+    if data.get("format") != FORMAT_VERSION:
+        raise StoreDamaged(f"{where}: format {data.get('format')!r}, this server reads format {FORMAT_VERSION}")
+    try:
+        manifest = Manifest.model_validate_json(text)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors()[:5])
+        raise StoreDamaged(f"{where}: invalid ({problems})") from None
+    if fingerprint is not None and manifest.fingerprint != fingerprint:
+        raise StoreDamaged(f"{where}: fingerprint {manifest.fingerprint} does not match this configuration's "
+                           f"{fingerprint}")
+    return manifest

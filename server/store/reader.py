@@ -1,0 +1,178 @@
+"""Open a committed token store for serving: global per-sample arrays and memory-mapped shards.
+
+A local store's shards are mapped where they lie. A remote store's shard files are fetched whole into a local
+folder first (`local_shard_file`, the seam the bounded shard cache replaces); one request per sample would be
+about 100x slower than a memory map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from .format import (
+    MANIFEST,
+    SAMPLE_COLUMNS,
+    FileFacts,
+    Manifest,
+    ShardFacts,
+    StoreDamaged,
+    StoreOutdated,
+    read_manifest,
+    samples_table,
+    shard_paths,
+    shard_problem,
+)
+from .fs import StoreFS
+from .owner import new_owner, temp_name
+
+log = logging.getLogger(__name__)
+
+
+def local_shard_file(fs: StoreFS, path: str, facts: FileFacts, local_dir: Path) -> Path:
+    """A local file holding a store file's bytes: the file itself on a local store; on a remote store a
+    whole-file copy under local_dir, fetched unless a copy of the right size is there, checksummed on fetch."""
+    if fs.is_local:
+        return fs.local_path(path)
+    target = local_dir / path.rsplit("/", 1)[1]
+    if target.is_file() and target.stat().st_size == facts.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(temp_name(target.name, new_owner()))
+    digest = xxhash.xxh3_64()
+    try:
+        with fs.fs.open_input_stream(path) as src, tmp.open("wb") as out:
+            while chunk := src.read(8 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != facts.xxh3 or tmp.stat().st_size != facts.size:
+            raise StoreDamaged(f"{fs.uri(path)}: checksum mismatch (corrupted)")
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        raise StoreDamaged(f"{fs.uri(path)}: missing") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return target
+
+
+@dataclass
+class TokenStore:
+    """A verified store: per-sample arrays in store order, and each shard's tokens mapped on demand."""
+
+    fs: StoreFS
+    path: str  # the store's folder on fs
+    manifest: Manifest
+    shard: np.ndarray  # per sample: index of its shard in manifest.shards
+    offsets: np.ndarray  # per sample: where its ids start in its shard's tokens
+    lengths: np.ndarray
+    prompt_tokens: np.ndarray
+    source: np.ndarray
+    file: np.ndarray
+    row: np.ndarray
+    task: np.ndarray  # per sample: index into task_types, -1 for none
+    task_types: list[str]
+    local_dir: Path
+    _tokens: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def location(self) -> str:
+        """The store's folder as people write it."""
+        return self.fs.uri(self.path)
+
+    def shard_tokens(self, index: int) -> np.ndarray:
+        """A shard's token ids, memory-mapped."""
+        tokens = self._tokens.get(index)
+        if tokens is None:
+            facts = self.manifest.shards[index]
+            dtype = np.dtype(facts.dtype)
+            if facts.tokens == 0:
+                tokens = np.zeros(0, dtype=dtype)
+            else:
+                local = local_shard_file(self.fs, shard_paths(self.path, facts.name)[0], facts.tokens_file,
+                                         self.local_dir)
+                tokens = np.asarray(np.memmap(local, dtype=dtype, mode="r"))
+            self._tokens[index] = tokens
+        return tokens
+
+
+def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = True) -> Manifest:
+    """The store's manifest once every shard's files are there with their sizes (and checksums when verify);
+    StoreDamaged with the reason otherwise (StoreOutdated for an older format)."""
+    manifest = read_manifest(fs, path, fingerprint)
+    for facts in manifest.shards:
+        problem = shard_problem(fs, path, facts, verify=verify)
+        if problem:
+            raise StoreDamaged(problem)
+    return manifest
+
+
+def _samples(fs: StoreFS, path: str, facts: ShardFacts, local_dir: Path) -> pa.Table:
+    where = shard_paths(path, facts.name)[1]
+    try:
+        table = pq.read_table(local_shard_file(fs, where, facts.samples_file, local_dir), columns=list(SAMPLE_COLUMNS))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
+    if table.num_rows != facts.samples:
+        raise StoreDamaged(f"{fs.uri(where)}: {table.num_rows} rows, but the manifest counts {facts.samples}")
+    lengths = table["length"].to_numpy()
+    if int(lengths.sum()) != facts.tokens:
+        raise StoreDamaged(f"{fs.uri(where)}: lengths sum to {int(lengths.sum())}, but the manifest counts "
+                           f"{facts.tokens} tokens")
+    return table
+
+
+def open_store(fs: StoreFS, path: str, fingerprint: str, *, local_dir: Path, verify: bool = True) -> TokenStore:
+    """Open the store at path; StoreDamaged if its manifest is invalid, or a shard's file is missing,
+    truncated, fails its checksum, or disagrees with the manifest's counts."""
+    manifest = verify_store(fs, path, fingerprint, verify=verify and fs.is_local)  # remote: checked on fetch
+    tables = [_samples(fs, path, facts, local_dir) for facts in manifest.shards]
+    table = pa.concat_tables(tables) if tables else samples_table([], 0)
+    lengths = table["length"].to_numpy().astype(np.int64)
+    counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
+    shard = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    ends = np.cumsum(lengths)
+    shard_starts = np.repeat(np.concatenate(([0], np.cumsum([s.tokens for s in manifest.shards])))[:-1], counts)
+    offsets = ends - lengths - shard_starts
+    tasks = table["task_type"].combine_chunks().dictionary_encode()
+    task = tasks.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return TokenStore(fs, path, manifest, shard, offsets, lengths, table["prompt_tokens"].to_numpy(),
+                      table["source"].to_numpy(), table["file"].to_numpy(), table["row"].to_numpy(),
+                      task, tasks.dictionary.to_pylist(), local_dir)
+
+
+def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
+    """A store folder's summary from its manifest alone (state `ready`, `outdated`, `damaged` with the reason,
+    or `partial` when shards are written but no manifest commits them)."""
+    entry: dict[str, Any] = {"path": fs.uri(path), "fingerprint": path.rsplit("/", 1)[1], "state": "ready"}
+    try:
+        manifest = read_manifest(fs, path)
+    except StoreOutdated as err:
+        entry.update(state="outdated", reason=str(err))
+    except StoreDamaged as err:
+        state = "partial" if not fs.exists(f"{path}/{MANIFEST}") else "damaged"
+        entry.update(state=state, reason=str(err))
+    else:
+        entry.update(dataset=manifest.dataset, samples=manifest.samples, tokens=manifest.tokens,
+                     shards=len(manifest.shards), bytes=manifest.bytes, created=manifest.created,
+                     built_by=manifest.built_by, engine=manifest.engine)
+    return entry
+
+
+def list_stores(fs: StoreFS) -> list[dict[str, Any]]:
+    """Every store folder under the root, with its manifest's summary (sizes and checksums are not read)."""
+    return [store_entry(fs, info.path) for info in sorted(fs.listdir(fs.root), key=lambda i: i.path)
+            if info.type.name == "Directory" and re.fullmatch(r"[0-9a-f]{16}", info.base_name)]
