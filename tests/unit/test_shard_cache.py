@@ -15,6 +15,7 @@ import pytest
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
+from sigil_feed.server.config import load_config
 from sigil_feed.server.errors import ConfigError, SourceError
 from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardDamaged
 
@@ -279,3 +280,13 @@ def test_one_process_per_cache_folder(open_cache: Callable[..., ShardCache]) -> 
 def test_shard_facts_are_checked() -> None:
     with pytest.raises(ValueError, match="16 lowercase hex digits"):
         RemoteShard(pafs.LocalFileSystem(), "/x/s0.bin", 10, "XYZ")
+
+
+def test_shard_cache_config_keys(tmp_path: Path) -> None:
+    write = (tmp_path / "trainer.yaml").write_text
+    write("model_name: t\ndataset:\n  names: [local:x]\n")
+    section = load_config(tmp_path / "trainer.yaml").datasets["default"].dataset
+    assert (section.shard_cache_dir, section.shard_cache_gb) == (None, 20.0)
+    write("model_name: t\ndataset:\n  names: [local:x]\n  shard_cache_dir: /nvme/shards\n  shard_cache_gb: 0\n")
+    with pytest.raises(ConfigError, match=r"dataset\.shard_cache_gb"):
+        load_config(tmp_path / "trainer.yaml")
