@@ -21,7 +21,8 @@ record it wrote last, a release deletes it. So of two waiters taking over the sa
 wins, and a holder that was taken over (it stalled past `ttl_s`) learns it at its next renewal: the lease
 is then `lost` and `check()` raises `LeaseLost`. A builder calls `check()` before committing; a lost lease
 costs duplicate work, never a wrong store, since the manifest is the commit point and shard names are
-deterministic.
+deterministic (each shard written whole). The same holds on an S3-compatible server that ignores conditional
+requests (AWS S3 and moto >= 5 honour them): there two builders may both build.
 
 Use: `wait_or_build(location, build, ready)` returns once `ready()` (the manifest exists and is valid),
 calling `build(lease)` itself when it wins the lease and reporting the holder through `on_wait` while another
