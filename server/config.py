@@ -73,6 +73,8 @@ class DatasetSection(BaseModel):
     epochs: int | None = Field(default=None, ge=1)  # None: forever
     remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
     tokenizer_backend: Literal["auto", "hf", "fastokens"] = "auto"  # who encodes; the ids are HF's either way
+    shard_cache_dir: str | None = None  # a remote store's shards are cached here; None: <local cache dir>/shards
+    shard_cache_gb: PositiveFloat = 20.0  # the shard cache's budget, in GB (10^9 bytes)
 
     @field_validator("names", mode="before")
     @classmethod

@@ -6,10 +6,13 @@ import gzip
 import json
 import os
 import re
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,8 +154,6 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server (`moto_server` from `moto[server]`) on a free loopback port."""
     pytest.importorskip("moto.server")
-    import socket
-    import time
     import urllib.request
 
     with socket.socket() as probe:
@@ -181,7 +182,6 @@ def s3_endpoint() -> Iterator[str]:
 def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket on the local S3 server, with the standard AWS environment pointing at it (servers started
     by the test inherit it); returns `s3://BUCKET`."""
-    import secrets
 
     import pyarrow.fs as pafs
 

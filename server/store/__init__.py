@@ -1,1 +1,1 @@
-"""The token store: its format, the filesystems it lives on, how it is built and how it is read."""
+"""The token store: format, filesystems, build lease, node-local shard cache and build engines, one file each."""

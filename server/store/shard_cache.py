@@ -1,0 +1,349 @@
+"""A bounded node-local cache of whole shard files fetched from a remote store (any pyarrow filesystem).
+
+`ShardCache(local_dir, max_bytes)` keeps verified copies of `RemoteShard`s (filesystem, path, size, xxh3-64 as
+16 hex digits, all from the store's manifest) under `local_dir`, named `<xxh3>-<file name>`:
+- `get(shard)` returns the local path, downloading on a miss: in `CHUNK_BYTES` ranged reads (memory stays
+  bounded) into a temporary name, checked for size and xxh3-64, then renamed into place. A copy that fails the
+  check is fetched once more; a second failure raises `ShardDamaged` (a `SourceError`: DATA_LOSS) naming the
+  shard. Threads asking for the same shard at once share one download.
+- `pin(shard)` / `unpin(shard)` (or `with cache.pinned(shard) as path:`) hold a shard in use (a memory map):
+  eviction never removes a pinned shard.
+- Least recently used unpinned shards are evicted to stay within `max_bytes`. Where pinned shards alone fill
+  it, a `get` still succeeds (over budget, with a warning) and the excess goes as soon as they are unpinned.
+- `prefetch(shards)` fetches in the background on a bounded pool of threads, only where they fit without
+  going over budget; errors are logged, and the later `get` reports them.
+- `stats()` returns `ShardCacheStats` (hits, misses, bytes fetched, evictions, current bytes, ...) for GetStats.
+
+One process owns a cache folder (an `flock` on `<local_dir>/.lock`, dropped by the kernel when the process dies;
+a second process gets a ConfigError naming `dataset.shard_cache_dir`). So at start every partial download is
+left over from a dead owner and is removed, and the complete files are kept, in last-use order (their mtimes,
+touched on every use), and each is verified (size and xxh3-64) the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import posixpath
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import xxhash
+
+from ..errors import ConfigError, SourceError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 8 << 20
+LOCK = ".lock"
+PART = ".part-"
+_CACHED = re.compile(r"[0-9a-f]{16}-.+")
+
+
+class ShardDamaged(SourceError):
+    """A shard's remote copy failed its size or checksum on two fetches in a row (DATA_LOSS)."""
+
+
+class _NoRoom(Exception):
+    """A prefetch that would push the cache over its budget (nothing is fetched)."""
+
+
+@dataclass(frozen=True)
+class RemoteShard:
+    """A shard file in a remote store, with its size and xxh3-64 (16 hex digits) from the manifest."""
+
+    fs: pafs.FileSystem
+    path: str
+    size: int
+    xxh3: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{16}", self.xxh3) or self.size < 0:
+            raise ValueError(f"{self.path}: xxh3 must be 16 lowercase hex digits and size >= 0")
+
+    @property
+    def name(self) -> str:
+        """The local file name: its checksum, then the remote file name."""
+        return f"{self.xxh3}-{posixpath.basename(self.path)}"
+
+    def describe(self) -> str:
+        """The shard's URI, for errors and logs."""
+        kind = self.fs.type_name
+        return self.path if kind == "local" else f"{kind}://{self.path}"
+
+
+@dataclass(frozen=True)
+class ShardCacheStats:
+    """The cache's counters since it was opened, and its size now."""
+
+    hits: int  # get/pin answered from a verified local copy
+    misses: int  # get/pin that waited for a download or a verification
+    fetches: int  # downloads started (a refetch after a bad checksum counts again)
+    bytes_fetched: int
+    checksum_failures: int
+    evictions: int
+    shards: int
+    current_bytes: int
+    max_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over gets (0 before any)."""
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+
+@dataclass
+class _Entry:
+    size: int
+    verified: bool  # False: found at start, checked when first asked for
+    pins: int = 0
+
+
+def _xxh3_of(path: Path, chunk_bytes: int) -> str:
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardCache:
+    """Whole shard files under `local_dir`, within `max_bytes`, least recently used evicted first."""
+
+    def __init__(self, local_dir: Path | str, max_bytes: int, *, workers: int = 2,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.dir, self.max_bytes, self.chunk_bytes = Path(local_dir), max_bytes, chunk_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._owner = self._own()
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._inflight: dict[str, Future[None]] = {}
+        self._reserved = 0
+        self._counts = dict.fromkeys(("hits", "misses", "fetches", "bytes_fetched", "checksum_failures",
+                                      "evictions", "current_bytes"), 0)
+        self._adopt()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-prefetch")
+
+    def _own(self) -> int:
+        """Lock the folder for this process; ConfigError if another holds it."""
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{self.dir} is in use by another process (PID {other})", key="dataset.shard_cache_dir",
+                              fix="give each server its own shard cache folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    def _adopt(self) -> None:
+        """Remove partial downloads; keep complete files (to verify on first use), oldest use first."""
+        found = []
+        for path in self.dir.iterdir():
+            if PART in path.name:
+                path.unlink(missing_ok=True)
+                log.info("removed a partial shard download %s", path)
+            elif _CACHED.fullmatch(path.name) and path.is_file():
+                stat = path.stat()
+                found.append((stat.st_mtime, path.name, stat.st_size))
+        for _, name, size in sorted(found):
+            self._entries[name] = _Entry(size, verified=False)
+            self._counts["current_bytes"] += size
+        with self._lock:
+            self._evict(0)
+
+    def _evict(self, needed: int) -> bool:
+        """Evict unpinned shards, least recently used first, until `needed` more bytes fit; whether they do."""
+        for name in [n for n, e in self._entries.items() if not e.pins]:
+            if self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes:
+                break
+            entry = self._entries.pop(name)
+            (self.dir / name).unlink(missing_ok=True)
+            self._counts["current_bytes"] -= entry.size
+            self._counts["evictions"] += 1
+            log.debug("evicted shard %s (%d bytes)", name, entry.size)
+        return self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes
+
+    def get(self, shard: RemoteShard) -> Path:
+        """The local path of a verified copy of the shard, fetched if needed (not pinned: may be evicted later)."""
+        return self._ensure(shard, pin=False, count=True)
+
+    def pin(self, shard: RemoteShard) -> Path:
+        """Like get, and the shard is not evicted until as many unpin calls."""
+        return self._ensure(shard, pin=True, count=True)
+
+    def unpin(self, shard: RemoteShard) -> None:
+        """Release one pin; the cache shrinks back within budget if pins held it over."""
+        with self._lock:
+            entry = self._entries.get(shard.name)
+            if entry is None or entry.pins == 0:
+                raise ValueError(f"shard {shard.describe()} is not pinned")
+            entry.pins -= 1
+            self._evict(0)
+
+    @contextlib.contextmanager
+    def pinned(self, shard: RemoteShard) -> Iterator[Path]:
+        """The shard's local path, pinned for the block."""
+        path = self.pin(shard)
+        try:
+            yield path
+        finally:
+            self.unpin(shard)
+
+    def prefetch(self, shards: Iterable[RemoteShard]) -> list[Future[None]]:
+        """Fetch these shards in the background, in order (those cached or on their way are skipped); the
+        futures of those queued, which end when each is cached or given up (errors are logged, not raised)."""
+        queued: dict[str, Future[None]] = {}
+        for shard in shards:
+            with self._lock:
+                entry = self._entries.get(shard.name)
+                if shard.name in queued or shard.name in self._inflight or (entry is not None and entry.verified):
+                    continue
+            queued[shard.name] = self._pool.submit(self._prefetch_one, shard)
+        return list(queued.values())
+
+    def _prefetch_one(self, shard: RemoteShard) -> None:
+        try:
+            self._ensure(shard, pin=False, count=False, prefetch=True)
+        except _NoRoom:
+            log.debug("not prefetching %s: the shard cache is full of shards in use", shard.describe())
+        except Exception as err:
+            log.warning("prefetching shard %s failed: %s", shard.describe(), err)
+
+    def _ensure(self, shard: RemoteShard, *, pin: bool, count: bool, prefetch: bool = False) -> Path:
+        name, path, found = shard.name, self.dir / shard.name, None
+        while True:
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is not None and entry.verified and self._touch(name):
+                    self._entries.move_to_end(name)
+                    entry.pins += pin
+                    self._counts["hits"] += count
+                    return path
+                self._counts["misses"] += count
+                count = False
+                future = self._inflight.get(name)
+                mine = future is None
+                if future is None:
+                    future = self._inflight[name] = Future()
+                    found = self._entries.pop(name, None)  # from an earlier run: verify before use
+                    self._counts["current_bytes"] -= found.size if found else 0
+            if mine:
+                return self._fill(shard, future, reuse=found is not None, pin=pin, prefetch=prefetch)
+            with contextlib.suppress(_NoRoom):  # a prefetch gave up for room: fetch it ourselves
+                future.result()
+
+    def _touch(self, name: str) -> bool:
+        """Record a use in the file's mtime (kept across restarts); False if the file has gone."""
+        try:
+            os.utime(self.dir / name)
+            return True
+        except FileNotFoundError:
+            entry = self._entries.pop(name)
+            self._counts["current_bytes"] -= entry.size
+            return False
+
+    def _fill(self, shard: RemoteShard, future: Future[None], *, reuse: bool, pin: bool, prefetch: bool) -> Path:
+        """Verify the copy from an earlier run, or download the shard; then enter it, pinned if asked."""
+        path = self.dir / shard.name
+        try:
+            if not (reuse and self._intact(path, shard)):
+                self._download(shard, path, prefetch=prefetch)
+            with self._lock:
+                self._entries[shard.name] = _Entry(shard.size, verified=True, pins=int(pin))
+                self._counts["current_bytes"] += shard.size
+                del self._inflight[shard.name]
+            future.set_result(None)
+            return path
+        except BaseException as err:
+            with self._lock:
+                del self._inflight[shard.name]
+            future.set_exception(err)
+            raise
+
+    def _intact(self, path: Path, shard: RemoteShard) -> bool:
+        """Whether a local copy has the shard's size and checksum (a bad one is removed)."""
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == shard.size and _xxh3_of(path, self.chunk_bytes) == shard.xxh3:
+                return True
+            log.warning("cached copy of shard %s is damaged; fetching it again", shard.describe())
+            path.unlink()
+        return False
+
+    def _download(self, shard: RemoteShard, path: Path, *, prefetch: bool) -> None:
+        """Fetch the shard into place, once more if the first copy is bad; ShardDamaged after two."""
+        with self._lock:
+            if not self._evict(shard.size):
+                if prefetch:
+                    raise _NoRoom
+                log.warning("shard cache %s goes over its %d bytes: the shards in use fill it", self.dir,
+                            self.max_bytes)
+            self._reserved += shard.size
+        try:
+            problems = []
+            for _ in range(2):
+                problem = self._fetch_once(shard, path)
+                if problem is None:
+                    return
+                problems.append(problem)
+                with self._lock:
+                    self._counts["checksum_failures"] += 1
+                log.warning("shard %s failed its check (%s)", shard.describe(), problem)
+            raise ShardDamaged(f"shard {shard.describe()} failed its checksum on two fetches: expected "
+                               f"{shard.size} bytes with xxh3 {shard.xxh3}, got {' then '.join(problems)}")
+        finally:
+            with self._lock:
+                self._reserved -= shard.size
+
+    def _fetch_once(self, shard: RemoteShard, path: Path) -> str | None:
+        """Download into a temporary name, check, rename into place; None, or what was wrong."""
+        part = path.with_name(f".{path.name}{PART}{secrets.token_hex(4)}")
+        digest, got = xxhash.xxh3_64(), 0
+        with self._lock:
+            self._counts["fetches"] += 1
+        try:
+            with shard.fs.open_input_file(shard.path) as src, part.open("wb") as out:
+                while got <= shard.size:  # one byte past the size tells a longer file
+                    chunk = src.read(min(self.chunk_bytes, shard.size + 1 - got))
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    with self._lock:
+                        self._counts["bytes_fetched"] += len(chunk)
+            if got != shard.size or digest.hexdigest() != shard.xxh3:
+                return f"{got}{'+' if got > shard.size else ''} bytes with xxh3 {digest.hexdigest()}"
+            os.replace(part, path)
+            return None
+        finally:
+            part.unlink(missing_ok=True)
+
+    def stats(self) -> ShardCacheStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return ShardCacheStats(shards=len(self._entries), max_bytes=self.max_bytes, **self._counts)
+
+    def close(self) -> None:
+        """Stop prefetching (waiting for downloads under way) and give up the folder."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._owner >= 0:
+            os.close(self._owner)
+            self._owner = -1
+
+    def __enter__(self) -> ShardCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
