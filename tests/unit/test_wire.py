@@ -48,13 +48,13 @@ def padded(rows: int, seq_len: int) -> Rows:
                                                               (2**40, 7, b"\x00\xff", 65_536)])
 def test_batch_response_equals_protobufs_encoding(rows: Rows, seq: int, epoch: int, cursor: bytes,
                                                   vocab: int) -> None:
-    encoded = batch_response(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
+    [encoded] = batch_response(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
     assert encoded == protobuf_encoded(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
 
 
 def test_batch_response_decodes_to_the_rows() -> None:
     rows = packed(4, 64, True)
-    response = feed_pb2.StreamResponse.FromString(batch_response(rows, seq=9, epoch=1, cursor=b"x",
+    response = feed_pb2.StreamResponse.FromString(*batch_response(rows, seq=9, epoch=1, cursor=b"x",
                                                                  vocab_size=129_280))
     assert (response.batch.seq, response.batch.epoch, response.batch.cursor) == (9, 1, b"x")
     arrays = decode_batch(response.batch, pack=True)
