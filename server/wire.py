@@ -102,7 +102,7 @@ def _tensor(name: str, array: np.ndarray) -> list[Buffer]:
     header = feed_pb2.Tensor(name=name, dtype=array.dtype.str, shape=list(array.shape)).SerializeToString()
     if not array.size:
         return [header]  # protobuf leaves an empty bytes field out
-    return [header, *_field(_TENSOR_DATA, [memoryview(array).cast("B")])]
+    return [header, *_field(_TENSOR_DATA, [array.data.cast("B")])]
 
 
 def _field(number: int, pieces: list[Buffer]) -> list[Buffer]:
