@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 
-from sigil_feed.client import BatchStream, FeedBatch
+from sigil_feed.client import BatchStream, FeedBatch, parts
 from sigil_feed.client.decode import decode_batch
-from sigil_feed.client.parts import read_response, whole
+from sigil_feed.client.parts import Part, read_response, whole
 from sigil_feed.protos import feed_pb2
 from sigil_feed.server.wire import CHUNK
 from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
@@ -99,21 +99,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_a_server_killed_while_parts_are_sent_loses_and_repeats_nothing(start_server: Callable[..., ServerProcess],
-                                                                        config: Path) -> None:
-    """The kill lands while some batch's Parts are on their way (most of the stream's time is spent so): the
-    client drops the Parts it holds and resumes from the last whole batch."""
+def test_a_server_killed_between_a_batchs_parts_loses_and_repeats_nothing(
+        start_server: Callable[..., ServerProcess], config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server is SIGKILLed right after the client has read the first Part of the fourth batch (watched where
+    the client reads each message, which still does the reading): the client drops that Part, resumes from
+    the third batch's cursor and gets the fourth batch again, whole and once."""
     reference = batches_of(feed_pb2.StreamResponse.FromString(m)
                            for m in raw_messages(start_server(config).target, 8))
     expected = [sha(decode_batch(r.batch, pack=True)["input_ids"].tobytes()) for r in reference]
     assert len(set(expected)) == 8  # a lost or repeated batch would show
     port = free_port()
     server = start_server(config, "--port", str(port))
+    lasts, killed = [], threading.Event()
+
+    def read_and_kill(raw: bytes) -> feed_pb2.StreamResponse | Part:
+        message = read_response(raw)
+        if isinstance(message, Part):
+            lasts.append(message.last)
+            if lasts.count(True) == 3 and not message.last and not killed.is_set():
+                server.proc.send_signal(signal.SIGKILL)
+                server.proc.wait()
+                killed.set()
+                threading.Timer(0.3, start_server, (config, "--port", str(port))).start()
+        return message
+
+    monkeypatch.setattr(parts, "read_response", read_and_kill)
     with BatchStream(f"127.0.0.1:{port}", batch_size=BATCH, seq_len=SEQ_LEN, prefetch=2,
                      reconnect_deadline_s=120) as stream:
-        got = first_batches(stream, 3)
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait()
-        threading.Timer(0.3, start_server, (config, "--port", str(port))).start()
-        got += first_batches(stream, 5)
+        got = first_batches(stream, 8)
+    assert killed.is_set()
     assert [sha(item.arrays["input_ids"].tobytes()) for item in got] == expected
