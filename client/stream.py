@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ..protos import feed_pb2, feed_pb2_grpc
+from ..protos import feed_pb2
 from .decode import decode_batch
+from .parts import PartsError, stream_method, whole
 from .timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,12 @@ class _Link:
     """Connection, credits, receiving thread and reconnects; shared by BatchStream and its thread."""
 
     def __init__(self, target: str, template: feed_pb2.Open, prefetch: int, connect_deadline_s: float,
-                 reconnect_deadline_s: float, channel: grpc.Channel,
-                 metadata: Sequence[tuple[str, str]], timer: StepTimer | None = None) -> None:
+                 reconnect_deadline_s: float, channel: grpc.Channel, metadata: Sequence[tuple[str, str]],
+                 max_response_bytes: int | None, timer: StepTimer | None = None) -> None:
         self.target, self._template, self._prefetch, self._timer = target, template, prefetch, timer
         self._connect_deadline_s, self._reconnect_deadline_s = connect_deadline_s, reconnect_deadline_s
         self._channel, self._metadata = channel, tuple(metadata)
-        self._stub = feed_pb2_grpc.DataFeedStub(channel)
+        self._stream, self._max_response_bytes = stream_method(channel), max_response_bytes
         # credits bound the batches to `prefetch`; the slack holds epoch markers and the final item
         self._items: queue.Queue[StreamItem | _Failure | _End] = queue.Queue(maxsize=prefetch + 2)
         self._cond = threading.Condition()
@@ -157,6 +158,7 @@ class _Link:
         self._resume_cursor = template.cursor
         self._outbox: _Outbox | None = None
         self._call: Any = None
+        self._responses: Iterator[feed_pb2.StreamResponse] = iter(())  # the current call's, Parts joined
         self._thread: threading.Thread | None = None
         self.opened = feed_pb2.Opened()
         _OPEN_LINKS.add(self)
@@ -228,7 +230,7 @@ class _Link:
     def _pump(self) -> grpc.RpcError | None:
         """Deliver the current call's messages; None when it completes, the error if transient."""
         try:
-            for response in self._call:
+            for response in self._responses:
                 self._deliver(response)
         except grpc.RpcError as exc:
             if self._closed.is_set():
@@ -309,8 +311,8 @@ class _Link:
         with self._cond:
             credits, self._owed = self._prefetch - self._buffered, 0
             self._outbox = _Outbox(self._open_message(credits))
-            self._call = call = self._stub.Stream(iter(self._outbox), metadata=self._metadata,
-                                                  wait_for_ready=True)
+            self._call = call = self._stream(iter(self._outbox), metadata=self._metadata, wait_for_ready=True)
+            self._responses = responses = self._joined(call)
         if self._closed.is_set():
             self._end_call()
             raise _Closed
@@ -319,7 +321,7 @@ class _Link:
         timer.daemon = True
         timer.start()
         try:
-            first = next(call)
+            first = next(responses)
         except StopIteration:
             raise FeedError(f"sigil-feed server at {self.target} ended the stream before answering Open") \
                 from None
@@ -337,6 +339,14 @@ class _Link:
         if kind != "opened":
             raise FeedError(f"sigil-feed server at {self.target} answered Open with {kind!r}")
         return first.opened
+
+    def _joined(self, call: Iterator[feed_pb2.StreamResponse | Any]) -> Iterator[feed_pb2.StreamResponse]:
+        """The call's responses with their Parts joined; Parts of a response cut short by the call's end are
+        dropped with this iterator (the next call resumes at the last whole batch, which comes again)."""
+        try:
+            yield from whole(call, self._max_response_bytes)
+        except PartsError as err:
+            raise FeedError(f"sigil-feed server at {self.target}: {err}") from None
 
     @staticmethod
     def _expire(call: Any, timed_out: threading.Event) -> None:
@@ -368,6 +378,7 @@ class _Link:
         with self._cond:
             call, outbox = self._call, self._outbox
             self._call = self._outbox = None
+            self._responses = iter(())
         if outbox is not None:
             outbox.close()
         if call is not None:
@@ -387,16 +398,18 @@ class BatchStream:
 
         report_timing: tell the server how long the loop waits for data (see client/timing.py)."""
         _check_args(batch_size, seq_len, rank, world_size, prefetch)
-        options = list({**DEFAULT_CHANNEL_OPTIONS, **dict(channel_options)}.items())
+        merged = {**DEFAULT_CHANNEL_OPTIONS, **dict(channel_options)}
+        options = list(merged.items())
+        max_response = int(merged["grpc.max_receive_message_length"])
         channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
                    else grpc.insecure_channel(target, options))
         template = feed_pb2.Open(dataset=dataset, rank=rank, world_size=world_size, batch_size=batch_size,
-                                 seq_len=seq_len, cursor=cursor, client_id=client_id)
+                                 seq_len=seq_len, cursor=cursor, client_id=client_id, accept_parts=True)
         self.cursor = cursor
         self._terminal: _Failure | _End | None = None
         self._timer = StepTimer() if report_timing else None
         self._link = _Link(target, template, prefetch, connect_deadline_s, reconnect_deadline_s, channel,
-                           metadata, self._timer)
+                           metadata, max_response if max_response >= 0 else None, self._timer)
         try:
             self._link.start()
         except BaseException:

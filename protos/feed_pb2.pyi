@@ -15,7 +15,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id")
+    __slots__ = ("dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id", "accept_parts")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Open(_message.Message):
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_PARTS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     rank: int
     world_size: int
@@ -32,7 +33,8 @@ class Open(_message.Message):
     cursor: bytes
     credits: int
     client_id: str
-    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    accept_parts: bool
+    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ..., accept_parts: _Optional[bool] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("credits", "timing")
@@ -55,14 +57,24 @@ class StepTiming(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("opened", "batch", "epoch_end")
+    __slots__ = ("opened", "batch", "epoch_end", "part")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_END_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     opened: Opened
     batch: Batch
     epoch_end: EpochEnd
-    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., epoch_end: _Optional[_Union[EpochEnd, _Mapping]] = ...) -> None: ...
+    part: Part
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., epoch_end: _Optional[_Union[EpochEnd, _Mapping]] = ..., part: _Optional[_Union[Part, _Mapping]] = ...) -> None: ...
+
+class Part(_message.Message):
+    __slots__ = ("data", "last")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("dataset", "seq_len")

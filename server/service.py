@@ -21,7 +21,7 @@ from .errors import RequestError, invalid
 from .feed import Feed, FeedItem
 from .stats import ClientStream, StepStats, Throughput, input_bound, job_views
 from .watch import InputBoundWatch
-from .wire import batch_response
+from .wire import batch_response, messages
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ INLINE_TOKENS = 1 << 16
 """Most tokens cut on the event loop per turn (about 1 ms); bigger cached batches are cut on a worker thread,
 so one client's big batches never stall the others' small ones."""
 
-Produced = tuple[FeedItem | None, feed_pb2.StreamResponse | bytes | None]
-"""A feed item with its response (a batch already encoded); item None: the stream has ended."""
+Produced = tuple[FeedItem | None, list[bytes] | None]
+"""A feed item with its response's messages (see wire.messages); item None: the stream has ended."""
 
 
 class Credits:
@@ -235,15 +235,16 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
                 start=start, secret=self.cursor_secret))
             stream.client.epoch = feed.epoch
-            await context.write(feed_pb2.StreamResponse(
-                opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len)))
+            opened = feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len))
+            await _write(context, messages([opened.SerializeToString()], request.accept_parts))
             log.info("stream opened: peer=%s dataset=%s rank=%d/%d batch=%d seq_len=%d resume=%s", peer,
                      dataset.name, request.rank, world, request.batch_size, seq_len, start is not None,
                      extra={**fields, "batch_size": request.batch_size, "seq_len": seq_len,
                             "resume": start is not None})
             reader = asyncio.create_task(self._read_credits(request_iterator, stream))
             try:
-                await self._serve(feed, dataset, stream, context)
+                await self._serve(_Producer(feed, dataset.facts.vocab_size, request.accept_parts), dataset,
+                                  stream, context)
             finally:
                 reader.cancel()
         finally:
@@ -252,10 +253,9 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             log.info("stream closed: peer=%s dataset=%s rank=%d batches=%d", peer, dataset.name, request.rank,
                      stream.client.batches, extra={**fields, "batches": stream.client.batches})
 
-    async def _serve(self, feed: Feed, dataset: ServedDataset, stream: OpenStream,
+    async def _serve(self, produce: _Producer, dataset: ServedDataset, stream: OpenStream,
                      context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
-        produce = _Producer(feed, dataset.facts.vocab_size)
         client = stream.client
         upcoming = self._produce(loop, produce, 1)
         try:
@@ -270,12 +270,12 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                     if item is None:
                         return
                     if item.rows is None:
-                        await context.write(response)
+                        await _write(context, response)
                         client.epoch = item.epoch + 1
                         continue
                     if not await stream.credits.take():
                         return
-                    await context.write(response)
+                    await _write(context, response)
                     client.batches += 1
                     client.tokens += item.rows.tokens
                     client.epoch = item.epoch
@@ -352,11 +352,18 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         return feed_pb2.ListDatasetsResponse(datasets=[self.datasets[n].info() for n in sorted(self.datasets)])
 
 
-class _Producer:
-    """Makes a stream's next responses on a worker thread: the Feed's items as ready messages."""
+async def _write(context: grpc.aio.ServicerContext, response: list[bytes] | None) -> None:
+    """Write a response's messages: one, or its Parts, between which the event loop serves other streams."""
+    for message in response or ():
+        await context.write(message)
 
-    def __init__(self, feed: Feed, vocab_size: int) -> None:
-        self.feed, self.vocab_size, self.seq = feed, vocab_size, 0
+
+class _Producer:
+    """Makes a stream's next responses on a worker thread: the Feed's items as ready messages (Parts for big
+    ones when the client accepts them)."""
+
+    def __init__(self, feed: Feed, vocab_size: int, parts: bool) -> None:
+        self.feed, self.vocab_size, self.parts, self.seq = feed, vocab_size, parts, 0
 
     def __call__(self, batches: int) -> list[Produced]:
         """Up to `batches` batches (as encoded responses), stopping after an epoch end or the end of the
@@ -365,11 +372,12 @@ class _Producer:
         while len(out) < batches:
             item = next(self.feed, None)
             if item is None or item.rows is None:
-                end = None if item is None else feed_pb2.StreamResponse(
-                    epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor))
+                end = None if item is None else messages([feed_pb2.StreamResponse(
+                    epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor)).SerializeToString()],
+                    self.parts)
                 out.append((item, end))
                 break
             out.append((item, batch_response(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor,
-                                             vocab_size=self.vocab_size)))
+                                             vocab_size=self.vocab_size, parts=self.parts)))
             self.seq += 1
         return out

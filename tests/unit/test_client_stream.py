@@ -35,12 +35,13 @@ def make_batch(index: int, epoch: int) -> feed_pb2.Batch:
 
 
 class FakeFeed(feed_pb2_grpc.DataFeedServicer):
-    """Serves numbered batches over `epochs` epochs, honouring credits; can fail once at a given index."""
+    """Serves numbered batches over `epochs` epochs, honouring credits; can fail once at a given index (after the
+    first of its Parts when it sends batches as Parts of `part_bytes` to clients that accept them)."""
 
     def __init__(self, per_epoch: int = 5, epochs: int = 2, fail_at: int | None = None,
-                 fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+                 fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, part_bytes: int = 0) -> None:
         self.per_epoch, self.total = per_epoch, per_epoch * epochs
-        self.fail_at, self.fail_code = fail_at, fail_code
+        self.fail_at, self.fail_code, self.part_bytes = fail_at, fail_code, part_bytes
         self.opens: list[feed_pb2.Open] = []
         self.granted = self.sent = 0
         self.lock = threading.Lock()
@@ -63,16 +64,26 @@ class FakeFeed(feed_pb2_grpc.DataFeedServicer):
                 if request is None:
                     return
                 credits = self._grant(request.credit.credits)
+            responses = self._responses(make_batch(index, index // self.per_epoch), opening.accept_parts)
             if index == self.fail_at:
                 self.fail_at = None
+                yield from responses[:-1][:1]  # the first Part, if in Parts
                 context.abort(self.fail_code, f"injected failure at batch {index}")
-            yield feed_pb2.StreamResponse(batch=make_batch(index, index // self.per_epoch))
+            yield from responses
             credits, index = credits - 1, index + 1
             with self.lock:
                 self.sent += 1
             if index % self.per_epoch == 0:
                 end = feed_pb2.EpochEnd(epoch=index // self.per_epoch - 1, cursor=str(index).encode())
                 yield feed_pb2.StreamResponse(epoch_end=end)
+
+    def _responses(self, batch: feed_pb2.Batch, parts: bool) -> list[feed_pb2.StreamResponse]:
+        """The batch's response, whole or as Parts."""
+        if not (parts and self.part_bytes):
+            return [feed_pb2.StreamResponse(batch=batch)]
+        data, size = feed_pb2.StreamResponse(batch=batch).SerializeToString(), self.part_bytes
+        return [feed_pb2.StreamResponse(part=feed_pb2.Part(data=data[i:i + size], last=i + size >= len(data)))
+                for i in range(0, len(data), size)]
 
     def _grant(self, credits: int) -> int:
         """Record credits granted by the client."""
@@ -169,6 +180,18 @@ def test_reconnect_resumes_from_last_batch_received(serve: Callable[..., tuple[s
     assert [o.cursor for o in fake.opens] == [b"", b"7"]
     assert 1 <= fake.opens[1].credits <= 4
     assert any("reconnecting" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_batch_whose_parts_are_cut_off_comes_again_whole_after_the_reconnect(
+        serve: Callable[..., tuple[str, grpc.Server]]) -> None:
+    """The client asks for Parts and joins them; the Parts of a batch cut off by the break are dropped and the
+    re-Open resumes at the last whole batch: no gap, no duplicate."""
+    fake = FakeFeed(fail_at=7, part_bytes=16)
+    target, _ = serve(fake)
+    with BatchStream(target, batch_size=1, prefetch=4) as stream:
+        items = [index_of(item) for item in stream]
+    assert items == expected(fake)
+    assert [(o.cursor, o.accept_parts) for o in fake.opens] == [(b"", True), (b"7", True)]
 
 
 def test_reconnect_credits_count_the_buffered_batches(serve: Callable[..., tuple[str, grpc.Server]]) -> None:
