@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..curate import CuratedSource
-from ..errors import ConfigError
+from ..errors import ConfigError, FeedError
 from ..samples import Sample
 from ..stats import SourceCounters
 from ..tokenize import Encoder
@@ -152,6 +152,19 @@ class ShardWriter:
             yield shard_rows(chunk, encoded)
 
 
+def _original(err: Exception) -> Exception:
+    """What a worker raised, out of Ray's wrappers, if it is one the server maps (a bad record or config,
+    an OSError it retries); else Ray's error."""
+    from ray.exceptions import RayError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, FeedError | OSError) and not isinstance(cause, RayError):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return err
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -195,6 +208,7 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
     with cluster(address):
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = show_bar
+        context.raise_original_map_exception = True  # a worker's SourceError or OSError, not a UserCodeException
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = ray.data.from_items([{"item": i} for i in range(len(shards))],
                                     override_num_blocks=max(1, len(shards)))  # one read task per file
@@ -202,11 +216,14 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
         shards_out = read.map_batches(ShardWriter, batch_size=1, batch_format="pyarrow",
                                       fn_constructor_kwargs={"job": job}, num_cpus=ACTOR_CPUS,
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
-        for row in shards_out.iter_rows():
-            facts = found[row["item"]] = ShardFacts.model_validate_json(row["facts"])
-            written += row["written"]
-            progress.samples += facts.samples
-            progress.tokens += facts.tokens
+        try:
+            for row in shards_out.iter_rows():
+                facts = found[row["item"]] = ShardFacts.model_validate_json(row["facts"])
+                written += row["written"]
+                progress.samples += facts.samples
+                progress.tokens += facts.tokens
+        except Exception as err:
+            raise _original(err) from None
     manifest = commit(fs, store, fingerprint, plans, [found[i] for i in range(len(shards))], encoder,
                       dataset=dataset, engine="ray")
     log.info("token store ready: %s (%d samples, %d tokens, %d shards on Ray: %d written, %d complete from before; "

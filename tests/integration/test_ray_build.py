@@ -75,6 +75,19 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
     assert only_store(f"{root}/ray")[1].shards == local.shards
 
 
+def test_a_bad_record_stops_a_ray_build_with_its_location(tmp_path: Path) -> None:
+    """on_bad_record: fail inside a Ray task: the CLI's bad-input exit code and the record's file and line, out
+    of Ray's wrappers; no store committed."""
+    pytest.importorskip("ray.data")
+    corpus(tmp_path)
+    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True, on_bad_record="fail"))
+    done = subprocess.run([*CLI, "cache", "build", "--config", str(config), "--engine", "ray"], capture_output=True,
+                          text=True, timeout=280, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"sigil-feed: error: {tmp_path / 'pairs.jsonl'}:301: bad record (bad_json)" in done.stderr
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+
+
 def test_nothing_but_the_ray_engine_needs_ray(tmp_path: Path) -> None:
     """With Ray unimportable the server, the client and the local engine work, and `--engine ray` says what to
     install."""
