@@ -106,6 +106,7 @@ def _read(batch: pa.Table, job: Job) -> pa.Table:
 
 
 def _read_file(item: int, job: Job) -> pa.Table:
+    """One file's row: its curated samples and accounting, or its complete shard's facts."""
     source, file, name = job.shards[item]
     plan = job.plans[source]
     done = complete_shard(job.fs(), job.store, name, np.dtype(job.dtype))
@@ -212,7 +213,7 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = ray.data.from_items([{"item": i} for i in range(len(shards))],
                                     override_num_blocks=max(1, len(shards)))  # one read task per file
-        read = items.map_batches(_read, batch_size=1, batch_format="pyarrow", fn_kwargs={"job": job})
+        read = items.map_batches(functools.partial(_read, job=job), batch_size=1, batch_format="pyarrow")
         shards_out = read.map_batches(ShardWriter, batch_size=1, batch_format="pyarrow",
                                       fn_constructor_kwargs={"job": job}, num_cpus=ACTOR_CPUS,
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))

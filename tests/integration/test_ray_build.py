@@ -50,7 +50,8 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
     configs, manifests, digests = {}, {}, {}
     for engine in ("local", "ray"):
         configs[engine] = write_config(tmp_path / f"{engine}.yaml", dataset_section(
-            tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True), max_seq_len=128)
+            tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True, chat_template=True),
+            max_seq_len=128)
         log = cache_build(configs[engine], "--engine", engine)
         assert "5 shards" in log and "5 written, 0 complete from before" in log, log[-2000:]
         _, manifests[engine] = only_store(f"{root}/{engine}")
