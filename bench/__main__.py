@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import build, cached, exact, memory, mosaic, neighbour, plot, startup, stream_mode
+from bench import build, cached, exact, memory, mosaic, neighbour, plot, ray_build, startup, stream_mode
 from bench.common import BENCH_DIR, Metric, Work, find_corpus, make_tokenizer_dir, skipped, subset_jsonl, write_config
 
 QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
@@ -29,7 +29,7 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "vs_mosaic_streaming": ("tokens/s", ">= 1.0"), "warm_first_batch_s": ("s", "<= 3"),
            "cache_build_vs_hf_single": ("s", ">= 5"), "fast_backend_exact": ("mismatching samples", "<= 0"),
            "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"), "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
-           "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3")}
+           "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", "")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -121,6 +121,7 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
                 cache_dir=str(work.path(f"cache-rebuild-{i}"))))))
     finally:
         cold.server.stop()
+    r.add(r.guard("ray_build_vs_local", lambda: ray_build.ray_build_vs_local(work, work.sources)))
     # What a trainer's sidecar runs: the cached dataset alone (the main config's streaming datasets would make
     # every start load the tokenizer, which a warm cached start does not need).
     r.add(r.guard("fast_backend_exact", lambda: exact.fast_backend_exact(work)))

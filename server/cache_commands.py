@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .store.fs import StoreFS, resolve
 from .store.owner import discard, folder_bytes, reclaim, temp_folders
 from .store.reader import list_stores
+
+if TYPE_CHECKING:
+    from .dataset import ServedDataset
+    from .store.build_local import StoreBuilder
 
 
 def _roots(args: argparse.Namespace) -> list[StoreFS]:
@@ -30,15 +35,31 @@ def _roots(args: argparse.Namespace) -> list[StoreFS]:
 def _build(args: argparse.Namespace) -> int:
     from .config import load_config
     from .dataset import open_datasets
+    from .errors import ConfigError
+    from .store import build_local
 
-    for name, dataset in open_datasets(load_config(args.config)).items():
+    if args.ray_address and args.engine != "ray":
+        raise ConfigError("--ray-address needs --engine ray")
+    datasets = open_datasets(load_config(args.config))
+    if args.engine == "local":
+        _build_all(datasets, build_local.build_store)
+        return 0
+    from .store import build_ray
+
+    with build_ray.cluster(args.ray_address):
+        _build_all(datasets, functools.partial(build_ray.build_store, address=args.ray_address))
+    return 0
+
+
+def _build_all(datasets: dict[str, ServedDataset], build: StoreBuilder) -> None:
+    """Build every cached dataset's store with `build` (an engine's build_store)."""
+    for name, dataset in datasets.items():
         if not dataset.cached:
             print(f"{name}: use_cache is false; nothing to build")
             continue
-        dataset.prepare()
+        dataset.prepare(build=build)
         state = dataset.cache_state()
         print(f"{name}: {state.path} ({state.samples} samples, {state.tokens} tokens)")
-    return 0
 
 
 def _temporaries(root: StoreFS) -> list[dict[str, Any]]:
@@ -107,6 +128,11 @@ def add_cache_commands(sub: Any) -> None:
     verbs = cache.add_subparsers(dest="verb", required=True)
     build = verbs.add_parser("build", help="build every cached dataset's store, then exit")
     build.add_argument("--config", required=True)
+    build.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this machine's cores (default); ray: Ray Data on a Ray cluster "
+                            "(pip install 'sigil-feed[ray]')")
+    build.add_argument("--ray-address", help="the Ray cluster to build on (as `ray.init` takes it: HOST:PORT, "
+                                             "ray://HOST:PORT, auto); default: a local cluster on this machine")
     build.set_defaults(func=_build)
     for verb, func in (("ls", _ls), ("rm", _rm)):
         parser = verbs.add_parser(verb, help=f"{verb} token stores")

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -29,7 +30,7 @@ from .pack import Packer, TokenizedSamples
 from .samples import ChatFormat, Sample, normalise, plain_pair
 from .sources import Source, open_source
 from .stats import SourceCounters, Throughput
-from .store.build_local import BuildProgress, SourcePlan, build_store
+from .store.build_local import BuildProgress, SourcePlan, StoreBuilder, build_store
 from .store.format import MANIFEST, StoreDamaged, StoreOutdated, read_manifest, store_dir
 from .store.fs import is_uri, resolve
 from .store.owner import reclaim
@@ -88,8 +89,12 @@ class ServedDataset:
             self.ready.set()
 
     def _open(self, index: int) -> Source:
+        return self._opener(index)()
+
+    def _opener(self, index: int) -> Callable[[], Source]:
+        """A picklable function that opens source `index` afresh (a build engine may call it elsewhere)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
-        return open_source(self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache)
+        return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache)
 
     @property
     def store_path(self) -> str:
@@ -101,15 +106,16 @@ class ServedDataset:
         """Where shards of a remote store are fetched to (a local store is read where it lies)."""
         return default_cache_dir() / "shards" / self.content_fingerprint
 
-    def prepare(self, *, show_bar: bool = True) -> None:
-        """Cached mode: open the token store, or (re)build it if it is missing or damaged; a build that fails
-        with an OSError (disk full, a folder not writable) is retried with exponential backoff."""
+    def prepare(self, *, show_bar: bool = True, build: StoreBuilder = build_store) -> None:
+        """Cached mode: open the token store, or (re)build it with `build` (an engine's build_store) if it is
+        missing or damaged; a build that fails with an OSError (disk full, a folder not writable) is retried
+        with exponential backoff."""
         if not self.cached:
             return
         try:
             for attempt in range(1, BUILD_BACKOFF.attempts + 1):
                 try:
-                    self._prepare_once(show_bar)
+                    self._prepare_once(show_bar, build)
                     break
                 except OSError as err:
                     if attempt == BUILD_BACKOFF.attempts:
@@ -133,7 +139,7 @@ class ServedDataset:
         finally:
             self.ready.set()
 
-    def _prepare_once(self, show_bar: bool) -> None:
+    def _prepare_once(self, show_bar: bool, build: StoreBuilder) -> None:
         """One attempt: reclaim what dead builders left, then open the store or build (or finish) it."""
         if self.store_fs.is_local:
             reclaim(Path(self.store_fs.root))
@@ -142,9 +148,9 @@ class ServedDataset:
         if self.store is not None:
             return
         self.progress.samples = self.progress.tokens = 0  # a retry counts from zero again
-        build_store(self._source_plans(), self.encoder, fs=self.store_fs, store=self.store_dir,
-                    fingerprint=self.content_fingerprint, dataset=self.name,
-                    with_prompts=self.section.completion_only, progress=self.progress, show_bar=show_bar)
+        build(self._source_plans(), self.encoder, fs=self.store_fs, store=self.store_dir,
+              fingerprint=self.content_fingerprint, dataset=self.name, with_prompts=self.section.completion_only,
+              progress=self.progress, show_bar=show_bar)
         self.store = self._open_store(verify=False)
 
     def _source_plans(self) -> list[SourcePlan]:
@@ -154,7 +160,7 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format())
-            plans.append(SourcePlan(spec.name, list(self._open(index).files), partial(self._open, index), rules))
+            plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules))
         return plans
 
     def _stored_facts(self) -> TokenFacts | None:

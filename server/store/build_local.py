@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -95,6 +96,38 @@ def _chunks(samples: Iterator[Sample]) -> Iterator[list[Sample]]:
         yield chunk
 
 
+def shard_rows(samples: list[Sample], encoded: EncodedBatch) -> ShardRows:
+    """A run of a shard's samples from the samples and their encoding."""
+    return ShardRows(ids=encoded.ids, lengths=encoded.lengths, prompt_tokens=encoded.prompt_tokens,
+                     file=np.fromiter((s.file for s in samples), np.int32, len(samples)),
+                     row=np.fromiter((s.row for s in samples), np.int64, len(samples)),
+                     task_type=[s.task_type for s in samples])
+
+
+def complete_shard(fs: StoreFS, store: str, name: str, dtype: np.dtype) -> ShardFacts | None:
+    """The facts of a shard an earlier run completed (files there, checksums good, same dtype), else None."""
+    done = read_shard_facts(fs, store, name)
+    if done is not None and done.dtype == dtype.str and shard_complete(fs, store, done):
+        return done
+    return None
+
+
+def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], shards: list[ShardFacts],
+           encoder: Encoder, *, dataset: str, engine: str) -> Manifest:
+    """Write the manifest of every shard in store order (the commit point), then drop a format-1 store's files."""
+    manifest = Manifest(
+        format=FORMAT_VERSION, fingerprint=fingerprint, dtype=ids_dtype(encoder.vocab_size).str,
+        samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
+        dataset=dataset, shards=shards,
+        sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
+        tokenizer_fingerprint=encoder.fingerprint, tokenizer_backend=encoder.backend_name,  # type: ignore[arg-type]
+        token_facts=encoder.facts(), engine=engine, built_by=new_owner().label)
+    write_manifest(fs, store, manifest)
+    for name in LEGACY_FILES:
+        fs.delete(f"{store}/{name}")
+    return manifest
+
+
 class LocalBuilder:
     """Writes one store's shards and manifest from the sources' plans."""
 
@@ -111,10 +144,7 @@ class LocalBuilder:
         self.progress.samples += len(samples)
         self.progress.tokens += len(encoded.ids)
         self.bar.update(len(samples))
-        return ShardRows(ids=encoded.ids, lengths=encoded.lengths, prompt_tokens=encoded.prompt_tokens,
-                         file=np.fromiter((s.file for s in samples), np.int32, len(samples)),
-                         row=np.fromiter((s.row for s in samples), np.int64, len(samples)),
-                         task_type=[s.task_type for s in samples])
+        return shard_rows(samples, encoded)
 
     def _encoded(self, samples: Iterator[Sample], counters: SourceCounters, pool: ThreadPoolExecutor
                  ) -> Iterator[ShardRows]:
@@ -130,8 +160,8 @@ class LocalBuilder:
     def shard(self, index: int, plan: SourcePlan, file: int, pool: ThreadPoolExecutor) -> ShardFacts:
         """One file's shard: the complete one already there, or a new one."""
         name = shard_name(self.fingerprint, index, plan.files[file])
-        done = read_shard_facts(self.fs, self.store, name)
-        if done is not None and done.dtype == self.dtype.str and shard_complete(self.fs, self.store, done):
+        done = complete_shard(self.fs, self.store, name, self.dtype)
+        if done is not None:
             self.skipped += 1
             self.progress.samples += done.samples
             self.progress.tokens += done.tokens
@@ -153,20 +183,19 @@ class LocalBuilder:
                 shards = [self.shard(i, plan, f, pool) for i, plan in enumerate(plans) for f in range(len(plan.files))]
         finally:
             self.bar.close()
-        manifest = Manifest(
-            format=FORMAT_VERSION, fingerprint=self.fingerprint, dtype=self.dtype.str,  # type: ignore[arg-type]
-            samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
-            dataset=dataset, shards=shards,
-            sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
-            tokenizer_fingerprint=self.encoder.fingerprint, tokenizer_backend=self.encoder.backend_name,  # type: ignore[arg-type]
-            token_facts=self.encoder.facts(), engine="local", built_by=new_owner().label)
-        write_manifest(self.fs, self.store, manifest)
-        for name in LEGACY_FILES:
-            self.fs.delete(f"{self.store}/{name}")
+        manifest = commit(self.fs, self.store, self.fingerprint, plans, shards, self.encoder, dataset=dataset,
+                          engine="local")
         log.info("token store ready: %s (%d samples, %d tokens, %d shards: %d written, %d complete from before; "
                  "%.1f s)", self.fs.uri(self.store), manifest.samples, manifest.tokens, len(shards), self.written,
                  self.skipped, time.monotonic() - started)
         return manifest
+
+
+class StoreBuilder(Protocol):
+    """A build engine's entry point (`build_store` here, build_ray's on a Ray cluster)."""
+
+    def __call__(self, plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
+                 dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True) -> Manifest: ...
 
 
 def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,

@@ -1,0 +1,106 @@
+"""`sigil-feed cache build --engine ray`: a local Ray cluster writes the very shards and manifest the local engine
+writes, into a folder and into s3:// (a real S3-compatible server on loopback), and a server serves the same
+batches from either store; a rerun skips complete shards; nothing else needs Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sigil_feed.server.store.format import Manifest
+from sigil_feed.server.store.fs import resolve
+from sigil_feed.server.store.reader import verify_store
+from tests.conftest import rust_pair, write_config, write_jsonl
+from tests.integration.test_cache import CLI, batch_digests, corpus, dataset_section
+
+
+def three_sources(tmp_path: Path) -> list[str]:
+    """test_cache's two sources plus one of three files (one shard per file: five shards in all)."""
+    corpus(tmp_path)
+    for f in range(3):
+        write_jsonl(tmp_path / "more" / f"part{f}.jsonl", [rust_pair(i, task="review") for i in range(f, 90, 3)])
+    return ["local:pairs.jsonl", "local:files.jsonl", "local:more/*.jsonl"]
+
+
+def cache_build(config: Path, *engine: str) -> str:
+    """Run `sigil-feed cache build` and return its log (stderr)."""
+    done = subprocess.run([*CLI, "cache", "build", "--config", str(config), *engine], capture_output=True,
+                          text=True, timeout=280, cwd=config.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def only_store(location: str) -> tuple[str, Manifest]:
+    """The one committed store under a location: its path and manifest (every shard's checksum verified)."""
+    fs = resolve(location)
+    (entry,) = [e for e in fs.listdir(fs.root) if fs.exists(f"{e.path}/manifest.json")]
+    return entry.path, verify_store(fs, entry.path, entry.base_name)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
+        tmp_path: Path, start_server, request: pytest.FixtureRequest, where: str) -> None:
+    pytest.importorskip("ray.data")
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    names = three_sources(tmp_path)
+    configs, manifests, digests = {}, {}, {}
+    for engine in ("local", "ray"):
+        configs[engine] = write_config(tmp_path / f"{engine}.yaml", dataset_section(
+            tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True, chat_template=True),
+            max_seq_len=128)
+        log = cache_build(configs[engine], "--engine", engine)
+        assert "5 shards" in log and "5 written, 0 complete from before" in log, log[-2000:]
+        _, manifests[engine] = only_store(f"{root}/{engine}")
+    local, ray = manifests["local"], manifests["ray"]
+    assert (ray.engine, local.engine) == ("ray", "local")
+    assert ray.fingerprint == local.fingerprint and ray.samples == local.samples > 300
+    assert ray.shards == local.shards  # same names, counts, accounting and file checksums: the same bytes
+    assert ray.sources == local.sources and ray.tokenizer_backend == local.tokenizer_backend
+
+    for engine in ("local", "ray"):
+        server = start_server(configs[engine])
+        digests[engine] = batch_digests(server.target, world_size=2)
+        assert not any("tokenizing" in line for line in server.output)  # served the built store
+    assert digests["ray"] == digests["local"] and len(digests["ray"]) > 10
+
+    store, _ = only_store(f"{root}/ray")  # a rerun after a lost manifest and a lost shard writes that shard alone
+    fs = resolve(f"{root}/ray")
+    fs.delete(f"{store}/manifest.json")
+    fs.delete(f"{store}/shards/{ray.shards[3].name}.tokens.bin")
+    log = cache_build(configs["ray"], "--engine", "ray")
+    assert "5 shards on Ray: 1 written, 4 complete from before" in log, log[-2000:]
+    assert only_store(f"{root}/ray")[1].shards == local.shards
+
+
+def test_a_bad_record_stops_a_ray_build_with_its_location(tmp_path: Path) -> None:
+    """on_bad_record: fail inside a Ray task: the CLI's bad-input exit code and the record's file and line, out
+    of Ray's wrappers; no store committed."""
+    pytest.importorskip("ray.data")
+    corpus(tmp_path)
+    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True, on_bad_record="fail"))
+    done = subprocess.run([*CLI, "cache", "build", "--config", str(config), "--engine", "ray"], capture_output=True,
+                          text=True, timeout=280, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"sigil-feed: error: {tmp_path / 'pairs.jsonl'}:301: bad record (bad_json)" in done.stderr
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_nothing_but_the_ray_engine_needs_ray(tmp_path: Path) -> None:
+    """With Ray unimportable the server, the client and the local engine work, and `--engine ray` says what to
+    install."""
+    corpus(tmp_path)
+    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True))
+    script = ("import sys; sys.modules['ray'] = None\n"
+              "import sigil_feed.server.app, sigil_feed.client\n"
+              "from sigil_feed.server.cli import main\n"
+              f"code = main(['cache', 'build', '--config', {str(config)!r}])\n"
+              "assert code == 0 and 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+              f"sys.exit(main(['cache', 'build', '--config', {str(config)!r}, '--engine', 'ray']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "the ray engine needs Ray: pip install 'sigil-feed[ray]'" in done.stderr
+    assert json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())["engine"] == "local"
