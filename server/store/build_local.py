@@ -48,7 +48,7 @@ LEGACY_FILES = ("tokens.bin", "samples.parquet")  # a format-1 store's data file
 class BuildProgress:
     """What GetStats shows while a store is being built."""
 
-    state: str = "pending"  # pending, building, retrying, ready, failed
+    state: str = "pending"  # pending, waiting (for another builder), building, retrying, ready, failed
     samples: int = 0
     tokens: int = 0
     error: str = ""
@@ -144,13 +144,18 @@ class LocalBuilder:
         self.written += 1
         return facts
 
-    def build(self, plans: list[SourcePlan], dataset: str) -> Manifest:
-        """Every shard (skipping complete ones), then the manifest: the commit point."""
+    def build(self, plans: list[SourcePlan], dataset: str, check: Callable[[], None] = lambda: None) -> Manifest:
+        """Every shard (skipping complete ones), then the manifest: the commit point. `check` runs before each
+        shard and before the commit, and raises to stop (a build lease that was taken over)."""
         self.progress.state = "building"
         started = time.monotonic()
+        shards = []
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-                shards = [self.shard(i, plan, f, pool) for i, plan in enumerate(plans) for f in range(len(plan.files))]
+                for i, plan in enumerate(plans):
+                    for f in range(len(plan.files)):
+                        check()
+                        shards.append(self.shard(i, plan, f, pool))
         finally:
             self.bar.close()
         manifest = Manifest(
@@ -160,6 +165,7 @@ class LocalBuilder:
             sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
             tokenizer_fingerprint=self.encoder.fingerprint, tokenizer_backend=self.encoder.backend_name,  # type: ignore[arg-type]
             token_facts=self.encoder.facts(), engine="local", built_by=new_owner().label)
+        check()
         write_manifest(self.fs, self.store, manifest)
         for name in LEGACY_FILES:
             self.fs.delete(f"{self.store}/{name}")
@@ -170,9 +176,11 @@ class LocalBuilder:
 
 
 def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
-                dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True) -> Manifest:
-    """Build (or finish) the store at `store` and commit it; returns its manifest."""
+                dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True,
+                check: Callable[[], None] = lambda: None) -> Manifest:
+    """Build (or finish) the store at `store` and commit it; returns its manifest. `check` runs before each
+    shard and before the commit (a build lease's `check`)."""
     builder = LocalBuilder(fs, store, fingerprint, encoder, with_prompts=with_prompts, progress=progress,
                            show_bar=show_bar)
-    return builder.build(plans, dataset)
+    return builder.build(plans, dataset, check)
 

@@ -48,7 +48,7 @@ def stores(tmp_path: Path) -> list[Path]:
 
 
 def open_local(store: Path) -> TokenStore:
-    return open_store(resolve(store.parent), str(store), store.name, local_dir=store / "unused")
+    return open_store(resolve(store.parent), str(store), store.name)
 
 
 def build(config: Path) -> subprocess.CompletedProcess[str]:
