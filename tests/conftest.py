@@ -178,17 +178,23 @@ def s3_endpoint() -> Iterator[str]:
         proc.wait()
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def make_bucket(endpoint: str) -> str:
+    """A fresh bucket on the local S3 server; returns `s3://BUCKET`."""
+    import pyarrow.fs as pafs
+
+    bucket = f"test-{secrets.token_hex(6)}"
+    pafs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http", access_key="testing",
+                      secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}"
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket on the local S3 server, with the standard AWS environment pointing at it (servers started
     by the test inherit it); returns `s3://BUCKET`."""
-
-    import pyarrow.fs as pafs
-
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, **S3_ENV}.items():
         monkeypatch.setenv(key, value)
-    bucket = f"test-{secrets.token_hex(6)}"
-    pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://")[1], scheme="http", access_key="testing",
-                      secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
-    return f"s3://{bucket}"
+    return make_bucket(s3_endpoint)

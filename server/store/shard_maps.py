@@ -59,15 +59,14 @@ class ShardMaps:
 
     @contextlib.contextmanager
     def pinned(self, indices: Collection[int]) -> Iterator[dict[int, np.ndarray]]:
-        """These shards' token arrays, held for the block: a remote store's are fetched (missing ones in
-        parallel) and kept from eviction until the block ends; use the arrays only inside it."""
+        """These shards' token arrays, held for the block: a remote store's are fetched if missing and kept from
+        eviction until the block ends; use the arrays only inside it."""
         if self.local:
             yield {i: self._map(i, self.fs.local_path(self.paths[i])) for i in indices}
             return
         if self.cache is None:
             raise RuntimeError(f"the store at {self.fs.location} is remote: it is read through a shard cache")
         cache, held = self.cache, []
-        cache.prefetch(self.remote[i] for i in indices)
         try:
             tokens = {}
             for i in indices:
