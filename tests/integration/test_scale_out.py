@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import StoreFS, resolve
 from sigil_feed.server.store.reader import open_store
 from tests.conftest import S3_ENV, ServerProcess, make_bucket, write_config, write_jsonl
-from tests.integration.conftest import open_request, stream_status
+from tests.integration.conftest import metrics_url, open_request, stream_status
 from tests.integration.test_cache import CLI, wait_for
 
 FILES = 6  # one shard each
@@ -113,7 +114,7 @@ def test_two_sidecars_with_their_own_shard_caches_serve_four_ranks_as_a_local_st
     assert len(sizes) == FILES and max(sizes) < 1.2 * min(sizes)
     two_shards_gb = 2.5 * sum(sizes) / len(sizes) / 1e9
     sidecars = [start_server(config(folder, name, s3_store["location"], shard_cache_dir=str(folder / name),
-                                    **extra))
+                                    **extra), "--metrics-port", "0")
                 for name, extra in (("a", {}), ("b", {"shard_cache_gb": two_shards_gb}))]
     served = [rank_epoch(sidecars[rank // 2].target, rank, 4) for rank in range(4)]
     assert [digests for digests, _ in served] == [digests for digests, _ in s3_store["reference"]]
@@ -133,6 +134,10 @@ def test_two_sidecars_with_their_own_shard_caches_serve_four_ranks_as_a_local_st
     printed = subprocess.run([*CLI, "stats", "--target", sidecars[1].target], capture_output=True, text=True,
                              check=True, timeout=60).stdout
     assert f"{manifest.bytes:,} bytes" in printed and "shard cache" in printed and "hit rate" in printed
+    with urllib.request.urlopen(metrics_url(sidecars[1]), timeout=10) as response:
+        metrics = response.read().decode()
+    assert f'sigil_feed_store_bytes{{dataset="default"}} {float(manifest.bytes)}' in metrics
+    assert f'sigil_feed_shard_cache_evictions_total{{dataset="default"}} {float(b.shard_cache.evictions)}' in metrics
 
 
 def test_a_shard_corrupted_on_object_storage_ends_the_stream_with_data_loss_naming_it(
