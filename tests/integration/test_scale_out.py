@@ -19,12 +19,13 @@ import pyarrow.fs as pafs
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.s3 import S3_ENV, make_bucket
 from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import StoreFS, resolve
 from sigil_feed.server.store.reader import open_store
-from tests.conftest import S3_ENV, ServerProcess, make_bucket, write_config, write_jsonl
+from tests.conftest import ServerProcess, write_config, write_jsonl
 from tests.integration.conftest import metrics_url, open_request, stream_status
 from tests.integration.test_cache import CLI, wait_for
 
