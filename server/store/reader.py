@@ -29,6 +29,7 @@ from .format import (
     shard_problem,
 )
 from .fs import StoreFS
+from .lease import has_lease, holder
 from .shard_cache import ShardCache
 from .shard_maps import ShardMaps
 
@@ -122,7 +123,7 @@ def open_store(fs: StoreFS, path: str, fingerprint: str, *, shard_cache: ShardCa
 
 def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
     """A store folder's summary from its manifest alone (state `ready`, `outdated`, `damaged` with the reason,
-    or `partial` when shards are written but no manifest commits them)."""
+    or `partial` when shards are written but no manifest commits them, with who holds its build lease)."""
     entry: dict[str, Any] = {"path": fs.uri(path), "fingerprint": path.rsplit("/", 1)[1], "state": "ready"}
     try:
         manifest = read_manifest(fs, path)
@@ -131,6 +132,10 @@ def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
     except StoreDamaged as err:
         state = "partial" if not fs.exists(f"{path}/{MANIFEST}") else "damaged"
         entry.update(state=state, reason=str(err))
+        builder = holder(fs.uri(path)) if has_lease(fs.uri(path)) else None
+        if builder is not None:
+            entry["reason"] += (f"; building by {builder.label}" if builder.alive
+                                else f"; its builder {builder.label} is gone (the next start takes over)")
     else:
         entry.update(dataset=manifest.dataset, samples=manifest.samples, tokens=manifest.tokens,
                      shards=len(manifest.shards), bytes=manifest.bytes, created=manifest.created,

@@ -27,6 +27,7 @@ from sigil_feed.server.store.format import (
     write_shard,
 )
 from sigil_feed.server.store.fs import StoreFS, resolve
+from sigil_feed.server.store.lease import Lease
 from sigil_feed.server.store.owner import (
     OWNER,
     STALE_AFTER_S,
@@ -153,6 +154,10 @@ def test_list_stores_shows_damaged_partial_and_outdated_stores_and_never_a_tempo
     assert set(listed) == {FP, "1" * 16, "2" * 16, "3" * 16}
     assert listed[FP]["state"] == "ready" and listed[FP]["samples"] == 3 and listed[FP]["shards"] == 2
     assert [listed[n * 16]["state"] for n in "123"] == ["damaged", "outdated", "partial"]
+    assert "building by" not in listed["3" * 16]["reason"]
+    with Lease.try_acquire(str(tmp_path / ("3" * 16))):
+        reason = list_stores(resolve(tmp_path))[-1]["reason"]
+    assert reason.endswith(f"; building by {new_owner().label}")
 
 
 def test_discard_leaves_nothing(tmp_path: Path) -> None:
