@@ -225,18 +225,52 @@ class JobStats(_message.Message):
     def __init__(self, world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ...) -> None: ...
 
 class CacheState(_message.Message):
-    __slots__ = ("state", "samples", "tokens", "path", "error")
+    __slots__ = ("state", "samples", "tokens", "path", "error", "bytes", "shards", "bytes_fetched", "shard_cache")
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_CACHE_FIELD_NUMBER: _ClassVar[int]
     state: str
     samples: int
     tokens: int
     path: str
     error: str
-    def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    bytes: int
+    shards: int
+    bytes_fetched: int
+    shard_cache: ShardCacheStats
+    def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ..., bytes: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., shard_cache: _Optional[_Union[ShardCacheStats, _Mapping]] = ...) -> None: ...
+
+class ShardCacheStats(_message.Message):
+    __slots__ = ("dir", "bytes", "max_bytes", "shards", "hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "checksum_failures")
+    DIR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    FETCHES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    dir: str
+    bytes: int
+    max_bytes: int
+    shards: int
+    hits: int
+    misses: int
+    hit_rate: float
+    fetches: int
+    bytes_fetched: int
+    evictions: int
+    checksum_failures: int
+    def __init__(self, dir: _Optional[str] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., shards: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., fetches: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
 
 class SourceStats(_message.Message):
     __slots__ = ("spec", "read", "kept", "dropped", "malformed", "tokens", "lengths")

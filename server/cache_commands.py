@@ -1,4 +1,6 @@
-"""`sigil-feed cache build|ls|rm`: build stores ahead of serving (an init container), list and remove them."""
+"""`sigil-feed cache build|ls|rm`: build stores ahead of serving (an init container), list and remove them.
+`cache build` elects one builder per store through the store's build lease, as servers do: started on many
+machines at once, one builds and the others wait for it."""
 
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def _build_all(datasets: dict[str, ServedDataset], build: StoreBuilder) -> None:
         if not dataset.cached:
             print(f"{name}: use_cache is false; nothing to build")
             continue
-        dataset.prepare(build=build)
+        dataset.prepare(build=build, serve=False)
         state = dataset.cache_state()
         print(f"{name}: {state.path} ({state.samples} samples, {state.tokens} tokens)")
 

@@ -107,6 +107,8 @@ def _stats(args: argparse.Namespace) -> int:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
+        if ds.info.mode == "cached":
+            console.print(_store_text(ds.cache))
         if ds.clients:
             clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
                             "credits", "lag s", "input-bound", "connected s")
@@ -116,6 +118,23 @@ def _stats(args: argparse.Namespace) -> int:
                                 input_bound_text(c.input_bound), f"{c.connected_s:.0f}")
             console.print(clients)
     return 0
+
+
+def _store_text(cache: feed_pb2.CacheState) -> str:
+    """The token store's line: state, size, bytes fetched from it, and a remote store's shard cache."""
+    text = f"token store {cache.path}: {cache.state}"
+    if cache.error:
+        return f"{text}: {cache.error}"
+    if cache.state != "ready":
+        return f"{text} ({cache.samples:,} samples so far)"
+    text += (f", {cache.samples:,} samples, {cache.tokens:,} tokens, {cache.shards} shards, {cache.bytes:,} bytes, "
+             f"fetched by this server {cache.bytes_fetched:,} bytes")
+    if cache.HasField("shard_cache"):
+        c = cache.shard_cache
+        text += (f"; shard cache {c.dir}: {c.bytes:,} of {c.max_bytes:,} bytes, {c.shards} shards, hit rate "
+                 f"{c.hit_rate:.0%} ({c.hits} hits, {c.misses} misses), {c.evictions} evictions, "
+                 f"{c.checksum_failures} checksum failures")
+    return text
 
 
 def _get_stats(channel: grpc.Channel, args: argparse.Namespace) -> feed_pb2.Stats:

@@ -33,9 +33,11 @@ from .stats import SourceCounters, Throughput
 from .store.build_local import BuildProgress, SourcePlan, StoreBuilder, build_store
 from .store.format import MANIFEST, StoreDamaged, StoreOutdated, read_manifest, store_dir
 from .store.fs import is_uri, resolve
+from .store.lease import HolderInfo, Lease, LeaseLost, has_lease, wait_or_build
 from .store.owner import reclaim
 from .store.reader import TokenStore, open_store
 from .store.retry import BUILD_BACKOFF
+from .store.shard_cache import shared_cache
 from .tokenize import EncodedBatch, Encoder, TokenFacts
 
 log = logging.getLogger(__name__)
@@ -102,20 +104,23 @@ class ServedDataset:
         return self.store_fs.uri(self.store_dir)
 
     @property
-    def shard_dir(self) -> Path:
-        """Where shards of a remote store are fetched to (a local store is read where it lies)."""
-        return default_cache_dir() / "shards" / self.content_fingerprint
+    def shard_cache_dir(self) -> Path:
+        """Where a remote store's shards are cached (a local store is read where it lies)."""
+        configured = self.section.shard_cache_dir
+        return Path(configured).expanduser() if configured else default_cache_dir() / "shards"
 
-    def prepare(self, *, show_bar: bool = True, build: StoreBuilder = build_store) -> None:
-        """Cached mode: open the token store, or (re)build it with `build` (an engine's build_store) if it is
-        missing or damaged; a build that fails with an OSError (disk full, a folder not writable) is retried
-        with exponential backoff."""
+    def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
+        """Cached mode: open the token store; if it is missing or damaged, build it with `build` (an engine's
+        build_store) under the store's build lease, or wait (state `waiting`) while another process holds the
+        lease and builds it. A build that fails with an OSError (disk full, a folder not writable) is retried
+        with exponential backoff. `serve`: a remote store is opened for reading through the shard cache
+        (`cache build` reads no tokens)."""
         if not self.cached:
             return
         try:
             for attempt in range(1, BUILD_BACKOFF.attempts + 1):
                 try:
-                    self._prepare_once(show_bar, build)
+                    self._prepare_once(show_bar, serve, build)
                     break
                 except OSError as err:
                     if attempt == BUILD_BACKOFF.attempts:
@@ -139,19 +144,47 @@ class ServedDataset:
         finally:
             self.ready.set()
 
-    def _prepare_once(self, show_bar: bool, build: StoreBuilder) -> None:
-        """One attempt: reclaim what dead builders left, then open the store or build (or finish) it."""
+    def _prepare_once(self, show_bar: bool, serve: bool, build: StoreBuilder) -> None:
+        """One attempt: reclaim what dead builders left, then open the store, or build it if this process wins
+        the build lease, or wait for the process that holds it (taken over if that process dies)."""
         if self.store_fs.is_local:
             reclaim(Path(self.store_fs.root))
             reclaim(Path(self.store_dir) / "shards")
-        self.store = self._open_store()
-        if self.store is not None:
+
+        def opened() -> bool:
+            self.store = self._open_store(serve=serve)
+            return self.store is not None
+
+        if opened():
             return
+        if not has_lease(self.store_path):
+            log.warning("dataset %s: no build lease on %s, so this server builds without electing a builder",
+                        self.name, self.store_path)
+            self._build(show_bar, serve, build, None)
+            return
+        while True:
+            try:
+                wait_or_build(self.store_path, partial(self._build, show_bar, serve, build), opened,
+                              on_wait=self._waiting)
+                return
+            except LeaseLost as err:
+                log.warning("dataset %s: %s; waiting for it", self.name, err)
+
+    def _build(self, show_bar: bool, serve: bool, build: StoreBuilder, lease: Lease | None) -> None:
+        """Build (or finish) the store, stopping if the lease is taken over; then open it."""
         self.progress.samples = self.progress.tokens = 0  # a retry counts from zero again
         build(self._source_plans(), self.encoder, fs=self.store_fs, store=self.store_dir,
               fingerprint=self.content_fingerprint, dataset=self.name, with_prompts=self.section.completion_only,
-              progress=self.progress, show_bar=show_bar)
-        self.store = self._open_store(verify=False)
+              progress=self.progress, show_bar=show_bar, check=lease.check if lease is not None else lambda: None)
+        self.store = self._open_store(serve=serve, verify=False)
+
+    def _waiting(self, holder: HolderInfo | None) -> None:
+        """Another process holds the build lease: say who in GetStats, and in the log when it changes."""
+        text = holder.describe() if holder is not None else "waiting for the build lease (just released)"
+        if holder is not None and (self.progress.state != "waiting" or holder.label not in self.progress.error):
+            log.info("dataset %s: token store %s: %s", self.name, self.store_path, text)
+        self.progress.state, self.progress.error = "waiting", text
+        self.progress.samples = self.progress.tokens = 0
 
     def _source_plans(self) -> list[SourcePlan]:
         """What the store builder reads: every source with its rules, task weights left to serve time."""
@@ -193,13 +226,17 @@ class ServedDataset:
                 raise SourceError(message)
             raise RequestError(grpc.StatusCode.UNAVAILABLE, message)
 
-    def _open_store(self, verify: bool = True) -> TokenStore | None:
+    def _open_store(self, *, serve: bool, verify: bool = True) -> TokenStore | None:
         """The committed store, or None if there is none or it must be rebuilt (which rewrites only the shards
-        that are not complete and valid; a store in place is never deleted)."""
+        that are not complete and valid; a store in place is never deleted). `serve`: a remote store's shards
+        are read through the process's shard cache for shard_cache_dir."""
         if not self.store_fs.exists(f"{self.store_dir}/{MANIFEST}"):
             return None
+        cache = None
+        if serve and not self.store_fs.is_local:
+            cache = shared_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9))
         try:
-            return open_store(self.store_fs, self.store_dir, self.content_fingerprint, local_dir=self.shard_dir,
+            return open_store(self.store_fs, self.store_dir, self.content_fingerprint, shard_cache=cache,
                               verify=verify)
         except StoreOutdated as err:
             log.warning("token store format %s at %s: rebuilding as format 2", err.format, self.store_path)
@@ -257,10 +294,24 @@ class ServedDataset:
             self.counters[source].add_lengths(lengths[sources == source])
 
     def cache_state(self) -> feed_pb2.CacheState:
-        """The token store's state and build progress."""
-        return feed_pb2.CacheState(state=self.progress.state, samples=self.progress.samples,
-                                   tokens=self.progress.tokens, path=str(self.store_path) if self.cached else "",
-                                   error=self.progress.error)
+        """The token store's state and build progress; once it serves, its size, the bytes this process fetched
+        from it and (a remote store) the shard cache's counters."""
+        state = feed_pb2.CacheState(state=self.progress.state, samples=self.progress.samples,
+                                    tokens=self.progress.tokens, path=str(self.store_path) if self.cached else "",
+                                    error=self.progress.error)
+        store = self.store
+        if store is None or self.progress.state != "ready":
+            return state
+        state.bytes, state.shards = store.manifest.bytes, len(store.manifest.shards)
+        state.bytes_fetched = store.bytes_fetched()
+        cache = store.shards.cache
+        if cache is not None:
+            c = cache.stats()
+            state.shard_cache.CopyFrom(feed_pb2.ShardCacheStats(
+                dir=str(cache.dir), bytes=c.current_bytes, max_bytes=c.max_bytes, shards=c.shards, hits=c.hits,
+                misses=c.misses, hit_rate=c.hit_rate, fetches=c.fetches, bytes_fetched=c.bytes_fetched,
+                evictions=c.evictions, checksum_failures=c.checksum_failures))
+        return state
 
 
 def open_datasets(config: FeedConfig) -> dict[str, ServedDataset]:

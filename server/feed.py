@@ -48,8 +48,9 @@ class Feed:
 
     @property
     def in_cached_epoch(self) -> bool:
-        """Whether the next batch is cut from an open epoch of a token store (quick and never blocking)."""
-        return isinstance(self.packer, CachedPacker)
+        """Whether the next batch is cut from an open epoch of a local token store (quick and never blocking; a
+        remote store's may wait for a shard to be fetched)."""
+        return isinstance(self.packer, CachedPacker) and self.packer.never_blocks
 
     def __iter__(self) -> Feed:
         return self

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .service import DataFeedService, OpenStream
 from .stats import input_bound, job_views
 
-CACHE_STATES = ("pending", "building", "retrying", "ready", "failed")
+CACHE_STATES = ("pending", "waiting", "building", "retrying", "ready", "failed")
 CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
 
 
@@ -85,6 +85,38 @@ class FeedCollector(Collector):
             cache_samples.add_metric([name], state.samples)
             cache_tokens.add_metric([name], state.tokens)
         yield from (batches, tokens, opened, closed, cache, cache_samples, cache_tokens)
+        yield from self._stores()
+
+    def _stores(self) -> Iterator[Metric]:
+        """Each token store's size and the bytes fetched from it; a remote store's shard cache."""
+        labels = ["dataset"]
+        size = GaugeMetricFamily("sigil_feed_store_bytes", "The token store's size (every shard's files)",
+                                 labels=labels)
+        fetched = CounterMetricFamily("sigil_feed_store_fetched_bytes",
+                                      "Bytes this server read from a remote token store", labels=labels)
+        cached = GaugeMetricFamily("sigil_feed_shard_cache_bytes", "Bytes in the node-local shard cache",
+                                   labels=labels)
+        budget = GaugeMetricFamily("sigil_feed_shard_cache_max_bytes", "The shard cache's budget", labels=labels)
+        hits = CounterMetricFamily("sigil_feed_shard_cache_hits", "Shard reads answered from the shard cache",
+                                   labels=labels)
+        misses = CounterMetricFamily("sigil_feed_shard_cache_misses", "Shard reads that waited for a download",
+                                     labels=labels)
+        evictions = CounterMetricFamily("sigil_feed_shard_cache_evictions", "Shards evicted from the shard cache",
+                                        labels=labels)
+        failures = CounterMetricFamily("sigil_feed_shard_cache_checksum_failures",
+                                       "Shard downloads that failed their checksum", labels=labels)
+        for name, dataset in self.service.datasets.items():
+            state = dataset.cache_state()
+            if state.state != "ready" or not state.path:
+                continue
+            size.add_metric([name], state.bytes)
+            fetched.add_metric([name], state.bytes_fetched)
+            if state.HasField("shard_cache"):
+                c = state.shard_cache
+                for family, value in ((cached, c.bytes), (budget, c.max_bytes), (hits, c.hits), (misses, c.misses),
+                                      (evictions, c.evictions), (failures, c.checksum_failures)):
+                    family.add_metric([name], value)
+        yield from (size, fetched, cached, budget, hits, misses, evictions, failures)
 
     def _sources(self) -> Iterator[Metric]:
         labels = ["dataset", "source"]

@@ -6,13 +6,10 @@ import gzip
 import json
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,41 +151,18 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server (`moto_server` from `moto[server]`) on a free loopback port."""
     pytest.importorskip("moto.server")
-    import urllib.request
+    from bench.s3 import moto_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
+    with moto_server() as endpoint:
         yield endpoint
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
 def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket on the local S3 server, with the standard AWS environment pointing at it (servers started
     by the test inherit it); returns `s3://BUCKET`."""
+    from bench.s3 import S3_ENV, make_bucket
 
-    import pyarrow.fs as pafs
-
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, **S3_ENV}.items():
         monkeypatch.setenv(key, value)
-    bucket = f"test-{secrets.token_hex(6)}"
-    pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://")[1], scheme="http", access_key="testing",
-                      secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir(bucket)
-    return f"s3://{bucket}"
+    return make_bucket(s3_endpoint)

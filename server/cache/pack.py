@@ -4,6 +4,8 @@ A rank's epoch is its share of the epoch permutation, read as one virtual token 
 concatenated, EOS included). A packed batch is the next `batch_size * seq_len` positions of that stream;
 with `remainder: pad` positions past its end wrap around to its start. A padded batch is the next
 `batch_size` samples, each truncated to `seq_len`. The state is just the position and the batch count.
+The shards a batch reads are pinned while it is cut (a remote store's are fetched into the shard cache), and
+the shards of the next batches are fetched ahead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import numpy as np
 from ..pack import EpochBatches, Rows
 from ..stage import State
 from ..store.reader import TokenStore
+
+AHEAD_BATCHES = 2
+"""Prefetch the shards of this many batches past the current one."""
 
 
 class CachedPacker(EpochBatches):
@@ -33,6 +38,11 @@ class CachedPacker(EpochBatches):
         self.remainder, self.max_batches = remainder, max_batches
         self.pos = 0  # packed: next stream position; padded: next sample
         self.batches = 0
+
+    @property
+    def never_blocks(self) -> bool:
+        """Whether cutting a batch only reads memory maps (a local store; a remote one may wait for a fetch)."""
+        return self.store.shards.local
 
     def _span(self, count: int, total: int) -> tuple[int, int] | None:
         """Claim stream positions [start, stop) of `total` units (taken modulo total when the epoch wraps)."""
@@ -68,10 +78,11 @@ class CachedPacker(EpochBatches):
         run_start = np.cumsum(count) - count  # where each run lands in the batch
         flat = np.empty(self.batch_size * self.seq_len, dtype=self.dtype)
         first = (self.starts[sample] + offset).tolist()  # one slice per run: cheaper than a gather by index
-        shards = self.shard[sample].tolist()
-        tokens = self.store.shard_tokens
-        np.concatenate([tokens(s)[a:a + c] for s, a, c in zip(shards, first, count.tolist(), strict=True)],
-                       out=flat[:n])
+        shards = self.shard[sample]
+        self._prefetch_packed(span[1])
+        with self.store.shards.pinned(np.unique(shards).tolist()) as tokens:
+            np.concatenate([tokens[s][a:a + c] for s, a, c in zip(shards.tolist(), first, count.tolist(), strict=True)],
+                           out=flat[:n])
         flat[n:] = self.pad_id
         rows = -(-n // self.seq_len)
         bounds = np.union1d(run_start, np.arange(0, n, self.seq_len))  # segments start at samples and rows
@@ -85,6 +96,16 @@ class CachedPacker(EpochBatches):
             mask = flat_mask.reshape(rows, self.seq_len)
         return Rows(flat[:rows * self.seq_len].reshape(rows, self.seq_len), lengths, row_segments, mask, n)
 
+    def _prefetch_packed(self, pos: int) -> None:
+        """Ask for the shards of the stream's next AHEAD_BATCHES batches from position `pos` on."""
+        if self.store.shards.local:
+            return
+        total = int(self.cum[-1])
+        start = pos % total
+        stop = min(total, start + AHEAD_BATCHES * self.batch_size * self.seq_len)
+        first, last = np.searchsorted(self.cum, [start, max(start, stop - 1)], side="right") - 1
+        self.store.shards.prefetch(self.shard[first:last + 1])
+
     def _padded(self) -> Rows | None:
         span = self._span(self.batch_size, len(self.lengths))
         if span is None:
@@ -93,9 +114,13 @@ class CachedPacker(EpochBatches):
         rows = len(picked)
         kept = np.minimum(self.lengths[picked], self.seq_len)
         ids = np.full((rows, self.seq_len), self.pad_id, dtype=self.dtype)
-        for row, (shard, start, count) in enumerate(zip(self.shard[picked].tolist(), self.starts[picked].tolist(),
-                                                        kept.tolist(), strict=True)):
-            ids[row, :count] = self.store.shard_tokens(shard)[start:start + count]
+        shards = self.shard[picked]
+        if not self.store.shards.local:
+            self.store.shards.prefetch(self.shard[span[1]:span[1] + AHEAD_BATCHES * self.batch_size])
+        with self.store.shards.pinned(np.unique(shards).tolist()) as tokens:
+            for row, (shard, start, count) in enumerate(zip(shards.tolist(), self.starts[picked].tolist(),
+                                                            kept.tolist(), strict=True)):
+                ids[row, :count] = tokens[shard][start:start + count]
         mask = None
         if self.prompts is not None:
             mask = (np.arange(self.seq_len)[None, :] >= self.prompts[picked][:, None]).astype(np.uint8)

@@ -49,7 +49,7 @@ LEGACY_FILES = ("tokens.bin", "samples.parquet")  # a format-1 store's data file
 class BuildProgress:
     """What GetStats shows while a store is being built."""
 
-    state: str = "pending"  # pending, building, retrying, ready, failed
+    state: str = "pending"  # pending, waiting (for another builder), building, retrying, ready, failed
     samples: int = 0
     tokens: int = 0
     error: str = ""
@@ -116,7 +116,7 @@ def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], s
            encoder: Encoder, *, dataset: str, engine: str) -> Manifest:
     """Write the manifest of every shard in store order (the commit point), then drop a format-1 store's files."""
     manifest = Manifest(
-        format=FORMAT_VERSION, fingerprint=fingerprint, dtype=ids_dtype(encoder.vocab_size).str,
+        format=FORMAT_VERSION, fingerprint=fingerprint, dtype=ids_dtype(encoder.vocab_size).str,  # type: ignore[arg-type]
         samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
         dataset=dataset, shards=shards,
         sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
@@ -174,15 +174,21 @@ class LocalBuilder:
         self.written += 1
         return facts
 
-    def build(self, plans: list[SourcePlan], dataset: str) -> Manifest:
-        """Every shard (skipping complete ones), then the manifest: the commit point."""
+    def build(self, plans: list[SourcePlan], dataset: str, check: Callable[[], None] = lambda: None) -> Manifest:
+        """Every shard (skipping complete ones), then the manifest: the commit point. `check` runs before each
+        shard and before the commit, and raises to stop (a build lease that was taken over)."""
         self.progress.state = "building"
         started = time.monotonic()
+        shards = []
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-                shards = [self.shard(i, plan, f, pool) for i, plan in enumerate(plans) for f in range(len(plan.files))]
+                for i, plan in enumerate(plans):
+                    for f in range(len(plan.files)):
+                        check()
+                        shards.append(self.shard(i, plan, f, pool))
         finally:
             self.bar.close()
+        check()
         manifest = commit(self.fs, self.store, self.fingerprint, plans, shards, self.encoder, dataset=dataset,
                           engine="local")
         log.info("token store ready: %s (%d samples, %d tokens, %d shards: %d written, %d complete from before; "
@@ -195,13 +201,16 @@ class StoreBuilder(Protocol):
     """A build engine's entry point (`build_store` here, build_ray's on a Ray cluster)."""
 
     def __call__(self, plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
-                 dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True) -> Manifest: ...
+                 dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True,
+                 check: Callable[[], None] = ...) -> Manifest: ...
 
 
 def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
-                dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True) -> Manifest:
-    """Build (or finish) the store at `store` and commit it; returns its manifest."""
+                dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True,
+                check: Callable[[], None] = lambda: None) -> Manifest:
+    """Build (or finish) the store at `store` and commit it; returns its manifest. `check` runs before each
+    shard and before the commit (a build lease's `check`)."""
     builder = LocalBuilder(fs, store, fingerprint, encoder, with_prompts=with_prompts, progress=progress,
                            show_bar=show_bar)
-    return builder.build(plans, dataset)
+    return builder.build(plans, dataset, check)
 

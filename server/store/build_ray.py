@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..tokenize import Encoder
 from .build_local import BUILD_CHUNK, BuildProgress, SourcePlan, _OneFile, commit, complete_shard, shard_rows
 from .format import Manifest, ShardFacts, ShardRows, ids_dtype, shard_name, write_shard
 from .fs import StoreFS, resolve
+from .lease import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,9 @@ def cluster(address: str | None = None) -> Iterator[None]:
 
 def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store: str, fingerprint: str,
                 dataset: str, with_prompts: bool, progress: BuildProgress, show_bar: bool = True,
-                address: str | None = None) -> Manifest:
-    """Build (or finish) the store at `store` on Ray and commit it; returns its manifest (see build_local)."""
+                check: Callable[[], None] = lambda: None, address: str | None = None) -> Manifest:
+    """Build (or finish) the store at `store` on Ray and commit it; returns its manifest (see build_local).
+    `check` runs as each shard is done and before the commit, and raises to stop (a build lease taken over)."""
     import ray.data
 
     started = time.monotonic()
@@ -219,12 +221,16 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
                                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
         try:
             for row in shards_out.iter_rows():
+                check()
                 facts = found[row["item"]] = ShardFacts.model_validate_json(row["facts"])
                 written += row["written"]
                 progress.samples += facts.samples
                 progress.tokens += facts.tokens
+        except LeaseLost:
+            raise
         except Exception as err:
             raise _original(err) from None
+    check()
     manifest = commit(fs, store, fingerprint, plans, [found[i] for i in range(len(shards))], encoder,
                       dataset=dataset, engine="ray")
     log.info("token store ready: %s (%d samples, %d tokens, %d shards on Ray: %d written, %d complete from before; "

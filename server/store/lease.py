@@ -193,6 +193,12 @@ class S3Slot:
         return self._conditional(self.client.delete_object, IfMatch=version) is not None
 
 
+def has_lease(location: str) -> bool:
+    """Whether builders at a store location can elect one: a local path, `file://...` or `s3://...`."""
+    scheme = urlparse(location).scheme
+    return scheme in ("", "file", "s3") or len(scheme) == 1
+
+
 def slot(location: str) -> Slot:
     """The lease slot of a store location: a local path, `file://...` or `s3://bucket/prefix`."""
     parsed = urlparse(location)

@@ -1,18 +1,14 @@
 """Open a committed token store for serving: global per-sample arrays and memory-mapped shards.
 
-A local store's shards are mapped where they lie. A remote store's shard files are fetched whole into a local
-folder first (`local_shard_file`, the seam the bounded shard cache replaces); one request per sample would be
-about 100x slower than a memory map.
+A local store's shards are mapped where they lie. A remote store's samples tables are read into memory (and
+checksummed) when it opens, and its token shards are fetched whole through the node-local shard cache
+(shard_maps.py): one request per sample would be about 100x slower than a memory map.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +19,6 @@ import xxhash
 from .format import (
     MANIFEST,
     SAMPLE_COLUMNS,
-    FileFacts,
     Manifest,
     ShardFacts,
     StoreDamaged,
@@ -34,36 +29,9 @@ from .format import (
     shard_problem,
 )
 from .fs import StoreFS
-from .owner import new_owner, temp_name
-
-log = logging.getLogger(__name__)
-
-
-def local_shard_file(fs: StoreFS, path: str, facts: FileFacts, local_dir: Path) -> Path:
-    """A local file holding a store file's bytes: the file itself on a local store; on a remote store a
-    whole-file copy under local_dir, fetched unless a copy of the right size is there, checksummed on fetch."""
-    if fs.is_local:
-        return fs.local_path(path)
-    target = local_dir / path.rsplit("/", 1)[1]
-    if target.is_file() and target.stat().st_size == facts.size:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(temp_name(target.name, new_owner()))
-    digest = xxhash.xxh3_64()
-    try:
-        with fs.fs.open_input_stream(path) as src, tmp.open("wb") as out:
-            while chunk := src.read(8 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != facts.xxh3 or tmp.stat().st_size != facts.size:
-            raise StoreDamaged(f"{fs.uri(path)}: checksum mismatch (corrupted)")
-        os.replace(tmp, target)
-    except FileNotFoundError:
-        raise StoreDamaged(f"{fs.uri(path)}: missing") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return target
+from .lease import has_lease, holder
+from .shard_cache import ShardCache
+from .shard_maps import ShardMaps
 
 
 @dataclass
@@ -82,8 +50,8 @@ class TokenStore:
     row: np.ndarray
     task: np.ndarray  # per sample: index into task_types, -1 for none
     task_types: list[str]
-    local_dir: Path
-    _tokens: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    shards: ShardMaps
+    samples_bytes_read: int  # the samples tables' bytes read from a remote store when it opened
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -93,20 +61,9 @@ class TokenStore:
         """The store's folder as people write it."""
         return self.fs.uri(self.path)
 
-    def shard_tokens(self, index: int) -> np.ndarray:
-        """A shard's token ids, memory-mapped."""
-        tokens = self._tokens.get(index)
-        if tokens is None:
-            facts = self.manifest.shards[index]
-            dtype = np.dtype(facts.dtype)
-            if facts.tokens == 0:
-                tokens = np.zeros(0, dtype=dtype)
-            else:
-                local = local_shard_file(self.fs, shard_paths(self.path, facts.name)[0], facts.tokens_file,
-                                         self.local_dir)
-                tokens = np.asarray(np.memmap(local, dtype=dtype, mode="r"))
-            self._tokens[index] = tokens
-        return tokens
+    def bytes_fetched(self) -> int:
+        """Bytes this process read from a remote store: its samples tables and the token shards it fetched."""
+        return self.samples_bytes_read + self.shards.bytes_fetched()
 
 
 def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = True) -> Manifest:
@@ -120,10 +77,17 @@ def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = Tru
     return manifest
 
 
-def _samples(fs: StoreFS, path: str, facts: ShardFacts, local_dir: Path) -> pa.Table:
+def _samples(fs: StoreFS, path: str, facts: ShardFacts) -> pa.Table:
+    """A shard's samples table, read whole and checked against its facts."""
     where = shard_paths(path, facts.name)[1]
     try:
-        table = pq.read_table(local_shard_file(fs, where, facts.samples_file, local_dir), columns=list(SAMPLE_COLUMNS))
+        data = fs.read_bytes(where)
+    except FileNotFoundError:
+        raise StoreDamaged(f"{fs.uri(where)}: missing") from None
+    if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
+        raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=list(SAMPLE_COLUMNS))
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
     if table.num_rows != facts.samples:
@@ -135,11 +99,13 @@ def _samples(fs: StoreFS, path: str, facts: ShardFacts, local_dir: Path) -> pa.T
     return table
 
 
-def open_store(fs: StoreFS, path: str, fingerprint: str, *, local_dir: Path, verify: bool = True) -> TokenStore:
+def open_store(fs: StoreFS, path: str, fingerprint: str, *, shard_cache: ShardCache | None = None,
+               verify: bool = True) -> TokenStore:
     """Open the store at path; StoreDamaged if its manifest is invalid, or a shard's file is missing,
-    truncated, fails its checksum, or disagrees with the manifest's counts."""
+    truncated, fails its checksum, or disagrees with the manifest's counts. A remote store's token shards are
+    read through `shard_cache` (and checked as they are fetched; without a cache they cannot be read)."""
     manifest = verify_store(fs, path, fingerprint, verify=verify and fs.is_local)  # remote: checked on fetch
-    tables = [_samples(fs, path, facts, local_dir) for facts in manifest.shards]
+    tables = [_samples(fs, path, facts) for facts in manifest.shards]
     table = pa.concat_tables(tables) if tables else samples_table([], 0)
     lengths = table["length"].to_numpy().astype(np.int64)
     counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
@@ -151,12 +117,13 @@ def open_store(fs: StoreFS, path: str, fingerprint: str, *, local_dir: Path, ver
     task = tasks.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     return TokenStore(fs, path, manifest, shard, offsets, lengths, table["prompt_tokens"].to_numpy(),
                       table["source"].to_numpy(), table["file"].to_numpy(), table["row"].to_numpy(),
-                      task, tasks.dictionary.to_pylist(), local_dir)
+                      task, tasks.dictionary.to_pylist(), ShardMaps(fs, path, manifest, shard_cache),
+                      0 if fs.is_local else sum(s.samples_file.size for s in manifest.shards))
 
 
 def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
     """A store folder's summary from its manifest alone (state `ready`, `outdated`, `damaged` with the reason,
-    or `partial` when shards are written but no manifest commits them)."""
+    or `partial` when shards are written but no manifest commits them, with who holds its build lease)."""
     entry: dict[str, Any] = {"path": fs.uri(path), "fingerprint": path.rsplit("/", 1)[1], "state": "ready"}
     try:
         manifest = read_manifest(fs, path)
@@ -165,6 +132,10 @@ def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
     except StoreDamaged as err:
         state = "partial" if not fs.exists(f"{path}/{MANIFEST}") else "damaged"
         entry.update(state=state, reason=str(err))
+        builder = holder(fs.uri(path)) if has_lease(fs.uri(path)) else None
+        if builder is not None:
+            entry["reason"] += (f"; building by {builder.label}" if builder.alive
+                                else f"; its builder {builder.label} is gone (the next start takes over)")
     else:
         entry.update(dataset=manifest.dataset, samples=manifest.samples, tokens=manifest.tokens,
                      shards=len(manifest.shards), bytes=manifest.bytes, created=manifest.created,

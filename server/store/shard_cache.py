@@ -12,7 +12,12 @@
   it, a `get` still succeeds (over budget, with a warning) and the excess goes as soon as they are unpinned.
 - `prefetch(shards)` fetches in the background on a bounded pool of threads, only where they fit without
   going over budget; errors are logged, and the later `get` reports them.
-- `stats()` returns `ShardCacheStats` (hits, misses, bytes fetched, evictions, current bytes, ...) for GetStats.
+- `stats()` returns `ShardCacheStats` (hits, misses, bytes fetched, evictions, current bytes, ...) for GetStats;
+  `fetched(names)` the bytes fetched for some shards (one store's).
+- `on_drop(listener)` tells a listener (held weakly) the name of every shard that leaves the cache, so that a
+  reader drops its memory map of the file (an unlinked file that stays mapped keeps its disk space).
+
+`shared_cache(local_dir, max_bytes)` is the process's one cache per folder, shared by its datasets.
 
 One process owns a cache folder (an `flock` on `<local_dir>/.lock`, dropped by the kernel when the process dies;
 a second process gets a ConfigError naming `dataset.shard_cache_dir`). So at start every partial download is
@@ -30,8 +35,9 @@ import posixpath
 import re
 import secrets
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +136,8 @@ class ShardCache:
         self._reserved = 0
         self._counts = dict.fromkeys(("hits", "misses", "fetches", "bytes_fetched", "checksum_failures",
                                       "evictions", "current_bytes"), 0)
+        self._fetched_by: Counter[str] = Counter()
+        self._listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._adopt()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-prefetch")
 
@@ -169,6 +177,7 @@ class ShardCache:
             if self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes:
                 break
             entry = self._entries.pop(name)
+            self._dropped(name)
             (self.dir / name).unlink(missing_ok=True)
             self._counts["current_bytes"] -= entry.size
             self._counts["evictions"] += 1
@@ -251,8 +260,25 @@ class ShardCache:
             return True
         except FileNotFoundError:
             entry = self._entries.pop(name)
+            self._dropped(name)
             self._counts["current_bytes"] -= entry.size
             return False
+
+    def on_drop(self, listener: Callable[[str], None]) -> None:
+        """Call this bound method (held weakly) with the name of every shard that leaves the cache, before its
+        file goes; it runs under the cache's lock, so it must not call the cache."""
+        with self._lock:
+            self._listeners.append(weakref.WeakMethod(listener))  # type: ignore[arg-type]
+
+    def _dropped(self, name: str) -> None:
+        """Tell the live listeners that a shard left the cache (called under the lock)."""
+        live = []
+        for ref in self._listeners:
+            listener = ref()
+            if listener is not None:
+                listener(name)
+                live.append(ref)
+        self._listeners = live
 
     def _fill(self, shard: RemoteShard, future: Future[None], *, reuse: bool, pin: bool, prefetch: bool) -> Path:
         """Verify the copy from an earlier run, or download the shard; then enter it, pinned if asked."""
@@ -323,6 +349,7 @@ class ShardCache:
                     got += len(chunk)
                     with self._lock:
                         self._counts["bytes_fetched"] += len(chunk)
+                        self._fetched_by[shard.name] += len(chunk)
             if got != shard.size or digest.hexdigest() != shard.xxh3:
                 return f"{got}{'+' if got > shard.size else ''} bytes with xxh3 {digest.hexdigest()}"
             os.replace(part, path)
@@ -334,6 +361,11 @@ class ShardCache:
         """A snapshot of the counters."""
         with self._lock:
             return ShardCacheStats(shards=len(self._entries), max_bytes=self.max_bytes, **self._counts)
+
+    def fetched(self, names: Iterable[str]) -> int:
+        """Bytes downloaded for these shards (by `RemoteShard.name`) since the cache was opened, refetches included."""
+        with self._lock:
+            return sum(self._fetched_by[name] for name in set(names))
 
     def close(self) -> None:
         """Stop prefetching (waiting for downloads under way) and give up the folder."""
@@ -347,3 +379,22 @@ class ShardCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SHARED: dict[Path, ShardCache] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cache(local_dir: Path | str, max_bytes: int) -> ShardCache:
+    """The process's one cache for a folder, opened on first use; ConfigError if asked again with another
+    budget."""
+    key = Path(local_dir).expanduser().absolute()
+    with _SHARED_LOCK:
+        cache = _SHARED.get(key)
+        if cache is None:
+            cache = _SHARED[key] = ShardCache(key, max_bytes)
+        elif cache.max_bytes != max_bytes:
+            raise ConfigError(f"datasets share the shard cache {key} with different budgets ({cache.max_bytes} and "
+                              f"{max_bytes} bytes)", key="dataset.shard_cache_gb",
+                              fix="give them the same shard_cache_gb, or each its own shard_cache_dir")
+    return cache

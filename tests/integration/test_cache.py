@@ -48,7 +48,7 @@ def stores(tmp_path: Path) -> list[Path]:
 
 
 def open_local(store: Path) -> TokenStore:
-    return open_store(resolve(store.parent), str(store), store.name, local_dir=store / "unused")
+    return open_store(resolve(store.parent), str(store), store.name)
 
 
 def build(config: Path) -> subprocess.CompletedProcess[str]:
@@ -216,10 +216,9 @@ def test_a_killed_build_is_finished_by_the_next_start_which_skips_complete_shard
     assert not any(p.name == store.name for p in (tmp_path / "cache").iterdir())
 
 
-def test_two_builders_of_one_store_write_the_same_shards_and_neither_deletes_the_others(tmp_path: Path) -> None:
-    """Two builders with unique temporary names (PID 1 in two containers sharing a volume is the same PID)
-    write the same shards under the same names, each file renamed whole into place; the store folder is never
-    removed or replaced."""
+def test_two_builders_of_one_store_elect_one_and_neither_deletes_anything(tmp_path: Path) -> None:
+    """Two `cache build`s of one store at once: the build lease elects one, which tokenizes; the other waits for
+    its manifest. The store folder is never removed or replaced."""
     config = big_config(tmp_path, 3000, files=3)
     builders = [subprocess.Popen([*CLI, "cache", "build", "--config", str(config)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
@@ -230,6 +229,7 @@ def test_two_builders_of_one_store_write_the_same_shards_and_neither_deletes_the
     assert [b.returncode for b in builders] == [0, 0], logs
     assert stores(tmp_path) == [folder] and folder.stat().st_ino == inode and temporaries(tmp_path) == []
     assert len(open_local(folder)) == 3000
+    assert sum("tokenizing" in log for log in logs) == 1, logs
 
 
 def test_a_build_failing_for_a_transient_reason_is_retried_then_serves(tmp_path: Path, start_server) -> None:

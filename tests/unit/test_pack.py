@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -60,7 +61,8 @@ def cached_packer(encoded: list[Encoded], batch: int, seq: int, pack: bool, comp
         offsets[shard == k] = np.cumsum(lengths[shard == k]) - lengths[shard == k]
     tokens = [np.concatenate([e.ids for e, s in zip(encoded, shard, strict=True) if s == k] or [np.zeros(0, np.int32)])
               for k in (0, 1)]
-    store = SimpleNamespace(shard_tokens=tokens.__getitem__, shard=shard, lengths=lengths, offsets=offsets,
+    shards = SimpleNamespace(local=True, pinned=lambda indices: nullcontext(dict(enumerate(tokens))))
+    store = SimpleNamespace(shards=shards, shard=shard, lengths=lengths, offsets=offsets,
                             manifest=SimpleNamespace(dtype="<i4"),
                             prompt_tokens=np.array([e.prompt_tokens for e in encoded], dtype=np.int32))
     return CachedPacker(store, np.arange(len(encoded)), rank=0, world_size=1, batch_size=batch,  # type: ignore

@@ -27,6 +27,7 @@ from sigil_feed.server.store.format import (
     write_shard,
 )
 from sigil_feed.server.store.fs import StoreFS, resolve
+from sigil_feed.server.store.lease import Lease
 from sigil_feed.server.store.owner import (
     OWNER,
     STALE_AFTER_S,
@@ -73,16 +74,16 @@ def edit_manifest(store: str, change: Any) -> None:
 
 def test_a_written_store_opens_across_its_shards(tmp_path: Path) -> None:
     fs, path = make_store(tmp_path)
-    store = open_store(fs, path, FP, local_dir=tmp_path / "fetched")
+    store = open_store(fs, path, FP)
     assert len(store) == 3 and store.manifest.tokens == 9 and store.shard.tolist() == [0, 0, 1]
-    got = [store.shard_tokens(s)[o:o + n].tolist() for s, o, n in zip(store.shard, store.offsets, store.lengths,
-                                                                                  strict=True)]
+    with store.shards.pinned([0, 1]) as tokens:
+        got = [tokens[s][o:o + n].tolist() for s, o, n in zip(store.shard, store.offsets, store.lengths, strict=True)]
     assert got == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
     assert store.file.tolist() == [0, 0, 1] and store.row.tolist() == [0, 1, 0]
     assert [store.task_types[t] if t >= 0 else None for t in store.task] == ["completion", None, "completion"]
     merged = store.manifest.sources[0]
     assert (merged.read, merged.dropped, merged.lengths[0]) == (4, {"too_short": 2}, 4)
-    assert temp_folders(Path(path) / "shards") == [] and not (tmp_path / "fetched").exists()  # local: read in place
+    assert temp_folders(Path(path) / "shards") == [] and store.bytes_fetched() == 0  # local: read in place
 
 
 def _set(key: str, value: Any) -> Any:
@@ -119,7 +120,7 @@ def test_an_invalid_manifest_is_damage_with_the_reason(tmp_path: Path, change: A
     fs, path = make_store(tmp_path)
     edit_manifest(path, change)
     with pytest.raises(StoreDamaged) as damage:
-        open_store(fs, path, FP, local_dir=tmp_path, verify=False)
+        open_store(fs, path, FP, verify=False)
     assert reason in str(damage.value)
 
 
@@ -127,7 +128,7 @@ def test_an_invalid_manifest_is_damage_with_the_reason(tmp_path: Path, change: A
                                                ("rows", "2 rows, but the manifest counts 1")])
 def test_a_damaged_shard_is_damage_with_the_reason(tmp_path: Path, damage: str, reason: str) -> None:
     fs, path = make_store(tmp_path)
-    first, second = open_store(fs, path, FP, local_dir=tmp_path).manifest.shards
+    first, second = open_store(fs, path, FP).manifest.shards
     tokens = Path(shard_paths(path, first.name)[0])
     if damage == "truncate":
         tokens.write_bytes(tokens.read_bytes()[:-2])
@@ -138,7 +139,7 @@ def test_a_damaged_shard_is_damage_with_the_reason(tmp_path: Path, damage: str, 
         edit_manifest(path, lambda m: {**m, "shards": [m["shards"][0], {**m["shards"][1], "samples_file":
                                                                         m["shards"][0]["samples_file"]}]})
     with pytest.raises(StoreDamaged, match=reason):
-        open_store(fs, path, FP, local_dir=tmp_path, verify=damage != "rows")
+        open_store(fs, path, FP, verify=damage != "rows")
 
 
 def test_list_stores_shows_damaged_partial_and_outdated_stores_and_never_a_temporary_folder(tmp_path: Path) -> None:
@@ -153,6 +154,10 @@ def test_list_stores_shows_damaged_partial_and_outdated_stores_and_never_a_tempo
     assert set(listed) == {FP, "1" * 16, "2" * 16, "3" * 16}
     assert listed[FP]["state"] == "ready" and listed[FP]["samples"] == 3 and listed[FP]["shards"] == 2
     assert [listed[n * 16]["state"] for n in "123"] == ["damaged", "outdated", "partial"]
+    assert "building by" not in listed["3" * 16]["reason"]
+    with Lease.try_acquire(str(tmp_path / ("3" * 16))):
+        reason = list_stores(resolve(tmp_path))[-1]["reason"]
+    assert reason.endswith(f"; building by {new_owner().label}")
 
 
 def test_discard_leaves_nothing(tmp_path: Path) -> None:
