@@ -234,7 +234,8 @@ class ServedDataset:
             return None
         cache = None
         if serve and not self.store_fs.is_local:
-            cache = shared_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9))
+            cache = shared_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
+                                 any_slot=self.section.shard_cache_dir is None)
         try:
             return open_store(self.store_fs, self.store_dir, self.content_fingerprint, shard_cache=cache,
                               verify=verify)

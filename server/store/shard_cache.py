@@ -149,8 +149,8 @@ class ShardCache:
         except BlockingIOError:
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ConfigError(f"{self.dir} is in use by another process (PID {other})", key="dataset.shard_cache_dir",
-                              fix="give each server its own shard cache folder") from None
+            raise CacheInUse(f"{self.dir} is in use by another process (PID {other})", key="dataset.shard_cache_dir",
+                             fix="give each server its own shard cache folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         return fd
@@ -383,16 +383,33 @@ class ShardCache:
 
 _SHARED: dict[Path, ShardCache] = {}
 _SHARED_LOCK = threading.Lock()
+SLOTS = 64  # servers on one host that may share a default shard cache location at once
 
 
-def shared_cache(local_dir: Path | str, max_bytes: int) -> ShardCache:
+class CacheInUse(ConfigError):
+    """The shard cache folder is locked by another live process."""
+
+
+def first_free_slot(root: Path, max_bytes: int) -> ShardCache:
+    """The cache in `root/0`, or the next numbered folder another server does not hold: a restarted server takes
+    its old slot back (and its shards), a concurrent one gets its own."""
+    for slot in range(SLOTS):
+        try:
+            return ShardCache(root / str(slot), max_bytes)
+        except CacheInUse:
+            continue
+    raise CacheInUse(f"all {SLOTS} shard cache slots under {root} are in use", key="dataset.shard_cache_dir",
+                     fix="set dataset.shard_cache_dir for each server")
+
+
+def shared_cache(local_dir: Path | str, max_bytes: int, *, any_slot: bool = False) -> ShardCache:
     """The process's one cache for a folder, opened on first use; ConfigError if asked again with another
-    budget."""
+    budget. `any_slot` (the default location): a numbered subfolder no other live server holds."""
     key = Path(local_dir).expanduser().absolute()
     with _SHARED_LOCK:
         cache = _SHARED.get(key)
         if cache is None:
-            cache = _SHARED[key] = ShardCache(key, max_bytes)
+            cache = _SHARED[key] = first_free_slot(key, max_bytes) if any_slot else ShardCache(key, max_bytes)
         elif cache.max_bytes != max_bytes:
             raise ConfigError(f"datasets share the shard cache {key} with different budgets ({cache.max_bytes} and "
                               f"{max_bytes} bytes)", key="dataset.shard_cache_gb",

@@ -17,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from sigil_feed.server.config import load_config
 from sigil_feed.server.errors import ConfigError, SourceError
-from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardDamaged
+from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardDamaged, first_free_slot
 
 SIZE = 5000  # bytes per test shard; the cache reads them in 1000-byte chunks
 
@@ -290,3 +290,15 @@ def test_shard_cache_config_keys(tmp_path: Path) -> None:
     write("model_name: t\ndataset:\n  names: [local:x]\n  shard_cache_dir: /nvme/shards\n  shard_cache_gb: 0\n")
     with pytest.raises(ConfigError, match=r"dataset\.shard_cache_gb"):
         load_config(tmp_path / "trainer.yaml")
+
+
+def test_default_location_gives_each_live_server_its_own_slot_and_a_restart_its_old_one(tmp_path: Path) -> None:
+    """Two caches at the default location in one host take slots 0 and 1; once 0 is free it is taken again."""
+    first = first_free_slot(tmp_path / "shards", 1 << 20)
+    second = first_free_slot(tmp_path / "shards", 1 << 20)
+    assert (first.dir.name, second.dir.name) == ("0", "1")
+    first.close()
+    again = first_free_slot(tmp_path / "shards", 1 << 20)
+    assert again.dir.name == "0"
+    again.close()
+    second.close()
