@@ -210,7 +210,8 @@ class ServedDataset:
         block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
         order_stage = BlockShuffle(self.mix(), block_size=block, block_chars=section.shuffle_block_chars,
                                    seed=section.shuffle_seed, epoch=epoch, rank=rank, world_size=world_size,
-                                   shared=self.shared_reads.cache(world_size))
+                                   shared=self.shared_reads.cache(world_size, block_size=block,
+                                                                  block_chars=section.shuffle_block_chars))
         samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
                                    on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,

@@ -2,12 +2,12 @@
 
 A block of `block_size` consecutive samples from the mix (fewer when they reach `block_chars` of text,
 so that memory stays bounded whatever the file sizes; still a multiple of the world size) is read,
-permuted with a seed derived from
-(seed, epoch, block index) when a seed is set, and rank r of w takes positions r, r+w, r+2w, ... of
-the permuted block. Every rank sees every block and keeps only its share, so the ranks' shares are
-disjoint and together exactly the epoch's samples; with a `BlockCache` the ranks of a layout share one
-read of each block (see shared_read.py). The state is (block index, the mix's state at the block's
-start, samples taken from the block): resuming re-reads one block, never a shuffle buffer.
+permuted with a seed derived from (seed, epoch, block index) when a seed is set, and rank r of w takes
+positions r, r+w, r+2w, ... of the permuted block, so the ranks' shares are disjoint and together
+exactly the epoch's samples. With a `BlockCache` the ranks of a layout share one read of each block,
+each taking its share (see shared_read.py); without one, every rank reads every block. The state is
+(block index, the mix's state at the block's start, samples taken from the block): resuming re-reads
+one block, never a shuffle buffer.
 """
 
 from __future__ import annotations
@@ -51,18 +51,14 @@ class BlockShuffle:
         self.block += 1
         start = self.block_start = self.next_start
         if self.shared is None:
-            block = self._read(start)
+            share = self._read(start).share(self.rank)
         else:
-            block = self.shared.block(block_key(self.epoch, self.block, start), self.rank, lambda: self._read(start))
-        self.next_start, self.finished = block.end, block.last
-        order = np.arange(len(block.samples))
-        if self.seed is not None:
-            order = np.random.default_rng([self.seed, self.epoch, self.block]).permutation(len(block.samples))
-        self.share = [block.samples[i] for i in order[self.rank::self.world_size]]
+            share = self.shared.share(block_key(self.epoch, self.block, start), self.rank, lambda: self._read(start))
+        self.share, self.next_start, self.finished = share.samples, share.end, share.last
         self.taken = 0
 
     def _read(self, start: State) -> Block:
-        """The block at `start`, read from this rank's own mix."""
+        """The block at `start`, read from this rank's own mix, permuted and dealt to every rank."""
         if self.upstream_at is not start:
             self.upstream.set_state(start)
         self.upstream_at = None  # unknown until the read completes
@@ -75,7 +71,11 @@ class BlockShuffle:
                 last = False
                 break
         end = self.upstream_at = self.upstream.get_state()
-        return Block(samples, end, last)
+        order = np.arange(len(samples))
+        if self.seed is not None:
+            order = np.random.default_rng([self.seed, self.epoch, self.block]).permutation(len(samples))
+        shares = [[samples[i] for i in order[r::self.world_size]] for r in range(self.world_size)]
+        return Block(shares, end, last, len(samples))
 
     def get_state(self) -> State:
         """Block index, the mix's state at its start, and samples of this rank's share already taken."""
