@@ -22,7 +22,7 @@ def order(rank: int, world: int, shared: BlockCache | None, *, n: int, block: in
 
 
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(0, 50), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 4),
+@given(n=st.integers(1, 50), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 4),
        seed=st.none() | st.integers(0, 9), mode=st.sampled_from(["sequential", "round_robin", "weighted"]),
        blocks=st.integers(1, 3), schedule=st.lists(st.integers(0, 7), max_size=300))
 def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, chars: int, world: int,
