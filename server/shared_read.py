@@ -113,24 +113,18 @@ class BlockCache:
     def share(self, key: BlockKey, rank: int, read: Callable[[], Block]) -> Share:
         """Rank's share of the block at `key`: from another rank's read of it, or from `read()`, shared."""
         with self.changed:
-            while True:
-                pending = self.reading.get(key)
-                entry = self.entries.get(key)
-                if entry is None and pending is not None:
-                    self.changed.wait_for(lambda reading=pending: reading.done)
-                    entry = pending.entry
-                    if entry is None:
-                        continue  # that read failed: look again
-                if entry is None:
-                    pending = self.reading[key] = _Reading()
-                    break
+            entry = self._settled(key)
+            if entry is None:
+                pending = self.reading[key] = _Reading()
+            else:
                 share = self._take(key, entry, rank)
                 if share is not None:
                     self.counts.shared()
                     return share
-                return self._read(read, rank)  # a twin (same rank, another job) took it: read it again
+        if entry is not None:  # a twin (this rank of another job of the same world size) took it: read it again
+            return self._read(read).share(rank)
         try:
-            block = self._read_block(read)
+            block = self._read(read)
         except BaseException:
             with self.changed:
                 del self.reading[key]
@@ -147,13 +141,22 @@ class BlockCache:
         assert share is not None
         return share
 
-    def _read_block(self, read: Callable[[], Block]) -> Block:
+    def _settled(self, key: BlockKey) -> _Entry | None:
+        """The block at `key` once nobody is reading it (waiting for a read in progress); None if nobody has it."""
+        while True:
+            pending = self.reading.get(key)
+            if pending is None:
+                return self.entries.get(key)
+            while not pending.done:
+                self.changed.wait()
+            if pending.entry is not None:
+                return pending.entry
+            # that read failed: look again (the next rank to ask reads it)
+
+    def _read(self, read: Callable[[], Block]) -> Block:
         block = read()
         self.counts.read(block.samples)
         return block
-
-    def _read(self, read: Callable[[], Block], rank: int) -> Share:
-        return self._read_block(read).share(rank)
 
     def _take(self, key: BlockKey, entry: _Entry, rank: int) -> Share | None:
         """Rank's share out of `entry` (None if already taken); the entry leaves once every share is out."""

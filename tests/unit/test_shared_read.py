@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from functools import partial
 from itertools import zip_longest
 
 import pytest
@@ -32,15 +33,15 @@ def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, ch
     so that their blocks were evicted): each gets the sequence it gets reading alone, and the cache never holds
     more than its bound."""
     size = -(-block // world) * world
-    settings_ = {"n": n, "block": size, "chars": chars, "seed": seed, "mode": mode}
-    alone = [names(list(order(r, world, None, **settings_))) for r in range(world)]
+    chain = partial(order, n=n, block=size, chars=chars, seed=seed, mode=mode)
+    alone = [names(list(chain(r, world, None))) for r in range(world)]
     cache = SharedReads(blocks=blocks).cache(world, block_size=size, block_chars=chars)
-    orders = [order(r, world, cache, **settings_) for r in range(world)]
+    orders = [chain(r, world, cache) for r in range(world)]
     got: list[list[str]] = [[] for _ in range(world)]
     for step in schedule + [r for r in range(world) for _ in range(len(alone[r]) + 1)]:
         rank = step % world
         if step % (2 * world) >= world:  # resume this rank from its state on a fresh chain
-            fresh = order(rank, world, cache, **settings_)
+            fresh = chain(rank, world, cache)
             fresh.set_state(orders[rank].get_state())
             orders[rank] = fresh
         got[rank] += names([s for s in [next(orders[rank], None)] if s is not None])
@@ -51,16 +52,17 @@ def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, ch
 def test_a_stalled_rank_costs_a_bounded_cache_and_reads_alone_later() -> None:
     """One rank takes nothing while the others read the whole epoch: the cache holds at most its bound, and the
     stalled rank, whose blocks are gone, reads them itself and gets what it gets alone."""
-    world, size, settings_ = 3, 6, {"n": 300, "block": 6, "chars": 1 << 20, "seed": 5, "mode": "round_robin"}
+    world, size = 3, 6
+    chain = partial(order, n=300, block=size, chars=1 << 20, seed=5, mode="round_robin")
     shared = SharedReads(blocks=2)
     cache = shared.cache(world, block_size=size, block_chars=1 << 20)
-    orders = [order(r, world, cache, **settings_) for r in range(world)]
+    orders = [chain(r, world, cache) for r in range(world)]
     held = 0
     for _ in zip_longest(orders[0], orders[1]):  # two ranks in step, the third stalled
         held = max(held, cache.samples)
     assert 0 < held <= 2 * size and cache.samples <= 2 * size
     blocks = shared.counts.blocks_read
-    assert names(list(orders[2])) == names(list(order(2, world, None, **settings_)))
+    assert names(list(orders[2])) == names(list(chain(2, world, None)))
     assert shared.counts.blocks_read > blocks  # the evicted blocks were read again
     assert shared.counts.blocks_shared >= blocks  # rank 1 took every block rank 0 read
 
