@@ -19,7 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import build, cached, exact, memory, mosaic, neighbour, plot, ray_build, shard_cache, startup, stream_mode
+from bench import (
+    build,
+    cached,
+    exact,
+    local_ranks,
+    memory,
+    mosaic,
+    neighbour,
+    plot,
+    ray_build,
+    shard_cache,
+    startup,
+    stream_mode,
+)
 from bench.common import BENCH_DIR, Metric, Work, find_corpus, make_tokenizer_dir, skipped, subset_jsonl, write_config
 
 QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
@@ -30,7 +43,8 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "cache_build_vs_hf_single": ("s", ">= 5"), "fast_backend_exact": ("mismatching samples", "<= 0"),
            "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"), "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", ""),
-           "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", "")}
+           "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", ""),
+           "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -101,6 +115,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         epoch = streaming[1] if streaming else None
         for metric in streaming[0] if streaming else []:
             r.add(metric)
+        r.add(r.guard("streaming_cpu_8_vs_1_ranks",
+                      lambda: local_ranks.streaming_cpu_8_vs_1_ranks(work, cold.server, "once")))
         # The stall only waits, and the steps overlapping it measure CPU seconds and peak RSS, which other load
         # on the machine does not change: they share its 30 s.
         stall = r.guard("stalled_client_rss_ratio", lambda: memory.stall_begin(cold.server, STALL_DATASETS))

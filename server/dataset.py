@@ -28,6 +28,7 @@ from .mixing import Mixer
 from .order import BlockShuffle
 from .pack import Packer, TokenizedSamples
 from .samples import ChatFormat, Sample, normalise, plain_pair
+from .shared_read import SharedReads
 from .sources import Source, open_source
 from .stats import SourceCounters, Throughput
 from .store.build_local import BuildProgress, SourcePlan, StoreBuilder, build_store
@@ -71,6 +72,7 @@ class ServedDataset:
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
+        self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         self.content_fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(CONTENT_SETTINGS)),
                                                 [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
@@ -281,7 +283,9 @@ class ServedDataset:
                                 pad_id=self.facts.pad_id, remainder=section.remainder, max_batches=max_batches)
         block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
         order_stage = BlockShuffle(self.mix(), block_size=block, block_chars=section.shuffle_block_chars,
-                                   seed=section.shuffle_seed, epoch=epoch, rank=rank, world_size=world_size)
+                                   seed=section.shuffle_seed, epoch=epoch, rank=rank, world_size=world_size,
+                                   shared=self.shared_reads.cache(world_size, block_size=block,
+                                                                  block_chars=section.shuffle_block_chars))
         samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
                                    on_encoded=self._record_lengths if epoch == 0 else _ignore)
         return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,

@@ -86,6 +86,7 @@ class FeedCollector(Collector):
             cache_tokens.add_metric([name], state.tokens)
         yield from (batches, tokens, opened, closed, cache, cache_samples, cache_tokens)
         yield from self._stores()
+        yield from self._shared_reads()
 
     def _stores(self) -> Iterator[Metric]:
         """Each token store's size and the bytes fetched from it; a remote store's shard cache."""
@@ -117,6 +118,18 @@ class FeedCollector(Collector):
                                       (evictions, c.evictions), (failures, c.checksum_failures)):
                     family.add_metric([name], value)
         yield from (size, fetched, cached, budget, hits, misses, evictions, failures)
+
+    def _shared_reads(self) -> Iterator[Metric]:
+        blocks = CounterMetricFamily("sigil_feed_stream_blocks", "Streaming shuffle blocks the ranks took: read from "
+                                     "the sources, or shared (another rank's read)", labels=["dataset", "how"])
+        samples = CounterMetricFamily("sigil_feed_stream_samples_read", "Samples streaming ranks read from the "
+                                      "sources, every pass (a shared read counts once)", labels=["dataset"])
+        for name, dataset in self.service.datasets.items():
+            counts = dataset.shared_reads.counts
+            blocks.add_metric([name, "read"], counts.blocks_read)
+            blocks.add_metric([name, "shared"], counts.blocks_shared)
+            samples.add_metric([name], counts.samples_read)
+        yield from (blocks, samples)
 
     def _sources(self) -> Iterator[Metric]:
         labels = ["dataset", "source"]

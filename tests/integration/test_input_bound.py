@@ -96,12 +96,12 @@ def test_a_loop_slower_than_a_fast_server_is_not_input_bound(tmp_path: Path, sta
 
 def test_a_server_slower_than_the_loop_reports_a_high_fraction_and_warns_once(tmp_path: Path,
                                                                                start_server) -> None:
-    # streaming mode with long samples: each tokenized chunk (about 1 Mi characters) takes the server far longer
-    # than the loop needs to consume the batches it yields
+    # streaming mode with long samples on the HF encoder: each tokenized chunk (about 1 Mi characters) takes the
+    # server far longer than the loop needs to consume the batches it yields
     long = [{**rust_pair(i), "gen": f"    let v{i} = {i} * x + y;\n" * 400} for i in range(300)]
     write_jsonl(tmp_path / "pairs.jsonl", long)
     config = write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
-                                                      "shuffle_block": 64},
+                                                      "shuffle_block": 64, "tokenizer_backend": "hf"},
                           server={"input_bound": {"threshold": 0.1, "window_s": 2}}, max_seq_len=2048)
     server = start_server(config, "--log-json")
     clocks = {rank: Clock() for rank in (0, 1)}

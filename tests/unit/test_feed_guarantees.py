@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from functools import cache
+from itertools import zip_longest
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -24,6 +25,7 @@ from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed, FeedItem
 from sigil_feed.server.order import BlockShuffle
+from sigil_feed.server.shared_read import SharedReads
 from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair
 
@@ -162,3 +164,30 @@ def test_tokenize_chunks_end_at_the_character_bound(tmp_path: Path, monkeypatch:
                                     on_encoded=lambda chunk, _: chunks.append(sum(len(s.text) for s in chunk)))
     assert len(list(samples)) == 30
     assert len(chunks) > 1 and all(size < 3 * longest for size in chunks)
+
+
+
+def epoch_rows(f: Feed) -> Iterator[list[list[int]]]:
+    """The batches of the feed's current epoch, up to and including its end marker."""
+    for item in f:
+        if item.rows is None:
+            return
+        yield item.rows.input_ids.tolist()
+
+
+def test_a_rank_left_behind_reads_alone_and_gets_the_same_batches(tmp_path: Path) -> None:
+    """Two ranks read a whole epoch while the third waits after one batch: its blocks leave the shared cache
+    (bounded here to two blocks' worth), so it reads them itself, and its batches are the ones it gets alone."""
+    alone = list(epoch_rows(feed(make_dataset(tmp_path / "alone", 60, cached=False, block=3), 2, 3, 2)))
+    dataset = make_dataset(tmp_path / "shared", 60, cached=False, block=3)
+    dataset.shared_reads = SharedReads(blocks=2)
+    feeds = [feed(dataset, rank, 3, 2) for rank in range(3)]
+    behind = epoch_rows(feeds[2])
+    first = next(behind)
+    for _ in zip_longest(epoch_rows(feeds[0]), epoch_rows(feeds[1])):  # the two others, in step
+        pass
+    counts = dataset.shared_reads.counts
+    read_by_the_others = counts.blocks_read
+    assert read_by_the_others < 2 * 21 and counts.blocks_shared > 0  # 21 blocks (the last one empty), mostly shared
+    assert [first, *behind] == alone
+    assert counts.blocks_read > read_by_the_others  # it read its evicted blocks again
