@@ -53,6 +53,7 @@ class Mixer:
         self.draws = WeightedDraws(weights, seed) if mode == "weighted" else None
         self.turn = 0  # sequential: current child; otherwise: number of draws made
         self.exhausted = [False] * len(children)
+        self.empty: set[int] = set()  # sources with no sample at all: their draws are skipped (rediscovered on resume)
         self.done = False
 
     def __iter__(self) -> Mixer:
@@ -63,12 +64,22 @@ class Mixer:
             return self._next_sequential()
         while not self.done:
             index = self.turn % len(self.children) if self.draws is None else self.draws[self.turn]
+            if index in self.empty:
+                self.turn += 1
+                continue
             child = self.children[index]
             try:
                 sample = next(child)
             except StopIteration:
                 self._exhaust(index)
-                continue
+                if self.done:
+                    break
+                try:
+                    sample = next(child)  # restarted: the same turn draws its first sample
+                except StopIteration:
+                    self.empty.add(index)  # all_exhausted with an empty source: never restart it again
+                    self.turn += 1
+                    continue
             self.turn += 1
             return sample
         raise StopIteration
@@ -120,26 +131,33 @@ def interleave(sizes: Sequence[int], mode: str, stopping: str, weights: Sequence
     draws = WeightedDraws(weights, seed) if mode == "weighted" else None
     pos = np.zeros(len(sizes_arr), dtype=np.int64)
     exhausted = np.zeros(len(sizes_arr), dtype=bool)
+    empty = np.zeros(len(sizes_arr), dtype=bool)  # all_exhausted: sources with no sample, whose draws are skipped
     children, positions = [], []
     turn = 0
     while len(sizes_arr):
         if draws is None:
-            choices = (turn + np.arange(DRAW_CHUNK)) % len(sizes_arr)
+            raw = (turn + np.arange(DRAW_CHUNK)) % len(sizes_arr)
         else:
-            choices = draws.chunk(turn // DRAW_CHUNK)[turn % DRAW_CHUNK:]
+            raw = draws.chunk(turn // DRAW_CHUNK)[turn % DRAW_CHUNK:]
+        live = np.flatnonzero(~empty[raw])  # the draws that are not skipped, as indices into raw
+        choices = raw[live]
         at = pos[choices] + _occurrences(choices)
         over = at >= sizes_arr[choices]
         hit = int(np.argmax(over)) if over.any() else len(choices)
         children.append(choices[:hit])
         positions.append(at[:hit])
         pos += np.bincount(choices[:hit], minlength=len(sizes_arr))
-        turn += hit
         if hit == len(choices):
+            turn += len(raw)
             continue
+        turn += int(live[hit])
         child = int(choices[hit])  # runs out at this turn; the turn is drawn again (see Mixer.__next__)
         exhausted[child] = True
-        if stopping == "first_exhausted" or exhausted.all() or sizes_arr[child] == 0:
-            break  # an empty child drawn again would never yield: the mix ends here
+        if stopping == "first_exhausted" or exhausted.all():
+            break
+        if sizes_arr[child] == 0:
+            empty[child] = True
+            turn += 1
         pos[child] = 0
     if not children:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
