@@ -15,6 +15,10 @@ def gather_states(state: FeedState) -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         states: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(states, state)
+        # Wait (without the GIL) until gloo's worker has dropped the gather's tensors: a Python-owned tensor it
+        # releases after the main thread has reached interpreter exit deadlocks the process there (the worker
+        # waits for the GIL that the exiting DDP reducer holds while it joins the worker).
+        dist.barrier()
         return {"ranks": states}
     return {"ranks": [state]}
 
