@@ -51,7 +51,7 @@ from urllib.parse import urlparse
 import xxhash
 
 from ..errors import ConfigError, FeedError
-from .owner import HEARTBEAT_S, STALE_AFTER_S, Owner, new_owner, process_started, this_machine
+from .owner import HEARTBEAT_S, STALE_AFTER_S, Owner, new_owner, owner_alive, this_machine
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,7 @@ def _holder(record: Record, ttl_s: float) -> HolderInfo:
     except (ValueError, TypeError, KeyError, AttributeError):
         owner, acquired, renewed = None, record.modified, record.modified
     age = now - renewed
-    if owner is not None and owner.machine == this_machine():
-        alive = process_started(owner.pid) == owner.started
-    else:
-        alive = age < ttl_s
-    return HolderInfo(owner, acquired, renewed, age, alive)
+    return HolderInfo(owner, acquired, renewed, age, owner_alive(owner, age, machine=this_machine(), ttl_s=ttl_s))
 
 
 def holder(location: str, *, ttl_s: float = STALE_AFTER_S) -> HolderInfo | None:

@@ -101,10 +101,10 @@ def temp_name(fingerprint: str, owner: Owner) -> str:
     return f".{fingerprint}{TEMP_MARK}{host}-{owner.pid}-{owner.token}"
 
 
-def owner_alive(owner: Owner | None, heartbeat_age: float, *, machine: str) -> bool:
-    """Whether a temporary folder's owner may still be building (see the module's rules)."""
+def owner_alive(owner: Owner | None, heartbeat_age: float, *, machine: str, ttl_s: float = STALE_AFTER_S) -> bool:
+    """Whether a temporary folder's (or a build lease's) owner may still be at work (see the module's rules)."""
     if owner is None or owner.machine != machine:
-        return heartbeat_age < STALE_AFTER_S
+        return heartbeat_age < ttl_s
     return process_started(owner.pid) == owner.started
 
 
