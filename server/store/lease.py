@@ -9,7 +9,7 @@ Other schemes (`gs://`, ...) have no lease: `ConfigError`.
 
 The lease holds the holder (`owner.Owner`: host, machine, pid, process start time, random token) and the
 wall-clock times it was acquired and last renewed. Its holder is gone, and the lease may be taken over, by
-server/cache/owner.py's rules:
+server/store/owner.py's rules:
 - same machine (same kernel boot and PID namespace): the PID is not running, or is another process;
 - another machine, or a record that cannot be read: the last heartbeat is older than `ttl_s` (clocks are
   assumed to agree to well within `ttl_s`, as NTP keeps them).
