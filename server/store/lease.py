@@ -1,7 +1,8 @@
 """One builder per store location: a lease object `<location>/.lease`, created exclusively, kept fresh by a
 heartbeat while its holder builds, and taken over, race-free, when the holder is gone.
 
-Locations: a local path (or `file://` URI), where the lease is a file created with `O_EXCL`; or
+Locations: a local path (or `file://` URI), where the lease is a file created whole by a hard link from a
+temporary file (which fails if the lease exists); or
 `s3://bucket/prefix`, where it is an object created by a conditional put (`If-None-Match: *`) through boto3
 (pyarrow's filesystems cannot make conditional requests). The S3 client reads the standard environment:
 `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` (or `AWS_DEFAULT_REGION`).
@@ -93,19 +94,22 @@ _LOCAL_CAS = threading.Lock()  # flock is per open file, this makes the compare-
 
 
 class LocalSlot:
-    """A lease file: created with O_EXCL; replaced (temporary file + rename) or deleted under an flock."""
+    """A lease file: created whole by a hard link; replaced (temporary file + rename) or deleted under an flock."""
 
     def __init__(self, folder: Path) -> None:
         self.path, self.lock_path, self.where = folder / LEASE, folder / f"{LEASE}.lock", str(folder / LEASE)
 
     def create(self, data: bytes) -> str | None:
+        """Put the record in place whole (a reader never sees a half-written lease), unless one exists."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(f"{LEASE}.tmp-{secrets.token_hex(4)}")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            temp.write_bytes(data)
+            os.link(temp, self.path)  # fails if the lease exists: an exclusive create of a complete file
         except FileExistsError:
             return None
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        finally:
+            temp.unlink(missing_ok=True)
         return xxhash.xxh3_64_hexdigest(data)
 
     def read(self) -> Record | None:

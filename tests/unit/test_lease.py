@@ -241,7 +241,7 @@ def test_wait_or_build_builds_once_and_the_others_wait(location: str, tmp_path: 
 
     def on_wait(info: Any) -> None:
         waits.append(info.describe() if info else None)
-        if info is not None:  # a waiter can poll between the lease file's creation and its record
+        if info is not None:
             built.set()
 
     outcomes = race(3, lambda: wait_or_build(location, build, manifest.exists, poll_s=0.05, on_wait=on_wait))
