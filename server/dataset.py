@@ -18,15 +18,17 @@ import grpc
 import numpy as np
 
 from ..protos import feed_pb2
+from .blocks import TokenizedBlocks, TokenStream
 from .cache.order import epoch_batches, epoch_order, served_sequence
 from .cache.pack import CachedPacker
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
+from .deal import Deal
 from .errors import ConfigError, RequestError, SourceError
 from .filters import make_filter
 from .mixing import Mixer
 from .order import BlockShuffle
-from .pack import Packer, TokenizedSamples
+from .pack import Packer
 from .samples import ChatFormat, Sample, normalise, plain_pair
 from .shared_read import SharedReads
 from .sources import Source, open_source
@@ -281,16 +283,13 @@ class ServedDataset:
             return CachedPacker(self.store, order, rank=rank, world_size=world_size, batch_size=batch_size,
                                 seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                 pad_id=self.facts.pad_id, remainder=section.remainder, max_batches=max_batches)
-        block = -(-section.shuffle_block // world_size) * world_size  # equal shares of every full block
-        order_stage = BlockShuffle(self.mix(), block_size=block, block_chars=section.shuffle_block_chars,
-                                   seed=section.shuffle_seed, epoch=epoch, rank=rank, world_size=world_size,
-                                   shared=self.shared_reads.cache(world_size, block_size=block,
-                                                                  block_chars=section.shuffle_block_chars))
-        samples = TokenizedSamples(order_stage, self.encoder, with_prompts=section.completion_only,
-                                   on_encoded=self._record_lengths if epoch == 0 else _ignore)
-        return Packer(samples, batch_size=batch_size, seq_len=seq_len, pack=self.config.pack,
-                      completion_only=section.completion_only, pad_id=self.facts.pad_id,
-                      remainder=section.remainder)
+        blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
+                                    block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
+        blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
+                                 on_encoded=self._record_lengths if epoch == 0 else _ignore,
+                                 shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
+        return Packer(TokenStream(blocks), Deal(rank, world_size, batch_size), seq_len=seq_len, pack=self.config.pack,
+                      completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))

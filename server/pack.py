@@ -1,34 +1,28 @@
-"""Tokenize a rank's samples in chunks and build `[batch, seq_len]` batches: packed rows or padded rows.
+"""Build `[batch, seq_len]` batches of the epoch's global rows (streaming mode): packed rows or padded rows.
 
-Packed: samples (each ending in EOS) are concatenated and cut into rows of exactly seq_len tokens; a
-sample may continue into the next row. The batch carries segment lengths, from which the client
-derives position_ids that restart at every segment. Padded: one sample per row, truncated to seq_len.
-The packer's state is the sample it is inside and how many of its tokens were already emitted.
+The epoch's global rows are cut from the one stream of the epoch's encoded samples (blocks.py), the same for
+every rank and layout. Packed: the samples (each ending in EOS) are concatenated and cut into rows of exactly
+seq_len tokens; a sample may continue into the next row, and the epoch's last row may be partial. The batch
+carries segment lengths, from which the client derives position_ids that restart at every segment. Padded:
+one sample per row, truncated to seq_len. Every rank cuts the whole stream but copies only the rows it owns
+(`Deal`): the others are skipped by moving the position, no token is copied. The state, at a window
+boundary, is the global row P where the next window starts, the order's state of the sample that row starts
+in and the tokens of it in earlier rows, and how often the stream wrapped to the epoch's start: any rank's
+state at P resumes any rank of any layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .order import BlockShuffle
-from .samples import Sample
-from .stage import Stage, State
-from .tokenize import Encoded, EncodedBatch, Encoder
+from .blocks import TokenStream
+from .deal import Deal
+from .stage import State
 
-# A chunk encoded in one call ends at TOKENIZE_CHUNK samples or once it holds TOKENIZE_CHUNK_CHARS of text:
-# the tokenizer's working memory grows with the text, so the character bound keeps peak memory independent
-# of how large the biggest files are.
-TOKENIZE_CHUNK = 256
-TOKENIZE_CHUNK_CHARS = 1 << 20
-ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
-
-
-Chunk = tuple[list[State], list[Sample], "Future[EncodedBatch]"]
-"""Samples being encoded, each with the order's state right before it."""
+ENDLESS = 1 << 62
+"""The epoch's rows while its end is not known (more than any window reaches)."""
 
 
 @dataclass
@@ -42,79 +36,8 @@ class Rows:
     tokens: int  # real tokens
 
 
-class TokenizedSamples:
-    """The rank's samples as token ids (streaming mode), encoded a chunk at a time (TOKENIZE_CHUNK samples or
-    TOKENIZE_CHUNK_CHARS of text, whichever comes first).
-
-    Chunks are encoded on ENCODE_POOL (the Rust tokenizer releases the GIL) one at a time: the next chunk
-    is read while the current one encodes and submitted the moment it is done, so encoding overlaps with
-    reading, packing and sending and the tokenizer never waits for Python.
-    """
-
-    def __init__(self, upstream: BlockShuffle, encoder: Encoder, *, with_prompts: bool,
-                 on_encoded: Callable[[list[Sample], EncodedBatch], None]) -> None:
-        self.upstream, self.encoder, self.with_prompts = upstream, encoder, with_prompts
-        self.on_encoded = on_encoded
-        self.states: list[State] = []  # the order's state right before each sample of `encoded`
-        self.encoded: list[Encoded] = []  # views into the chunk's flat buffer
-        self.index = 0
-        self.ahead: Chunk | None = None  # the next chunk, encoding
-
-    def __iter__(self) -> TokenizedSamples:
-        return self
-
-    def __next__(self) -> Encoded:
-        if self.index >= len(self.states):
-            self._fill()
-        self.index += 1
-        return self.encoded[self.index - 1]
-
-    def _read(self) -> tuple[list[State], list[Sample]]:
-        """The next chunk of samples, each with the order's state right before it."""
-        states: list[State] = []
-        samples: list[Sample] = []
-        chars = 0
-        while len(samples) < TOKENIZE_CHUNK and chars < TOKENIZE_CHUNK_CHARS:
-            state = self.upstream.get_state()
-            try:
-                samples.append(next(self.upstream))
-            except StopIteration:
-                break
-            states.append(state)
-            chars += len(samples[-1].text)
-        return states, samples
-
-    def _encode(self, chunk: tuple[list[State], list[Sample]]) -> Chunk:
-        return chunk[0], chunk[1], ENCODE_POOL.submit(self.encoder.encode, chunk[1], self.with_prompts)
-
-    def _fill(self) -> None:
-        states, samples, future = self.ahead or self._encode(self._read())
-        # one chunk encodes at a time (a second would slow the first batch down); the next is read meanwhile
-        # and submitted the moment this one is done, so the tokenizer never waits for Python
-        following = self._read() if samples else None
-        encoded = future.result()
-        self.ahead = None if following is None else self._encode(following)
-        if not samples:
-            raise StopIteration
-        self.on_encoded(samples, encoded)
-        self.states, self.encoded, self.index = states, encoded.samples(), 0
-
-    def get_state(self) -> State:
-        """The order's state right before the next sample."""
-        if self.index < len(self.states):
-            return self.states[self.index]
-        if self.ahead is not None and self.ahead[0]:
-            return self.ahead[0][0]
-        return self.upstream.get_state()
-
-    def set_state(self, state: State) -> None:
-        """Continue right before the sample at `state`."""
-        self.upstream.set_state(state)
-        self.states, self.encoded, self.index, self.ahead = [], [], 0, None
-
-
 class EpochBatches:
-    """What every packer shares: the epoch's batch limit and the `remainder` rule for a partial batch."""
+    """What the cached packer builds on: the epoch's batch limit and the `remainder` rule for a partial batch."""
 
     batch_size: int
     seq_len: int
@@ -146,104 +69,152 @@ class EpochBatches:
         raise NotImplementedError
 
 
-class Packer(EpochBatches):
-    """Batches of packed or padded rows from a stream of encoded samples; resumable mid-sample.
+class Packer:
+    """One rank's batches of the epoch's global rows: the rows `deal` gives it of each window, cut from `stream`.
 
-    The end of an epoch follows `remainder`: `keep` sends the last partial batch, `drop` discards it,
-    `pad` completes it by wrapping around to the rank's first samples. With `max_batches` (known in
-    cached mode, the same for every rank) the epoch is exactly that many batches, wrapping as needed.
+    The end of the epoch follows `Deal.batch` with the epoch's rows, known once the stream ends (every rank
+    cuts the same stream, so all agree): `pad` completes a window that started inside the epoch by wrapping
+    to the epoch's start, `drop` drops a partial last row and window, `keep` sends a ragged last window.
     """
 
-    def __init__(self, samples: Stage[Encoded], *, batch_size: int, seq_len: int, pack: bool,
-                 completion_only: bool, pad_id: int, remainder: str = "keep",
-                 max_batches: int | None = None) -> None:
-        self.samples, self.batch_size, self.seq_len, self.pack = samples, batch_size, seq_len, pack
-        self.completion_only, self.pad_id = completion_only, pad_id
-        self.remainder, self.max_batches = remainder, max_batches
-        self.epoch_start: State = samples.get_state()
-        self.current: Encoded | None = None  # the sample being emitted
-        self.current_state: State = self.epoch_start
-        self.offset = 0  # tokens of `current` already emitted
-        self.batches = 0
-        self.wraps = 0
+    def __init__(self, stream: TokenStream, deal: Deal, *, seq_len: int, pack: bool, completion_only: bool,
+                 pad_id: int, remainder: str = "keep") -> None:
+        self.stream, self.deal, self.seq_len, self.pack = stream, deal, seq_len, pack
+        self.completion_only, self.pad_id, self.remainder = completion_only, pad_id, remainder
+        self.unit = seq_len if pack else 1  # stream units (tokens, or samples) per row
+        self.row = 0  # P: the global row where the next window starts
+        self.at = 0  # the stream's position in units from the epoch's start, wraps included
+        self.wraps = 0  # times the stream went back to the epoch's start
+        self.end: int | None = None  # units in the epoch, once the stream ended
 
-    def _next_sample(self, may_wrap: bool) -> Encoded | None:
-        if self.current is not None and self.offset < len(self.current.ids):
-            return self.current
-        self.offset = 0
-        for attempt in range(2):
-            self.current_state = self.samples.get_state()
-            try:
-                self.current = next(self.samples)
-                return self.current
-            except StopIteration:
-                self.current = None
-                if attempt or not (may_wrap and self.remainder == "pad"):
-                    return None
-                self.samples.set_state(self.epoch_start)
-                self.wraps += 1
-        return None
+    @property
+    def batches(self) -> int:
+        """Windows of this layout before `row`: 0 until the epoch delivered one (feed.py's test for an epoch
+        with no rows)."""
+        return -(-self.row // self.deal.window)
 
-    def _ended(self) -> bool:
-        return self.max_batches is None and self.wraps > 0  # a wrapped batch completed the epoch
+    def _total(self) -> int:
+        """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
+        if self.end is None:
+            return ENDLESS
+        return self.end // self.unit if self.remainder == "drop" else -(-self.end // self.unit)
 
-    def _may_wrap(self, filled: int) -> bool:
-        return filled > 0 or self.max_batches is not None
+    def _ended(self) -> None:
+        """The stream ran out at `at`."""
+        if self.wraps == 0:
+            self.end = self.at
 
-    def _packed(self) -> Rows | None:
-        size = self.batch_size * self.seq_len
-        flat = np.full(size, self.pad_id, dtype=np.int32)
-        mask = np.ones(size, dtype=np.uint8) if self.completion_only else None
-        starts = []
-        filled = 0
-        while filled < size and (sample := self._next_sample(self._may_wrap(filled))) is not None:
-            piece = sample.ids[self.offset:self.offset + size - filled]
-            flat[filled:filled + len(piece)] = piece
-            if mask is not None and self.offset < sample.prompt_tokens:
-                mask[filled:filled + min(sample.prompt_tokens - self.offset, len(piece))] = 0
-            starts.append(filled)
-            filled += len(piece)
-            self.offset += len(piece)
-        if filled == 0:
+    def _wrap(self, wrap: bool) -> bool:
+        """At the epoch's end: go on from its start if `wrap` (and the epoch is not empty)."""
+        self._ended()
+        if not (wrap and self.end):
+            return False
+        self.stream.restart()
+        self.wraps += 1
+        return True
+
+    def _skip(self, n: int, wrap: bool) -> bool:
+        """Pass `n` units; False if the epoch ended first (and may not wrap)."""
+        while n > 0:
+            step = self.stream.skip_tokens(n) if self.pack else self.stream.skip_samples(n)
+            self.at += step
+            n -= step
+            if n and not self._wrap(wrap):
+                return False
+        return True
+
+    def next_batch(self) -> Rows | None:
+        """This rank's rows of the window at `row`, or None: the epoch ended for this rank."""
+        start, rows = self.row, self.deal.rows(self.row)
+        if self.wraps:  # a wrapped window completed the epoch
             return None
-        rows = -(-filled // self.seq_len)
-        bounds = np.union1d(np.asarray(starts), np.arange(0, filled, self.seq_len))
-        lengths = np.diff(np.append(bounds, filled)).astype(np.int32)
-        row_segments = np.bincount(bounds // self.seq_len, minlength=rows).astype(np.int32)
-        shape = (rows, self.seq_len)
-        return Rows(flat[:rows * self.seq_len].reshape(shape), lengths, row_segments,
-                    None if mask is None else mask[:rows * self.seq_len].reshape(shape), filled)
+        inside = self.stream.more()
+        if not inside:
+            self._ended()
+        wrap = inside and self.remainder == "pad"
+        cut = self._cut(rows, wrap)
+        self._skip((start + self.deal.window) * self.unit - self.at, wrap)
+        total = self._total()
+        if len(replace(self.deal, rank=0).batch(start, total, self.remainder)):  # the window was delivered
+            self.row = start + self.deal.window
+        return cut.rows(len(self.deal.batch(start, total, self.remainder)), self.pack)
 
-    def _padded(self) -> Rows | None:
-        ids = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int32)
-        mask = np.ones_like(ids, dtype=np.uint8) if self.completion_only else None
-        lengths = np.zeros(self.batch_size, dtype=np.int32)
-        rows = 0
-        while rows < self.batch_size and (sample := self._next_sample(self._may_wrap(rows))) is not None:
-            n = min(len(sample.ids), self.seq_len)
-            ids[rows, :n] = sample.ids[:n]
-            if mask is not None:
-                mask[rows, :min(sample.prompt_tokens, n)] = 0
-            lengths[rows] = n
-            self.offset = len(sample.ids)  # truncated: the rest of the sample is dropped
-            rows += 1
-        if rows == 0:
-            return None
-        return Rows(ids[:rows], lengths[:rows], None, None if mask is None else mask[:rows],
-                    int(lengths.sum()))
+    def _cut(self, rows: np.ndarray, wrap: bool) -> _Cut:
+        """This rank's rows of the window, as far as the epoch has them (all of them if it may `wrap`)."""
+        cut = _Cut(np.full((len(rows), self.seq_len), self.pad_id, dtype=np.int32),
+                   np.ones((len(rows), self.seq_len), dtype=np.uint8) if self.completion_only else None,
+                   np.zeros(len(rows), dtype=np.int32), [])
+        for i, row in enumerate(rows.tolist()):
+            if not self._skip(row * self.unit - self.at, wrap):
+                break
+            mask = None if cut.mask is None else cut.mask[i]
+            filled, starts = (self._packed_row if self.pack else self._padded_row)(cut.ids[i], mask, wrap)
+            if not filled:
+                break
+            cut.filled[i] = filled
+            cut.starts.append(starts)
+        return cut
+
+    def _packed_row(self, out: np.ndarray, mask: np.ndarray | None, wrap: bool) -> tuple[int, list[int]]:
+        """The next seq_len tokens (fewer at the epoch's end unless it may `wrap`) and where samples start."""
+        filled, starts = 0, []
+        while True:
+            got, begins = self.stream.copy_tokens(out[filled:], None if mask is None else mask[filled:])
+            starts += [filled + b for b in begins]
+            filled += got
+            self.at += got
+            if filled == len(out) or not self._wrap(wrap):
+                return filled, starts
+
+    def _padded_row(self, out: np.ndarray, mask: np.ndarray | None, wrap: bool) -> tuple[int, list[int]]:
+        """The next sample, truncated to seq_len (none at the epoch's end unless it may `wrap`)."""
+        sample = self.stream.take_sample()
+        if sample is None and self._wrap(wrap):
+            sample = self.stream.take_sample()
+        if sample is None:
+            return 0, []
+        self.at += 1
+        ids, prompt = sample
+        n = min(len(ids), len(out))
+        out[:n] = ids[:n]
+        if mask is not None:
+            mask[:min(prompt, n)] = 0
+        return n, [0]
 
     def get_state(self) -> State:
-        """The sample being emitted, how many of its tokens are out, batches and wraps so far."""
-        done = {"batches": self.batches, "wraps": self.wraps}
-        if self.current is None or self.offset >= len(self.current.ids):
-            return {"at": self.samples.get_state(), "offset": 0, **done}
-        return {"at": self.current_state, "offset": self.offset, **done}
+        """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
+        and the wraps so far."""
+        at, offset = self.stream.position()
+        return {"row": self.row, "at": at, "offset": offset, "wraps": self.wraps}
 
     def set_state(self, state: State) -> None:
-        """Resume inside the sample at `at`, after `offset` of its tokens."""
-        self.samples.set_state(state["at"])
-        self.batches, self.wraps = state["batches"], state["wraps"]
-        self.current = None
-        if state["offset"]:
-            self._next_sample(False)
-            self.offset = state["offset"]
+        """Resume at the window that starts at `row` (from any rank's state of any layout with this seq_len)."""
+        row, wraps, offset = int(state["row"]), int(state["wraps"]), int(state["offset"])
+        if row < 0 or wraps < 0 or (offset and not self.pack):
+            raise ValueError("a position that no packer of this dataset reaches")
+        self.stream.seek(state["at"], offset)
+        self.row, self.wraps, self.at, self.end = row, wraps, row * self.unit, None
+
+
+@dataclass
+class _Cut:
+    """A window's rows cut for one rank: token ids, loss mask, real tokens and sample starts per row."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None
+    filled: np.ndarray
+    starts: list[list[int]]
+
+    def rows(self, count: int, pack: bool) -> Rows | None:
+        """The first `count` rows as a batch (None if none)."""
+        if not count:
+            return None
+        assert count <= len(self.starts)
+        filled = self.filled[:count]
+        mask = None if self.mask is None else self.mask[:count]
+        if not pack:
+            return Rows(self.ids[:count], filled, None, mask, int(filled.sum()))
+        bounds = [sorted({0, *starts}) for starts in self.starts[:count]]
+        lengths = np.concatenate([np.diff([*b, n]) for b, n in zip(bounds, filled.tolist(), strict=True)])
+        return Rows(self.ids[:count], lengths.astype(np.int32), np.array([len(b) for b in bounds], dtype=np.int32),
+                    mask, int(filled.sum()))

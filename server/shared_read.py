@@ -1,18 +1,19 @@
-"""Streaming mode: the ranks of one layout on a sidecar share each shuffle block read from the sources.
+"""Streaming mode: the ranks of one layout on a sidecar share each block, read, permuted and encoded once.
 
-A block's samples, and how they are dealt to the ranks, are fixed by the epoch, the block index, where
-the block starts (the mix's state) and the world size. So the first rank to need block k of an epoch
-reads, parses, filters and deals it, and the other ranks of that world size take their shares of that
-one read from a `BlockCache`; each rank tokenizes only its own share. A rank that asks for a block
-another rank is reading waits for that one read (never for another rank's client).
+Every rank packs the whole stream of the epoch and keeps its own rows (see deal.py), so every rank needs every
+block, encoded. A block, its order and its tokens are fixed by the epoch, the block index and where the block
+starts (the mix's state). So the first rank to need block k of an epoch reads, parses, filters, permutes and
+encodes it (its chunks encode on the encode pool while the ranks pack the first ones), and the other ranks of
+that world size take that same block from a `BlockCache`. A rank that asks for a block another rank is
+reading waits for that one read (never for another rank's client).
 
-What the cache holds is bounded: the shares not yet taken, at most `SHARED_BLOCKS` blocks' worth of
-samples and of text per dataset and world size (a share leaves as its rank takes it). Ranks drift
-apart even in lockstep training (equal batches hold unequal numbers of samples), so a rank ahead of the
-others keeps the blocks it read for them; past the bound, the block earliest in the epoch goes first. A
-rank that falls so far behind that its block is gone (slow, stalled, joined late, resumed from an older
-cursor) reads that block itself, as each rank did before blocks were shared: one more read, nothing it
-receives changes. The cache serves speed only; what a rank receives never depends on it.
+What the cache holds is bounded: blocks not yet taken by every rank of the layout, at most `SHARED_BLOCKS`
+blocks (each at most `shuffle_block` samples) and that many blocks' worth of text (`shuffle_block_chars`),
+with their token ids, per dataset and world size (a block leaves once its last rank takes it). Ranks drift apart
+even in lockstep training, so a rank ahead of the others keeps the blocks it read for them; past the bound,
+the block earliest in the epoch goes first. A rank that falls so far behind that its block is gone (slow,
+stalled, joined late, resumed from an older cursor) reads and encodes that block itself: one more read,
+nothing it receives changes. The cache serves speed only; what a rank receives never depends on it.
 """
 
 from __future__ import annotations
@@ -21,36 +22,28 @@ import json
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .samples import Sample
 from .stage import State
+from .tokenize import EncodedBatch
 
 SHARED_BLOCKS = 8
-"""Blocks' worth of shares a dataset keeps per world size for ranks that have not taken them yet."""
+"""Blocks a dataset keeps per world size for ranks that have not taken them yet."""
 
 
 @dataclass(frozen=True)
-class Share:
-    """A rank's share of one block, and where the mix stands after the block."""
+class EncodedBlock:
+    """One block of the epoch as its samples' token ids, in chunks that encode in the background."""
 
-    samples: list[Sample]
+    index: int
+    start: State  # the mix's state at the block's start
     end: State  # the mix's state right after the block: the next block's start
-    last: bool  # the mix ran out inside this block
-
-
-@dataclass(frozen=True)
-class Block:
-    """One block as read and dealt: `shares[r]` is rank r's."""
-
-    shares: list[list[Sample]]
-    end: State
-    last: bool
-    samples: int  # in the whole block
-
-    def share(self, rank: int) -> Share:
-        """Rank's share (holding only its own samples)."""
-        return Share(self.shares[rank], self.end, self.last)
+    last: bool  # the mix ran out inside this block: it ends the epoch
+    samples: int
+    chars: int  # of the samples' text
+    firsts: list[int]  # the block's index of each chunk's first sample
+    chunks: list[Future[EncodedBatch]]
 
 
 BlockKey = tuple[int, int, str]
@@ -64,7 +57,7 @@ def block_key(epoch: int, block: int, start: State) -> BlockKey:
 
 @dataclass
 class ReadCounts:
-    """How a dataset's streaming ranks got their blocks: read from the sources, or their share of another's read."""
+    """How a dataset's streaming ranks got their blocks: read from the sources, or taken from another's read."""
 
     blocks_read: int = 0
     samples_read: int = 0
@@ -78,18 +71,17 @@ class ReadCounts:
             self.samples_read += samples
 
     def shared(self) -> None:
-        """Count one share taken from another rank's read."""
+        """Count one block taken from another rank's read."""
         with self.lock:
             self.blocks_shared += 1
 
 
+@dataclass
 class _Entry:
-    """A read block's shares not yet taken, with their sizes."""
+    """A read block and how many more ranks of the layout will take it."""
 
-    def __init__(self, block: Block) -> None:
-        self.block = block
-        self.untaken: list[list[Sample] | None] = list(block.shares)
-        self.sizes = [(len(share), sum(len(s.text) for s in share)) for share in block.shares]
+    block: EncodedBlock
+    takers: int
 
 
 @dataclass
@@ -101,45 +93,40 @@ class _Reading:
 
 
 class BlockCache:
-    """Shares of the blocks of one dataset and world size, read once, held until taken, within a bound."""
+    """The blocks of one dataset and world size, read once, held until every rank took them, within a bound."""
 
-    def __init__(self, world_size: int, *, max_samples: int, max_chars: int, counts: ReadCounts) -> None:
-        self.world_size, self.max_samples, self.max_chars, self.counts = world_size, max_samples, max_chars, counts
+    def __init__(self, world_size: int, *, max_blocks: int, max_chars: int, counts: ReadCounts) -> None:
+        self.world_size, self.max_blocks, self.max_chars, self.counts = world_size, max_blocks, max_chars, counts
         self.entries: dict[BlockKey, _Entry] = {}
         self.reading: dict[BlockKey, _Reading] = {}
-        self.samples = self.chars = 0  # held in the untaken shares of `entries`
+        self.chars = 0  # of the samples of the blocks in `entries`
         self.changed = threading.Condition()
 
-    def share(self, key: BlockKey, rank: int, read: Callable[[], Block]) -> Share:
-        """Rank's share of the block at `key`: from another rank's read of it, or from `read()`, shared."""
+    def take(self, key: BlockKey, read: Callable[[], EncodedBlock]) -> EncodedBlock:
+        """The block at `key`: another rank's read of it, or `read()`, then held for the other ranks."""
         with self.changed:
             entry = self._settled(key)
-            if entry is None:
-                pending = self.reading[key] = _Reading()
-            else:
-                share = self._take(key, entry, rank)
-                if share is not None:
-                    self.counts.shared()
-                    return share
-        if entry is not None:  # a twin (this rank of another job of the same world size) took it: read it again
-            return self._read(read).share(rank)
+            if entry is not None:
+                self._taken(key, entry)
+                self.counts.shared()
+                return entry.block
+            pending = self.reading[key] = _Reading()
         try:
-            block = self._read(read)
+            block = read()
         except BaseException:
             with self.changed:
                 del self.reading[key]
                 pending.done = True
                 self.changed.notify_all()
             raise
+        self.counts.read(block.samples)
         with self.changed:
             del self.reading[key]
-            pending.entry, pending.done = _Entry(block), True
+            pending.entry, pending.done = _Entry(block, self.world_size - 1), True
             self.changed.notify_all()
-            share = self._take(key, pending.entry, rank)
-            if self.world_size > 1:
+            if pending.entry.takers > 0:
                 self._hold(key, pending.entry)
-        assert share is not None
-        return share
+        return block
 
     def _settled(self, key: BlockKey) -> _Entry | None:
         """The block at `key` once nobody is reading it (waiting for a read in progress); None if nobody has it."""
@@ -153,39 +140,21 @@ class BlockCache:
                 return pending.entry
             # that read failed: look again (the next rank to ask reads it)
 
-    def _read(self, read: Callable[[], Block]) -> Block:
-        block = read()
-        self.counts.read(block.samples)
-        return block
-
-    def _take(self, key: BlockKey, entry: _Entry, rank: int) -> Share | None:
-        """Rank's share out of `entry` (None if already taken); the entry leaves once every share is out."""
-        samples = entry.untaken[rank]
-        if samples is None:
-            return None
-        entry.untaken[rank] = None
-        if self.entries.get(key) is entry:
-            self.samples -= entry.sizes[rank][0]
-            self.chars -= entry.sizes[rank][1]
-            if not any(entry.untaken):
-                del self.entries[key]
-        return Share(samples, entry.block.end, entry.block.last)
+    def _taken(self, key: BlockKey, entry: _Entry) -> None:
+        """One more rank took `entry`: it leaves once the last one has."""
+        entry.takers -= 1
+        if entry.takers <= 0 and self.entries.get(key) is entry:
+            self._drop(key)
 
     def _hold(self, key: BlockKey, entry: _Entry) -> None:
-        """Keep the untaken shares for their ranks; past the bound, drop the blocks earliest in epoch order."""
-        held = [size for size, share in zip(entry.sizes, entry.untaken, strict=True) if share is not None]
-        if not held:
-            return
+        """Keep `entry` for the other ranks; past the bound, drop the blocks earliest in epoch order."""
         self.entries[key] = entry
-        self.samples += sum(n for n, _ in held)
-        self.chars += sum(c for _, c in held)
-        while self.entries and (self.samples > self.max_samples or self.chars > self.max_chars):
-            earliest = min(self.entries, key=lambda k: k[:2])
-            gone = self.entries.pop(earliest)
-            for size, share in zip(gone.sizes, gone.untaken, strict=True):
-                if share is not None:
-                    self.samples -= size[0]
-                    self.chars -= size[1]
+        self.chars += entry.block.chars
+        while self.entries and (len(self.entries) > self.max_blocks or self.chars > self.max_chars):
+            self._drop(min(self.entries, key=lambda k: k[:2]))
+
+    def _drop(self, key: BlockKey) -> None:
+        self.chars -= self.entries.pop(key).block.chars
 
 
 class SharedReads:
@@ -197,12 +166,11 @@ class SharedReads:
         self._caches: weakref.WeakValueDictionary[int, BlockCache] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
-    def cache(self, world_size: int, *, block_size: int, block_chars: int) -> BlockCache:
-        """The block cache of this world size (made on first use), bounded to `blocks` blocks' worth."""
+    def cache(self, world_size: int, *, block_chars: int) -> BlockCache:
+        """The block cache of this world size (made on first use), bounded to `blocks` blocks and their text."""
         with self._lock:
             cache = self._caches.get(world_size)
             if cache is None:
                 cache = self._caches[world_size] = BlockCache(
-                    world_size, max_samples=self.blocks * block_size, max_chars=self.blocks * block_chars,
-                    counts=self.counts)
+                    world_size, max_blocks=self.blocks, max_chars=self.blocks * block_chars, counts=self.counts)
             return cache
