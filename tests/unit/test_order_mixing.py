@@ -1,4 +1,4 @@
-"""Curating, mixing and block order: exact accounting, seeded draws, ranks partition, resumable."""
+"""Curating, mixing and block order: exact accounting, seeded draws, every sample once, resumable."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sigil_feed.server.curate import CuratedSource, CurateRules, copies, task_copies
 from sigil_feed.server.mixing import Mixer, interleave
-from sigil_feed.server.order import BlockShuffle
+from sigil_feed.server.order import Block, BlockShuffle
 from sigil_feed.server.samples import Sample, plain_pair
 from sigil_feed.server.sources.base import RawRecord, Source
 from sigil_feed.server.stats import SourceCounters
@@ -99,54 +99,59 @@ def test_weighted_mix_is_seeded_and_follows_weights() -> None:
     assert 0.7 < share < 0.8
 
 
+def blocks(order: BlockShuffle) -> list[Block]:
+    """Every block of the epoch, each read at the previous one's end."""
+    out = [order.read(0, order.epoch_start)]
+    while not out[-1].last:
+        out.append(order.read(len(out), out[-1].end))
+    return out
+
+
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 60), block=st.integers(1, 16), chars=st.integers(1, 80), world=st.integers(1, 4),
-       seed=st.none() | st.integers(0, 9))
-def test_ranks_partition_the_epoch(n: int, block: int, chars: int, world: int, seed: int | None) -> None:
-    size = -(-block // world) * world  # as the server rounds it: every block but the last splits evenly
-    shares = []
-    for rank in range(world):
-        order = BlockShuffle(mix("sequential", sizes=(n,)), block_size=size, block_chars=chars, seed=seed,
-                             epoch=0, rank=rank, world_size=world)
-        shares.append(names(list(order)))
-    union = [name for share in shares for name in share]
-    assert sorted(union) == sorted(f"a{i}" for i in range(n))
-    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+@given(n=st.integers(0, 60), block=st.integers(1, 16), chars=st.integers(1, 80), seed=st.none() | st.integers(0, 9))
+def test_blocks_permute_consecutive_samples_of_the_mix(n: int, block: int, chars: int, seed: int | None) -> None:
+    """The epoch's order is every sample of the mix once, each block a permutation of the next samples."""
+    order = BlockShuffle(mix("sequential", sizes=(n,)), block_size=block, block_chars=chars, seed=seed, epoch=0)
+    mixed, at = names(list(mix("sequential", sizes=(n,)))), 0
+    for b in blocks(order):
+        assert sorted(names(b.samples)) == sorted(mixed[at:at + len(b.samples)]) and len(b.samples) <= block
+        at += len(b.samples)
+    assert at == n
 
 
 def test_blocks_end_at_the_character_bound() -> None:
     """However large the samples, a block holds about block_chars of text: memory stays bounded."""
-    def blocks(block_chars: int) -> int:
-        order = BlockShuffle(mix("sequential", sizes=(40,)), block_size=1000, block_chars=block_chars, seed=1,
-                             epoch=0, rank=0, world_size=2)
-        for _ in order:
-            assert len(order.share) * 2 * 4 <= block_chars + 2 * 6  # samples of 4-6 characters
-        return order.block + 1
+    def count(block_chars: int) -> int:
+        read = blocks(BlockShuffle(mix("sequential", sizes=(40,)), block_size=1000, block_chars=block_chars, seed=1,
+                                   epoch=0))
+        assert all(sum(len(s.text) for s in b.samples) < block_chars + 6 for b in read)  # samples of 4-6 chars
+        return len(read)
 
-    assert blocks(1 << 20) == 1 and blocks(40) >= 5
+    assert count(1 << 20) == 1 and count(40) >= 5
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 40), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 3),
-       stop=st.integers(0, 40), mode=st.sampled_from(["sequential", "round_robin", "weighted"]))
-def test_order_resumes_from_any_position(n: int, block: int, chars: int, world: int, stop: int, mode: str) -> None:
+@given(n=st.integers(1, 40), block=st.integers(1, 9), chars=st.integers(1, 60), stop=st.integers(0, 40),
+       mode=st.sampled_from(["sequential", "round_robin", "weighted"]))
+def test_any_block_reads_again_from_its_start(n: int, block: int, chars: int, stop: int, mode: str) -> None:
+    """A fresh chain reading block k at its recorded start gets block k, and the blocks after it."""
     def order() -> BlockShuffle:
         return BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, block_chars=chars,
-                            seed=3, epoch=1, rank=world - 1, world_size=world)
+                            seed=3, epoch=1)
 
-    full = names(list(order()))
-    first = order()
-    for _ in range(min(stop, len(full))):
-        next(first)
-    resumed = order()
-    resumed.set_state(first.get_state())
-    assert names(list(resumed)) == full[min(stop, len(full)):]
+    full = blocks(order())
+    k = min(stop, len(full) - 1)
+    again = order()
+    rest = [again.read(k, full[k].start)]
+    while not rest[-1].last:
+        rest.append(again.read(k + len(rest), rest[-1].end))
+    assert [names(b.samples) for b in rest] == [names(b.samples) for b in full[k:]]
 
 
 def test_epochs_reshuffle() -> None:
     def epoch(e: int) -> list[str]:
-        return names(list(BlockShuffle(mix("sequential", sizes=(50,)), block_size=50, block_chars=1 << 20, seed=0,
-                                       epoch=e, rank=0, world_size=1)))
+        return [name for b in blocks(BlockShuffle(mix("sequential", sizes=(50,)), block_size=50,
+                                                  block_chars=1 << 20, seed=0, epoch=e)) for name in names(b.samples)]
 
     assert epoch(0) != epoch(1) and sorted(epoch(0)) == sorted(epoch(1)) and epoch(1) == epoch(1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -10,29 +11,47 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.cache.pack import CachedPacker
+from sigil_feed.server.blocks import TokenStream
+from sigil_feed.server.deal import Deal
 from sigil_feed.server.pack import Packer, Rows
-from sigil_feed.server.tokenize import Encoded
+from sigil_feed.server.shared_read import EncodedBlock
+from sigil_feed.server.tokenize import Encoded, EncodedBatch
 
 PAD = 0
 
 
-class ListSamples:
-    """A list of encoded samples behind the stage interface Packer reads from."""
+def done(value: EncodedBatch) -> Future[EncodedBatch]:
+    future: Future[EncodedBatch] = Future()
+    future.set_result(value)
+    return future
+
+
+class ListBlocks:
+    """Encoded samples as the epoch's blocks (5 samples each, in chunks of 3), behind the interface TokenStream
+    reads."""
 
     def __init__(self, encoded: list[Encoded]) -> None:
-        self.encoded, self.index = encoded, 0
+        self.epoch_start = {"block": 0}
+        self.blocks = []
+        for k, first in enumerate(range(0, max(len(encoded), 1), 5)):
+            samples = encoded[first:first + 5]
+            chunks = [samples[i:i + 3] for i in range(0, len(samples), 3)]
+            batches = [EncodedBatch(np.concatenate([e.ids for e in c]), np.cumsum([0, *[len(e.ids) for e in c]]),
+                                    np.array([e.prompt_tokens for e in c], dtype=np.int32)) for c in chunks]
+            self.blocks.append(EncodedBlock(k, {"block": k}, {"block": k + 1}, first + 5 >= len(encoded),
+                                            len(samples), 0, list(range(0, len(samples), 3)),
+                                            [done(b) for b in batches]))
+        self.seek(0, self.epoch_start)
 
-    def __next__(self) -> Encoded:
-        if self.index >= len(self.encoded):
+    def seek(self, index: int, start: dict[str, int]) -> None:
+        self.next_index, self.next_start = index, start
+
+    def __next__(self) -> EncodedBlock:
+        if self.next_index >= len(self.blocks):
             raise StopIteration
-        self.index += 1
-        return self.encoded[self.index - 1]
-
-    def get_state(self) -> dict[str, int]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, int]) -> None:
-        self.index = state["index"]
+        block = self.blocks[self.next_index]
+        self.next_index, self.next_start = block.index + 1, block.end
+        return block
 
 
 def make_samples(lengths: list[int], prompts: list[int] | None = None) -> list[Encoded]:
@@ -45,9 +64,10 @@ def make_samples(lengths: list[int], prompts: list[int] | None = None) -> list[E
 
 
 def packer(encoded: list[Encoded], batch: int, seq: int, pack: bool = True, completion: bool = False,
-           remainder: str = "keep", max_batches: int | None = None) -> Packer:
-    return Packer(ListSamples(encoded), batch_size=batch, seq_len=seq, pack=pack,  # type: ignore[arg-type]
-                  completion_only=completion, pad_id=PAD, remainder=remainder, max_batches=max_batches)
+           remainder: str = "keep") -> Packer:
+    """Rank 0 of 1: every global row, in order."""
+    return Packer(TokenStream(ListBlocks(encoded)), Deal(0, 1, batch), seq_len=seq,  # type: ignore[arg-type]
+                  pack=pack, completion_only=completion, pad_id=PAD, remainder=remainder)
 
 
 def cached_packer(encoded: list[Encoded], batch: int, seq: int, pack: bool, completion: bool, remainder: str,
@@ -138,16 +158,17 @@ def test_completion_only_masks_prompt_tokens_even_across_rows() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(lengths=lengths_st, data=st.data(), batch=st.integers(1, 4), seq=st.integers(1, 33), pack=st.booleans(),
-       completion=st.booleans(), remainder=st.sampled_from(["keep", "pad"]), max_batches=st.integers(1, 12))
+       completion=st.booleans(), remainder=st.sampled_from(["keep", "pad"]))
 def test_cached_packer_gives_the_streaming_packers_batches(lengths: list[int], data: st.DataObject, batch: int,
                                                            seq: int, pack: bool, completion: bool,
-                                                           remainder: str, max_batches: int) -> None:
+                                                           remainder: str) -> None:
     """Two implementations, one rule: vectorised runs over the store and sample-by-sample packing agree,
-    epoch wrap-around (`pad` with a known batch count) included."""
+    epoch wrap-around (`pad`: the last batch completed from the epoch's start) included."""
     prompts = [data.draw(st.integers(0, n)) for n in lengths]  # a prompt is part of its sample
     encoded = make_samples(lengths, prompts)
-    limit = max_batches if remainder == "pad" else None
-    expected = drain(packer(encoded, batch, seq, pack, completion, remainder, limit))
+    rows = -(-sum(lengths) // seq) if pack else len(lengths)
+    limit = -(-rows // batch) if remainder == "pad" else None
+    expected = drain(packer(encoded, batch, seq, pack, completion, remainder))
     got = drain(cached_packer(encoded, batch, seq, pack, completion, remainder, limit))
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):

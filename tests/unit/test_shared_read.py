@@ -3,96 +3,122 @@
 from __future__ import annotations
 
 import threading
-from functools import partial
+from functools import cache, partial
 from itertools import zip_longest
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sigil_feed.server.blocks import TokenizedBlocks
 from sigil_feed.server.order import BlockShuffle
-from sigil_feed.server.samples import Sample
-from sigil_feed.server.shared_read import Block, BlockCache, SharedReads, block_key
-from tests.unit.test_order_mixing import mix, names
+from sigil_feed.server.shared_read import BlockCache, EncodedBlock, SharedReads, block_key
+from sigil_feed.server.tokenize import Encoder
+from tests.conftest import TOKENIZER_DIR
+from tests.unit.test_order_mixing import mix
 
 
-def order(rank: int, world: int, shared: BlockCache | None, *, n: int, block: int, chars: int, seed: int | None,
-          mode: str) -> BlockShuffle:
-    return BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, block_chars=chars,
-                        seed=seed, epoch=1, rank=rank, world_size=world, shared=shared)
+@cache
+def encoder() -> Encoder:
+    """The bundled tokenizer, loaded here (as a dataset loads it when opened), not first in an encode thread."""
+    loaded = Encoder(str(TOKENIZER_DIR))
+    loaded.choose_backend()
+    return loaded
 
 
-@settings(max_examples=80, deadline=None)
+def chain(shared: BlockCache | None, *, n: int, block: int, chars: int, seed: int | None,
+          mode: str) -> TokenizedBlocks:
+    order = BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, block_chars=chars,
+                         seed=seed, epoch=1)
+    return TokenizedBlocks(order, encoder(), with_prompts=False, on_encoded=lambda samples, encoded: None,
+                           shared=shared)
+
+
+def tokens(block: EncodedBlock) -> tuple[int, list[int]]:
+    """A block's index and token ids."""
+    return block.index, [t for chunk in block.chunks for t in chunk.result().ids.tolist()]
+
+
+@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 50), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 4),
        seed=st.none() | st.integers(0, 9), mode=st.sampled_from(["sequential", "round_robin", "weighted"]),
-       blocks=st.integers(1, 3), schedule=st.lists(st.integers(0, 7), max_size=300))
+       blocks=st.integers(1, 3), schedule=st.lists(st.integers(0, 7), max_size=200))
 def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, chars: int, world: int,
                                                           seed: int | None, mode: str, blocks: int,
                                                           schedule: list[int]) -> None:
-    """Ranks step in any interleaving (some resuming from their state on a new chain, some far behind the others,
-    so that their blocks were evicted): each gets the sequence it gets reading alone, and the cache never holds
-    more than its bound."""
-    size = -(-block // world) * world
-    chain = partial(order, n=n, block=size, chars=chars, seed=seed, mode=mode)
-    alone = [names(list(chain(r, world, None))) for r in range(world)]
-    cache = SharedReads(blocks=blocks).cache(world, block_size=size, block_chars=chars)
-    orders = [chain(r, world, cache) for r in range(world)]
-    got: list[list[str]] = [[] for _ in range(world)]
-    for step in schedule + [r for r in range(world) for _ in range(len(alone[r]) + 1)]:
+    """Ranks step in any interleaving (some resuming from their position on a new chain, some far behind the
+    others, so that their blocks were dropped): each gets the blocks it gets reading alone, and the cache never
+    holds more than its bound."""
+    make = partial(chain, n=n, block=block, chars=chars, seed=seed, mode=mode)
+    alone = [tokens(b) for b in make(None)]
+    cache = SharedReads(blocks=blocks).cache(world, block_chars=chars)
+    ranks = [make(cache) for _ in range(world)]
+    got: list[list[tuple[int, list[int]]]] = [[] for _ in range(world)]
+    for step in schedule + [r for r in range(world) for _ in range(len(alone) + 1)]:
         rank = step % world
-        if step % (2 * world) >= world:  # resume this rank from its state on a fresh chain
-            fresh = chain(rank, world, cache)
-            fresh.set_state(orders[rank].get_state())
-            orders[rank] = fresh
-        got[rank] += names([s for s in [next(orders[rank], None)] if s is not None])
-        assert cache.samples <= cache.max_samples and cache.chars <= cache.max_chars
-    assert got == alone
+        if step % (2 * world) >= world:  # resume this rank at its next block on a fresh chain
+            fresh = make(cache)
+            fresh.seek(ranks[rank].next_index, ranks[rank].next_start)
+            fresh.finished = ranks[rank].finished
+            ranks[rank] = fresh
+        got[rank] += [tokens(b) for b in [next(ranks[rank], None)] if b is not None]
+        assert len(cache.entries) <= cache.max_blocks and cache.chars <= cache.max_chars
+    assert got == [alone] * world
 
 
 def test_a_stalled_rank_costs_a_bounded_cache_and_reads_alone_later() -> None:
     """One rank takes nothing while the others read the whole epoch: the cache holds at most its bound, and the
     stalled rank, whose blocks are gone, reads them itself and gets what it gets alone."""
-    world, size = 3, 6
-    chain = partial(order, n=300, block=size, chars=1 << 20, seed=5, mode="round_robin")
+    world = 3
+    make = partial(chain, n=300, block=6, chars=1 << 20, seed=5, mode="round_robin")
     shared = SharedReads(blocks=2)
-    cache = shared.cache(world, block_size=size, block_chars=1 << 20)
-    orders = [chain(r, world, cache) for r in range(world)]
+    cache = shared.cache(world, block_chars=1 << 20)
+    ranks = [make(cache) for _ in range(world)]
     held = 0
-    for _ in zip_longest(orders[0], orders[1]):  # two ranks in step, the third stalled
-        held = max(held, cache.samples)
-    assert 0 < held <= 2 * size and cache.samples <= 2 * size
-    blocks = shared.counts.blocks_read
-    assert names(list(orders[2])) == names(list(chain(2, world, None)))
-    assert shared.counts.blocks_read > blocks  # the evicted blocks were read again
-    assert shared.counts.blocks_shared >= blocks  # rank 1 took every block rank 0 read
+    for _ in zip_longest(ranks[0], ranks[1]):  # two ranks in step, the third stalled
+        held = max(held, len(cache.entries))
+    assert 0 < held <= 2 and len(cache.entries) <= 2
+    read = shared.counts.blocks_read
+    assert [tokens(b) for b in ranks[2]] == [tokens(b) for b in make(None)]
+    assert shared.counts.blocks_read > read  # the dropped blocks were read again
+    assert shared.counts.blocks_shared >= read  # rank 1 took every block rank 0 read
 
 
-def one_block() -> Block:
-    """A block of four samples s0..s3 dealt to two ranks."""
-    samples = [Sample(0, 0, i, f"s{i}", "text") for i in range(4)]
-    return Block([samples[0::2], samples[1::2]], {"end": 1}, False, 4)
+def test_a_block_is_encoded_once_for_all_ranks() -> None:
+    """Ranks in step share the read and the encoding: each block is read once and taken by the others."""
+    encoded: list[int] = []
+    shared = SharedReads()
+    cache = shared.cache(4, block_chars=1 << 20)
+    order = partial(BlockShuffle, block_size=7, block_chars=1 << 20, seed=1, epoch=0)
+    ranks = [TokenizedBlocks(order(mix("sequential", sizes=(40,))), encoder(), with_prompts=False,
+                             on_encoded=lambda samples, _: encoded.append(len(samples)), shared=cache)
+             for _ in range(4)]
+    results = [[tokens(b) for b in rank] for rank in ranks]
+    assert results == [results[0]] * 4 and len(results[0]) == 6
+    assert sum(encoded) == 40 and shared.counts.blocks_read == 6 and shared.counts.blocks_shared == 18
+    assert not cache.entries and cache.chars == 0  # every rank took every block: nothing held
 
 
-def never() -> Block:
+def one_block() -> EncodedBlock:
+    return EncodedBlock(0, {"at": 0}, {"end": 1}, False, 4, 8, [], [])
+
+
+def never() -> EncodedBlock:
     raise AssertionError("read again, though the block was there to share")
-
-
-def texts(share: list[Sample]) -> list[str]:
-    return [s.text for s in share]
 
 
 def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
     shared = SharedReads()
-    cache = shared.cache(2, block_size=4, block_chars=100)
+    cache = shared.cache(2, block_chars=100)
     key = block_key(0, 0, {"at": 0})
     release, got = threading.Event(), {}
 
-    def slow_read() -> Block:
+    def slow_read() -> EncodedBlock:
         release.wait(30)
         return one_block()
 
     def take(rank: int) -> None:
-        got[rank] = texts(cache.share(key, rank, slow_read if rank == 0 else never).samples)
+        got[rank] = cache.take(key, slow_read if rank == 0 else never)
 
     reader = threading.Thread(target=take, args=(0,))
     reader.start()
@@ -105,30 +131,21 @@ def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
     release.set()
     reader.join(30)
     waiter.join(30)
-    assert got == {0: ["s0", "s2"], 1: ["s1", "s3"]}
+    assert got[0] is got[1]
     assert (shared.counts.blocks_read, shared.counts.blocks_shared) == (1, 1)
-    assert not cache.entries and cache.samples == 0  # every share taken: nothing held
+    assert not cache.entries and cache.chars == 0  # both ranks took it: nothing held
 
 
 def test_a_failed_read_leaves_the_block_to_the_next_rank() -> None:
     shared = SharedReads()
-    cache = shared.cache(2, block_size=4, block_chars=100)
+    cache = shared.cache(2, block_chars=100)
     key = block_key(0, 0, {"at": 0})
 
-    def broken() -> Block:
+    def broken() -> EncodedBlock:
         raise OSError("disk gone")
 
     with pytest.raises(OSError):
-        cache.share(key, 0, broken)
-    assert not cache.reading and texts(cache.share(key, 1, one_block).samples) == ["s1", "s3"]
-    assert texts(cache.share(key, 0, never).samples) == ["s0", "s2"]
-
-
-def test_a_twin_rank_reads_its_share_again() -> None:
-    """Two streams of the same rank (two jobs of one world size): the second reads the block itself."""
-    shared = SharedReads()
-    cache = shared.cache(2, block_size=4, block_chars=100)
-    key = block_key(0, 0, {"at": 0})
-    assert texts(cache.share(key, 0, one_block).samples) == ["s0", "s2"]
-    assert texts(cache.share(key, 0, one_block).samples) == ["s0", "s2"]
-    assert shared.counts.blocks_read == 2 and texts(cache.share(key, 1, never).samples) == ["s1", "s3"]
+        cache.take(key, broken)
+    assert not cache.reading
+    block = cache.take(key, one_block)
+    assert cache.take(key, never) is block
