@@ -24,8 +24,8 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed, FeedItem
-from sigil_feed.server.pack import Rows
 from sigil_feed.server.order import BlockShuffle
+from sigil_feed.server.pack import Rows
 from sigil_feed.server.shared_read import SharedReads
 from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair

@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.cache.pack import CachedPacker
 from sigil_feed.server.blocks import TokenStream
+from sigil_feed.server.cache.pack import CachedPacker
 from sigil_feed.server.deal import Deal
 from sigil_feed.server.pack import Packer, Rows
 from sigil_feed.server.shared_read import EncodedBlock
