@@ -87,12 +87,6 @@ class Packer:
         self.wraps = 0  # times the stream went back to the epoch's start
         self.end: int | None = None  # units in the epoch, once the stream ended
 
-    @property
-    def batches(self) -> int:
-        """Windows of this layout before `row`: 0 until the epoch delivered one (feed.py's test for an epoch
-        with no rows)."""
-        return -(-self.row // self.deal.window)
-
     def _total(self) -> int:
         """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
         if self.end is None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server import pack
+from sigil_feed.server import blocks
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
@@ -35,7 +35,7 @@ SEQ_LEN = 32
 def small_tokenize_chunks() -> Iterator[None]:
     """Streaming mode encodes in chunks of 3 here, so that every property crosses chunk boundaries."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pack, "TOKENIZE_CHUNK", 3)
+        patch.setattr(blocks, "TOKENIZE_CHUNK", 3)
         yield
 
 

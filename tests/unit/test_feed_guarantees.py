@@ -91,7 +91,7 @@ def in_global_order(per_rank: list[list[FeedItem]], batch: int) -> list[FeedItem
             for i, (row, n) in enumerate(zip(ids, real.tolist(), strict=True)):
                 rows[step * world * batch + rank + world * i] = row[:n]
     ids = np.concatenate([rows[i] for i in sorted(rows)] or [np.zeros((0,), np.int32)])
-    return [FeedItem(Rows(ids[None, :], ids[None, :0], None, None, len(ids)), 0, b"")]
+    return [FeedItem(Rows(ids[None, :], ids[None, :0], None, None, len(ids)), 0, b"", 0)]
 
 
 def all_samples(n: int) -> Counter[tuple[int, ...]]:
