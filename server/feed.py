@@ -63,7 +63,7 @@ class Feed:
         rows = self.packer.next_batch()
         if rows is not None:
             return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer))
-        if self.packer.batches == 0:
+        if (self.packer.row if isinstance(self.packer, CachedPacker) else self.packer.batches) == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
         ended = self.epoch
         self.epoch, self.packer = self.epoch + 1, None
