@@ -60,6 +60,7 @@ class FeedDataset(IterableDataset[ModelInputs]):
         self.stream_options = stream_options
         self.cursor = b""
         self.epoch: int | None = None
+        self.row = 0  # the global row of `epoch` where the next step starts
         self.info: feed_pb2.DatasetInfo | None = None
         # one shared byte, set by DataLoader workers forked from this process when they iterate a copy
         self._worker_flag: mmap.mmap | None = mmap.mmap(-1, 1)
@@ -123,15 +124,10 @@ class FeedDataset(IterableDataset[ModelInputs]):
                 raise ValueError(f"flash_attn_kwargs=True needs packed rows, but dataset {self.dataset!r} "
                                  f"at {self.target} is served with pack: false")
             rank, world_size = self.ranks()
-            batches = 0
             for item in stream:
                 if isinstance(item, FeedBatch):
-                    self.cursor, self.epoch = item.cursor, item.epoch
-                    batches += 1
+                    self.cursor, self.epoch, self.row = item.cursor, item.epoch, item.row
                     yield self._to_torch(item.arrays, pin, self._state(rank, world_size))
-            trainer_rank, trainer_world = self._trainer_ranks()
-            if trainer_world > 1 and stream.info.mode == "streaming":
-                log.warning(uneven_end_hint(trainer_rank, trainer_world, batches))
 
     def _to_torch(self, arrays: dict[str, np.ndarray], pin: bool, state: FeedState) -> ModelInputs:
         """Wrap decoded arrays as tensors (no copy unless pinning), adding the varlen kwargs if asked."""
@@ -144,8 +140,8 @@ class FeedDataset(IterableDataset[ModelInputs]):
 
     def _state(self, rank: int, world_size: int) -> FeedState:
         """The current position as a state dict (plain types: loads with torch.load(weights_only=True))."""
-        return {"cursor": encode_cursor(self.cursor), "epoch": self.epoch, "dataset": self.dataset,
-                "rank": rank, "world_size": world_size}
+        return {"cursor": encode_cursor(self.cursor), "epoch": self.epoch, "row": self.row,
+                "dataset": self.dataset, "rank": rank, "world_size": world_size}
 
     def state_dict(self) -> FeedState:
         """The position right after the last batch yielded in this process (or the loaded one).
@@ -162,22 +158,12 @@ class FeedDataset(IterableDataset[ModelInputs]):
         return self._state(*self.ranks())
 
     def load_state_dict(self, state: FeedState) -> None:
-        """Make the next iteration resume with exactly the batch after the saved one."""
-        rank, world_size = self.ranks()
-        saved = (state.get("rank", rank), state.get("world_size", world_size))
-        if saved != (rank, world_size):
-            raise ValueError(f"state was saved by rank {saved[0]} of {saved[1]}, this is rank {rank} of "
-                             f"{world_size}: a cursor only resumes the same rank and world size")
-        self.cursor, self.epoch = decode_cursor(state["cursor"]), state.get("epoch")
+        """Make the next iteration resume with exactly the batch after the saved one.
 
-
-def uneven_end_hint(rank: int, world_size: int, batches: int) -> str:
-    """What to do when a rank's finite streaming epochs end (other ranks may have more batches)."""
-    return (f"rank {rank} of {world_size}: the stream ended after {batches} batches (every configured epoch). "
-            "In streaming mode ranks end their finite epochs on different steps, so ranks training in lockstep "
-            "(DDP) would now hang or fail in their next collective. Wrap the loop in `with ddp_model.join():`, "
-            "or stream endlessly (leave `epochs` unset) and stop at max_steps, or use cached mode "
-            "(use_cache: true), where every rank gets the same number of batches")
+        The position is global, so a state saved by any rank of any world size resumes this rank: after a
+        checkpoint where every rank stopped after the same step (see integrations.ranks.resume_state, which
+        checks that), every rank of a new layout loads the same state. The row length must not change."""
+        self.cursor, self.epoch, self.row = decode_cursor(state["cursor"]), state.get("epoch"), state.get("row", 0)
 
 
 def _can_pin() -> bool:

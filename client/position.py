@@ -8,8 +8,9 @@ from typing import Any
 from .stream import FeedError
 
 FeedState = dict[str, Any]
-"""A resumable feed position: cursor (base64 text), epoch, dataset, rank, world_size; plain types only,
-so it loads with torch.load(weights_only=True) and serialises as JSON."""
+"""A resumable feed position: cursor (base64 text), epoch, row (the global row where the next step starts),
+dataset, and the rank and world_size that saved it; plain types only, so it loads with
+torch.load(weights_only=True) and serialises as JSON."""
 
 
 class PositionedBatch(dict[str, Any]):

@@ -64,6 +64,7 @@ class FeedBatch:
     cursor: bytes
     tokens: int
     arrays: dict[str, np.ndarray]
+    row: int = 0  # the position after it: the global row of the epoch where the next step starts
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class EpochEnd:
 
     epoch: int
     cursor: bytes
+    row: int = 0  # the epoch's global rows
 
 
 StreamItem = FeedBatch | EpochEnd
@@ -246,11 +248,11 @@ class _Link:
         if kind == "batch":
             batch = response.batch
             item: StreamItem = FeedBatch(batch.seq, batch.epoch, batch.cursor, batch.tokens,
-                                         decode_batch(batch, self.opened.dataset.pack))
+                                         decode_batch(batch, self.opened.dataset.pack), batch.row)
             with self._cond:
                 self._buffered += 1
         elif kind == "epoch_end":
-            item = EpochEnd(response.epoch_end.epoch, response.epoch_end.cursor)
+            item = EpochEnd(response.epoch_end.epoch, response.epoch_end.cursor, response.epoch_end.row)
         else:
             raise FeedError(f"sigil-feed server at {self.target} sent {kind!r} in the middle of a stream")
         self._resume_cursor = item.cursor

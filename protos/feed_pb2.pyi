@@ -123,26 +123,30 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("seq", "epoch", "tensors", "cursor", "tokens")
+    __slots__ = ("seq", "epoch", "tensors", "cursor", "tokens", "row")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
     seq: int
     epoch: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     cursor: bytes
     tokens: int
-    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., cursor: _Optional[bytes] = ..., tokens: _Optional[int] = ...) -> None: ...
+    row: int
+    def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., cursor: _Optional[bytes] = ..., tokens: _Optional[int] = ..., row: _Optional[int] = ...) -> None: ...
 
 class EpochEnd(_message.Message):
-    __slots__ = ("epoch", "cursor")
+    __slots__ = ("epoch", "cursor", "row")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     cursor: bytes
-    def __init__(self, epoch: _Optional[int] = ..., cursor: _Optional[bytes] = ...) -> None: ...
+    row: int
+    def __init__(self, epoch: _Optional[int] = ..., cursor: _Optional[bytes] = ..., row: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ("dataset",)

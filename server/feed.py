@@ -12,15 +12,18 @@ from .pack import Packer, Rows
 
 @dataclass
 class FeedItem:
-    """A batch (rows set) or the end of an epoch (rows None), with the cursor right after it."""
+    """A batch (rows set) or the end of an epoch (rows None), with the cursor right after it and its position
+    (the global row where the next step of `epoch` starts; at an epoch's end, the epoch's rows)."""
 
     rows: Rows | None
     epoch: int
     cursor: bytes
+    row: int
 
 
 class Feed:
-    """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor or at epoch 0."""
+    """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor (any rank's, of any world size,
+    made for the same seq_len) or at epoch 0."""
 
     def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
                  seq_len: int, start: Cursor | None, secret: bytes = b"") -> None:
@@ -35,8 +38,8 @@ class Feed:
             try:
                 self.packer.set_state(start.state)
             except (KeyError, IndexError, ValueError, TypeError, StopIteration):
-                raise refused("its position does not exist in this dataset (a state of another mode or "
-                              "source list)") from None
+                raise refused("its position does not exist in this dataset (a state of another mode, source "
+                              "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
@@ -44,7 +47,7 @@ class Feed:
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = None if packer is None else packer.get_state()
-        return Cursor(self.dataset.fingerprint, self.rank, self.world_size, epoch, state).encode(self.secret)
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -62,9 +65,9 @@ class Feed:
             self.packer = self._open_epoch()
         rows = self.packer.next_batch()
         if rows is not None:
-            return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer))
-        if (self.packer.row if isinstance(self.packer, CachedPacker) else self.packer.batches) == 0:
+            return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer), self.packer.row)
+        if self.packer.row == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
-        ended = self.epoch
+        ended, rows_in_epoch = self.epoch, self.packer.row
         self.epoch, self.packer = self.epoch + 1, None
-        return FeedItem(None, ended, self._cursor(self.epoch, None))
+        return FeedItem(None, ended, self._cursor(self.epoch, None), rows_in_epoch)

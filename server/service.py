@@ -220,8 +220,8 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         dataset, world, seq_len = self._check_open(request)
         start = None
         if request.cursor:
-            start = decode_cursor(request.cursor, fingerprint=dataset.fingerprint, rank=request.rank,
-                                  world_size=world, secret=self.cursor_secret)
+            start = decode_cursor(request.cursor, fingerprint=dataset.fingerprint, seq_len=seq_len,
+                                  secret=self.cursor_secret)
         stream = OpenStream(dataset.name, ClientStream(peer, request.client_id, request.rank, world),
                             Credits(request.credits, self.limits.max_credits, self.limits.idle_timeout_s))
         key = id(stream)
@@ -372,12 +372,11 @@ class _Producer:
         while len(out) < batches:
             item = next(self.feed, None)
             if item is None or item.rows is None:
-                end = None if item is None else messages([feed_pb2.StreamResponse(
-                    epoch_end=feed_pb2.EpochEnd(epoch=item.epoch, cursor=item.cursor)).SerializeToString()],
-                    self.parts)
+                end = None if item is None else messages([feed_pb2.StreamResponse(epoch_end=feed_pb2.EpochEnd(
+                    epoch=item.epoch, cursor=item.cursor, row=item.row)).SerializeToString()], self.parts)
                 out.append((item, end))
                 break
             out.append((item, batch_response(item.rows, seq=self.seq, epoch=item.epoch, cursor=item.cursor,
-                                             vocab_size=self.vocab_size, parts=self.parts)))
+                                             row=item.row, vocab_size=self.vocab_size, parts=self.parts)))
             self.seq += 1
         return out

@@ -30,7 +30,7 @@ CHUNK = 1 << 20
 """Bytes copied under the GIL at a time when making a big response, and the most a Part carries."""
 
 
-def batch_response(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int,
+def batch_response(rows: Rows, *, seq: int, epoch: int, cursor: bytes, row: int, vocab_size: int,
                    parts: bool = False) -> list[bytes]:
     """The StreamResponse carrying a set of rows (packed rows carry segments, padded rows their lengths), as
     the messages to write (see `messages`); each tensor's buffer is copied once, into them."""
@@ -44,7 +44,7 @@ def batch_response(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_siz
     batch: list[Buffer] = [feed_pb2.Batch(seq=seq, epoch=epoch).SerializeToString()]
     for name, array in tensors:
         batch += _field(_BATCH_TENSORS, _tensor(name, array))
-    batch.append(feed_pb2.Batch(cursor=cursor, tokens=rows.tokens).SerializeToString())
+    batch.append(feed_pb2.Batch(cursor=cursor, tokens=rows.tokens, row=row).SerializeToString())
     return messages(_field(_RESPONSE_BATCH, batch), parts)
 
 

@@ -11,8 +11,9 @@ How the Trainer is fitted to a stream of ready batches:
 - The dataset has no length, so TrainingArguments needs max_steps.
 - Each rank writes the position after the last batch it trained on into checkpoint-N *before* the
   Trainer writes the checkpoint (trainer_state.json last), and resume_from_checkpoint=True takes the
-  newest checkpoint that holds trainer_state.json and every rank's position. ignore_data_skip=True stops
-  the Trainer from fast-forwarding a stream that already resumes at the right batch.
+  newest checkpoint that holds trainer_state.json and the position of every rank that saved it. A run on
+  another number of ranks resumes from it too (integrations.ranks.resume_state). ignore_data_skip=True
+  stops the Trainer from fast-forwarding a stream that already resumes at the right batch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..dataset import FeedDataset
 from ..position import FeedState, batch_state
+from .ranks import resume_state
 
 TRAINER_STATE = "trainer_state.json"
 """The file the Trainer writes last into a checkpoint."""
@@ -37,11 +39,22 @@ def feed_state_file(rank: int) -> str:
     return f"sigil_feed_rank{rank}.pt"
 
 
-def complete_checkpoints(output_dir: Path, world_size: int) -> list[Path]:
-    """Checkpoint folders holding the Trainer's state and every rank's feed position, newest first."""
+def saved_states(folder: Path) -> list[FeedState | None]:
+    """The feed positions a checkpoint holds, by rank (None where one is missing); empty without rank 0's."""
+    first = folder / feed_state_file(0)
+    if not first.is_file():
+        return []
+    saved_world = int(torch.load(first).get("world_size", 1))
+    return [torch.load(path) if (path := folder / feed_state_file(r)).is_file() else None
+            for r in range(saved_world)]
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders holding the Trainer's state and the feed position of every rank that saved them,
+    newest first."""
     folders = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
     return sorted((p for p in folders if (p / TRAINER_STATE).is_file()
-                   and all((p / feed_state_file(r)).is_file() for r in range(world_size))),
+                   and (states := saved_states(p)) and None not in states),
                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
@@ -80,22 +93,21 @@ class FeedTrainerMixin:
         """Train; when resuming, first restore this rank's feed position saved with the checkpoint."""
         if resume_from_checkpoint:
             folder = self._resume_folder(resume_from_checkpoint)
-            self.feed.load_state_dict(torch.load(folder / feed_state_file(self.feed.ranks()[0])))
+            self.feed.load_state_dict(resume_state(saved_states(folder), *self.feed.ranks()))
             resume_from_checkpoint = str(folder)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)  # type: ignore[misc]
 
     def _resume_folder(self, resume_from_checkpoint: str | bool) -> Path:
         """The checkpoint to resume: the one given, or the newest complete one in output_dir."""
-        world_size = self.feed.ranks()[1]
         if resume_from_checkpoint is True:
             output_dir = Path(str(self.args.output_dir))  # type: ignore[attr-defined]
-            found = complete_checkpoints(output_dir, world_size) if output_dir.is_dir() else []
+            found = complete_checkpoints(output_dir) if output_dir.is_dir() else []
             if not found:
                 raise ValueError(f"no checkpoint in {output_dir} holds {TRAINER_STATE} and the sigil-feed "
-                                 f"position of all {world_size} rank(s): nothing to resume from")
+                                 "position of every rank that saved it: nothing to resume from")
             return found[0]
         folder = Path(str(resume_from_checkpoint))
-        if folder not in complete_checkpoints(folder.parent, world_size):
+        if folder not in complete_checkpoints(folder.parent):
             raise FileNotFoundError(f"{folder} lacks {TRAINER_STATE} or a sigil-feed position "
                                     f"({feed_state_file(0)} ...): it was not written completely by FeedTrainer")
         return folder

@@ -74,9 +74,9 @@ def example(name: str, *args: str) -> subprocess.Popen[str]:
     return launch(sys.executable, str(EXAMPLES / name), *COMMON, *args)
 
 
-def torchrun(name: str, *args: str) -> subprocess.Popen[str]:
-    """torchrun --nproc-per-node 2 examples/<name> ARGS, on a free rendezvous port."""
-    return launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def torchrun(name: str, *args: str, ranks: int = 2) -> subprocess.Popen[str]:
+    """torchrun --nproc-per-node RANKS examples/<name> ARGS, on a free rendezvous port."""
+    return launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                   str(EXAMPLES / name), *COMMON, *args)
 
 
@@ -208,6 +208,28 @@ def test_two_ranks_learn_on_disjoint_shares_picked_up_from_torch_distributed(
         assert logged == {step: row_hashes(batch["input_ids"]) for step, batch in zip(range(20), direct, strict=False)}
         seen.append({row for rows in logged.values() for row in rows})
     assert len(seen[0]) == len(seen[1]) == 20 * BATCH and not seen[0] & seen[1]
+
+
+def global_batches(folder: Path, ranks: int) -> dict[int, list[str]]:
+    """Each logged step's global batch: the ranks' rows in global row order (rank r's row i is row r + ranks*i)."""
+    per_rank = [steps(folder, rank) for rank in range(ranks)]
+    return {step: [rows[i] for i in range(len(per_rank[0][step])) for rows in (r[step] for r in per_rank)]
+            for step in per_rank[0]}
+
+
+def test_torchrun_resumed_on_another_number_of_ranks_trains_on_the_same_global_batches(
+        server: ServerProcess, tmp_path: Path) -> None:
+    """2 ranks of 4 rows stop after step 5 and save; 1 rank of 8 rows resumes: every later step trains on exactly
+    the rows the 2 ranks would have trained on together."""
+    checkpoint = str(tmp_path / "ckpt.pt")
+    full = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "12", "--dump", str(tmp_path / "full"))
+    cut = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "5", "--save", checkpoint)
+    assert sorted(losses(full)) == sorted(losses(cut)) == [0, 1]
+    resumed = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "12", "--batch-size", str(2 * BATCH),
+                       "--resume", checkpoint, "--dump", str(tmp_path / "after"), ranks=1)
+    assert sorted(losses(resumed)) == [0]
+    uninterrupted = global_batches(tmp_path / "full", 2)
+    assert global_batches(tmp_path / "after", 1) == {s: rows for s, rows in uninterrupted.items() if s >= 5}
 
 
 @pytest.mark.parametrize("ranks", [1, 2], ids=["single", "torchrun"])

@@ -377,18 +377,3 @@ def test_state_dict_refuses_when_forked_workers_hold_the_position(
     assert list(loader)  # (the fake serves every stream in full, whatever its rank)
     with pytest.raises(FeedError, match="worker processes iterated this dataset"):
         dataset.state_dict()
-
-
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_the_end_of_finite_streaming_epochs_says_what_ranks_in_lockstep_need(
-        serve: Callable[..., tuple[str, grpc.Server]], caplog: pytest.LogCaptureFixture, world_size: int) -> None:
-    """Ranks end finite streaming epochs on different steps: a rank of several says so, naming the fixes."""
-    pytest.importorskip("torch")
-    from sigil_feed.client import FeedDataset
-
-    target, _ = serve(FakeFeed(per_epoch=2, epochs=1))
-    with caplog.at_level(logging.WARNING, logger="sigil_feed.client.dataset"):
-        assert len(list(FeedDataset(target, batch_size=1, rank=0, world_size=world_size))) == 2
-    hint = [r.message for r in caplog.records if "stream ended after 2 batches" in r.message]
-    assert len(hint) == (world_size > 1)
-    assert all("join()" in h and "max_steps" in h and "cached mode" in h for h in hint)

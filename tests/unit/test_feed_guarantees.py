@@ -59,9 +59,9 @@ def make_dataset(root: Path, n: int, *, cached: bool, pack: bool = True, remaind
 
 
 def feed(dataset: ServedDataset, rank: int, world: int, batch: int, cursor: bytes = b"") -> Feed:
-    start = decode_cursor(cursor, fingerprint=dataset.fingerprint, rank=rank, world_size=world) if cursor else None
-    return Feed(dataset, rank=rank, world_size=world, batch_size=batch, seq_len=dataset.config.max_seq_len,
-                start=start)
+    seq_len = dataset.config.max_seq_len
+    start = decode_cursor(cursor, fingerprint=dataset.fingerprint, seq_len=seq_len) if cursor else None
+    return Feed(dataset, rank=rank, world_size=world, batch_size=batch, seq_len=seq_len, start=start)
 
 
 def epoch_items(f: Feed, epoch: int) -> list[FeedItem]:

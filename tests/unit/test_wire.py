@@ -49,13 +49,13 @@ def padded(rows: int, seq_len: int) -> Rows:
                                                               (2**40, 7, b"\x00\xff", 65_536)])
 def test_batch_response_equals_protobufs_encoding(rows: Rows, seq: int, epoch: int, cursor: bytes,
                                                   vocab: int) -> None:
-    [encoded] = batch_response(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
-    assert encoded == protobuf_encoded(rows, seq=seq, epoch=epoch, cursor=cursor, vocab_size=vocab)
+    [encoded] = batch_response(rows, seq=seq, epoch=epoch, cursor=cursor, row=0, vocab_size=vocab)
+    assert encoded == protobuf_encoded(rows, seq=seq, epoch=epoch, cursor=cursor, row=0, vocab_size=vocab)
 
 
 def test_batch_response_decodes_to_the_rows() -> None:
     rows = packed(4, 64, True)
-    response = feed_pb2.StreamResponse.FromString(*batch_response(rows, seq=9, epoch=1, cursor=b"x",
+    response = feed_pb2.StreamResponse.FromString(*batch_response(rows, seq=9, epoch=1, cursor=b"x", row=0,
                                                                  vocab_size=129_280))
     assert (response.batch.seq, response.batch.epoch, response.batch.cursor) == (9, 1, b"x")
     arrays = decode_batch(response.batch, pack=True)
@@ -101,8 +101,8 @@ def test_a_response_of_at_most_chunk_bytes_is_one_message(sizes: list[int]) -> N
 
 def test_a_big_batch_in_parts_reads_back_as_the_whole_response() -> None:
     rows = packed(64, 16384, True)
-    [encoded] = batch_response(rows, seq=3, epoch=1, cursor=b"c", vocab_size=129_280)
-    parts = batch_response(rows, seq=3, epoch=1, cursor=b"c", vocab_size=129_280, parts=True)
+    [encoded] = batch_response(rows, seq=3, epoch=1, cursor=b"c", row=0, vocab_size=129_280)
+    parts = batch_response(rows, seq=3, epoch=1, cursor=b"c", row=0, vocab_size=129_280, parts=True)
     assert len(parts) == -(-len(encoded) // CHUNK) > 1
     [response] = whole(map(read_response, parts), None)
     assert response.SerializeToString() == encoded
