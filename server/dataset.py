@@ -146,10 +146,7 @@ class ServedDataset:
                                             stopping=self.section.stopping_strategy, weights=self.weights,
                                             task_weights=self.section.task_weights,
                                             seed=self.section.shuffle_seed or 0)
-            try:
-                self.virtual = virtual_ranks(self.section.virtual_ranks, len(self.sequence))
-            except ValueError as err:
-                raise ConfigError(str(err), key="dataset.virtual_ranks") from None
+            self.virtual = virtual_ranks(self.section.virtual_ranks, len(self.sequence))  # ValueError: too many
             self.progress.state, self.progress.samples = "ready", len(self.store)
             self.progress.tokens, self.progress.error = self.store.manifest.tokens, ""
         except BaseException as err:
