@@ -24,6 +24,7 @@ from bench import (
     cached,
     exact,
     local_ranks,
+    locality,
     memory,
     mosaic,
     neighbour,
@@ -44,6 +45,7 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"), "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", ""),
            "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", ""),
+           "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
            "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1")}
 STALL_DATASETS = ["default", "stream"]
 
@@ -147,6 +149,10 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
     for metric in r.guard("cold_shard_cache_first_batch_s", lambda: shard_cache.measure(
             work, work.root / "cache", lambda name, keys: write_config(
                 work.path(f"{name}.yaml"), work, work.sources, use_cache=True, **keys))) or []:
+        r.add(metric)
+    for metric in r.guard("bytes_fetched_per_sidecar_over_store", lambda: locality.measure(
+            work, lambda name, sources, keys: write_config(work.path(f"{name}.yaml"), work, sources, use_cache=True,
+                                                           **keys))) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

@@ -72,6 +72,8 @@ class DatasetSection(BaseModel):
     shuffle_block_chars: PositiveInt = 16 << 20  # streaming: a block also ends at this much text
     epochs: int | None = Field(default=None, ge=1)  # None: forever
     remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
+    virtual_ranks: PositiveInt | Literal["auto"] = "auto"  # cached: the epoch's readers; fixed for a run's life
+    shuffle_window_shards: PositiveInt = 4  # cached: items are shuffled within windows of this many shards
     tokenizer_backend: Literal["auto", "hf", "fastokens"] = "auto"  # who encodes; the ids are HF's either way
     shard_cache_dir: str | None = None  # a remote store's shards are cached here; None: <local cache dir>/shards
     shard_cache_gb: PositiveFloat = 20.0  # the shard cache's budget, in GB (10^9 bytes)

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from itertools import islice
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..protos import feed_pb2
 from .blocks import TokenizedBlocks, TokenStream
-from .cache.order import epoch_batches, epoch_order, served_sequence
+from .cache.order import EpochLayout, epoch_layout, served_sequence, virtual_ranks
 from .cache.pack import CachedPacker
 from .config import DatasetConfig, DatasetSection, FeedConfig
 from .curate import CuratedSource, CurateRules
@@ -50,8 +51,11 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
                     "legacy_filters", "chat_template", "completion_only")
 """What decides which samples exist and their tokens: part of the token store's fingerprint."""
 ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder", "shuffle_seed",
-                  "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights")
+                  "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
+                  "shuffle_window_shards")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
+LAYOUTS_KEPT = 2
+"""Cached mode: epoch layouts kept (the ranks of an epoch open it at about the same time)."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
@@ -85,6 +89,9 @@ class ServedDataset:
         self.progress = BuildProgress(state="ready" if not self.cached else "pending")
         self.store: TokenStore | None = None
         self.sequence = np.zeros(0, dtype=np.int64)  # the served sequence of store samples (cached mode)
+        self.virtual = 1  # cached mode: V, the epoch's virtual ranks
+        self.layouts: OrderedDict[int, EpochLayout] = OrderedDict()  # the last LAYOUTS_KEPT epochs' layouts
+        self.layouts_lock = threading.Lock()
         self.build_error: BaseException | None = None
         stored = self._stored_facts()
         self.facts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
@@ -140,6 +147,7 @@ class ServedDataset:
                                             stopping=self.section.stopping_strategy, weights=self.weights,
                                             task_weights=self.section.task_weights,
                                             seed=self.section.shuffle_seed or 0)
+            self.virtual = virtual_ranks(self.section.virtual_ranks, len(self.sequence))  # ValueError: too many
             self.progress.state, self.progress.samples = "ready", len(self.store)
             self.progress.tokens, self.progress.error = self.store.manifest.tokens, ""
         except BaseException as err:
@@ -277,12 +285,9 @@ class ServedDataset:
         """One rank's epoch as a stage chain ending in a packer."""
         section = self.section
         if self.store is not None:
-            order = epoch_order(self.sequence, section.shuffle_seed, epoch)
-            max_batches = epoch_batches(self.store, order, world_size=world_size, batch_size=batch_size,
-                                        seq_len=seq_len, pack=self.config.pack, remainder=section.remainder)
-            return CachedPacker(self.store, order, rank=rank, world_size=world_size, batch_size=batch_size,
-                                seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
-                                pad_id=self.facts.pad_id, remainder=section.remainder, max_batches=max_batches)
+            return CachedPacker(self.store, self.layout(epoch), Deal(rank, world_size, batch_size), seq_len=seq_len,
+                                pack=self.config.pack, completion_only=section.completion_only,
+                                pad_id=self.facts.pad_id, remainder=section.remainder)
         blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
@@ -290,6 +295,20 @@ class ServedDataset:
                                  shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
         return Packer(TokenStream(blocks), Deal(rank, world_size, batch_size), seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
+
+    def layout(self, epoch: int) -> EpochLayout:
+        """Cached mode: the epoch's layout over the virtual ranks, computed once for all the ranks that open it."""
+        with self.layouts_lock:
+            layout = self.layouts.get(epoch)
+            if layout is None:
+                assert self.store is not None
+                layout = epoch_layout(self.store, self.sequence, virtual=self.virtual, seed=self.section.shuffle_seed,
+                                      epoch=epoch, window_shards=self.section.shuffle_window_shards)
+                self.layouts[epoch] = layout
+                while len(self.layouts) > LAYOUTS_KEPT:
+                    self.layouts.popitem(last=False)
+            self.layouts.move_to_end(epoch)
+            return layout
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))

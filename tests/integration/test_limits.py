@@ -190,17 +190,17 @@ def forged_cursors(stub: feed_pb2_grpc.DataFeedStub) -> list[bytes]:
     fp = stub.ListDatasets(feed_pb2.ListDatasetsRequest(), timeout=10).datasets[0].fingerprint
     child = {"at": {"file": 0, "row": 0}, "skip": 0}
     mix = {"turn": 0, "exhausted": [False], "done": False, "children": [child]}
-    packer = {"at": {"block": 0, "start": mix, "taken": 0}, "offset": 0, "batches": 0, "wraps": 0}
-    bodies = [{**b, "fp": fp} for b in (body(state={"pos": "abc"}), body(state={}), body(state=[1, 2]),
-                                        body(epoch=-1), body(epoch=2**40), body(state={"pos": 0, "batches": -1e9}),
-                                        body(state=None, world=0))]
+    packer = {"row": 0, "at": {"block": 0, "start": mix, "taken": 0}, "offset": 0, "wraps": 0}
+    bodies = [{**b, "fp": fp} for b in (body(state={"row": "abc"}), body(state={}), body(state=[1, 2]),
+                                        body(epoch=-1), body(epoch=2**40), body(state={"row": 0, "virtual": -1e9}),
+                                        body(state=None, seq_len=0))]
     bodies += [{}, [1, 2], {"fp": fp}]
-    states = [{"pos": 3, "batches": 1},  # a cached state, for this streaming dataset
+    states = [{"row": 3, "virtual": 1},  # a cached state, for this streaming dataset
               {**packer, "at": {**packer["at"], "start": {**mix, "exhausted": [False] * 2, "children": [child] * 2}}},
               {**packer, "at": {**packer["at"], "start": {**mix, "turn": -1}}}]
-    good = Cursor(fp, 0, 1, 0, packer).encode()
-    return ([signed(b) for b in bodies] + [Cursor(fp, 0, 1, 0, s).encode() for s in states]
-            + [good[:1] + bytes(TAG_BYTES) + good[1 + TAG_BYTES:], Cursor(fp, 0, 1, 0, packer).encode(b"guess")])
+    good = Cursor(fp, 0, 64, packer).encode()
+    return ([signed(b) for b in bodies] + [Cursor(fp, 0, seq_len, s).encode() for s in states for seq_len in (16, 64)]
+            + [good[:1] + bytes(TAG_BYTES) + good[1 + TAG_BYTES:], Cursor(fp, 0, 64, packer).encode(b"guess")])
 
 
 def test_fuzzed_requests_and_garbage_bytes_get_a_status_while_a_good_client_streams(server: ServerProcess,

@@ -25,7 +25,6 @@ from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed, FeedItem
 from sigil_feed.server.order import BlockShuffle
-from sigil_feed.server.pack import Rows
 from sigil_feed.server.shared_read import SharedReads
 from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair
@@ -69,31 +68,6 @@ def epoch_items(f: Feed, epoch: int) -> list[FeedItem]:
     return [item for item in f if item.epoch == epoch and item.rows is not None]
 
 
-def samples_of(items: list[FeedItem], eos: int) -> list[tuple[int, ...]]:
-    """The samples a rank received: its real tokens in order, cut after every EOS."""
-    if not items:
-        return []
-    ids = np.concatenate([i.rows.input_ids.reshape(-1)[: i.rows.tokens] for i in items if i.rows is not None])
-    return [tuple(p) for p in np.split(ids, np.flatnonzero(ids == eos) + 1) if len(p)]
-
-
-def in_global_order(per_rank: list[list[FeedItem]], batch: int) -> list[FeedItem]:
-    """Streaming: the ranks' rows as one item, in global row order (rank r's row i of step k is global row
-    k*w*batch + r + w*i)."""
-    world = len(per_rank)
-    rows: dict[int, np.ndarray] = {}
-    for rank, items in enumerate(per_rank):
-        for step, item in enumerate(items):
-            assert item.rows is not None
-            ids, real = item.rows.input_ids, item.rows.lengths
-            if item.rows.row_segments is not None:
-                real = np.add.reduceat(real, np.concatenate([[0], np.cumsum(item.rows.row_segments)[:-1]]))
-            for i, (row, n) in enumerate(zip(ids, real.tolist(), strict=True)):
-                rows[step * world * batch + rank + world * i] = row[:n]
-    ids = np.concatenate([rows[i] for i in sorted(rows)] or [np.zeros((0,), np.int32)])
-    return [FeedItem(Rows(ids[None, :], ids[None, :0], None, None, len(ids)), 0, b"", 0)]
-
-
 def all_samples(n: int) -> Counter[tuple[int, ...]]:
     enc = encoder()
     texts = [r["prompt"] + "\n\n" + r["gen"] for r in map(rust_pair, range(n))]
@@ -116,6 +90,32 @@ def test_ranks_are_disjoint_and_cover_each_epoch_exactly(n: int, batch: int, wor
         assert received == all_samples(n)
 
 
+def stream_samples(dataset: ServedDataset, per_rank: list[list[FeedItem]], world: int, batch: int
+                   ) -> Counter[tuple[int, ...]]:
+    """The samples an epoch delivered, put back together: every row at its global row e, the rows of each
+    virtual rank's stream (e = v mod V; streaming has one stream) concatenated, cut after every EOS."""
+    rows: dict[int, np.ndarray] = {}
+    for rank, items in enumerate(per_rank):
+        for item in items:
+            assert item.rows is not None
+            first = item.row - world * batch
+            real = np.add.reduceat(item.rows.lengths, np.cumsum(item.rows.row_segments) - item.rows.row_segments)
+            for i, (ids, n) in enumerate(zip(item.rows.input_ids, real, strict=True)):
+                rows[first + rank + world * i] = ids[:n]
+    got: Counter[tuple[int, ...]] = Counter()
+    for v in range(dataset.virtual):
+        got.update(samples_of_ids([rows[e] for e in sorted(rows) if e % dataset.virtual == v], encoder().eos_id))
+    return got
+
+
+def samples_of_ids(rows: list[np.ndarray], eos: int) -> list[tuple[int, ...]]:
+    """Token rows concatenated and cut after every EOS."""
+    if not rows:
+        return []
+    ids = np.concatenate(rows)
+    return [tuple(p) for p in np.split(ids, np.flatnonzero(ids == eos) + 1) if len(p)]
+
+
 @SETTINGS
 @given(n=st.integers(1, 30), batch=st.integers(1, 3), world=st.integers(1, 3), cached=st.booleans(),
        remainder=st.sampled_from(["keep", "pad", "drop"]))
@@ -127,16 +127,13 @@ def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(n: int, batch: i
         tokens = [sum(i.rows.tokens for i in items if i.rows is not None) for items in per_rank]
         total = sum(len(s) for s in all_samples(n).elements())
         if remainder == "keep":
-            got: Counter[tuple[int, ...]] = Counter()
-            for items in ([in_global_order(per_rank, batch)] if not cached else per_rank):
-                got.update(samples_of(items, encoder().eos_id))
-            assert got == all_samples(n)
+            assert stream_samples(dataset, per_rank, world, batch) == all_samples(n)
         elif remainder == "pad":
             assert sum(tokens) >= total and all(t % (batch * 32) == 0 for t in tokens)
         else:
             assert sum(tokens) <= total and all(t % (batch * 32) == 0 for t in tokens)
         if remainder != "keep":
-            assert len({len(items) for items in per_rank}) == 1  # equal step counts on every rank
+            assert len({len(items) for items in per_rank}) == 1  # equal step counts on every rank, both modes
 
 
 @SETTINGS

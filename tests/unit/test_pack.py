@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.blocks import TokenStream
-from sigil_feed.server.cache.pack import CachedPacker
 from sigil_feed.server.deal import Deal
 from sigil_feed.server.pack import Packer, Rows
 from sigil_feed.server.shared_read import EncodedBlock
@@ -70,27 +67,7 @@ def packer(encoded: list[Encoded], batch: int, seq: int, pack: bool = True, comp
                   pack=pack, completion_only=completion, pad_id=PAD, remainder=remainder)
 
 
-def cached_packer(encoded: list[Encoded], batch: int, seq: int, pack: bool, completion: bool, remainder: str,
-                  max_batches: int | None) -> CachedPacker:
-    """A CachedPacker over the samples laid out as a token store's arrays, in store order, in two shards
-    (samples alternate between them, so runs of a batch cross shards)."""
-    lengths = np.array([len(e.ids) for e in encoded], dtype=np.int32)
-    shard = np.arange(len(encoded)) % 2
-    offsets = np.zeros(len(encoded), dtype=np.int64)
-    for k in (0, 1):
-        offsets[shard == k] = np.cumsum(lengths[shard == k]) - lengths[shard == k]
-    tokens = [np.concatenate([e.ids for e, s in zip(encoded, shard, strict=True) if s == k] or [np.zeros(0, np.int32)])
-              for k in (0, 1)]
-    shards = SimpleNamespace(local=True, pinned=lambda indices: nullcontext(dict(enumerate(tokens))))
-    store = SimpleNamespace(shards=shards, shard=shard, lengths=lengths, offsets=offsets,
-                            manifest=SimpleNamespace(dtype="<i4"),
-                            prompt_tokens=np.array([e.prompt_tokens for e in encoded], dtype=np.int32))
-    return CachedPacker(store, np.arange(len(encoded)), rank=0, world_size=1, batch_size=batch,  # type: ignore
-                        seq_len=seq, pack=pack, completion_only=completion, pad_id=PAD, remainder=remainder,
-                        max_batches=max_batches)
-
-
-def drain(p: Packer | CachedPacker) -> list[Rows]:
+def drain(p: Packer) -> list[Rows]:
     out = []
     while (rows := p.next_batch()) is not None:
         out.append(rows)
@@ -154,29 +131,3 @@ def test_completion_only_masks_prompt_tokens_even_across_rows() -> None:
     rows = drain(packer(make_samples([6, 4], prompts=[5, 2]), batch=1, seq=4, completion=True))
     masks = np.concatenate([r.loss_mask.reshape(-1)[: r.tokens] for r in rows]).tolist()
     assert masks == [0, 0, 0, 0, 0, 1, 0, 0, 1, 1]
-
-
-@settings(max_examples=150, deadline=None)
-@given(lengths=lengths_st, data=st.data(), batch=st.integers(1, 4), seq=st.integers(1, 33), pack=st.booleans(),
-       completion=st.booleans(), remainder=st.sampled_from(["keep", "pad"]))
-def test_cached_packer_gives_the_streaming_packers_batches(lengths: list[int], data: st.DataObject, batch: int,
-                                                           seq: int, pack: bool, completion: bool,
-                                                           remainder: str) -> None:
-    """Two implementations, one rule: vectorised runs over the store and sample-by-sample packing agree,
-    epoch wrap-around (`pad`: the last batch completed from the epoch's start) included."""
-    prompts = [data.draw(st.integers(0, n)) for n in lengths]  # a prompt is part of its sample
-    encoded = make_samples(lengths, prompts)
-    rows = -(-sum(lengths) // seq) if pack else len(lengths)
-    limit = -(-rows // batch) if remainder == "pad" else None
-    expected = drain(packer(encoded, batch, seq, pack, completion, remainder))
-    got = drain(cached_packer(encoded, batch, seq, pack, completion, remainder, limit))
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected, strict=True):
-        assert a.input_ids.tolist() == b.input_ids.tolist() and a.tokens == b.tokens
-        assert a.lengths.tolist() == b.lengths.tolist()
-        assert (a.row_segments is None) == (b.row_segments is None)
-        if a.row_segments is not None:
-            assert a.row_segments.tolist() == b.row_segments.tolist()
-        assert (a.loss_mask is None) == (b.loss_mask is None)
-        if a.loss_mask is not None:
-            assert a.loss_mask.tolist() == b.loss_mask.tolist()

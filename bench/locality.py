@@ -1,0 +1,100 @@
+"""Two sidecars serving one job from a store on object storage (a local moto_server): the bytes each fetches in an
+epoch over the store's, and the shuffle quality the shard-aware order trades for that locality.
+
+The store has one shard per source file, so the corpus is split into FILES files first.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.common import PYTHON, REPO, Metric, Server, Work
+from bench.s3 import aws_environment, make_bucket, moto_server
+from sigil_feed.client.stream import BatchStream, EpochEnd
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from sigil_feed.server.cache.order import served_sequence, shuffle_quality
+from sigil_feed.server.store.fs import resolve
+from sigil_feed.server.store.reader import list_stores, open_store
+
+FILES = 64  # source files, so store shards
+WORLD, SIDECARS = 4, 2  # one job of four ranks, two per sidecar
+VIRTUAL = 48  # a multiple of WORLD whose prefix products (2, 4, 8, 16, 48) include it
+WINDOW_SHARDS = 4  # the default shuffle_window_shards
+
+
+def split_jsonl(sources: list[Path], dest: Path, files: int) -> Path:
+    """The sources' lines dealt in order into `files` files of about equal line counts; returns the folder."""
+    lines = [line for source in sources for line in source.read_bytes().splitlines(keepends=True)]
+    dest.mkdir(parents=True, exist_ok=True)
+    for k, part in enumerate(np.array_split(np.arange(len(lines)), files)):
+        (dest / f"part-{k:03d}.jsonl").write_bytes(b"".join(lines[i] for i in part.tolist()))
+    return dest
+
+
+def _sidecar(config: Path, log: Path, ranks: range) -> feed_pb2.CacheState:
+    """One sidecar serves one epoch of its ranks from a cold shard cache; its store stats after."""
+    with Server(config, log) as server:
+        for rank in ranks:
+            with BatchStream(server.target, "default", batch_size=4, seq_len=4096, prefetch=4, rank=rank,
+                             world_size=WORLD) as stream:
+                next(item for item in stream if isinstance(item, EpochEnd))
+        with grpc.insecure_channel(server.target) as channel:
+            stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=60)
+    return stats.datasets[0].cache
+
+
+def _quality(location: str) -> dict[str, float]:
+    """shuffle_quality of the store at `location` (its samples tables only), epoch 0, seed 0."""
+    fs = resolve(location)
+    entry = next(e for e in list_stores(fs) if e["state"] == "ready")
+    store = open_store(fs, f"{fs.root}/{entry['fingerprint']}", entry["fingerprint"])
+    sequence = served_sequence(store, sources=1, mode="sequential", stopping="first_exhausted", weights=[1.0],
+                               task_weights=None, seed=0)
+    return shuffle_quality(store, sequence, virtual=VIRTUAL, seed=0, epoch=0, window_shards=WINDOW_SHARDS)
+
+
+def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path]) -> list[Metric]:
+    """Split the corpus into FILES files, build its store in a moto_server bucket, serve one epoch of ranks 0-1 and
+    2-3 of 4 from two sidecars (two server processes, each with its own cold shard cache), and measure the
+    shuffle quality of the same store. `write(name, sources, keys)` writes a cached config over these sources."""
+    data = split_jsonl(work.sources, work.path("many-files"), FILES)
+    with moto_server() as endpoint, aws_environment(endpoint):
+        location = f"{make_bucket(endpoint)}/stores"
+        keys = {"cache_dir": location, "virtual_ranks": VIRTUAL, "shuffle_window_shards": WINDOW_SHARDS}
+        build = write("locality-build", [data], keys)
+        log = work.path("logs", "locality-build.log")
+        with log.open("w") as out:
+            subprocess.run([PYTHON, "-m", "sigil_feed.server.cli", "cache", "build", "--config", str(build)],
+                           stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO, timeout=3600)
+        per = WORLD // SIDECARS
+        states = [_sidecar(write(f"locality-{k}", [data], {**keys, "shard_cache_dir": str(work.path(f"shards-{k}"))}),
+                           work.path("logs", f"locality-{k}.log"), range(k * per, (k + 1) * per))
+                  for k in range(SIDECARS)]
+        quality = _quality(location)
+    store_bytes = states[0].bytes
+    fetched = [s.bytes_fetched for s in states]
+    sidecars = [{"bytes_fetched": s.bytes_fetched, "shard_fetches": s.shard_cache.fetches,
+                 "shard_bytes_fetched": s.shard_cache.bytes_fetched, "over_store": s.bytes_fetched / store_bytes}
+                for s in states]
+    locality = Metric(
+        "bytes_fetched_per_sidecar_over_store", max(fetched), store_bytes, "bytes", "", mode="cached",
+        notes=(f"the larger of {SIDECARS} sidecars, each serving {per} of {WORLD} ranks for one epoch from a cold "
+               f"shard cache; the store: {states[0].shards} shards (one per source file), virtual_ranks {VIRTUAL}; "
+               f"its share is {1 / SIDECARS:.2f}, plus the shards at its regions' boundaries, the prefetch "
+               f"window and every shard's samples table (read when the store opens)"),
+        details={"sidecars": sidecars, "store_bytes": store_bytes, "shards": states[0].shards})
+    shuffle = Metric(
+        "shuffle_same_file_distance_p10", quality["p10"], quality["global_p10"], "fraction of the epoch", "",
+        mode="cached",
+        notes=("distance in the epoch's delivery order between consecutive samples of the same source file, over "
+               f"the epoch's length: 10th percentile with shards permuted, cut into {VIRTUAL} virtual ranks and "
+               f"shuffled within windows of {WINDOW_SHARDS} shards, against a global permutation of the same data; "
+               f"medians {quality['median']:.3g} against {quality['global_median']:.3g}"),
+        details=quality)
+    return [locality, shuffle]
