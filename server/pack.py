@@ -86,6 +86,7 @@ class Packer:
         self.at = 0  # the stream's position in units from the epoch's start, wraps included
         self.wraps = 0  # times the stream went back to the epoch's start
         self.end: int | None = None  # units in the epoch, once the stream ended
+        self.held: tuple[State, int] | None = None  # the position at `row` once the stream passed it for nothing
 
     def _total(self) -> int:
         """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
@@ -122,6 +123,7 @@ class Packer:
         start, rows = self.row, self.deal.rows(self.row)
         if self.wraps:  # a wrapped window completed the epoch
             return None
+        position = self.stream.position()
         inside = self.stream.more()
         if not inside:
             self._ended()
@@ -131,6 +133,8 @@ class Packer:
         total = self._total()
         if len(replace(self.deal, rank=0).batch(start, total, self.remainder)):  # the window was delivered
             self.row = start + self.deal.window
+        else:  # the epoch ended before it: the position stays at its start
+            self.held = position
         return cut.rows(len(self.deal.batch(start, total, self.remainder)), self.pack)
 
     def _cut(self, rows: np.ndarray, wrap: bool) -> _Cut:
@@ -178,7 +182,7 @@ class Packer:
     def get_state(self) -> State:
         """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
         and the wraps so far."""
-        at, offset = self.stream.position()
+        at, offset = self.held or self.stream.position()
         return {"row": self.row, "at": at, "offset": offset, "wraps": self.wraps}
 
     def set_state(self, state: State) -> None:
@@ -187,7 +191,7 @@ class Packer:
         if row < 0 or wraps < 0 or (offset and not self.pack):
             raise ValueError("a position that no packer of this dataset reaches")
         self.stream.seek(state["at"], offset)
-        self.row, self.wraps, self.at, self.end = row, wraps, row * self.unit, None
+        self.row, self.wraps, self.at, self.end, self.held = row, wraps, row * self.unit, None, None
 
 
 @dataclass

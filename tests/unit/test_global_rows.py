@@ -27,7 +27,7 @@ from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 SEQ = 16
 GLOBAL_BATCH = 12
 LAYOUTS = [(1, 12), (2, 6), (3, 4), (4, 3)]  # (world size, batch size), the same global batch
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 Row = tuple[Any, ...]
 
