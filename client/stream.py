@@ -73,7 +73,7 @@ class EpochEnd:
 
     epoch: int
     cursor: bytes
-    row: int = 0  # the epoch's global rows
+    row: int = 0  # where the epoch ended: the global row after its last step
 
 
 StreamItem = FeedBatch | EpochEnd

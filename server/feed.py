@@ -13,7 +13,7 @@ from .pack import Packer, Rows
 @dataclass
 class FeedItem:
     """A batch (rows set) or the end of an epoch (rows None), with the cursor right after it and its position
-    (the global row where the next step of `epoch` starts; at an epoch's end, the epoch's rows)."""
+    (the global row where the next step of `epoch` starts; at an epoch's end, the row after its last step)."""
 
     rows: Rows | None
     epoch: int
@@ -68,6 +68,6 @@ class Feed:
             return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer), self.packer.row)
         if self.packer.row == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
-        ended, rows_in_epoch = self.epoch, self.packer.row
+        ended, end_row = self.epoch, self.packer.row
         self.epoch, self.packer = self.epoch + 1, None
-        return FeedItem(None, ended, self._cursor(self.epoch, None), rows_in_epoch)
+        return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -36,39 +36,6 @@ class Rows:
     tokens: int  # real tokens
 
 
-class EpochBatches:
-    """What the cached packer builds on: the epoch's batch limit and the `remainder` rule for a partial batch."""
-
-    batch_size: int
-    seq_len: int
-    pack: bool
-    remainder: str
-    max_batches: int | None
-    batches: int
-
-    def next_batch(self) -> Rows | None:
-        """The next batch, or None when the epoch has ended."""
-        if (self.max_batches is not None and self.batches >= self.max_batches) or self._ended():
-            return None
-        rows = self._packed() if self.pack else self._padded()
-        if rows is None or (self.remainder == "drop" and self._partial(rows)):
-            return None
-        self.batches += 1
-        return rows
-
-    def _ended(self) -> bool:
-        return False
-
-    def _partial(self, rows: Rows) -> bool:
-        return rows.input_ids.shape[0] < self.batch_size or (self.pack and rows.tokens < rows.input_ids.size)
-
-    def _packed(self) -> Rows | None:
-        raise NotImplementedError
-
-    def _padded(self) -> Rows | None:
-        raise NotImplementedError
-
-
 class Packer:
     """One rank's batches of the epoch's global rows: the rows `deal` gives it of each window, cut from `stream`.
 

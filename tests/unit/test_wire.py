@@ -12,7 +12,7 @@ from sigil_feed.server.pack import Rows
 from sigil_feed.server.wire import CHUNK, batch_response, ids_dtype, join, messages
 
 
-def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_size: int) -> bytes:
+def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, row: int, vocab_size: int) -> bytes:
     """The same response built and serialized by the generated protobuf classes."""
     def tensor(name: str, array: np.ndarray) -> feed_pb2.Tensor:
         return feed_pb2.Tensor(name=name, dtype=array.dtype.str, shape=list(array.shape), data=array.tobytes())
@@ -24,7 +24,7 @@ def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, vocab_s
         tensors += [tensor("segment_lengths", rows.lengths), tensor("row_segments", rows.row_segments)]
     if rows.loss_mask is not None:
         tensors.append(tensor("loss_mask", rows.loss_mask))
-    batch = feed_pb2.Batch(seq=seq, epoch=epoch, tensors=tensors, cursor=cursor, tokens=rows.tokens)
+    batch = feed_pb2.Batch(seq=seq, epoch=epoch, tensors=tensors, cursor=cursor, tokens=rows.tokens, row=row)
     return feed_pb2.StreamResponse(batch=batch).SerializeToString()
 
 
