@@ -5,43 +5,26 @@ modes, with packing, remainder rules, mixing, task weights and virtual ranks all
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server import blocks
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed
-from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
+from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
 STEP_ROWS = 12
 """Rows per global batch in every run: world sizes 1, 2, 3, 4, 6 and 12 each take STEP_ROWS / w per batch."""
 WORLDS = (1, 2, 3, 4, 6, 12)
 SEQ_LEN = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def small_tokenize_chunks() -> Iterator[None]:
-    """Streaming mode encodes in chunks of 3 here, so that every property crosses chunk boundaries."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blocks, "TOKENIZE_CHUNK", 3)
-        yield
-
-
-@cache
-def encoder() -> Encoder:
-    return Encoder(str(TOKENIZER_DIR))
 
 
 def record(i: int) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from functools import cache
 from itertools import zip_longest
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -26,23 +25,10 @@ from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.feed import Feed, FeedItem
 from sigil_feed.server.order import BlockShuffle
 from sigil_feed.server.shared_read import SharedReads
-from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair
+from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def small_tokenize_chunks() -> Iterator[None]:
-    """Streaming mode encodes in chunks of 3 here, so that every property crosses chunk boundaries."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blocks, "TOKENIZE_CHUNK", 3)
-        yield
-
-
-@cache
-def encoder() -> Encoder:
-    return Encoder(str(TOKENIZER_DIR))
 
 
 def make_dataset(root: Path, n: int, *, cached: bool, pack: bool = True, remainder: str = "keep",

@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server import blocks
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.dataset import ServedDataset
 from sigil_feed.server.deal import Deal
 from sigil_feed.server.pack import Packer, Rows
-from sigil_feed.server.tokenize import Encoder
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
+from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
 SEQ = 16
 GLOBAL_BATCH = 12
@@ -30,19 +26,6 @@ LAYOUTS = [(1, 12), (2, 6), (3, 4), (4, 3)]  # (world size, batch size), the sam
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 Row = tuple[Any, ...]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def small_chunks() -> Iterator[None]:
-    """Chunks of 3 samples: rows cross chunk and block boundaries."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(blocks, "TOKENIZE_CHUNK", 3)
-        yield
-
-
-@cache
-def encoder() -> Encoder:
-    return Encoder(str(TOKENIZER_DIR))
 
 
 def records(n: int, tag: int) -> list[dict[str, Any]]:
