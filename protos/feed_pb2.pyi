@@ -85,7 +85,7 @@ class Opened(_message.Message):
     def __init__(self, dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., seq_len: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "max_seq_len", "pack", "completion_only", "mode", "fingerprint", "sources")
+    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "max_seq_len", "pack", "completion_only", "mode", "fingerprint", "sources", "virtual_ranks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class DatasetInfo(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_RANKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     tokenizer: str
     vocab_size: int
@@ -108,7 +109,8 @@ class DatasetInfo(_message.Message):
     mode: str
     fingerprint: str
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., pack: _Optional[bool] = ..., completion_only: _Optional[bool] = ..., mode: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    virtual_ranks: int
+    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., pack: _Optional[bool] = ..., completion_only: _Optional[bool] = ..., mode: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., virtual_ranks: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")

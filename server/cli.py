@@ -108,7 +108,7 @@ def _stats(args: argparse.Namespace) -> int:
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
         if ds.info.mode == "cached":
-            console.print(_store_text(ds.cache))
+            console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
         if ds.clients:
             clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
                             "credits", "lag s", "input-bound", "connected s")

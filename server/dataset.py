@@ -263,7 +263,8 @@ class ServedDataset:
             name=self.name, tokenizer=str(self.encoder.path), vocab_size=self.facts.vocab_size,
             eos_id=self.facts.eos_id, pad_id=self.facts.pad_id, max_seq_len=self.config.max_seq_len,
             pack=self.config.pack, completion_only=self.section.completion_only,
-            mode="cached" if self.cached else "streaming", fingerprint=self.fingerprint, sources=self.specs)
+            mode="cached" if self.cached else "streaming", fingerprint=self.fingerprint, sources=self.specs,
+            virtual_ranks=self.virtual)
 
     def mix(self) -> Mixer:
         """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""

@@ -65,6 +65,7 @@ def test_four_ranks_resume_on_two_then_three_with_the_global_batches_of_an_unint
         tmp_path: Path, start_server, cached: bool) -> None:
     target = start_server(config(tmp_path, cached)).target
     uninterrupted, _ = read(target, 4, None)
+    assert FeedDataset(target, batch_size=1).fetch_info().virtual_ranks == (24 if cached else 1)
     assert len(uninterrupted) > 9 and len({row for rows in uninterrupted for row in rows}) > 200
     first, four = read(target, 4, 3)
     second, two = read(target, 2, 4, four)
