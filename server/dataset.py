@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -54,8 +55,10 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
                   "shuffle_window_shards")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
-LAYOUTS_KEPT = 2
-"""Cached mode: epoch layouts kept (the ranks of an epoch open it at about the same time)."""
+LAYOUTS_KEPT = 3
+"""Cached mode: epoch layouts kept per dataset (the epoch being served, the one before for ranks that lag, and
+the next one, computed in the background)."""
+LAYOUT_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout")
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
@@ -90,7 +93,7 @@ class ServedDataset:
         self.store: TokenStore | None = None
         self.sequence = np.zeros(0, dtype=np.int64)  # the served sequence of store samples (cached mode)
         self.virtual = 1  # cached mode: V, the epoch's virtual ranks
-        self.layouts: OrderedDict[int, EpochLayout] = OrderedDict()  # the last LAYOUTS_KEPT epochs' layouts
+        self.layouts: OrderedDict[int, Future[EpochLayout]] = OrderedDict()  # the last LAYOUTS_KEPT epochs' layouts
         self.layouts_lock = threading.Lock()
         self.build_error: BaseException | None = None
         stored = self._stored_facts()
@@ -298,18 +301,26 @@ class ServedDataset:
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
     def layout(self, epoch: int) -> EpochLayout:
-        """Cached mode: the epoch's layout over the virtual ranks, computed once for all the ranks that open it."""
+        """Cached mode: the epoch's layout over the virtual ranks, computed once for all the ranks that open it; the
+        next epoch's is computed in the background meanwhile, so that an epoch's start does not wait for it."""
         with self.layouts_lock:
-            layout = self.layouts.get(epoch)
-            if layout is None:
-                assert self.store is not None
-                layout = epoch_layout(self.store, self.sequence, virtual=self.virtual, seed=self.section.shuffle_seed,
-                                      epoch=epoch, window_shards=self.section.shuffle_window_shards)
-                self.layouts[epoch] = layout
-                while len(self.layouts) > LAYOUTS_KEPT:
-                    self.layouts.popitem(last=False)
-            self.layouts.move_to_end(epoch)
-            return layout
+            current = self._layout_job(epoch)
+            if self.section.epochs is None or epoch + 1 < self.section.epochs:
+                self._layout_job(epoch + 1)
+        return current.result()
+
+    def _layout_job(self, epoch: int) -> Future[EpochLayout]:
+        """The epoch's layout, computed or being computed on LAYOUT_POOL (call with layouts_lock held)."""
+        job = self.layouts.get(epoch)
+        if job is None:
+            assert self.store is not None
+            job = self.layouts[epoch] = LAYOUT_POOL.submit(
+                epoch_layout, self.store, self.sequence, virtual=self.virtual, seed=self.section.shuffle_seed,
+                epoch=epoch, window_shards=self.section.shuffle_window_shards)
+            while len(self.layouts) > LAYOUTS_KEPT:
+                self.layouts.popitem(last=False)
+        self.layouts.move_to_end(epoch)
+        return job
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server import blocks
+from sigil_feed.server.cache.order import epoch_layout
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.cursor import decode_cursor
 from sigil_feed.server.dataset import ServedDataset
@@ -190,3 +191,15 @@ def test_a_rank_left_behind_reads_alone_and_gets_the_same_batches(tmp_path: Path
     assert read_by_the_others < 2 * 21 and counts.blocks_shared > 0  # 21 blocks (the last one empty), mostly shared
     assert [first, *behind] == alone
     assert counts.blocks_read > read_by_the_others  # it read its evicted blocks again
+
+
+def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: Path) -> None:
+    """Cached mode: the first batch of epoch 0 starts epoch 1's layout in the background (the config has 2 epochs,
+    so nothing past it), and it is the layout epoch 1 would compute itself."""
+    dataset = make_dataset(tmp_path, 40, cached=True)
+    assert next(feed(dataset, 0, 1, 2)).rows is not None
+    assert sorted(dataset.layouts) == [0, 1]
+    assert dataset.store is not None
+    alone = epoch_layout(dataset.store, dataset.sequence, virtual=dataset.virtual, seed=11, epoch=1,
+                         window_shards=dataset.section.shuffle_window_shards)
+    assert dataset.layouts[1].result().items.tolist() == alone.items.tolist()
