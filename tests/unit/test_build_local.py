@@ -15,7 +15,9 @@ import pytest
 from sigil_feed.server.config import load_config
 from sigil_feed.server.dataset import ServedDataset, open_datasets
 from sigil_feed.server.sources import open_source
+from sigil_feed.server.sources.hf import HfSource
 from sigil_feed.server.store import build_local
+from sigil_feed.server.store.build_local import PartRecords, SourcePlan, source_parts
 from sigil_feed.server.store.format import MANIFEST, shard_name, shard_paths
 from sigil_feed.server.tokenize import Encoder
 from tests.conftest import rust_pair, write_config, write_jsonl
@@ -182,3 +184,15 @@ def test_a_torn_compressed_file_is_one_part_reported_once_as_bad_file(tmp_path: 
     counters = served.store.manifest.sources[0]
     assert counters.malformed == {"bad_file": 1} and counters.kept == counters.read - 1 > 10
     assert served.store.row.tolist() == list(range(counters.kept))
+
+
+def test_a_hugging_face_split_is_cut_by_row_and_each_part_reads_its_rows_only() -> None:
+    datasets = pytest.importorskip("datasets")
+    source = HfSource("hf:x", 1, "x", datasets.Dataset.from_list([{"text": f"t{i}"} for i in range(25)]),
+                      slice_rows=4)
+    plan = SourcePlan("hf:x", source.files, lambda: source, None, 10)  # type: ignore[arg-type]  # rules unread
+    parts = source_parts(1, plan, source, "fp")
+    assert [(p.start["row"], p.end) for p in parts] == [(0, 10), (10, 20), (20, None)]
+    assert [[r.row for r in PartRecords(source, p)] for p in parts] == [
+        list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
+    assert len({p.name for p in parts}) == 3 and parts[0].name != shard_name("fp", 1, "x")
