@@ -1,7 +1,8 @@
 """Two sidecars serving one job from a store on object storage (a local moto_server): the bytes each fetches in an
 epoch over the store's, and the shuffle quality the shard-aware order trades for that locality.
 
-The store has one shard per source file, so the corpus is split into FILES files first.
+The store has a shard per part of a source file (at most `shard_records` raw records), so the corpus is split
+into FILES files first; `files=1, shard_records=R` measures one big file cut into parts instead.
 """
 
 from __future__ import annotations
@@ -59,14 +60,17 @@ def _quality(location: str) -> dict[str, float]:
     return shuffle_quality(store, sequence, virtual=VIRTUAL, seed=0, epoch=0, window_shards=WINDOW_SHARDS)
 
 
-def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path]) -> list[Metric]:
-    """Split the corpus into FILES files, build its store in a moto_server bucket, serve one epoch of ranks 0-1 and
-    2-3 of 4 from two sidecars (two server processes, each with its own cold shard cache), and measure the
-    shuffle quality of the same store. `write(name, sources, keys)` writes a cached config over these sources."""
-    data = split_jsonl(work.sources, work.path("many-files"), FILES)
+def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path], *, files: int = FILES,
+            shard_records: int | None = None) -> list[Metric]:
+    """Split the corpus into `files` files (cut into parts of `shard_records` raw records if given), build its
+    store in a moto_server bucket, serve one epoch of ranks 0-1 and 2-3 of 4 from two sidecars (two server
+    processes, each with its own cold shard cache), and measure the shuffle quality of the same store.
+    `write(name, sources, keys)` writes a cached config over these sources."""
+    data = split_jsonl(work.sources, work.path(f"files-{files}"), files)
     with moto_server() as endpoint, aws_environment(endpoint):
         location = f"{make_bucket(endpoint)}/stores"
-        keys = {"cache_dir": location, "virtual_ranks": VIRTUAL, "shuffle_window_shards": WINDOW_SHARDS}
+        keys = {"cache_dir": location, "virtual_ranks": VIRTUAL, "shuffle_window_shards": WINDOW_SHARDS,
+                **({"shard_records": shard_records} if shard_records else {})}
         build = write("locality-build", [data], keys)
         log = work.path("logs", "locality-build.log")
         with log.open("w") as out:
@@ -85,7 +89,7 @@ def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path]
     locality = Metric(
         "bytes_fetched_per_sidecar_over_store", max(fetched), store_bytes, "bytes", "", mode="cached",
         notes=(f"the larger of {SIDECARS} sidecars, each serving {per} of {WORLD} ranks for one epoch from a cold "
-               f"shard cache; the store: {states[0].shards} shards (one per source file), virtual_ranks {VIRTUAL}; "
+               f"shard cache; the store: {states[0].shards} shards ({files} source files), virtual_ranks {VIRTUAL}; "
                f"its share is {1 / SIDECARS:.2f}, plus the shards at its regions' boundaries, the prefetch "
                f"window and every shard's samples table (read when the store opens)"),
         details={"sidecars": sidecars, "store_bytes": store_bytes, "shards": states[0].shards})

@@ -74,6 +74,7 @@ class DatasetSection(BaseModel):
     remainder: Literal["pad", "drop", "keep"] = "pad"  # the end of an epoch; see README "Guarantees"
     virtual_ranks: PositiveInt | Literal["auto"] = "auto"  # cached: the epoch's readers; fixed for a run's life
     shuffle_window_shards: PositiveInt = 4  # cached: items are shuffled within windows of this many shards
+    shard_records: PositiveInt = 16384  # cached: a source file's shards hold at most this many raw records
     tokenizer_backend: Literal["auto", "hf", "fastokens"] = "auto"  # who encodes; the ids are HF's either way
     shard_cache_dir: str | None = None  # a remote store's shards are cached here; None: <local cache dir>/shards
     shard_cache_gb: PositiveFloat = 20.0  # the shard cache's budget, in GB (10^9 bytes)

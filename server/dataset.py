@@ -53,7 +53,7 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
 """What decides which samples exist and their tokens: part of the token store's fingerprint."""
 ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder", "shuffle_seed",
                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
-                  "shuffle_window_shards")
+                  "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
 LAYOUTS_KEPT = 3
 """Cached mode: epoch layouts kept per dataset (the epoch being served, the one before for ranks that lag, and
@@ -208,7 +208,8 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format())
-            plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules))
+            plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules,
+                                    self.section.shard_records))
         return plans
 
     def _stored_facts(self) -> TokenFacts | None:

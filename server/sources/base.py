@@ -45,6 +45,11 @@ class Source(Stage[RawRecord]):
         """Read again from the first record."""
         self.set_state({"file": 0, "row": 0})
 
+    def part_starts(self, file: int, every: int) -> list[State]:
+        """Where each part of a file begins when it is cut every `every` rows: states for `set_state`, the first
+        at row 0. A source that cannot seek within a file, or cannot count its rows, gives one part."""
+        return [{"file": file, "row": 0}]
+
     def identity(self) -> list[object]:
         """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
         return [file_identity(f) for f in self.files]
@@ -74,6 +79,11 @@ class RowSource(Source):
         self._it.close()
         self._pos = (int(state["file"]), int(state["row"]))
         self._it = self._read(*self._pos)
+
+
+def row_starts(file: int, rows: int, every: int) -> list[State]:
+    """The states of rows 0, every, 2*every, ... of a file of `rows` rows (row 0 even if it has none)."""
+    return [{"file": file, "row": row} for row in range(0, max(rows, 1), every)]
 
 
 def file_identity(path: str) -> list[object]:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SourceError
-from .base import RawRecord, RowSource
+from ..stage import State
+from .base import RawRecord, RowSource, row_starts
 from .parquet import needed_columns, rows_of
 
 if TYPE_CHECKING:
@@ -60,6 +61,10 @@ class HfSource(RowSource):
     def identity(self) -> list[object]:
         """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
         return [self.files[0], getattr(self._data, "_fingerprint", None)]
+
+    def part_starts(self, file: int, every: int) -> list[State]:
+        """Every `every`-th row of the split."""
+        return row_starts(file, len(self._data), every)
 
     def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
         """Yield the records from a row on, one slice of rows at a time (file is always 0)."""

@@ -9,7 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import RawRecord, RowSource
+from ..stage import State
+from .base import RawRecord, RowSource, row_starts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,15 @@ class ParquetSource(RowSource):
     def __init__(self, spec: str, index: int, files: list[str], batch_rows: int = BATCH_ROWS) -> None:
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
         self._start()
+
+    def part_starts(self, file: int, every: int) -> list[State]:
+        """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading
+        it then reports bad_file)."""
+        try:
+            rows = pq.ParquetFile(self.files[file]).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            return super().part_starts(file, every)
+        return row_starts(file, rows, every)
 
     def _read(self, first_file: int, first_row: int) -> Generator[RawRecord, None, None]:
         """Yield the records from (file, row), starting at the row group that holds the row."""

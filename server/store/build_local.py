@@ -1,4 +1,5 @@
-"""Build a token store in this process: one shard per source file, curated and tokenized on all cores.
+"""Build a token store in this process: one shard per part of a source file (at most `shard_records` raw
+records each), curated and tokenized on all cores.
 
 Shards are written where the store lives (each file whole or not at all, see fs.py), skipped when a rerun
 finds them complete and valid, and committed by the manifest, written last. Reading and curating the next
@@ -57,27 +58,55 @@ class BuildProgress:
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """One source as the builder reads it: its spec, its files (one shard each), a fresh reader, its rules."""
+    """One source as the builder reads it: its spec, its files (cut into parts of at most `shard_records` raw
+    records, one shard each), a fresh reader, its rules."""
 
     spec: str
     files: list[str]
     open: Callable[[], Source]
     rules: CurateRules  # without task weights: copies are a serve-time decision
+    shard_records: int  # raw records per part (the dataset setting)
 
 
-class _OneFile:
-    """A source's records of one file: ends where the next file begins."""
+@dataclass(frozen=True)
+class Part:
+    """One shard's input: the raw records of rows [start["row"], end) of one file (end None: to its end)."""
 
-    def __init__(self, source: Source, file: int) -> None:
-        self.source, self.file = source, file
-        source.set_state({"file": file, "row": 0})
+    source: int
+    file: int
+    part: int
+    start: State  # the source's state at the part's first row (`set_state` seeks there)
+    end: int | None
+    name: str
 
-    def __iter__(self) -> _OneFile:
+
+def source_parts(index: int, plan: SourcePlan, source: Source, fingerprint: str) -> list[Part]:
+    """A source's parts in store order (file, then part). A file of one part keeps the name of a whole-file
+    shard; the names of a file cut in several parts include `shard_records`, so a rerun with another size
+    never mistakes one part for another."""
+    parts = []
+    for file, path in enumerate(plan.files):
+        starts = source.part_starts(file, plan.shard_records)
+        identity = path if len(starts) == 1 else [path, plan.shard_records]
+        for k, start in enumerate(starts):
+            end = int(starts[k + 1]["row"]) if k + 1 < len(starts) else None
+            parts.append(Part(index, file, k, start, end, shard_name(fingerprint, index, identity, k)))
+    return parts
+
+
+class PartRecords:
+    """A source's raw records of one part: ends where the next part or file begins."""
+
+    def __init__(self, source: Source, part: Part) -> None:
+        self.source, self.file, self.end = source, part.file, part.end
+        source.set_state(part.start)
+
+    def __iter__(self) -> PartRecords:
         return self
 
     def __next__(self) -> RawRecord:
         record = next(self.source)
-        if record.file != self.file:
+        if record.file != self.file or (self.end is not None and record.row >= self.end):
             raise StopIteration
         return record
 
@@ -157,10 +186,9 @@ class LocalBuilder:
         if pending is not None:
             yield self._rows(pending[0], pending[1].result(), counters)
 
-    def shard(self, index: int, plan: SourcePlan, file: int, pool: ThreadPoolExecutor) -> ShardFacts:
-        """One file's shard: the complete one already there, or a new one."""
-        name = shard_name(self.fingerprint, index, plan.files[file])
-        done = complete_shard(self.fs, self.store, name, self.dtype)
+    def shard(self, plan: SourcePlan, source: Source, part: Part, pool: ThreadPoolExecutor) -> ShardFacts:
+        """One part's shard: the complete one already there (not read again), or a new one."""
+        done = complete_shard(self.fs, self.store, part.name, self.dtype)
         if done is not None:
             self.skipped += 1
             self.progress.samples += done.samples
@@ -168,8 +196,8 @@ class LocalBuilder:
             self.bar.update(done.samples)
             return done
         counters = SourceCounters(plan.spec)
-        curated = CuratedSource(_OneFile(plan.open(), file), plan.rules, counters)  # type: ignore[arg-type]
-        facts = write_shard(self.fs, self.store, name, self._encoded(curated, counters, pool), source=index,
+        curated = CuratedSource(PartRecords(source, part), plan.rules, counters)  # type: ignore[arg-type]
+        facts = write_shard(self.fs, self.store, part.name, self._encoded(curated, counters, pool), source=part.source,
                             dtype=self.dtype, accounting=counters.snapshot)
         self.written += 1
         return facts
@@ -183,9 +211,10 @@ class LocalBuilder:
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
                 for i, plan in enumerate(plans):
-                    for f in range(len(plan.files)):
+                    source = plan.open()
+                    for part in source_parts(i, plan, source, self.fingerprint):
                         check()
-                        shards.append(self.shard(i, plan, f, pool))
+                        shards.append(self.shard(plan, source, part, pool))
         finally:
             self.bar.close()
         check()

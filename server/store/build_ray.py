@@ -1,8 +1,9 @@
 """Build a token store on a Ray cluster with Ray Data: the same shards and manifest as build_local.
 
-One row per source file (a file is the unit of a shard) flows through two stages: Ray tasks read and curate
-the file, or find its shard complete from an earlier run; then a pool of actors, each with the driver's
-tokenizer and encode backend loaded once, encodes the samples and writes the shard where the store lives.
+One row per part of a source file (the unit of a shard, as build_local.source_parts cuts the files) flows
+through two stages: Ray tasks read and curate the part, or find its shard complete from an earlier run; then
+a pool of actors, each with the driver's tokenizer and encode backend loaded once, encodes the samples and
+writes the shard where the store lives.
 Actors hold half a CPU each, so the pool never takes every CPU and starves the read tasks
 (ray-project/ray#44687). The driver commits the manifest, last, once every shard is written.
 Ray is imported only here and only when this engine runs: serving never needs it.
@@ -28,8 +29,18 @@ from ..errors import ConfigError, FeedError
 from ..samples import Sample
 from ..stats import SourceCounters
 from ..tokenize import Encoder
-from .build_local import BUILD_CHUNK, BuildProgress, SourcePlan, _OneFile, commit, complete_shard, shard_rows
-from .format import Manifest, ShardFacts, ShardRows, ids_dtype, shard_name, write_shard
+from .build_local import (
+    BUILD_CHUNK,
+    BuildProgress,
+    Part,
+    PartRecords,
+    SourcePlan,
+    commit,
+    complete_shard,
+    shard_rows,
+    source_parts,
+)
+from .format import Manifest, ShardFacts, ShardRows, ids_dtype, write_shard
 from .fs import StoreFS, resolve
 from .lease import LeaseLost
 
@@ -82,7 +93,7 @@ class Job:
     """Everything a worker needs, sent once: the plans, the encoder, where the store lives."""
 
     plans: list[SourcePlan]
-    shards: list[tuple[int, int, str]]  # (source, file, shard name) in store order
+    shards: list[Part]  # in store order
     encoder: EncoderSpec
     location: str  # the store root as every node resolves it
     store: str
@@ -102,19 +113,19 @@ def portable(plans: list[SourcePlan], encoder: Encoder) -> list[SourcePlan]:
 
 
 def _read(batch: pa.Table, job: Job) -> pa.Table:
-    """Ray task: each file's curated samples, or the facts of its shard if an earlier run completed it."""
-    return pa.concat_tables([_read_file(item, job) for item in batch.column("item").to_pylist()])
+    """Ray task: each part's curated samples, or the facts of its shard if an earlier run completed it."""
+    return pa.concat_tables([_read_part(item, job) for item in batch.column("item").to_pylist()])
 
 
-def _read_file(item: int, job: Job) -> pa.Table:
-    """One file's row: its curated samples and accounting, or its complete shard's facts."""
-    source, file, name = job.shards[item]
-    plan = job.plans[source]
-    done = complete_shard(job.fs(), job.store, name, np.dtype(job.dtype))
+def _read_part(item: int, job: Job) -> pa.Table:
+    """One part's row: its curated samples and accounting, or its complete shard's facts."""
+    part = job.shards[item]
+    plan = job.plans[part.source]
+    done = complete_shard(job.fs(), job.store, part.name, np.dtype(job.dtype))
     counters = SourceCounters(plan.spec)
     samples: list[Sample] = []
     if done is None:
-        samples = list(CuratedSource(_OneFile(plan.open(), file), plan.rules, counters))  # type: ignore[arg-type]
+        samples = list(CuratedSource(PartRecords(plan.open(), part), plan.rules, counters))  # type: ignore[arg-type]
     columns: dict[str, Any] = {
         "item": pa.array([item], pa.int64()),
         "done": pa.array([done.model_dump_json() if done else None], pa.large_string()),
@@ -125,7 +136,7 @@ def _read_file(item: int, job: Job) -> pa.Table:
 
 
 class ShardWriter:
-    """Ray actor: encodes each file's samples and writes its shard; the tokenizer is loaded once per actor."""
+    """Ray actor: encodes each part's samples and writes its shard; the tokenizer is loaded once per actor."""
 
     def __init__(self, job: Job) -> None:
         self.job, self.fs = job, job.fs()
@@ -138,11 +149,12 @@ class ShardWriter:
                          "written": pa.array([row["done"] is None for row in rows])})
 
     def _write(self, row: dict[str, Any]) -> str:
-        source, file, name = self.job.shards[row["item"]]
+        part = self.job.shards[row["item"]]
+        source = part.source
         counters = SourceCounters.restore(json.loads(row["accounting"]))
-        samples = [Sample(source, file, r, text, kind, prompt_chars=p, task_type=t) for text, kind, p, r, t in
+        samples = [Sample(source, part.file, r, text, kind, prompt_chars=p, task_type=t) for text, kind, p, r, t in
                    zip(*(row[key] for key in SAMPLE_COLUMNS), strict=True)]
-        facts = write_shard(self.fs, self.job.store, name, self._chunks(samples, counters), source=source,
+        facts = write_shard(self.fs, self.job.store, part.name, self._chunks(samples, counters), source=source,
                             dtype=self.job.dtype, accounting=counters.snapshot)
         return facts.model_dump_json()
 
@@ -201,8 +213,7 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
     import ray.data
 
     started = time.monotonic()
-    shards = [(i, f, shard_name(fingerprint, i, path))
-              for i, plan in enumerate(plans) for f, path in enumerate(plan.files)]
+    shards = [part for i, plan in enumerate(plans) for part in source_parts(i, plan, plan.open(), fingerprint)]
     job = Job(portable(plans, encoder), shards, EncoderSpec.of(encoder), fs.root if fs.is_local else fs.location,
               store, ids_dtype(encoder.vocab_size).str, with_prompts)
     progress.state = "building"
@@ -214,7 +225,7 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
         context.raise_original_map_exception = True  # a worker's SourceError or OSError, not a UserCodeException
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = ray.data.from_items([{"item": i} for i in range(len(shards))],
-                                    override_num_blocks=max(1, len(shards)))  # one read task per file
+                                    override_num_blocks=max(1, len(shards)))  # one read task per part
         read = items.map_batches(functools.partial(_read, job=job), batch_size=1, batch_format="pyarrow")
         shards_out = read.map_batches(ShardWriter, batch_size=1, batch_format="pyarrow",
                                       fn_constructor_kwargs={"job": job}, num_cpus=ACTOR_CPUS,

@@ -17,9 +17,13 @@ from sigil_feed.server.store.reader import verify_store
 from tests.conftest import rust_pair, write_config, write_jsonl
 from tests.integration.test_cache import CLI, batch_digests, corpus, dataset_section
 
+SHARD_RECORDS = 100
+
 
 def three_sources(tmp_path: Path) -> list[str]:
-    """test_cache's two sources plus one of three files (one shard per file: five shards in all)."""
+    """test_cache's two sources plus one of three files: cut in parts of SHARD_RECORDS raw records, pairs.jsonl
+    (301 lines, the last one malformed: an empty last part) is four shards, files.jsonl (150) two, the three
+    small files one each: nine shards in all."""
     corpus(tmp_path)
     for f in range(3):
         write_jsonl(tmp_path / "more" / f"part{f}.jsonl", [rust_pair(i, task="review") for i in range(f, 90, 3)])
@@ -50,15 +54,17 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
     configs, manifests, digests = {}, {}, {}
     for engine in ("local", "ray"):
         configs[engine] = write_config(tmp_path / f"{engine}.yaml", dataset_section(
-            tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True, chat_template=True),
+            tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True, chat_template=True,
+            shard_records=SHARD_RECORDS),
             max_seq_len=128)
         log = cache_build(configs[engine], "--engine", engine)
-        assert "5 shards" in log and "5 written, 0 complete from before" in log, log[-2000:]
+        assert "9 shards" in log and "9 written, 0 complete from before" in log, log[-2000:]
         _, manifests[engine] = only_store(f"{root}/{engine}")
     local, ray = manifests["local"], manifests["ray"]
     assert (ray.engine, local.engine) == ("ray", "local")
     assert ray.fingerprint == local.fingerprint and ray.samples == local.samples > 300
     assert ray.shards == local.shards  # same names, counts, accounting and file checksums: the same bytes
+    assert [s.samples == 0 for s in local.shards] == [False] * 3 + [True] + [False] * 5  # pairs' empty last part
     assert ray.sources == local.sources and ray.tokenizer_backend == local.tokenizer_backend
 
     for engine in ("local", "ray"):
@@ -70,9 +76,9 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
     store, _ = only_store(f"{root}/ray")  # a rerun after a lost manifest and a lost shard writes that shard alone
     fs = resolve(f"{root}/ray")
     fs.delete(f"{store}/manifest.json")
-    fs.delete(f"{store}/shards/{ray.shards[3].name}.tokens.bin")
+    fs.delete(f"{store}/shards/{ray.shards[1].name}.tokens.bin")  # the middle part of a file
     log = cache_build(configs["ray"], "--engine", "ray")
-    assert "5 shards on Ray: 1 written, 4 complete from before" in log, log[-2000:]
+    assert "9 shards on Ray: 1 written, 8 complete from before" in log, log[-2000:]
     assert only_store(f"{root}/ray")[1].shards == local.shards
 
 
