@@ -22,6 +22,7 @@ from .interceptor import ErrorInterceptor
 from .metrics import RpcStatuses, serve_metrics
 from .security import TokenInterceptor, load_cursor_secret, load_token, server_credentials
 from .service import DataFeedService
+from .store.shard_cache import stop_shared_prefetch
 from .watch import InputBoundWatch
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
     if metrics is not None:
         metrics.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    stop_shared_prefetch()
     return 0
 
 

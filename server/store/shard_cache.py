@@ -140,6 +140,7 @@ class ShardCache:
         self._listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._adopt()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-prefetch")
+        self._prefetch_stopped = False
 
     def _own(self) -> int:
         """Lock the folder for this process; ConfigError if another holds it."""
@@ -215,6 +216,8 @@ class ShardCache:
         futures of those queued, which end when each is cached or given up (errors are logged, not raised)."""
         queued: dict[str, Future[None]] = {}
         for shard in shards:
+            if self._prefetch_stopped:
+                break
             with self._lock:
                 entry = self._entries.get(shard.name)
                 if shard.name in queued or shard.name in self._inflight or (entry is not None and entry.verified):
@@ -367,6 +370,12 @@ class ShardCache:
         with self._lock:
             return sum(self._fetched_by[name] for name in set(names))
 
+    def stop_prefetch(self) -> None:
+        """Drop the queued prefetches and take no more (downloads under way finish): a stopping server's exit
+        does not wait for a queue of shards nobody will read."""
+        self._prefetch_stopped = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         """Stop prefetching (waiting for downloads under way) and give up the folder."""
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -400,6 +409,14 @@ def first_free_slot(root: Path, max_bytes: int) -> ShardCache:
             continue
     raise CacheInUse(f"all {SLOTS} shard cache slots under {root} are in use", key="dataset.shard_cache_dir",
                      fix="set dataset.shard_cache_dir for each server")
+
+
+def stop_shared_prefetch() -> None:
+    """At server stop: every shared cache drops its queued prefetches (see ShardCache.stop_prefetch)."""
+    with _SHARED_LOCK:
+        caches = list(_SHARED.values())
+    for cache in caches:
+        cache.stop_prefetch()
 
 
 def shared_cache(local_dir: Path | str, max_bytes: int, *, any_slot: bool = False) -> ShardCache:

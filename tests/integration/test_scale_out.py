@@ -170,8 +170,9 @@ def test_sidecars_elect_one_builder_and_one_takes_over_when_it_is_killed(tmp_pat
     and builds the rest; there is never a manifest before the whole store is written."""
     write_corpus(tmp_path, records=3000, repeat=300)
     location = f"{s3_bucket}/stores"
-    sidecars = [start_server(config(tmp_path, name, location, shard_cache_dir=str(tmp_path / name)))
-                for name in ("a", "b")]
+    shards = FILES * 10  # each file in 10 parts: so many shards that the kill always lands mid-build
+    sidecars = [start_server(config(tmp_path, name, location, shard_cache_dir=str(tmp_path / name),
+                                    shard_records=3000 // shards)) for name in ("a", "b")]
 
     def states() -> list[feed_pb2.CacheState]:
         return [dataset_stats(s.target).cache for s in sidecars]
@@ -192,13 +193,13 @@ def test_sidecars_elect_one_builder_and_one_takes_over_when_it_is_killed(tmp_pat
     wait_for(lambda: finished_shards())
     builder.stop(signal.SIGKILL)
     done = len(finished_shards())
-    assert 1 <= done < FILES and not [p for p in finished_shards() if p.endswith("manifest.json")]
+    assert 1 <= done < shards and not [p for p in finished_shards() if p.endswith("manifest.json")]
     _, store = the_store(location)
     assert not fs.exists(f"{store}/manifest.json")  # no commit: nobody can serve it
 
     wait_for(lambda: dataset_stats(waiter.target).cache.state == "ready")
     log = "".join(waiter.output)
-    assert "took over the build lease" in log and f"{FILES - done} written, {done} complete from before" in log
+    assert "took over the build lease" in log and f"{shards - done} written, {done} complete from before" in log
     manifest = read_manifest(fs, store)
     assert open_store(fs, store, manifest.fingerprint).manifest == manifest  # complete and valid
     _, rows = rank_epoch(waiter.target, 0, 1)

@@ -188,6 +188,21 @@ def test_prefetch_fetches_in_the_background(remote: Remote, open_cache: Callable
     assert (stats.fetches, stats.hits, stats.misses) == (2, 2, 0)
 
 
+def test_a_stopped_prefetch_drops_its_queue_and_takes_no_more(local_remote: Remote,
+                                                              open_cache: Callable[..., ShardCache]) -> None:
+    """At server stop the queued prefetches are cancelled (the process's exit would otherwise wait for them all)
+    and later ones are not taken; reading a shard still works."""
+    shards = [local_remote.put(f"s{i}.bin", shard_bytes(i)) for i in range(40)]
+    cache = open_cache(shards=40, workers=1)
+    with cache.pinned(shards[0]):
+        queued = cache.prefetch(shards[1:])
+        cache.stop_prefetch()
+    assert any(f.cancelled() for f in queued)
+    wait([f for f in queued if not f.cancelled()])  # (a future cancelled by shutdown never counts as done for wait)
+    assert cache.prefetch(shards) == []
+    assert cache.get(shards[39]).read_bytes() == shard_bytes(39)
+
+
 def test_prefetch_never_pushes_out_shards_in_use(local_remote: Remote, open_cache: Callable[..., ShardCache]) -> None:
     a, b, c = (local_remote.put(f"s{i}.bin", shard_bytes(i)) for i in range(3))
     cache = open_cache(shards=2)
