@@ -39,22 +39,24 @@ def feed_state_file(rank: int) -> str:
     return f"sigil_feed_rank{rank}.pt"
 
 
+def saved_world(folder: Path) -> int | None:
+    """How many ranks wrote the checkpoint, from rank 0's feed position (None without it)."""
+    first = folder / feed_state_file(0)
+    return int(torch.load(first).get("world_size", 1)) if first.is_file() else None
+
+
 def saved_states(folder: Path) -> list[FeedState | None]:
     """The feed positions a checkpoint holds, by rank (None where one is missing); empty without rank 0's."""
-    first = folder / feed_state_file(0)
-    if not first.is_file():
-        return []
-    saved_world = int(torch.load(first).get("world_size", 1))
-    return [torch.load(path) if (path := folder / feed_state_file(r)).is_file() else None
-            for r in range(saved_world)]
+    paths = [folder / feed_state_file(rank) for rank in range(saved_world(folder) or 0)]
+    return [torch.load(path) if path.is_file() else None for path in paths]
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint folders holding the Trainer's state and the feed position of every rank that saved them,
-    newest first."""
+    newest first (only rank 0's position is read; the others' files need only be there)."""
     folders = [p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in folders if (p / TRAINER_STATE).is_file()
-                   and (states := saved_states(p)) and None not in states),
+    return sorted((p for p in folders if (p / TRAINER_STATE).is_file() and (world := saved_world(p))
+                   and all((p / feed_state_file(rank)).is_file() for rank in range(world))),
                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
