@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,15 @@ def rust_pair(i: int, split: str = "train", task: str = "completion") -> dict[st
     return {"prompt": f"pub fn item_{i}(x: u32) -> Option<u32> {{",
             "gen": f"    x.checked_add({i}).map(|v| v * {i % 7 + 1})\n}}\n",
             "_source": "synthetic", "_split": split, "_task_type": task}
+
+
+def batch_digest(batch: dict[str, Any]) -> str:
+    """A hash of every tensor of a batch (by name), to compare runs batch for batch."""
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        if hasattr(batch[key], "numpy"):
+            digest.update(key.encode() + batch[key].numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:

@@ -3,7 +3,6 @@ change of content or on damage, resume a killed build, serve from object storage
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import shutil
@@ -22,7 +21,7 @@ from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import TokenStore, open_store
-from tests.conftest import TOKENIZER_DIR, rust_pair, write_config, write_jsonl
+from tests.conftest import TOKENIZER_DIR, batch_digest, rust_pair, write_config, write_jsonl
 
 CLI = [sys.executable, "-m", "sigil_feed.server.cli"]
 
@@ -281,15 +280,8 @@ def test_health_is_live_during_the_build_and_ready_after(tmp_path: Path, start_s
 
 def batch_digests(target: str, world_size: int) -> list[str]:
     """Every batch of one epoch of every rank, as hashes of its tensors (packed rows)."""
-    digests = []
-    for rank in range(world_size):
-        for batch in FeedDataset(target, batch_size=4, rank=rank, world_size=world_size):
-            digest = hashlib.sha256()
-            for key in sorted(batch):
-                if hasattr(batch[key], "numpy"):
-                    digest.update(key.encode() + batch[key].numpy().tobytes())
-            digests.append(digest.hexdigest())
-    return digests
+    return [batch_digest(batch) for rank in range(world_size)
+            for batch in FeedDataset(target, batch_size=4, rank=rank, world_size=world_size)]
 
 
 def test_a_store_on_object_storage_serves_what_a_local_store_serves(tmp_path: Path, start_server,

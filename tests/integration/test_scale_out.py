@@ -3,7 +3,6 @@ builder through the store's lease, and shards read through bounded node-local sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import StoreFS, resolve
 from sigil_feed.server.store.reader import open_store
-from tests.conftest import ServerProcess, write_config, write_jsonl
+from tests.conftest import ServerProcess, batch_digest, write_config, write_jsonl
 from tests.integration.conftest import metrics_url, open_request, stream_status
 from tests.integration.test_cache import CLI, wait_for
 
@@ -56,11 +55,7 @@ def rank_epoch(target: str, rank: int, world_size: int) -> tuple[list[str], Rows
     """One rank's epoch: a hash of every batch, and its rows (whole samples) as a multiset."""
     digests, rows = [], Counter[tuple[int, ...]]()
     for batch in FeedDataset(target, batch_size=8, rank=rank, world_size=world_size):
-        digest = hashlib.sha256()
-        for key in sorted(batch):
-            if hasattr(batch[key], "numpy"):
-                digest.update(key.encode() + batch[key].numpy().tobytes())
-        digests.append(digest.hexdigest())
+        digests.append(batch_digest(batch))
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             rows[tuple(ids[mask.bool()].tolist())] += 1
     return digests, rows
