@@ -19,7 +19,7 @@ def main() -> None:
     args = parser.parse_args()
     from bench.common import emit
     from bench.texts import curated_samples
-    from sigil_feed.server.tokenize import Encoder
+    from sigil_feed.server.pipeline.tokenize import Encoder
 
     hf, fast = Encoder(args.tokenizer, backend="hf"), Encoder(args.tokenizer, backend="fastokens")
     assert (hf.backend_name, fast.backend_name) == ("hf", "fastokens")

@@ -24,13 +24,13 @@ from typing import Any
 import yaml
 
 from sigil_feed.server.config import DatasetSection
-from sigil_feed.server.curate import CuratedSource, CurateRules
-from sigil_feed.server.filters import make_filter
-from sigil_feed.server.samples import normalise, plain_pair
-from sigil_feed.server.sources.base import RawRecord
-from sigil_feed.server.sources.jsonl import JsonlSource
-from sigil_feed.server.stats import SourceCounters
-from sigil_feed.server.tokenize import Encoder
+from sigil_feed.server.observe.stats import SourceCounters
+from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules
+from sigil_feed.server.pipeline.filters import make_filter
+from sigil_feed.server.pipeline.samples import normalise, plain_pair
+from sigil_feed.server.pipeline.sources.base import RawRecord
+from sigil_feed.server.pipeline.sources.jsonl import JsonlSource
+from sigil_feed.server.pipeline.tokenize import Encoder
 
 REPO = Path(__file__).resolve().parent.parent
 PHASE2 = REPO / "tests" / "fixtures" / "phase2.yaml"

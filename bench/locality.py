@@ -19,7 +19,7 @@ from bench.common import PYTHON, REPO, Metric, Server, Work
 from bench.s3 import aws_environment, make_bucket, moto_server
 from sigil_feed.client.stream import BatchStream, EpochEnd
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from sigil_feed.server.cache.order import served_sequence, shuffle_quality
+from sigil_feed.server.cached.layout import served_sequence, shuffle_quality
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import list_stores, open_store
 

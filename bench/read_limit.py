@@ -13,7 +13,7 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     from bench.common import emit
-    from sigil_feed.server.sources.jsonl import JsonlSource
+    from sigil_feed.server.pipeline.sources.jsonl import JsonlSource
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     records = sum(sum(1 for _ in JsonlSource(f"local:{f}", i, [str(f)])) for i, f in enumerate(args.files))

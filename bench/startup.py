@@ -29,7 +29,7 @@ def startup_parts(tokenizer: Path) -> dict[str, float]:
     out = subprocess.run([PYTHON, "-c", timed], check=True, cwd=REPO, capture_output=True, text=True)
     import_s, load_s = map(float, out.stdout.split()[-2:])
     return {"interpreter_s": _wall("pass"),
-            "server_imports_s": _wall("import sigil_feed.server.cli, sigil_feed.server.app"),
+            "server_imports_s": _wall("import sigil_feed.server.cli, sigil_feed.server.rpc.app"),
             "autotokenizer_import_s": import_s, "autotokenizer_load_s": load_s,
             "tokenizers_from_file_s": _wall(f"from tokenizers import Tokenizer; "
                                             f"Tokenizer.from_file({str(tokenizer / 'tokenizer.json')!r})")}

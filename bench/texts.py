@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sigil_feed.server.config import DatasetSection
-from sigil_feed.server.filters import FilterFn, make_filter
-from sigil_feed.server.samples import Sample, normalise
-from sigil_feed.server.sources.base import RawRecord
+from sigil_feed.server.pipeline.filters import FilterFn, make_filter
+from sigil_feed.server.pipeline.samples import Sample, normalise
+from sigil_feed.server.pipeline.sources.base import RawRecord
 
 SPLITS = frozenset({"train"})
 

@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..stats import LENGTH_BUCKETS
-from ..tokenize import TokenFacts
+from ..observe.stats import LENGTH_BUCKETS
+from ..pipeline.tokenize import TokenFacts
 from .fs import StoreFS
 
 FORMAT_VERSION: Literal[2] = 2

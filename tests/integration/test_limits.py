@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sigil_feed.client.stream import BatchStream, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from sigil_feed.server.cursor import TAG_BYTES, Cursor
+from sigil_feed.server.feed.cursor import TAG_BYTES, Cursor
 from tests.conftest import ServerProcess
 from tests.integration.conftest import feed_config, open_request, stream_status
 from tests.integration.test_lifecycle import FreezingProxy

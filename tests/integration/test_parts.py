@@ -19,7 +19,7 @@ from sigil_feed.client import BatchStream, FeedBatch, parts
 from sigil_feed.client.decode import decode_batch
 from sigil_feed.client.parts import Part, read_response, whole
 from sigil_feed.protos import feed_pb2
-from sigil_feed.server.wire import CHUNK
+from sigil_feed.server.rpc.wire import CHUNK
 from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
 from tests.integration.conftest import open_request
 

@@ -101,7 +101,7 @@ def test_nothing_but_the_ray_engine_needs_ray(tmp_path: Path) -> None:
     corpus(tmp_path)
     config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True))
     script = ("import sys; sys.modules['ray'] = None\n"
-              "import sigil_feed.server.app, sigil_feed.client\n"
+              "import sigil_feed.server.rpc.app, sigil_feed.client\n"
               "from sigil_feed.server.cli import main\n"
               f"code = main(['cache', 'build', '--config', {str(config)!r}])\n"
               "assert code == 0 and 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"

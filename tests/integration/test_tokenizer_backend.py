@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.server.config import DatasetSection
-from sigil_feed.server.filters import make_filter
+from sigil_feed.server.pipeline.filters import make_filter
 from tests.conftest import DEFAULT_DIR, TOKENIZER_DIR, rust_pair, write_config, write_jsonl, write_metaspace_tokenizer
 
 

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.server.config import parse_config
-from sigil_feed.server.dataset import ServedDataset
+from sigil_feed.server.feed.served import ServedDataset
 from tests.conftest import TOKENIZER_DIR
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

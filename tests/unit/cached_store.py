@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from sigil_feed.server.cache.order import EpochLayout, epoch_layout
-from sigil_feed.server.cache.pack import CachedPacker
-from sigil_feed.server.deal import Deal
-from sigil_feed.server.pack import Rows
+from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
+from sigil_feed.server.cached.packer import CachedPacker
+from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.streaming.packer import Rows
 
 PAD = 0
 

@@ -7,8 +7,8 @@ from functools import cache
 
 import pytest
 
-from sigil_feed.server import blocks
-from sigil_feed.server.tokenize import Encoder
+from sigil_feed.server.pipeline.tokenize import Encoder
+from sigil_feed.server.streaming import encoding as blocks
 from tests.conftest import TOKENIZER_DIR
 
 

@@ -12,14 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sigil_feed.server.build import local_engine as build_local
+from sigil_feed.server.build.local_engine import PartRecords, SourcePlan, source_parts
 from sigil_feed.server.config import load_config
-from sigil_feed.server.dataset import ServedDataset, open_datasets
-from sigil_feed.server.sources import open_source
-from sigil_feed.server.sources.hf import HfSource
-from sigil_feed.server.store import build_local
-from sigil_feed.server.store.build_local import PartRecords, SourcePlan, source_parts
+from sigil_feed.server.feed.served import ServedDataset, open_datasets
+from sigil_feed.server.pipeline.sources import open_source
+from sigil_feed.server.pipeline.sources.hf import HfSource
+from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.store.format import MANIFEST, shard_name, shard_paths
-from sigil_feed.server.tokenize import Encoder
 from tests.conftest import rust_pair, write_config, write_jsonl
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.cache.order import (
+from sigil_feed.server.cached.layout import (
     delivery_positions,
     digit_reversal,
     prime_factors,

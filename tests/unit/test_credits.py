@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from sigil_feed.server.errors import RequestError
-from sigil_feed.server.service import Credits
+from sigil_feed.server.rpc.service import Credits
 
 
 def run(coroutine):  # type: ignore[no-untyped-def]

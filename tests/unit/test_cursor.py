@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from sigil_feed.server.cursor import TAG_BYTES, VERSION, Cursor, decode_cursor
 from sigil_feed.server.errors import RequestError
+from sigil_feed.server.feed.cursor import TAG_BYTES, VERSION, Cursor, decode_cursor
 
 FP = "0123456789abcdef"
 CACHED = {"row": 96, "virtual": 12}

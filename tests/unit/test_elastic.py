@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.config import parse_config
-from sigil_feed.server.cursor import decode_cursor
-from sigil_feed.server.dataset import ServedDataset
-from sigil_feed.server.feed import Feed
+from sigil_feed.server.feed.batches import Feed
+from sigil_feed.server.feed.cursor import decode_cursor
+from sigil_feed.server.feed.served import ServedDataset
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 

@@ -18,14 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server import blocks
-from sigil_feed.server.cache.order import epoch_layout
+from sigil_feed.server.cached.layout import epoch_layout
 from sigil_feed.server.config import parse_config
-from sigil_feed.server.cursor import decode_cursor
-from sigil_feed.server.dataset import ServedDataset
-from sigil_feed.server.feed import Feed, FeedItem
-from sigil_feed.server.order import BlockShuffle
-from sigil_feed.server.shared_read import SharedReads
+from sigil_feed.server.feed.batches import Feed, FeedItem
+from sigil_feed.server.feed.cursor import decode_cursor
+from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.streaming import encoding as blocks
+from sigil_feed.server.streaming.block_order import BlockShuffle
+from sigil_feed.server.streaming.shared_reads import SharedReads
 from tests.conftest import TOKENIZER_DIR, rust_pair
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 

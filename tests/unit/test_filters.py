@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sigil_feed.server import filters
 from sigil_feed.server.config import DatasetSection
-from sigil_feed.server.filters import FILTER_REASONS, FilterFn, make_filter
+from sigil_feed.server.pipeline import filters
+from sigil_feed.server.pipeline.filters import FILTER_REASONS, FilterFn, make_filter
 
 CODE = "fn main() {\n    let total = 1 + 2;\n}\n"
 

@@ -10,7 +10,7 @@ import pytest
 from grpc._cython import cygrpc
 
 from sigil_feed.server.errors import RequestError
-from sigil_feed.server.interceptor import _guard
+from sigil_feed.server.rpc.interceptor import _guard
 
 
 class Context:

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.curate import CuratedSource, CurateRules, copies, task_copies
-from sigil_feed.server.mixing import Mixer, interleave
-from sigil_feed.server.order import Block, BlockShuffle
-from sigil_feed.server.samples import Sample, plain_pair
-from sigil_feed.server.sources.base import RawRecord, Source
-from sigil_feed.server.stats import SourceCounters
+from sigil_feed.server.observe.stats import SourceCounters
+from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules, copies, task_copies
+from sigil_feed.server.pipeline.mixing import Mixer, interleave
+from sigil_feed.server.pipeline.samples import Sample, plain_pair
+from sigil_feed.server.pipeline.sources.base import RawRecord, Source
+from sigil_feed.server.streaming.block_order import Block, BlockShuffle
 
 
 class ListSource(Source):

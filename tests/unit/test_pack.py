@@ -8,11 +8,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.blocks import TokenStream
-from sigil_feed.server.deal import Deal
-from sigil_feed.server.pack import Packer, Rows
-from sigil_feed.server.shared_read import EncodedBlock
-from sigil_feed.server.tokenize import Encoded, EncodedBatch
+from sigil_feed.server.pipeline.tokenize import Encoded, EncodedBatch
+from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.streaming.encoding import TokenStream
+from sigil_feed.server.streaming.packer import Packer, Rows
+from sigil_feed.server.streaming.shared_reads import EncodedBlock
 
 PAD = 0
 

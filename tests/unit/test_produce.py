@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from sigil_feed.server.config import Limits
-from sigil_feed.server.service import INLINE_TOKENS, DataFeedService
+from sigil_feed.server.rpc.service import INLINE_TOKENS, DataFeedService
 
 
 class Recorder:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sigil_feed.server.samples import Sample, normalise
-from sigil_feed.server.sources.base import RawRecord
+from sigil_feed.server.pipeline.samples import Sample, normalise
+from sigil_feed.server.pipeline.sources.base import RawRecord
 
 
 def raw(value: dict[str, Any] | None, error: str | None = None) -> RawRecord:

@@ -8,7 +8,7 @@ import pytest
 
 from sigil_feed.server.config import AuthSection, TlsSection, parse_config
 from sigil_feed.server.errors import ConfigError
-from sigil_feed.server.security import bearer_matches, load_token, server_credentials
+from sigil_feed.server.rpc.security import bearer_matches, load_token, server_credentials
 
 TOKEN = b"tok-123"
 

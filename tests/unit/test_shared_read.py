@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.blocks import TokenizedBlocks
-from sigil_feed.server.order import BlockShuffle
-from sigil_feed.server.shared_read import BlockCache, EncodedBlock, SharedReads, block_key
-from sigil_feed.server.tokenize import Encoder
+from sigil_feed.server.pipeline.tokenize import Encoder
+from sigil_feed.server.streaming.block_order import BlockShuffle
+from sigil_feed.server.streaming.encoding import TokenizedBlocks
+from sigil_feed.server.streaming.shared_reads import BlockCache, EncodedBlock, SharedReads, block_key
 from tests.conftest import TOKENIZER_DIR
 from tests.unit.test_order_mixing import mix
 

@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.errors import SourceError
-from sigil_feed.server.samples import normalise
-from sigil_feed.server.sources import RawRecord, Source, open_source
-from sigil_feed.server.sources.jsonl import SUFFIXES as jsonl_suffixes
+from sigil_feed.server.pipeline.samples import normalise
+from sigil_feed.server.pipeline.sources import RawRecord, Source, open_source
+from sigil_feed.server.pipeline.sources.jsonl import SUFFIXES as jsonl_suffixes
 from tests.conftest import write_compressed
 
 PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "train",

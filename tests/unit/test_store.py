@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sigil_feed.server.pipeline.tokenize import TokenFacts
 from sigil_feed.server.store.format import (
     MANIFEST,
     Manifest,
@@ -41,7 +42,6 @@ from sigil_feed.server.store.owner import (
     this_machine,
 )
 from sigil_feed.server.store.reader import list_stores, open_store
-from sigil_feed.server.tokenize import TokenFacts
 
 FP = "0123456789abcdef"
 ACCOUNTING = {"spec": "local:a.jsonl", "read": 2, "kept": 2, "dropped": {"too_short": 1}, "malformed": {},

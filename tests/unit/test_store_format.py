@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sigil_feed.server.pipeline.tokenize import TokenFacts
 from sigil_feed.server.store.format import (
     MANIFEST,
     Manifest,
@@ -24,7 +25,6 @@ from sigil_feed.server.store.format import (
     write_shard,
 )
 from sigil_feed.server.store.fs import resolve
-from sigil_feed.server.tokenize import TokenFacts
 
 
 def rows(lengths: list[int], start: int = 0, task: str | None = "completion") -> ShardRows:

@@ -11,8 +11,8 @@ from sigil_feed.client import timing
 from sigil_feed.client.timing import WAIT_BUCKETS_S, StepTimer
 from sigil_feed.protos import feed_pb2
 from sigil_feed.server.config import ConfigError, load_config
-from sigil_feed.server.stats import StepStats, Window, input_bound
-from sigil_feed.server.watch import likely_cause
+from sigil_feed.server.observe.stats import StepStats, Window, input_bound
+from sigil_feed.server.observe.watch import likely_cause
 
 
 def test_a_step_runs_from_batch_to_batch_and_its_wait_spans_epoch_markers(monkeypatch: pytest.MonkeyPatch) -> None:

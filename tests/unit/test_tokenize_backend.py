@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigil_feed.server import tokenize
 from sigil_feed.server.config import parse_config
-from sigil_feed.server.dataset import ServedDataset
-from sigil_feed.server.encode_backends import FIXED_PROBES, FastFlat, FlatIds, HfFlat
 from sigil_feed.server.errors import ConfigError
-from sigil_feed.server.samples import Sample, normalise, plain_pair
-from sigil_feed.server.sources.base import RawRecord
+from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.pipeline import tokenize
+from sigil_feed.server.pipeline.encode_backends import FIXED_PROBES, FastFlat, FlatIds, HfFlat
+from sigil_feed.server.pipeline.samples import Sample, normalise, plain_pair
+from sigil_feed.server.pipeline.sources.base import RawRecord
 from tests.conftest import DEFAULT_DIR, TOKENIZER_DIR, write_metaspace_tokenizer
 
 FUZZ_STRINGS = 1500
@@ -147,7 +147,7 @@ def test_probe_falls_back_to_hf_on_any_difference(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real(backend), marker))  # type: ignore
     samples = [Sample(0, 0, 0, text=data, kind="content")] if data else []
     encoder = tokenize.Encoder(str(TOKENIZER_DIR))
-    with caplog.at_level(logging.INFO, logger="sigil_feed.server.tokenize"):
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.pipeline.tokenize"):
         chosen = encoder.choose_backend(samples, chat=chat)
     assert chosen == ("hf" if caught else "fastokens")
     assert len(caplog.records) == 1
@@ -161,7 +161,7 @@ def test_probe_falls_back_to_hf_on_any_difference(monkeypatch: pytest.MonkeyPatc
 
 def test_a_tokenizer_fastokens_cannot_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = write_metaspace_tokenizer(tmp_path / "tok")
-    with caplog.at_level(logging.INFO, logger="sigil_feed.server.tokenize"):
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.pipeline.tokenize"):
         auto = tokenize.Encoder(str(folder))
         assert auto.backend_name == "hf"
         assert auto.encode([Sample(0, 0, 0, text="fn ab() {}", kind="text")], False).ids[-1] == auto.eos_id

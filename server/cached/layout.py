@@ -1,0 +1,165 @@
+"""Cached-mode order: the served sequence of store samples (mixing and task weights applied at serve time), and
+each epoch's shard-aware layout over V virtual ranks.
+
+Seeded, an epoch permutes the store's shards by (seed, epoch), cuts the items (in that shard order) into V
+contiguous regions balanced by tokens, and shuffles items within windows of a few consecutive shards of each
+region. Virtual rank v reads region rho(v) (mixed-radix digit reversal), so that rank r of a world size w that
+is a prefix product of V's prime factors reads one contiguous run of regions, about 1/w of the store's shards.
+Unseeded, the served sequence is cut into V regions in order and nothing is shuffled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..pipeline.curate import task_copies
+from ..pipeline.mixing import interleave
+from ..store.reader import TokenStore
+
+AUTO_VIRTUAL = (1, 2, 6, 12, 24, 48, 120, 240, 720, 1440, 5040, 10080, 55440, 720720)
+"""The virtual rank counts `virtual_ranks: auto` chooses from (highly composite: many world sizes divide them)."""
+ITEMS_PER_VIRTUAL = 64
+"""`auto` chooses the largest count that leaves every virtual rank at least this many served items."""
+
+
+def served_sequence(store: TokenStore, *, sources: int, mode: str, stopping: str, weights: Sequence[float],
+                    task_weights: dict[str, float] | None, seed: int) -> np.ndarray:
+    """Store sample indices in mix order: each source's samples in store order, each repeated by its task
+    weight's copies, interleaved as the streaming Mixer does; the same multiset streaming mode serves."""
+    repeats = task_copies(store.task, store.task_types, task_weights, seed, (store.source, store.file, store.row))
+    per_source = [np.repeat(picked, repeats[picked]) for picked in (np.flatnonzero(store.source == k)
+                                                                     for k in range(sources))]
+    child, position = interleave([len(s) for s in per_source], mode, stopping, weights, seed)
+    starts = np.concatenate(([0], np.cumsum([len(s) for s in per_source])))
+    flat = np.concatenate(per_source) if per_source else np.zeros(0, dtype=np.int64)
+    return flat[starts[child] + position]
+
+
+def virtual_ranks(setting: int | str, items: int) -> int:
+    """The number of virtual ranks for `items` served items: `auto`'s choice, or the configured count, which
+    must not exceed the items (every virtual rank reads at least one); ValueError otherwise."""
+    if setting == "auto":
+        return max(v for v in AUTO_VIRTUAL if v == 1 or v <= items // ITEMS_PER_VIRTUAL)
+    count = int(setting)
+    if items and count > items:
+        raise ValueError(f"dataset.virtual_ranks is {count}, but the dataset serves only {items} items per epoch: "
+                         f"every virtual rank needs one; set virtual_ranks to at most {items} (or `auto`)")
+    return count
+
+
+def prime_factors(n: int) -> list[int]:
+    """n's prime factors in ascending order, with multiplicity (720 -> 2, 2, 2, 2, 3, 3, 5)."""
+    factors, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return factors + ([n] if n > 1 else [])
+
+
+def digit_reversal(count: int) -> np.ndarray:
+    """rho: v -> the region virtual rank v reads. v's digits in the mixed radix of count's ascending prime
+    factors (least significant first) read in reverse order; so the v with v mod w = r, for w a prefix product of
+    the factors, are one contiguous run of regions."""
+    v = np.arange(count, dtype=np.int64)
+    rho = np.zeros(count, dtype=np.int64)
+    for p in prime_factors(count):
+        rho = rho * p + v % p
+        v //= p
+    return rho
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """One epoch's items in region order, where each region starts, and which region each virtual rank reads."""
+
+    items: np.ndarray  # store sample indices, region after region (one int64 per served item)
+    cum: np.ndarray  # tokens before each item in `items` order (len(items) + 1 entries)
+    bounds: np.ndarray  # region q is items[bounds[q]:bounds[q + 1]]
+    region: np.ndarray  # region[v]: the region virtual rank v reads
+
+    @property
+    def virtual(self) -> int:
+        """V, the number of virtual ranks."""
+        return len(self.region)
+
+    def counts(self) -> np.ndarray:
+        """Items per virtual rank."""
+        return np.diff(self.bounds)[self.region]
+
+    def tokens(self) -> np.ndarray:
+        """Tokens per virtual rank (its stream's length, EOS included)."""
+        return np.diff(self.cum[self.bounds])[self.region]
+
+
+def epoch_layout(store: TokenStore, sequence: np.ndarray, *, virtual: int, seed: int | None, epoch: int,
+                 window_shards: int) -> EpochLayout:
+    """The epoch's layout of the served sequence over `virtual` virtual ranks (see the module's docstring)."""
+    if len(sequence) and virtual > len(sequence):
+        raise ValueError(f"virtual_ranks {virtual} exceeds the {len(sequence)} served items")
+    items = sequence
+    rng = np.random.default_rng([seed, epoch]) if seed is not None else None
+    shard_at = None
+    if rng is not None:
+        at = np.empty(len(store.manifest.shards), dtype=np.int64)
+        at[rng.permutation(len(at))] = np.arange(len(at))
+        shard_at = at[store.shard[sequence]]
+        by_shard = np.argsort(shard_at, kind="stable")
+        items, shard_at = sequence[by_shard], shard_at[by_shard]
+        del by_shard
+    bounds = _regions(store.lengths[items], virtual)
+    if rng is not None and shard_at is not None:
+        region = np.repeat(np.arange(virtual, dtype=np.int64), np.diff(bounds))
+        shuffled = np.lexsort((rng.random(len(items)), shard_at // window_shards, region))
+        items = items[shuffled]
+    cum = np.zeros(len(items) + 1, dtype=np.int64)
+    np.cumsum(store.lengths[items], out=cum[1:])
+    return EpochLayout(items, cum, bounds, digit_reversal(virtual))
+
+
+def _regions(lengths: np.ndarray, count: int) -> np.ndarray:
+    """Bounds of `count` contiguous non-empty regions of items with these token lengths, cut at the item nearest
+    to each token quantile (count + 1 entries; all empty when there are no items)."""
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(count + 1, dtype=np.int64)
+    middles = np.cumsum(lengths, dtype=np.float64) - lengths / 2  # an item goes where its middle token falls
+    q = np.arange(1, count, dtype=np.int64)
+    cuts = np.searchsorted(middles, q * (float(middles[-1] + lengths[-1] / 2) / count))
+    slack = np.clip(np.maximum.accumulate(np.maximum(cuts - q, 0)), 0, n - count)  # strictly rising, non-empty
+    return np.concatenate(([0], slack + q, [n])).astype(np.int64)
+
+
+def delivery_positions(layout: EpochLayout) -> np.ndarray:
+    """Per item of `layout.items`: its place in the epoch's global order (item j of virtual rank v is at
+    j * V + v, which is its global row when rows are padded)."""
+    owner = np.empty(layout.virtual, dtype=np.int64)
+    owner[layout.region] = np.arange(layout.virtual)
+    sizes = np.diff(layout.bounds)
+    within = np.arange(len(layout.items)) - np.repeat(layout.bounds[:-1], sizes)
+    return within * layout.virtual + np.repeat(owner, sizes)
+
+
+def same_file_distances(store: TokenStore, items: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Distances in delivery order between consecutive deliveries of samples of one source file, over the
+    number of items delivered (0 to 1: 0 is back to back)."""
+    files = store.source[items].astype(np.int64) * (int(store.file.max(initial=0)) + 1) + store.file[items]
+    order = np.lexsort((positions, files))
+    same = files[order][1:] == files[order][:-1]
+    return (np.diff(positions[order])[same] / max(len(items), 1)).astype(np.float64)
+
+
+def shuffle_quality(store: TokenStore, sequence: np.ndarray, *, virtual: int, seed: int, epoch: int,
+                    window_shards: int) -> dict[str, float]:
+    """The median and 10th percentile of same_file_distances for this layout and for a global permutation of the
+    served sequence (the order before virtual ranks), same data, same epoch."""
+    layout = epoch_layout(store, sequence, virtual=virtual, seed=seed, epoch=epoch, window_shards=window_shards)
+    permuted = sequence[np.random.default_rng([seed, epoch]).permutation(len(sequence))]
+    ours = same_file_distances(store, layout.items, delivery_positions(layout))
+    global_ = same_file_distances(store, permuted, np.arange(len(permuted)))
+    return {"median": float(np.median(ours)), "p10": float(np.percentile(ours, 10)),
+            "global_median": float(np.median(global_)), "global_p10": float(np.percentile(global_, 10))}

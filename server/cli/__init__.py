@@ -1,0 +1,5 @@
+"""The `sigil-feed` command line."""
+
+from .main import main
+
+__all__ = ["main"]

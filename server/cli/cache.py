@@ -1,0 +1,148 @@
+"""`sigil-feed cache build|ls|rm`: build stores ahead of serving (an init container), list and remove them.
+`cache build` elects one builder per store through the store's build lease, as servers do: started on many
+machines at once, one builds and the others wait for it."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..store.fs import StoreFS, resolve
+from ..store.owner import discard, folder_bytes, reclaim, temp_folders
+from ..store.reader import list_stores
+
+if TYPE_CHECKING:
+    from ..build.local_engine import StoreBuilder
+    from ..feed.served import ServedDataset
+
+
+def _roots(args: argparse.Namespace) -> list[StoreFS]:
+    """The store locations to look at: --cache-dir, or every dataset's in --config, or the default."""
+    from ..config import load_config
+    from ..feed.served import default_cache_dir
+
+    if args.cache_dir:
+        locations = [args.cache_dir]
+    elif not args.config:
+        locations = [str(default_cache_dir())]
+    else:
+        config = load_config(args.config)
+        locations = sorted({d.dataset.cache_dir or str(default_cache_dir()) for d in config.datasets.values()})
+    return [resolve(location) for location in locations]
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..build import local_engine as build_local
+    from ..config import load_config
+    from ..errors import ConfigError
+    from ..feed.served import open_datasets
+
+    if args.ray_address and args.engine != "ray":
+        raise ConfigError("--ray-address needs --engine ray")
+    datasets = open_datasets(load_config(args.config))
+    if args.engine == "local":
+        _build_all(datasets, build_local.build_store)
+        return 0
+    from ..build import ray_engine as build_ray
+
+    with build_ray.cluster(args.ray_address):
+        _build_all(datasets, functools.partial(build_ray.build_store, address=args.ray_address))
+    return 0
+
+
+def _build_all(datasets: dict[str, ServedDataset], build: StoreBuilder) -> None:
+    """Build every cached dataset's store with `build` (an engine's build_store)."""
+    for name, dataset in datasets.items():
+        if not dataset.cached:
+            print(f"{name}: use_cache is false; nothing to build")
+            continue
+        dataset.prepare(build=build, serve=False)
+        state = dataset.cache_state()
+        print(f"{name}: {state.path} ({state.samples} samples, {state.tokens} tokens)")
+
+
+def _temporaries(root: StoreFS) -> list[dict[str, Any]]:
+    """Temporary folders and files of local builds under way (`building`) or left by builders that are gone
+    (`stale`): the root's, and those in each store's shard folder."""
+    if not root.is_local:
+        return []
+    base = Path(root.root)
+    folders = [base, *(p / "shards" for p in base.iterdir() if p.is_dir())] if base.is_dir() else []
+    return [{"path": str(t.path), "fingerprint": t.fingerprint, "state": "building" if t.alive else "stale",
+             "owner": t.owner.label if t.owner else None, "heartbeat_age_s": round(t.heartbeat_age, 1),
+             "bytes": folder_bytes(t.path), "detail": t.describe()} for f in folders for t in temp_folders(f)]
+
+
+def _ls(args: argparse.Namespace) -> int:
+    entries: list[dict[str, Any]] = [e for root in _roots(args) for e in (*list_stores(root), *_temporaries(root))]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        if e["state"] == "ready":
+            print(f"{e['path']}  dataset={e['dataset']} samples={e['samples']} tokens={e['tokens']} "
+                  f"shards={e['shards']} bytes={e['bytes']}")
+        elif e["state"] in ("damaged", "outdated", "partial"):
+            print(f"{e['path']}  {e['state']}: {e['reason']}")
+        else:
+            print(f"{e['path']}  {e['detail']} bytes={e['bytes']}")
+    if not any(e["state"] == "ready" for e in entries):
+        print("no token stores")
+    if any(e["state"] == "stale" for e in entries):
+        print("stale temporary files are reclaimed by the next start or by `sigil-feed cache rm --all`")
+    return 0
+
+
+def _remove(root: StoreFS, path: str) -> None:
+    """Remove a store folder: locally renamed aside first (nobody sees it half-removed), remotely every object."""
+    if root.is_local:
+        discard(Path(path))
+    else:
+        root.fs.delete_dir(path)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    removed = 0
+    for root in _roots(args):
+        for store in list_stores(root):
+            if args.all or store["fingerprint"] in args.fingerprints:
+                _remove(root, root.path(store["fingerprint"]))
+                print(f"removed {store['path']}")
+                removed += 1
+        if not root.is_local or not Path(root.root).is_dir():
+            continue
+        for fingerprint in [None] if args.all else args.fingerprints:
+            for temp in reclaim(Path(root.root), fingerprint):
+                print(f"removed {temp.path} ({temp.describe()})")
+                removed += 1
+        for temp in temp_folders(Path(root.root)):
+            if temp.alive and (args.all or temp.fingerprint in args.fingerprints):
+                print(f"left {temp.path}: {temp.describe()}")
+    return 0 if removed or not args.fingerprints else 1
+
+
+def add_cache_commands(sub: Any) -> None:
+    """Register `cache build|ls|rm` on the top-level subparsers."""
+    cache = sub.add_parser("cache", help="build, list or remove token stores (cached mode)")
+    verbs = cache.add_subparsers(dest="verb", required=True)
+    build = verbs.add_parser("build", help="build every cached dataset's store, then exit")
+    build.add_argument("--config", required=True)
+    build.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this machine's cores (default); ray: Ray Data on a Ray cluster "
+                            "(pip install 'sigil-feed[ray]')")
+    build.add_argument("--ray-address", help="the Ray cluster to build on (as `ray.init` takes it: HOST:PORT, "
+                                             "ray://HOST:PORT, auto); default: a local cluster on this machine")
+    build.set_defaults(func=_build)
+    for verb, func in (("ls", _ls), ("rm", _rm)):
+        parser = verbs.add_parser(verb, help=f"{verb} token stores")
+        parser.add_argument("--config", help="list the store locations this config uses")
+        parser.add_argument("--cache-dir", help="a store location: a folder or a URI such as s3://bucket/prefix "
+                                                "(default: SIGIL_FEED_CACHE or ~/.cache/sigil-feed)")
+        parser.set_defaults(func=func)
+    verbs.choices["ls"].add_argument("--json", action="store_true")
+    verbs.choices["rm"].add_argument("fingerprints", nargs="*", help="stores to remove")
+    verbs.choices["rm"].add_argument("--all", action="store_true",
+                                     help="remove every store and stale temporary folder in the folder")

@@ -1,0 +1,73 @@
+"""One rank's stream: batches epoch after epoch, each with the cursor that resumes right after it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cached.packer import CachedPacker
+from ..streaming.packer import Packer, Rows
+from .cursor import Cursor, refused
+from .served import ServedDataset
+
+
+@dataclass
+class FeedItem:
+    """A batch (rows set) or the end of an epoch (rows None), with the cursor right after it and its position
+    (the global row where the next step of `epoch` starts; at an epoch's end, the row after its last step)."""
+
+    rows: Rows | None
+    epoch: int
+    cursor: bytes
+    row: int
+
+
+class Feed:
+    """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor (any rank's, of any world size,
+    made for the same seq_len) or at epoch 0."""
+
+    def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
+                 seq_len: int, start: Cursor | None, secret: bytes = b"") -> None:
+        dataset.wait_ready()
+        self.dataset, self.rank, self.world_size, self.secret = dataset, rank, world_size, secret
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.epochs = dataset.section.epochs
+        self.epoch = start.epoch if start else 0
+        self.packer: Packer | CachedPacker | None = None
+        if start is not None and start.state is not None:
+            self.packer = self._open_epoch()
+            try:
+                self.packer.set_state(start.state)
+            except (KeyError, IndexError, ValueError, TypeError, StopIteration):
+                raise refused("its position does not exist in this dataset (a state of another mode, source "
+                              "list or number of virtual ranks)") from None
+
+    def _open_epoch(self) -> Packer | CachedPacker:
+        return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                                   batch_size=self.batch_size, seq_len=self.seq_len)
+
+    def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
+        state = None if packer is None else packer.get_state()
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state).encode(self.secret)
+
+    @property
+    def in_cached_epoch(self) -> bool:
+        """Whether the next batch is cut from an open epoch of a local token store (quick and never blocking; a
+        remote store's may wait for a shard to be fetched)."""
+        return isinstance(self.packer, CachedPacker) and self.packer.never_blocks
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> FeedItem:
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        if self.packer is None:
+            self.packer = self._open_epoch()
+        rows = self.packer.next_batch()
+        if rows is not None:
+            return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer), self.packer.row)
+        if self.packer.row == 0:
+            raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
+        ended, end_row = self.epoch, self.packer.row
+        self.epoch, self.packer = self.epoch + 1, None
+        return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -1,0 +1,168 @@
+"""Stream cursors: small, versioned, signed bytes that say where an epoch's stream resumes.
+
+Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch",
+"seq_len", "state": the packer's composed stage state}. The tag is an HMAC-SHA256 keyed by the server's cursor
+secret (`server.cursor_secret_env`; empty when unset) over the version and the body, which holds the
+fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on any server
+with the same secret, and anything else is FAILED_PRECONDITION. The state is checked against the schema of
+each stage's state before any stage sees it.
+
+The position is global (see deal.py): the global row where the next window of the epoch starts, with, in
+streaming mode, the stream's state at that row. It names no rank, so any rank's cursor after a step resumes
+every rank of any world size. Versions 1 and 2 held a position in the order before virtual ranks (one
+global permutation dealt rank by rank), which this order cannot continue: they are refused, saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+
+from ..errors import RequestError
+from ..pipeline.stage import State
+
+VERSION = 3
+OLD_ORDER = (1, 2)  # cursors of the order before virtual ranks
+TAG_BYTES = 16
+MAX_JSON = 64 << 10  # a real cursor's JSON is a few hundred bytes; refuse decompression bombs
+MAX_EPOCH = (1 << 31) - 1  # epochs travel as uint32 on the wire, with room for the next one
+
+Count = Annotated[StrictInt, Field(ge=0, lt=1 << 53)]
+"""A position or a counter: a JSON integer, never negative, exact in any JSON reader."""
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class CachedState(_Schema):
+    """A cached-mode position: the global row of the next window, and the epoch's number of virtual ranks."""
+
+    row: Count
+    virtual: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
+
+
+class SourceState(_Schema):
+    """A source: file index, row, and (plain JSONL) the byte offset of that row."""
+
+    file: Count
+    row: Count
+    offset: Count | None = None
+
+
+class CurateState(_Schema):
+    """A curated source: the record's source position and the task-weight copies already yielded."""
+
+    at: SourceState
+    skip: Count
+
+
+class MixState(_Schema):
+    """The mix: turn counter, which sources ran out, and every source's position."""
+
+    turn: Count
+    exhausted: list[StrictBool]
+    done: StrictBool
+    children: list[CurateState] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_flag_per_source(self) -> MixState:
+        if len(self.exhausted) != len(self.children):
+            raise ValueError("exhausted and children must have one entry per source")
+        return self
+
+
+class OrderState(_Schema):
+    """The streaming order: block index, the mix at the block's start, samples of the block taken."""
+
+    block: Count
+    start: MixState
+    taken: Count
+
+
+class StreamState(_Schema):
+    """A streaming position: the global row of the next window, the sample being cut there, its tokens
+    already in earlier rows, and the epoch's wraps so far."""
+
+    row: Count
+    at: OrderState
+    offset: Count
+    wraps: Count
+
+
+class _Body(_Schema):
+    fp: Annotated[str, Field(min_length=1, max_length=64)]
+    epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
+    seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
+    state: CachedState | StreamState | None
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A decoded cursor: which epoch of which dataset, at which row length, and where in it."""
+
+    fingerprint: str
+    epoch: int
+    seq_len: int
+    state: State | None  # None: the start of `epoch`
+
+    def encode(self, secret: bytes = b"") -> bytes:
+        """The wire form, signed with `secret`."""
+        body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": self.state}
+        payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
+        return bytes([VERSION]) + _tag(secret, payload) + payload
+
+
+def _tag(secret: bytes, payload: bytes) -> bytes:
+    return hmac.new(secret, bytes([VERSION]) + payload, hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def refused(message: str) -> RequestError:
+    """A FAILED_PRECONDITION about the resume cursor."""
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"cursor: {message}")
+
+
+def _body(payload: bytes) -> Any:
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(payload, MAX_JSON)
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("cursor is truncated or expands beyond its limit")
+        return json.loads(text)
+    except (ValueError, zlib.error):
+        raise refused("not a sigil-feed cursor (corrupt or truncated)") from None
+
+
+def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes = b"") -> Cursor:
+    """Parse, authenticate and check a cursor against the stream it is meant to resume."""
+    if data[:1] and data[0] in OLD_ORDER:
+        raise refused("made by an older sigil-feed, whose positions are in the order before virtual ranks (one "
+                      "global permutation dealt rank by rank); this order deals global rows, so that position "
+                      "has no place in it: start the epoch without a cursor (or finish the run with the older "
+                      "server)")
+    if data[:1] != bytes([VERSION]):
+        raise refused(f"unknown cursor version (this server reads version {VERSION}); start without a cursor")
+    tag, payload = data[1:1 + TAG_BYTES], data[1 + TAG_BYTES:]
+    raw = _body(payload)
+    if isinstance(raw, dict) and raw.get("fp") not in (None, fingerprint):
+        raise refused("made for another dataset configuration (sources, filters, order or tokenizer changed); "
+                      "start without a cursor or restore the old configuration")
+    if not hmac.compare_digest(tag, _tag(secret, payload)):
+        raise refused("not made by this server (its signature does not match: corrupt, edited, or made with "
+                      "another server.cursor_secret_env)")
+    try:
+        body = _Body.model_validate(raw)
+    except ValidationError:
+        raise refused("holds no valid stream position (corrupt, or made by another sigil-feed version)") from None
+    if body.seq_len != seq_len:
+        raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
+                      f"rows, so resume with seq_len {body.seq_len}")
+    state = None if body.state is None else body.state.model_dump(exclude_none=True)
+    return Cursor(body.fp, body.epoch, body.seq_len, state)

@@ -1,0 +1,29 @@
+"""Sources: read records from JSONL, Parquet and Hugging Face datasets (see `open_source`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import SourceError
+from . import jsonl, parquet
+from .base import RawRecord, Source
+from .files import expand_paths
+from .hf import open_hf
+from .jsonl import JsonlSource
+from .parquet import ParquetSource
+
+__all__ = ["RawRecord", "Source", "open_source"]
+
+
+def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None = None) -> Source:
+    """Open one `dataset.names` entry as source number `index`; raise SourceError if it names nothing."""
+    prefix, colon, rest = spec.partition(":")
+    if not colon:
+        return open_hf(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir)
+    if prefix == "local":
+        return JsonlSource(spec, index, expand_paths(spec, rest, jsonl.SUFFIXES, base_dir=base_dir))
+    if prefix == "parquet":
+        return ParquetSource(spec, index, expand_paths(spec, rest, parquet.SUFFIXES, base_dir=base_dir))
+    if prefix == "hf" and rest:
+        return open_hf(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir)
+    raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH, hf:owner/name or owner/name")

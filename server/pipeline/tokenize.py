@@ -1,0 +1,241 @@
+"""Load the tokenizer (`transformers.AutoTokenizer`, local directory or HF cache) and encode samples in batches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import ConfigError
+from .encode_backends import FlatEncoder, HfFlat, first_difference, load_fast, probe_texts
+from .samples import Sample
+
+log = logging.getLogger(__name__)
+
+
+class Encoded(NamedTuple):
+    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt (a tuple: one is
+    made per sample, so it must be cheap)."""
+
+    ids: np.ndarray  # int32
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A batch of samples' token ids in one flat buffer: sample i is `ids[offsets[i]:offsets[i + 1]]`, EOS last."""
+
+    ids: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len(samples) + 1
+    prompt_tokens: np.ndarray  # int32: leading tokens of each sample that belong to its prompt
+
+    def __len__(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample, EOS included."""
+        return np.diff(self.offsets)
+
+    def samples(self) -> list[Encoded]:
+        """Every sample as a view into the buffer."""
+        bounds, prompts, ids = self.offsets.tolist(), self.prompt_tokens.tolist(), self.ids
+        return [Encoded(ids[bounds[i]:bounds[i + 1]], prompts[i]) for i in range(len(prompts))]
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    """What clients and the packer need to know of a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+
+class Encoder:
+    """Encodes samples with a fast tokenizer's Rust backend (parallel over cores, no per-token Python).
+
+    The tokenizer's files are found and hashed at once (the fingerprint); the tokenizer itself loads on
+    first use, so a restart that serves from a token store never imports transformers. Ids come from the
+    `backend` setting's encoder (see `choose_backend`); decoding is always HF's.
+    """
+
+    def __init__(self, name: str, *, base_dir: Path | None = None, file: str | None = None,
+                 backend: str = "auto") -> None:
+        self.name, self.file, self.requested = name, file, backend
+        self.path = resolve_tokenizer(name, base_dir=base_dir, file=file)
+        self.fingerprint = files_fingerprint(self.path)
+        self._tokenizer: Any = None
+        self._flat: FlatEncoder | None = None  # the encode backend, once chosen
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer, loaded on first use; ConfigError if it cannot be used."""
+        if self._tokenizer is None:
+            tokenizer = load_tokenizer(str(self.path), file=self.file)
+            if tokenizer.eos_token_id is None:
+                raise ConfigError(f"tokenizer {self.name!r} has no EOS token", key="model_name", file=self.file,
+                                  fix="use a tokenizer whose tokenizer_config.json sets eos_token")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    @property
+    def backend(self) -> Any:
+        """The Rust `tokenizers.Tokenizer`."""
+        return self.tokenizer.backend_tokenizer
+
+    @property
+    def backend_name(self) -> str:
+        """Which encoder makes the ids: `hf` or `fastokens` (chosen on first use if not yet)."""
+        return self.flat.name
+
+    @property
+    def flat(self) -> FlatEncoder:
+        """The encode backend; chosen with the fixed probe strings alone if `choose_backend` was not called."""
+        if self._flat is None:
+            self.choose_backend()
+        assert self._flat is not None
+        return self._flat
+
+    def choose_backend(self, data: Sequence[Sample] = (), chat: bool = False) -> str:
+        """Pick the encode backend for the `backend` setting and return its name.
+
+        `hf`: HF. `auto`/`fastokens`: fastokens if it loads this tokenizer and gives HF's ids on every probe
+        string (fixed edge cases, the added tokens, chat template output when `chat`, and the texts `data`'s
+        samples are encoded as); otherwise `auto` falls back to HF with one log line and `fastokens` raises
+        ConfigError; either way one log line says which and why. Called again (another dataset), it re-probes
+        with that call's data.
+        """
+        hf = HfFlat(self.backend)
+        if self.requested == "hf" or (self._flat is not None and self._flat.name == "hf"):
+            self._flat = hf
+            return hf.name
+        fast = self._flat or load_fast(self.backend)
+        probes = self._probes(data, chat)
+        why = fast if isinstance(fast, str) else first_difference(hf, fast, probes)
+        if why is None:
+            assert not isinstance(fast, str)
+            log.info("tokenizer %s: encoding with fastokens (HF's ids on all %d probe strings)", self.name, len(probes))
+            self._flat = fast
+            return fast.name
+        if self.requested == "fastokens":
+            raise ConfigError(f"tokenizer {self.name!r}: {why}", key="dataset.tokenizer_backend", file=self.file,
+                              fix="set tokenizer_backend: auto (or hf) to encode with HF tokenizers")
+        log.info("tokenizer %s: encoding with HF tokenizers, not fastokens: %s", self.name, why)
+        self._flat = hf
+        return hf.name
+
+    def _probes(self, data: Sequence[Sample], chat: bool) -> list[str]:
+        """The probe strings: fixed, added tokens, chat template output, and what `data` is encoded as."""
+        added = [token.content for token in self.tokenizer.added_tokens_decoder.values()]
+        extra = [text for s in data for text in ((s.text, *_pieces(s)) if s.prompt_chars else (s.text,))]
+        if chat:
+            for prompt, gen in CHAT_PROBES:
+                text, head = self.chat_format(prompt, gen)
+                extra += [text, text[:head], text[head:]]
+        return probe_texts(added, extra)
+
+    @property
+    def eos_id(self) -> int:
+        """The id appended to every sample."""
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id (EOS when the tokenizer has no pad token)."""
+        pad = self.tokenizer.pad_token_id
+        return self.eos_id if pad is None else int(pad)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return len(self.tokenizer)
+
+    def facts(self) -> TokenFacts:
+        """Vocabulary size, EOS and padding ids (loads the tokenizer)."""
+        return TokenFacts(self.vocab_size, self.eos_id, self.pad_id)
+
+    def chat_format(self, prompt: str, gen: str) -> tuple[str, int]:
+        """Format a pair with the tokenizer's chat template: (text, characters of the prompt turn)."""
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": gen}]
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False)
+        head = self.tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+        return text, len(head) if text.startswith(head) else 0
+
+    def encode(self, samples: Sequence[Sample], with_prompts: bool) -> EncodedBatch:
+        """Encode a batch of samples into one flat buffer, EOS appended to each (no per-token Python).
+
+        With with_prompts (completion_only), a pair's prompt (and separator) and its completion are
+        encoded as separate texts, side by side in one call, so no token straddles the boundary and the
+        loss mask is exact.
+        """
+        if not with_prompts:
+            ids, bounds = self.flat.encode_flat([s.text for s in samples])
+            prompts = np.zeros(len(samples), dtype=np.int32)
+        else:
+            ids, bounds = self.flat.encode_flat([piece for s in samples for piece in _pieces(s)])
+            prompts = (bounds[1::2] - bounds[:-1:2]).astype(np.int32)
+            bounds = bounds[::2]
+        # EOS goes in front of the next sample's first token; the int32 view is exact (ids < 2**31)
+        return EncodedBatch(np.insert(ids.view(np.int32), bounds[1:], self.eos_id),
+                            bounds + np.arange(len(bounds)), prompts)
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (special tokens kept, so sample boundaries show)."""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+CHAT_PROBES = (("Write a function.", "fn f() {}"), ("  <|endoftext|> \r\n中文 😀", "\n\n"), ("", "x"))
+
+
+def _pieces(sample: Sample) -> tuple[str, str]:
+    """A sample's prompt (and separator) and the rest: what completion_only encodes."""
+    return sample.text[:sample.prompt_chars], sample.text[sample.prompt_chars:]
+
+
+def resolve_tokenizer(name: str, *, base_dir: Path | None = None, file: str | None = None) -> Path:
+    """The tokenizer's folder: a local directory (relative to the working directory or base_dir) or a
+    model in the local HF cache; ConfigError when neither exists (nothing is downloaded)."""
+    for candidate in (Path(name), (base_dir or Path.cwd()) / name):
+        if candidate.is_dir():
+            return candidate.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as err:  # huggingface_hub raises several types for a name it cannot resolve offline
+        raise ConfigError(f"cannot find tokenizer {name!r} ({type(err).__name__})", key="model_name", file=file,
+                          fix="point model_name (or server.tokenizer) at a local tokenizer directory or a "
+                              "model in the HF cache") from None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def files_fingerprint(folder: Path) -> str:
+    """A hash of the tokenizer folder's files (weights excluded): any change to them changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_tokenizer(name: str, *, file: str | None = None) -> Any:
+    """AutoTokenizer from a local directory or the HF cache, never downloading; ConfigError if unusable."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as err:  # transformers raises many types (OSError, ValueError, EnvironmentError)
+        raise ConfigError(f"cannot load tokenizer {name!r}: {err}", key="model_name", file=file,
+                          fix="point model_name (or server.tokenizer) at a local tokenizer directory "
+                              "or a model in the HF cache") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"tokenizer {name!r} has no fast (Rust) implementation", key="model_name",
+                          file=file, fix="provide a tokenizer.json")
+    return tokenizer

@@ -1,0 +1,241 @@
+"""Streaming mode: the epoch's blocks, encoded once per sidecar, read as one stream of tokens.
+
+A block (order.py) is encoded a chunk at a time (TOKENIZE_CHUNK samples or TOKENIZE_CHUNK_CHARS of text,
+whichever comes first) on ENCODE_POOL, the chunks one after another in one task (the Rust tokenizer releases
+the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while it is packed.
+Each rank reads the next block ahead on READ_POOL while it packs the current one, so reading overlaps with
+encoding and packing. The ranks of a layout take each block from a `BlockCache` (shared_read.py): one read
+and one encoding per sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from itertools import pairwise
+
+import numpy as np
+
+from ..pipeline.samples import Sample
+from ..pipeline.stage import State
+from ..pipeline.tokenize import EncodedBatch, Encoder
+from .block_order import Block, BlockShuffle
+from .shared_reads import BlockCache, EncodedBlock, block_key
+
+# A chunk encoded in one call ends at TOKENIZE_CHUNK samples or once it holds TOKENIZE_CHUNK_CHARS of text:
+# the tokenizer's working memory grows with the text, so the character bound keeps peak memory independent
+# of how large the biggest files are.
+TOKENIZE_CHUNK = 256
+TOKENIZE_CHUNK_CHARS = 1 << 20
+ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
+READ_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="block-read")
+
+OnEncoded = Callable[[list[Sample], EncodedBatch], None]
+
+
+def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded) -> EncodedBlock:
+    """The block with its chunks encoding in the background (the first one first)."""
+    firsts: list[int] = []
+    chars = 0
+    for i, sample in enumerate(block.samples):
+        if not firsts or i - firsts[-1] == TOKENIZE_CHUNK or chars >= TOKENIZE_CHUNK_CHARS:
+            firsts.append(i)
+            chars = 0
+        chars += len(sample.text)
+    bounds = [*firsts, len(block.samples)]
+    parts = [block.samples[a:b] for a, b in pairwise(bounds)]
+    futures: list[Future[EncodedBatch]] = [Future() for _ in parts]
+    if parts:
+        ENCODE_POOL.submit(_encode, parts, futures, encoder, with_prompts, on_encoded)
+    return EncodedBlock(block.index, block.start, block.end, block.last, len(block.samples),
+                        sum(len(s.text) for s in block.samples), firsts, futures)
+
+
+def _encode(parts: list[list[Sample]], futures: list[Future[EncodedBatch]], encoder: Encoder,
+            with_prompts: bool, on_encoded: OnEncoded) -> None:
+    """Encode the chunks in turn, resolving each one's future; a failure fails that chunk and the rest."""
+    for i, (samples, future) in enumerate(zip(parts, futures, strict=True)):
+        try:
+            encoded = encoder.encode(samples, with_prompts)
+            on_encoded(samples, encoded)
+        except BaseException as err:
+            for rest in futures[i:]:
+                rest.set_exception(err)
+            return
+        future.set_result(encoded)
+
+
+class TokenizedBlocks:
+    """The epoch's encoded blocks in order from a block position; the next one read ahead in the background."""
+
+    def __init__(self, order: BlockShuffle, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
+                 shared: BlockCache | None = None) -> None:
+        self.order, self.shared = order, shared
+        self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded)
+        self.next_index, self.next_start = 0, order.epoch_start
+        self.finished = False  # the last block was handed out
+        self.ahead: Future[EncodedBlock] | None = None  # the next block, being read
+
+    @property
+    def epoch_start(self) -> State:
+        """The mix's state at the epoch's start."""
+        return self.order.epoch_start
+
+    def __iter__(self) -> TokenizedBlocks:
+        return self
+
+    def __next__(self) -> EncodedBlock:
+        if self.finished:
+            raise StopIteration
+        ahead, self.ahead = self.ahead, None
+        block = ahead.result() if ahead is not None else self._take(self.next_index, self.next_start)
+        self.finished = block.last
+        self.next_index, self.next_start = block.index + 1, block.end
+        if not block.last:
+            self.ahead = READ_POOL.submit(self._take, self.next_index, self.next_start)
+        return block
+
+    def _take(self, index: int, start: State) -> EncodedBlock:
+        """Block `index` at `start`: from the shared cache, or read and encoded here."""
+        def read() -> EncodedBlock:
+            return self.encode(self.order.read(index, start))
+
+        return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start), read)
+
+    def seek(self, index: int, start: State) -> None:
+        """Continue with block `index`, which starts at `start`."""
+        if self.ahead is not None:  # it reads from this chain's mix: let it finish first
+            self.ahead.exception()
+            self.ahead = None
+        self.next_index, self.next_start, self.finished = index, start, False
+
+
+class TokenStream:
+    """The epoch's encoded samples as one stream: skip or copy tokens (or whole samples), wrap to the start,
+    and the order's position (block, its start, samples taken, tokens of the next one passed) at any point."""
+
+    def __init__(self, blocks: TokenizedBlocks) -> None:
+        self.blocks = blocks
+        self.block: EncodedBlock | None = None  # the block being read
+        self.chunk_no = 0  # which of its chunks
+        self.chunk: EncodedBatch | None = None  # that chunk, encoded
+        self.pos = 0  # tokens of `chunk` passed
+
+    def more(self) -> bool:
+        """Whether a token is left in the epoch (loading the next chunk or block if needed)."""
+        while self.chunk is None or self.pos >= len(self.chunk.ids):
+            if self.block is not None and self.chunk_no + 1 < len(self.block.chunks):
+                self._enter(self.block, self.chunk_no + 1, 0)
+                continue
+            block = next(self.blocks, None)
+            if block is None:
+                return False
+            self.block, self.chunk, self.pos = block, None, 0
+            if block.chunks:
+                self._enter(block, 0, 0)
+        return True
+
+    def _enter(self, block: EncodedBlock, chunk_no: int, pos: int) -> None:
+        self.block, self.chunk_no, self.chunk, self.pos = block, chunk_no, block.chunks[chunk_no].result(), pos
+
+    def _sample(self) -> int:
+        """Index in the chunk of the sample at `pos` (the chunk's length at its end)."""
+        assert self.chunk is not None
+        return int(np.searchsorted(self.chunk.offsets, self.pos, side="right")) - 1
+
+    def skip_tokens(self, n: int) -> int:
+        """Pass up to `n` tokens; returns how many (fewer at the epoch's end)."""
+        done = 0
+        while done < n and self.more():
+            assert self.chunk is not None
+            step = min(n - done, len(self.chunk.ids) - self.pos)
+            self.pos += step
+            done += step
+        return done
+
+    def copy_tokens(self, out: np.ndarray, mask: np.ndarray | None) -> tuple[int, list[int]]:
+        """Fill `out` with the next tokens (fewer at the epoch's end), zeroing `mask` over prompt tokens; returns
+        how many and where in `out` samples start."""
+        filled, starts = 0, []
+        while filled < len(out) and self.more():
+            chunk = self.chunk
+            assert chunk is not None
+            step = min(len(out) - filled, len(chunk.ids) - self.pos)
+            out[filled:filled + step] = chunk.ids[self.pos:self.pos + step]
+            first = self._sample()
+            last = int(np.searchsorted(chunk.offsets, self.pos + step, side="left"))  # samples first..last-1
+            begins = chunk.offsets[first:last]
+            starts += (begins[begins >= self.pos] - self.pos + filled).tolist()
+            if mask is not None:
+                prompt_ends = begins + chunk.prompt_tokens[first:last]
+                for a, b in zip(np.maximum(begins, self.pos).tolist(),
+                                np.minimum(prompt_ends, self.pos + step).tolist(), strict=True):
+                    if a < b:
+                        mask[filled + a - self.pos:filled + b - self.pos] = 0
+            filled += step
+            self.pos += step
+        return filled, starts
+
+    def skip_samples(self, n: int) -> int:
+        """Pass up to `n` whole samples (from a sample's start); returns how many."""
+        done = 0
+        while done < n and self.more():
+            assert self.chunk is not None
+            index = self._sample()
+            step = min(n - done, len(self.chunk) - index)
+            self.pos = int(self.chunk.offsets[index + step])
+            done += step
+        return done
+
+    def take_sample(self) -> tuple[np.ndarray, int] | None:
+        """The next sample's token ids and prompt tokens (from a sample's start), or None at the epoch's end."""
+        if not self.more():
+            return None
+        assert self.chunk is not None
+        index = self._sample()
+        begin, end = self.chunk.offsets[index:index + 2].tolist()
+        self.pos = end
+        return self.chunk.ids[begin:end], int(self.chunk.prompt_tokens[index])
+
+    def restart(self) -> None:
+        """Go back to the epoch's start."""
+        self.blocks.seek(0, self.blocks.epoch_start)
+        self.block, self.chunk, self.pos = None, None, 0
+
+    def position(self) -> tuple[State, int]:
+        """The order's state of the sample at the current position ({block, start, taken}) and the tokens of it
+        already passed."""
+        block = self.block
+        if block is None:
+            return {"block": self.blocks.next_index, "start": self.blocks.next_start, "taken": 0}, 0
+        taken, offset = 0, 0
+        if self.chunk is not None:
+            index = self._sample()
+            taken = block.firsts[self.chunk_no] + index
+            offset = self.pos - int(self.chunk.offsets[index])
+        if taken == block.samples and not block.last:
+            return {"block": block.index + 1, "start": block.end, "taken": 0}, 0
+        return {"block": block.index, "start": block.start, "taken": taken}, offset
+
+    def seek(self, at: State, offset: int) -> None:
+        """Stand `offset` tokens into the sample at order state `at` (as `position` gives it)."""
+        taken, offset = int(at["taken"]), int(offset)
+        self.blocks.seek(int(at["block"]), at["start"])
+        self.block, self.chunk, self.pos = None, None, 0
+        block = next(self.blocks, None)
+        if block is None or not 0 <= taken <= block.samples:
+            raise ValueError(f"the order's position {taken} is not in block {at['block']}")
+        self.block = block
+        if not block.chunks:
+            if offset:
+                raise ValueError("a token offset past the end of the epoch")
+            return
+        chunk_no = int(np.searchsorted(block.firsts, taken, side="right")) - 1
+        self._enter(block, chunk_no, 0)
+        assert self.chunk is not None
+        index = taken - block.firsts[chunk_no]
+        size = int(self.chunk.offsets[index + 1] - self.chunk.offsets[index]) if index < len(self.chunk) else 0
+        if not 0 <= offset < max(size, 1):
+            raise ValueError(f"token offset {offset} is not inside the sample (of {size} tokens)")
+        self.pos = int(self.chunk.offsets[index]) + offset
