@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from sigil_feed.server.config import DatasetSection
-from sigil_feed.server.observe.stats import SourceCounters
+from sigil_feed.server.pipeline.accounting import SourceCounters
 from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules
 from sigil_feed.server.pipeline.filters import make_filter
 from sigil_feed.server.pipeline.samples import normalise, plain_pair

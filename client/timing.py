@@ -6,9 +6,7 @@ import bisect
 import time
 
 from ..protos import feed_pb2
-
-WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-"""Upper bounds of the data-wait histogram (seconds); a last, unbounded bucket follows. Fixed by the protocol."""
+from ..protos.constants import WAIT_BUCKETS_S
 
 REPORT_INTERVAL_S = 0.5
 """Shortest time between two reports: at most two a second, whatever the step rate."""

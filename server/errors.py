@@ -1,8 +1,7 @@
-"""The few exception types of the server; each maps to an exit code or a gRPC status in one place."""
+"""The few exception types of the server; each maps to an exit code (cli/) or a gRPC status (rpc/interceptor.py)
+in one place, so nothing below rpc/ knows about gRPC."""
 
 from __future__ import annotations
-
-import grpc
 
 
 class FeedError(Exception):
@@ -22,17 +21,36 @@ class ConfigError(FeedError):
 
 
 class SourceError(FeedError):
-    """A source cannot be opened or read (missing path, unreadable file, strict bad record)."""
+    """A source or stored data cannot be read as it should (missing path, unreadable file, strict bad record,
+    a damaged shard): DATA_LOSS."""
+
+
+class Unavailable(FeedError):
+    """Serving cannot go on now but may later (shutdown, an idle stream closed, a store not built yet, storage
+    that does not answer): the client reconnects and resumes. UNAVAILABLE."""
 
 
 class RequestError(FeedError):
-    """A client request the server refuses, with the gRPC status to answer."""
+    """A client request the server refuses because the request is wrong: INVALID_ARGUMENT."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class NotFound(RequestError):
+    """The request names something the server does not define: NOT_FOUND."""
+
+
+class Refused(RequestError):
+    """The request is well formed but cannot be served as asked (a cursor of another configuration, a dataset
+    that can never serve): FAILED_PRECONDITION."""
+
+
+class Exhausted(RequestError):
+    """A configured limit on concurrent streams is reached: RESOURCE_EXHAUSTED."""
+
+
+class TimedOut(RequestError):
+    """The client did not send what the server waits for in time: DEADLINE_EXCEEDED."""
 
 
 def invalid(field: str, message: str) -> RequestError:
     """An INVALID_ARGUMENT error that names the offending request field."""
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
+    return RequestError(f"{field}: {message}")

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from ..observe.stats import SourceCounters
+from ..pipeline.accounting import SourceCounters, merge_accounting
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.samples import Sample
 from ..pipeline.sources.base import RawRecord, Source
@@ -30,7 +30,6 @@ from ..store.format import (
     ShardFacts,
     ShardRows,
     ids_dtype,
-    merge_accounting,
     read_shard_facts,
     shard_complete,
     shard_name,

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, FeedError
-from ..observe.stats import SourceCounters
+from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource
 from ..pipeline.samples import Sample
 from ..pipeline.tokenize import Encoder

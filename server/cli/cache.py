@@ -60,8 +60,8 @@ def _build_all(datasets: dict[str, ServedDataset], build: StoreBuilder) -> None:
             print(f"{name}: use_cache is false; nothing to build")
             continue
         dataset.prepare(build=build, serve=False)
-        state = dataset.cache_state()
-        print(f"{name}: {state.path} ({state.samples} samples, {state.tokens} tokens)")
+        progress = dataset.progress
+        print(f"{name}: {dataset.store_path} ({progress.samples} samples, {progress.tokens} tokens)")
 
 
 def _temporaries(root: StoreFS) -> list[dict[str, Any]]:

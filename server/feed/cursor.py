@@ -22,10 +22,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import grpc
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
-from ..errors import RequestError
+from ..errors import Refused
 from ..pipeline.stage import State
 
 VERSION = 3
@@ -124,9 +123,9 @@ def _tag(secret: bytes, payload: bytes) -> bytes:
     return hmac.new(secret, bytes([VERSION]) + payload, hashlib.sha256).digest()[:TAG_BYTES]
 
 
-def refused(message: str) -> RequestError:
+def refused(message: str) -> Refused:
     """A FAILED_PRECONDITION about the resume cursor."""
-    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"cursor: {message}")
+    return Refused(f"cursor: {message}")
 
 
 def _body(payload: bytes) -> Any:

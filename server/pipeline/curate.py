@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import SourceError
-from ..observe.stats import SourceCounters
+from .accounting import SourceCounters
 from .samples import ChatFormat, Sample, normalise
 from .sources.base import RawRecord, Source
 from .stage import State

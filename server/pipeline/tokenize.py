@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..store.format import TokenFacts
 from .encode_backends import FlatEncoder, HfFlat, first_difference, load_fast, probe_texts
 from .samples import Sample
 
@@ -46,15 +47,6 @@ class EncodedBatch:
         """Every sample as a view into the buffer."""
         bounds, prompts, ids = self.offsets.tolist(), self.prompt_tokens.tolist(), self.ids
         return [Encoded(ids[bounds[i]:bounds[i + 1]], prompts[i]) for i in range(len(prompts))]
-
-
-@dataclass(frozen=True)
-class TokenFacts:
-    """What clients and the packer need to know of a tokenizer."""
-
-    vocab_size: int
-    eos_id: int
-    pad_id: int
 
 
 class Encoder:

@@ -6,10 +6,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import grpc
-
 from ..config import Limits
-from ..errors import RequestError
+from ..errors import Exhausted
 
 
 def peer_host(peer: str) -> str:
@@ -34,11 +32,9 @@ class Admission:
         """Hold one stream's place for the duration of the block."""
         host, limits = peer_host(peer), self.limits
         if self.total >= limits.max_streams:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{limits.max_streams} streams already open (server.limits.max_streams)")
+            raise Exhausted(f"{limits.max_streams} streams already open (server.limits.max_streams)")
         if self.by_host[host] >= limits.max_streams_per_peer:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"{limits.max_streams_per_peer} streams already open from {host} "
+            raise Exhausted(f"{limits.max_streams_per_peer} streams already open from {host} "
                                "(server.limits.max_streams_per_peer)")
         self.total += 1
         self.by_host[host] += 1

@@ -129,7 +129,7 @@ async def _serving_when_ready(health_servicer: health.aio.HealthServicer,
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     loop = asyncio.get_running_loop()
     for dataset in datasets.values():
-        await loop.run_in_executor(None, dataset.ready.wait)
+        await loop.run_in_executor(None, dataset.lifecycle.ready.wait)
     if all(d.progress.state != "failed" for d in datasets.values()):
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 

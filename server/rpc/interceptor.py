@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ..errors import RequestError, SourceError, invalid
+from ..errors import Exhausted, NotFound, Refused, RequestError, SourceError, TimedOut, Unavailable, invalid
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +20,23 @@ Parse = Callable[[bytes], Any]
 StatusSink = Callable[[str, grpc.StatusCode], None]
 
 
-def _status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(err, RequestError):
-        return err.code, str(err)
-    if isinstance(err, SourceError):
-        return grpc.StatusCode.DATA_LOSS, str(err)
+STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (Exhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (SourceError, grpc.StatusCode.DATA_LOSS),
+)
+"""sigil-feed's exception types and the status each is answered with (subclasses before their base)."""
+
+
+def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed RPC answers with; INTERNAL (logged with its traceback) for a bug."""
+    for kind, code in STATUS_OF:
+        if isinstance(err, kind):
+            return code, str(err)
     log.exception("internal error", exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
@@ -64,7 +76,7 @@ def _guard(behaviour: Handler, parse: Parse | None, streaming: bool, method: str
             log.debug("%s: the call was cancelled under an operation", method)
             raise asyncio.CancelledError from None
         except Exception as err:  # the one place that maps every failure to a status
-            code, message = _status_of(err)
+            code, message = status_of(err)
             await context.abort(code, message)
         finally:
             sink(method, code)

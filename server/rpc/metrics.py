@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..errors import ConfigError
 from ..observe.stats import input_bound, job_views
 from .service import DataFeedService, OpenStream
+from .views import source_stats, store_state
 
 CACHE_STATES = ("pending", "waiting", "building", "retrying", "ready", "failed")
 CLIENT_LABELS = ["dataset", "rank", "world_size", "client_id", "peer"]
@@ -80,7 +81,7 @@ class FeedCollector(Collector):
             tokens.add_metric([name], dataset.throughput.tokens)
             opened.add_metric([name], service.opened[name])
             closed.add_metric([name], service.closed[name])
-            state = dataset.cache_state()
+            state = store_state(dataset)
             cache.add_metric([name], {s: state.state == s for s in CACHE_STATES})
             cache_samples.add_metric([name], state.samples)
             cache_tokens.add_metric([name], state.tokens)
@@ -107,7 +108,7 @@ class FeedCollector(Collector):
         failures = CounterMetricFamily("sigil_feed_shard_cache_checksum_failures",
                                        "Shard downloads that failed their checksum", labels=labels)
         for name, dataset in self.service.datasets.items():
-            state = dataset.cache_state()
+            state = store_state(dataset)
             if state.state != "ready" or not state.path:
                 continue
             size.add_metric([name], state.bytes)
@@ -141,7 +142,7 @@ class FeedCollector(Collector):
                                         labels=[*labels, "reason"])
         for name, dataset in self.service.datasets.items():
             for counters in dataset.counters:
-                source = counters.to_proto()
+                source = source_stats(counters)
                 read.add_metric([name, source.spec], source.read)
                 kept.add_metric([name, source.spec], source.kept)
                 for reason, count in source.dropped.items():

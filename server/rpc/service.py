@@ -14,13 +14,14 @@ import grpc
 
 from ...protos import feed_pb2, feed_pb2_grpc
 from ..config import Limits
-from ..errors import RequestError, invalid
+from ..errors import NotFound, RequestError, TimedOut, Unavailable, invalid
 from ..feed.batches import Feed, FeedItem
 from ..feed.cursor import decode_cursor
 from ..feed.served import ServedDataset
 from ..observe.stats import ClientStream, StepStats, Throughput, input_bound, job_views
 from ..observe.watch import InputBoundWatch
 from .admission import Admission
+from .views import dataset_info, source_stats, store_state
 from .wire import batch_response, messages
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,13 @@ class Credits:
                 await asyncio.wait_for(self.changed.wait_for(
                     lambda: self.available > 0 or self.closed or self.draining or self.error), self.idle_s)
             except TimeoutError:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                   f"no credit granted for {self.idle_s:g} s (server.limits.idle_timeout_s): the "
+                raise Unavailable(f"no credit granted for {self.idle_s:g} s (server.limits.idle_timeout_s): the "
                                    "stream was closed to free its place; resume from the last cursor") from None
             if self.error:
                 raise self.error
             if self.available == 0:
                 if self.draining:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; every granted "
+                    raise Unavailable("server is shutting down; every granted "
                                                                     "batch was sent, resume from the last cursor")
                 return False
             self.available -= 1
@@ -165,8 +165,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     def _dataset(self, name: str, field: str) -> ServedDataset:
         _check_text(field, name)
         if name not in self.datasets:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"{field}: dataset {name!r} is not served here; known: {sorted(self.datasets)}")
+            raise NotFound(f"{field}: dataset {name!r} is not served here; known: {sorted(self.datasets)}")
         return self.datasets[name]
 
     def _check_open(self, request: feed_pb2.Open) -> tuple[ServedDataset, int, int]:
@@ -199,10 +198,10 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         try:
             first = await asyncio.wait_for(anext(aiter(request_iterator), None), timeout)
         except TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"open: no Open message within {timeout:g} s "
+            raise TimedOut(f"open: no Open message within {timeout:g} s "
                                                                   "(server.limits.open_timeout_s)") from None
         if not self.accepting:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect elsewhere")
+            raise Unavailable("server is shutting down; reconnect elsewhere")
         if first is None or not first.HasField("open"):
             raise invalid("open", "the first message of a stream must be an Open")
         return first.open
@@ -235,7 +234,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
                 start=start, secret=self.cursor_secret))
             stream.client.epoch = feed.epoch
-            opened = feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=dataset.info(), seq_len=seq_len))
+            opened = feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=dataset_info(dataset), seq_len=seq_len))
             await _write(context, messages([opened.SerializeToString()], request.accept_parts))
             log.info("stream opened: peer=%s dataset=%s rank=%d/%d batch=%d seq_len=%d resume=%s", peer,
                      dataset.name, request.rank, world, request.batch_size, seq_len, start is not None,
@@ -339,9 +338,9 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             overall, jobs = job_views([(s.client.rank, s.client.world_size, s.client.client_id, s.steps)
                                        for s in streams])
             out.append(feed_pb2.DatasetStats(
-                name=name, info=dataset.info(), sources=[c.to_proto() for c in dataset.counters],
+                name=name, info=dataset_info(dataset), sources=[source_stats(c) for c in dataset.counters],
                 clients=[s.to_proto() for s in streams], input_bound=overall, jobs=jobs,
-                cache=dataset.cache_state(),
+                cache=store_state(dataset),
                 batches_served=dataset.throughput.batches, tokens_served=dataset.throughput.tokens,
                 tokens_per_s=dataset.throughput.rate()))
         return feed_pb2.Stats(datasets=out, uptime_s=time.monotonic() - self.started)
@@ -349,7 +348,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     async def ListDatasets(self, request: feed_pb2.ListDatasetsRequest,
                            context: grpc.aio.ServicerContext) -> feed_pb2.ListDatasetsResponse:
         """Every dataset this server defines."""
-        return feed_pb2.ListDatasetsResponse(datasets=[self.datasets[n].info() for n in sorted(self.datasets)])
+        return feed_pb2.ListDatasetsResponse(datasets=[dataset_info(self.datasets[n]) for n in sorted(self.datasets)])
 
 
 async def _write(context: grpc.aio.ServicerContext, response: list[bytes] | None) -> None:

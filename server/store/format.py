@@ -21,7 +21,6 @@ are serve-time decisions.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -32,8 +31,6 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..observe.stats import LENGTH_BUCKETS
-from ..pipeline.tokenize import TokenFacts
 from .fs import StoreFS
 
 FORMAT_VERSION: Literal[2] = 2
@@ -126,6 +123,15 @@ class ShardFacts(BaseModel):
             raise ValueError(f"shard {self.name}: tokens file of {self.tokens_file.size} bytes, but {self.tokens} "
                              f"tokens of {itemsize} bytes")
         return self
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    """What clients and the packer need to know of a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
 
 
 class Manifest(BaseModel):
@@ -241,21 +247,6 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
                        accounting=SourceSnapshot.model_validate(accounting) if accounting is not None else None)
     fs.write_bytes(facts_path, facts.model_dump_json().encode())
     return facts
-
-
-def merge_accounting(spec: str, shards: list[ShardFacts]) -> SourceSnapshot:
-    """One source's accounting: the sum of its shards' (shards without accounting count nothing)."""
-    parts = [s.accounting for s in shards if s.accounting is not None]
-    dropped: Counter[str] = Counter()
-    malformed: Counter[str] = Counter()
-    lengths = np.zeros(max((len(p.lengths) for p in parts), default=len(LENGTH_BUCKETS)), dtype=np.int64)
-    for part in parts:
-        dropped.update(part.dropped)
-        malformed.update(part.malformed)
-        lengths[:len(part.lengths)] += part.lengths
-    return SourceSnapshot(spec=spec, read=sum(p.read for p in parts), kept=sum(p.kept for p in parts),
-                          dropped=dict(dropped), malformed=dict(malformed), tokens=sum(p.tokens for p in parts),
-                          lengths=[int(n) for n in lengths])
 
 
 def read_shard_facts(fs: StoreFS, store: str, name: str) -> ShardFacts | None:

@@ -52,7 +52,7 @@ def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, lo
     first.prepare(show_bar=False)
     assert first.store is not None and len(first.store) == 30 and len(written) == 3
     shards = first.store.manifest.shards
-    fs, store = first.store_fs, first.store_dir
+    fs, store = first.lifecycle.fs, first.store_dir
     fs.delete(f"{store}/{MANIFEST}")  # uncommitted, as after a crash before the manifest
     fs.delete(shard_paths(store, shards[1].name)[0])  # and one shard lost its tokens
     written.clear()

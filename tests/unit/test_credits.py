@@ -8,7 +8,8 @@ import time
 import grpc
 import pytest
 
-from sigil_feed.server.errors import RequestError
+from sigil_feed.server.errors import FeedError
+from sigil_feed.server.rpc.interceptor import status_of
 from sigil_feed.server.rpc.service import Credits
 
 
@@ -31,9 +32,9 @@ def test_zero_or_too_many_credits_fail_the_stream(grant: int, message: str) -> N
     async def scenario() -> int:
         credits = Credits(2, limit=4)
         await credits.add(grant)
-        with pytest.raises(RequestError, match=message) as err:
+        with pytest.raises(FeedError, match=message) as err:
             await credits.take()
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(err.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
         return credits.available
 
     assert run(scenario()) == 2  # a refused grant is not added
@@ -55,18 +56,18 @@ def test_lag_is_the_age_of_the_oldest_unanswered_credit() -> None:
 
 
 def test_draining_serves_what_was_granted_then_is_unavailable() -> None:
-    async def scenario() -> tuple[list[bool], RequestError, float]:
+    async def scenario() -> tuple[list[bool], FeedError, float]:
         credits = Credits(2, limit=4)
         await credits.drain()
         await credits.add(2)  # granted after shutdown began: ignored
         taken = [await credits.take(), await credits.take()]
         started = time.monotonic()
-        with pytest.raises(RequestError) as err:
+        with pytest.raises(FeedError) as err:
             await credits.take()
         return taken, err.value, time.monotonic() - started
 
     taken, error, waited = run(scenario())
-    assert taken == [True, True] and error.code == grpc.StatusCode.UNAVAILABLE and waited < 0.5
+    assert taken == [True, True] and status_of(error)[0] == grpc.StatusCode.UNAVAILABLE and waited < 0.5
 
 
 def test_drain_wakes_a_stream_waiting_for_credits() -> None:
@@ -75,8 +76,8 @@ def test_drain_wakes_a_stream_waiting_for_credits() -> None:
         waiting = asyncio.create_task(credits.take())
         await asyncio.sleep(0.01)
         await credits.drain()
-        with pytest.raises(RequestError) as err:
+        with pytest.raises(FeedError) as err:
             await waiting
-        return err.value.code
+        return status_of(err.value)[0]
 
     assert run(scenario()) == grpc.StatusCode.UNAVAILABLE

@@ -11,8 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
-from sigil_feed.server.errors import RequestError
+from sigil_feed.server.errors import FeedError
 from sigil_feed.server.feed.cursor import TAG_BYTES, VERSION, Cursor, decode_cursor
+from sigil_feed.server.rpc.interceptor import status_of
 
 FP = "0123456789abcdef"
 CACHED = {"row": 96, "virtual": 12}
@@ -30,9 +31,9 @@ def signed(body: Any, secret: bytes = b"") -> bytes:
 
 
 def refusal(data: bytes, secret: bytes = b"", seq_len: int = 64) -> str:
-    with pytest.raises(RequestError) as err:
+    with pytest.raises(FeedError) as err:
         decode_cursor(data, fingerprint=FP, seq_len=seq_len, secret=secret)
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(err.value)[0] == grpc.StatusCode.FAILED_PRECONDITION
     return str(err.value)
 
 

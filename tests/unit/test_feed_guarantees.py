@@ -198,8 +198,8 @@ def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: P
     so nothing past it), and it is the layout epoch 1 would compute itself."""
     dataset = make_dataset(tmp_path, 40, cached=True)
     assert next(feed(dataset, 0, 1, 2)).rows is not None
-    assert sorted(dataset.layouts) == [0, 1]
-    assert dataset.store is not None
-    alone = epoch_layout(dataset.store, dataset.sequence, virtual=dataset.virtual, seed=11, epoch=1,
+    assert dataset.layouts is not None and dataset.store is not None
+    assert sorted(dataset.layouts.jobs) == [0, 1]
+    alone = epoch_layout(dataset.store, dataset.layouts.sequence, virtual=dataset.virtual, seed=11, epoch=1,
                          window_shards=dataset.section.shuffle_window_shards)
-    assert dataset.layouts[1].result().items.tolist() == alone.items.tolist()
+    assert dataset.layouts.jobs[1].result().items.tolist() == alone.items.tolist()

@@ -9,7 +9,15 @@ import grpc
 import pytest
 from grpc._cython import cygrpc
 
-from sigil_feed.server.errors import RequestError
+from sigil_feed.server.errors import (
+    Exhausted,
+    NotFound,
+    Refused,
+    RequestError,
+    SourceError,
+    TimedOut,
+    Unavailable,
+)
 from sigil_feed.server.rpc.interceptor import _guard
 
 
@@ -48,7 +56,13 @@ def test_a_write_failing_because_the_client_left_is_cancelled_not_internal() -> 
 
 
 @pytest.mark.parametrize(("error", "code"), [
-    (RequestError(grpc.StatusCode.NOT_FOUND, "x"), grpc.StatusCode.NOT_FOUND),
+    (NotFound("x"), grpc.StatusCode.NOT_FOUND),
+    (Refused("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (Exhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TimedOut("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+    (SourceError("x"), grpc.StatusCode.DATA_LOSS),
     (ValueError("boom"), grpc.StatusCode.INTERNAL),
 ])
 def test_other_failures_are_sent_as_their_status(error: Exception, code: grpc.StatusCode) -> None:

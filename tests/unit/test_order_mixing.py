@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil_feed.server.observe.stats import SourceCounters
+from sigil_feed.server.pipeline.accounting import SourceCounters
 from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules, copies, task_copies
 from sigil_feed.server.pipeline.mixing import Mixer, interleave
 from sigil_feed.server.pipeline.samples import Sample, plain_pair

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sigil_feed.server.pipeline.tokenize import TokenFacts
+from sigil_feed.server.pipeline.accounting import merge_accounting
 from sigil_feed.server.store.format import (
     MANIFEST,
     Manifest,
     ShardRows,
     StoreDamaged,
-    merge_accounting,
+    TokenFacts,
     shard_name,
     shard_paths,
     store_dir,

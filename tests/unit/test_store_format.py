@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigil_feed.server.pipeline.tokenize import TokenFacts
 from sigil_feed.server.store.format import (
     MANIFEST,
     Manifest,
     ShardRows,
     StoreDamaged,
     StoreOutdated,
+    TokenFacts,
     read_manifest,
     read_shard_facts,
     shard_complete,

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from sigil_feed.client import timing
-from sigil_feed.client.timing import WAIT_BUCKETS_S, StepTimer
+from sigil_feed.client.timing import StepTimer
 from sigil_feed.protos import feed_pb2
+from sigil_feed.protos.constants import WAIT_BUCKETS_S
 from sigil_feed.server.config import ConfigError, load_config
 from sigil_feed.server.observe.stats import StepStats, Window, input_bound
 from sigil_feed.server.observe.watch import likely_cause
