@@ -108,6 +108,23 @@ def test_folder_link_loops_read_each_real_file_once(tmp_path: Path, pattern: str
     assert any(f"{data / 'alias.jsonl'} -> {data / 'a.jsonl'}" in m for m in skipped)
 
 
+@pytest.mark.parametrize("pattern", ["/**/*.jsonl", "/*", "/**"])
+def test_link_cycles_and_dangling_links_are_skipped_and_logged(tmp_path: Path, pattern: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "dir"
+    write_compressed(data / "a.jsonl", jsonl([{"text": "a"}]))
+    (data / "ping.jsonl").symlink_to("pong.jsonl")  # two links pointing at each other
+    (data / "pong.jsonl").symlink_to("ping.jsonl")
+    (data / "me").symlink_to("me")  # a link to itself
+    (data / "gone.jsonl").symlink_to("nothing.jsonl")
+    with caplog.at_level(logging.WARNING):
+        source = open_source(f"local:{data}{pattern}", 0, base_dir=tmp_path)
+    assert source.files == [str(data / "a.jsonl")]
+    skipped = " ".join(r.getMessage() for r in caplog.records if "skipping link" in r.getMessage())
+    assert all(str(data / name) in skipped for name in ("ping.jsonl", "pong.jsonl", "gone.jsonl"))
+    assert "a loop of links" in skipped
+
+
 def test_folder_link_out_of_the_tree_is_followed_once(tmp_path: Path) -> None:
     write_compressed(tmp_path / "outside" / "o.jsonl", jsonl([{"text": "o"}]))
     data = tmp_path / "dir"

@@ -7,6 +7,7 @@ neither repeats data nor recurses.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import deque
@@ -71,6 +72,17 @@ def _leads_to(parts: Parts, pattern: Parts) -> bool:
     return True
 
 
+def _broken_link(entry: os.DirEntry[str]) -> str | None:
+    """Why a link cannot be followed (a loop of links, or a target that does not exist); None for the rest."""
+    if not entry.is_symlink():
+        return None
+    try:
+        os.stat(entry.path)
+    except OSError as err:
+        return "a loop of links" if err.errno == errno.ELOOP else f"it cannot be followed: {err.strerror}"
+    return None
+
+
 def _walk(spec: str, root: Path, wanted: Parts) -> Iterator[Path]:
     """The paths under root that match the glob's components; each real folder is listed or entered once,
     and never through a link that leads back into the tree (such links are left out and logged)."""
@@ -88,6 +100,12 @@ def _walk(spec: str, root: Path, wanted: Parts) -> Iterator[Path]:
         for entry in entries:
             path, sub = Path(entry.path), (*parts, entry.name)
             matched = _matches(sub, wanted)
+            if not (matched or _leads_to(sub, wanted)):
+                continue
+            broken = _broken_link(entry)
+            if broken:
+                _skip(spec, path, broken)
+                continue
             if entry.is_dir():
                 enter = _leads_to(sub, wanted)
                 if not (matched or enter):
