@@ -13,7 +13,9 @@ wall-clock times it was acquired and last renewed. Its holder is gone, and the l
 server/store/owner.py's rules:
 - same machine (same kernel boot and PID namespace): the PID is not running, or is another process;
 - another machine, or a record that cannot be read: the last heartbeat is older than `ttl_s` (clocks are
-  assumed to agree to well within `ttl_s`, as NTP keeps them).
+  assumed to agree to well within `ttl_s`, as NTP keeps them). A heartbeat dated in the future (the holder's
+  clock runs ahead, or the record is forged) is aged by the storage's own clock instead: the time since the
+  record was last written (file mtime, object LastModified), so it can never block builders forever.
 
 Every change after the creation is a compare-and-swap on the record's version (the object's ETag on S3;
 locally the record's xxh3, compared and replaced under an `flock` on `<location>/.lease.lock`, which the
@@ -249,6 +251,8 @@ def _holder(record: Record, ttl_s: float) -> HolderInfo:
     except (ValueError, TypeError, KeyError, AttributeError):
         owner, acquired, renewed = None, record.modified, record.modified
     age = now - renewed
+    if age < 0:  # a heartbeat from the future (a clock ahead, or a forged record): the storage's clock decides
+        age = max(0.0, now - record.modified)
     return HolderInfo(owner, acquired, renewed, age, owner_alive(owner, age, machine=this_machine(), ttl_s=ttl_s))
 
 
