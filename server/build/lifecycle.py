@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from ..errors import SourceError, Unavailable
+from ..errors import Refused, SourceError
 from ..pipeline.tokenize import Encoder
 from ..store.format import MANIFEST, StoreDamaged, StoreOutdated, TokenFacts, read_manifest
 from ..store.fs import StoreFS
@@ -80,14 +80,16 @@ class StoreLifecycle:
             self.ready.set()
 
     def wait_ready(self) -> None:
-        """Block until the store can serve; Unavailable if it could not be built, SourceError if a bad record
-        stopped the build (on_bad_record: fail), which no retry can get past."""
+        """Block until the store can serve. A failed store never serves in this process (its retries are
+        spent): Refused (the client stops at once with the server's reason), or SourceError if a bad record
+        stopped the build (on_bad_record: fail)."""
         self.ready.wait()
         if self.progress.state == "failed":
-            message = f"dataset {self.dataset!r}: token store build failed: {self.progress.error}"
+            message = (f"dataset {self.dataset!r} cannot serve: its token store failed: {self.progress.error} "
+                       "(fix the cause, then restart the server)")
             if isinstance(self.error, SourceError):
                 raise SourceError(message)
-            raise Unavailable(message)
+            raise Refused(message)
 
     def _prepare_once(self, show_bar: bool, serve: bool, build: StoreBuilder) -> None:
         """One attempt: reclaim what dead builders left, then open the store, or build it if this process wins
@@ -121,6 +123,8 @@ class StoreLifecycle:
               dataset=self.dataset, with_prompts=self.with_prompts, progress=self.progress, show_bar=show_bar,
               check=lease.check if lease is not None else lambda: None)
         self.store = self._open(serve=serve, verify=False)
+        if self.fs.is_local:  # a builder killed before this one took its lease over may have left files
+            reclaim(Path(self.store_dir) / "shards")
 
     def _waiting(self, holder: HolderInfo | None) -> None:
         """Another process holds the build lease: say who in GetStats, and in the log when it changes."""
