@@ -11,7 +11,8 @@ A temporary folder is stale, and may be removed, only when its owner is gone:
   than STALE_AFTER_S.
 Folders named `.<name>.del-<token>` are being removed and are always stale.
 A temporary file (`.<file>.tmp-<host>-<pid>-<token>`, see fs.py: one file being written, then renamed into
-place) has no owner record: its mtime, fresh while it is written, is its heartbeat.
+place) has no owner record: its mtime, fresh while it is written, is its heartbeat, and it is stale at once when
+its name says it was written by a process of this host that is no longer running.
 """
 
 from __future__ import annotations
@@ -166,6 +167,14 @@ def _owner(folder: Path) -> tuple[Owner | None, float]:
             return None, float("inf")
 
 
+def _writer_gone(name: str) -> bool:
+    """Whether a temporary file's writer, named in it (`...tmp-<host>-<pid>-<token>`), was a process of this host
+    that is no longer running (a PID that runs again may be another process: then it counts as alive)."""
+    match = re.fullmatch(r".*" + re.escape(TEMP_MARK) + r"(.+)-(\d+)-[0-9a-f]+", name)
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:48]
+    return match is not None and match.group(1) == host and process_started(int(match.group(2))) is None
+
+
 def temp_folders(cache_dir: Path) -> list[TempFolder]:
     """Every temporary folder or file under cache_dir (builds under way, or left behind)."""
     machine = this_machine()
@@ -174,9 +183,13 @@ def temp_folders(cache_dir: Path) -> list[TempFolder]:
         fingerprint = path.name[1:].split(".")[0]
         if DELETE_MARK in path.name and path.is_dir():
             found.append(TempFolder(path, fingerprint, None, float("inf"), alive=False))
-        elif TEMP_MARK in path.name and (path.is_dir() or path.is_file()):
+        elif TEMP_MARK in path.name and path.is_dir():
             owner, age = _owner(path)
             found.append(TempFolder(path, fingerprint, owner, age, owner_alive(owner, age, machine=machine)))
+        elif TEMP_MARK in path.name and path.is_file():
+            _, age = _owner(path)
+            alive = owner_alive(None, age, machine=machine) and not _writer_gone(path.name)
+            found.append(TempFolder(path, fingerprint, None, age, alive))
     return found
 
 

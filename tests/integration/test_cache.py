@@ -211,6 +211,7 @@ def test_a_killed_build_is_finished_by_the_next_start_which_skips_complete_shard
     assert any(f"6 shards: {6 - done} written, {done} complete from before" in line for line in server.output)
     (store,) = stores(tmp_path)
     assert len(open_local(store)) == 6000 and len(shard_facts(tmp_path)) == 6
+    assert temporaries(tmp_path) == []  # the killed builder's half-written shard file is reclaimed
     assert f"removed {store}" in cache_cli("rm", "--all", "--cache-dir", str(tmp_path / "cache"))
     assert not any(p.name == store.name for p in (tmp_path / "cache").iterdir())
 

@@ -245,3 +245,18 @@ def test_temporary_files_are_stale_once_their_heartbeat_mtime_is_old(tmp_path: P
     os.utime(left, (then, then))
     assert [t.path for t in reclaim(tmp_path / "shards")] == [left] and not left.exists()
     assert (tmp_path / "shards" / "a.tokens.bin").read_bytes() == b"x"
+
+
+def test_a_temporary_file_of_a_dead_process_of_this_host_is_stale_at_once(tmp_path: Path) -> None:
+    """A builder killed mid-write leaves a fresh temporary file; its name says which process wrote it, so the
+    builder that takes over reclaims it without waiting for its mtime to age."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    left = shards / temp_name("a.tokens.bin", replace(new_owner(), pid=dead.pid))
+    mine = shards / temp_name("b.tokens.bin", new_owner())
+    for path in (left, mine):
+        path.write_bytes(b"x")
+    assert [t.path for t in reclaim(shards)] == [left]
+    assert mine.exists() and not left.exists()
