@@ -15,7 +15,7 @@ from ..store.owner import discard, folder_bytes, reclaim, temp_folders
 from ..store.reader import list_stores
 
 if TYPE_CHECKING:
-    from ..build.local_engine import StoreBuilder
+    from ..builders.local_engine import StoreBuilder
     from ..feed.served import ServedDataset
 
 
@@ -35,7 +35,7 @@ def _roots(args: argparse.Namespace) -> list[StoreFS]:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from ..build import local_engine as build_local
+    from ..builders import local_engine
     from ..config import load_config
     from ..errors import ConfigError
     from ..feed.served import open_datasets
@@ -44,12 +44,12 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError("--ray-address needs --engine ray")
     datasets = open_datasets(load_config(args.config))
     if args.engine == "local":
-        _build_all(datasets, build_local.build_store)
+        _build_all(datasets, local_engine.build_store)
         return 0
-    from ..build import ray_engine as build_ray
+    from ..builders import ray_engine
 
-    with build_ray.cluster(args.ray_address):
-        _build_all(datasets, functools.partial(build_ray.build_store, address=args.ray_address))
+    with ray_engine.cluster(args.ray_address):
+        _build_all(datasets, functools.partial(ray_engine.build_store, address=args.ray_address))
     return 0
 
 

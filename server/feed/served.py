@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..build.lifecycle import StoreLifecycle
-from ..build.local_engine import BuildProgress, SourcePlan, StoreBuilder, build_store
+from ..builders.lifecycle import StoreLifecycle
+from ..builders.local_engine import BuildProgress, SourcePlan, StoreBuilder, build_store
 from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker

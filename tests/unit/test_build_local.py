@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sigil_feed.server.build import local_engine as build_local
-from sigil_feed.server.build.local_engine import PartRecords, SourcePlan, source_parts
+from sigil_feed.server.builders import local_engine as build_local
+from sigil_feed.server.builders.local_engine import PartRecords, SourcePlan, source_parts
 from sigil_feed.server.config import load_config
 from sigil_feed.server.feed.served import ServedDataset, open_datasets
 from sigil_feed.server.pipeline.sources import open_source
