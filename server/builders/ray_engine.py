@@ -1,6 +1,6 @@
 """Build a token store on a Ray cluster with Ray Data: the same shards and manifest as build_local.
 
-One row per part of a source file (the unit of a shard, as build_local.source_parts cuts the files) flows
+One row per part of a source file (the unit of a shard, as local_engine.source_parts cuts the files) flows
 through two stages: Ray tasks read and curate the part, or find its shard complete from an earlier run; then
 a pool of actors, each with the driver's tokenizer and encode backend loaded once, encodes the samples and
 writes the shard where the store lives.
