@@ -6,7 +6,7 @@ its item i truncated to seq_len. Global row e is row e // V of virtual rank e mo
 `remainder`: `pad` gives every virtual rank the most rows any has (a virtual rank's rows past its stream's end,
 and the missing tail of its partial last row, wrap around to its stream's start), `drop` the fewest whole rows
 any has, `keep` every row there is (those past the fewest in global row order, the last ones partial). The
-deal (server/deal.py) says which global rows are this rank's batch; the state is the global row where the next
+deal (server/rows/deal.py) says which global rows are this rank's batch; the state is the global row where the next
 window starts, which resumes every rank of any layout. The shards a batch reads are pinned while it is cut (a
 remote store's are fetched into the shard cache), and the shards of this rank's next windows are fetched ahead.
 """

@@ -24,7 +24,7 @@ STREAMING = {"row": 40, "at": {"block": 0, "start": {"turn": 0, "exhausted": [Fa
 
 
 def signed(body: Any, secret: bytes = b"") -> bytes:
-    """A cursor holding any JSON body, signed as the server signs (see server/cursor.py)."""
+    """A cursor holding any JSON body, signed as the server signs (see server/feed/cursor.py)."""
     payload = zlib.compress(json.dumps(body).encode())
     tag = hmac.new(secret, bytes([VERSION]) + payload, hashlib.sha256).digest()[:TAG_BYTES]
     return bytes([VERSION]) + tag + payload
