@@ -3,8 +3,8 @@
 install:
 	python3 -m venv .venv && .venv/bin/pip install -e '.[dev]'
 
-protos:
-	.venv/bin/python scripts/gen_protos.py
+protos:  # with the pinned, oldest grpcio-tools, in a venv of its own that the script makes once
+	python3 scripts/gen_protos.py
 
 test:
 	.venv/bin/python -m pytest -q

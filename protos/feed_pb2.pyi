@@ -1,13 +1,12 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamRequest(_message.Message):
-    __slots__ = ("open", "credit")
+    __slots__ = ["open", "credit"]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     open: Open
@@ -15,7 +14,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id", "accept_parts")
+    __slots__ = ["dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id", "accept_parts"]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,10 +33,10 @@ class Open(_message.Message):
     credits: int
     client_id: str
     accept_parts: bool
-    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ..., accept_parts: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ..., accept_parts: bool = ...) -> None: ...
 
 class Credit(_message.Message):
-    __slots__ = ("credits", "timing")
+    __slots__ = ["credits", "timing"]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     credits: int
@@ -45,7 +44,7 @@ class Credit(_message.Message):
     def __init__(self, credits: _Optional[int] = ..., timing: _Optional[_Union[StepTiming, _Mapping]] = ...) -> None: ...
 
 class StepTiming(_message.Message):
-    __slots__ = ("steps", "wait_s", "step_s", "wait_counts")
+    __slots__ = ["steps", "wait_s", "step_s", "wait_counts"]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     STEP_S_FIELD_NUMBER: _ClassVar[int]
@@ -57,7 +56,7 @@ class StepTiming(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("opened", "batch", "epoch_end", "part")
+    __slots__ = ["opened", "batch", "epoch_end", "part"]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_END_FIELD_NUMBER: _ClassVar[int]
@@ -69,15 +68,15 @@ class StreamResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., epoch_end: _Optional[_Union[EpochEnd, _Mapping]] = ..., part: _Optional[_Union[Part, _Mapping]] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("data", "last")
+    __slots__ = ["data", "last"]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     last: bool
-    def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ..., last: bool = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("dataset", "seq_len")
+    __slots__ = ["dataset", "seq_len"]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     dataset: DatasetInfo
@@ -85,7 +84,7 @@ class Opened(_message.Message):
     def __init__(self, dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., seq_len: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "tokenizer", "vocab_size", "eos_id", "pad_id", "max_seq_len", "pack", "completion_only", "mode", "fingerprint", "sources", "virtual_ranks")
+    __slots__ = ["name", "tokenizer", "vocab_size", "eos_id", "pad_id", "max_seq_len", "pack", "completion_only", "mode", "fingerprint", "sources", "virtual_ranks"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -110,10 +109,10 @@ class DatasetInfo(_message.Message):
     fingerprint: str
     sources: _containers.RepeatedScalarFieldContainer[str]
     virtual_ranks: int
-    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., pack: _Optional[bool] = ..., completion_only: _Optional[bool] = ..., mode: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., virtual_ranks: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., tokenizer: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., pack: bool = ..., completion_only: bool = ..., mode: _Optional[str] = ..., fingerprint: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., virtual_ranks: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data")
+    __slots__ = ["name", "dtype", "shape", "data"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -125,7 +124,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("seq", "epoch", "tensors", "cursor", "tokens", "row")
+    __slots__ = ["seq", "epoch", "tensors", "cursor", "tokens", "row"]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -141,7 +140,7 @@ class Batch(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., epoch: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., cursor: _Optional[bytes] = ..., tokens: _Optional[int] = ..., row: _Optional[int] = ...) -> None: ...
 
 class EpochEnd(_message.Message):
-    __slots__ = ("epoch", "cursor", "row")
+    __slots__ = ["epoch", "cursor", "row"]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
@@ -151,13 +150,13 @@ class EpochEnd(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., cursor: _Optional[bytes] = ..., row: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
-    __slots__ = ("dataset",)
+    __slots__ = ["dataset"]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("datasets", "uptime_s")
+    __slots__ = ["datasets", "uptime_s"]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetStats]
@@ -165,7 +164,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ("name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs")
+    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -189,7 +188,7 @@ class DatasetStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ...) -> None: ...
 
 class InputBound(_message.Message):
-    __slots__ = ("fraction_1m", "fraction_total", "steps_per_s", "steps", "wait_s", "step_s", "wait_histogram", "reported", "slowest_rank", "slowest_client")
+    __slots__ = ["fraction_1m", "fraction_total", "steps_per_s", "steps", "wait_s", "step_s", "wait_histogram", "reported", "slowest_rank", "slowest_client"]
     FRACTION_1M_FIELD_NUMBER: _ClassVar[int]
     FRACTION_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -210,10 +209,10 @@ class InputBound(_message.Message):
     reported: bool
     slowest_rank: int
     slowest_client: str
-    def __init__(self, fraction_1m: _Optional[float] = ..., fraction_total: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_histogram: _Optional[_Iterable[_Union[WaitBucket, _Mapping]]] = ..., reported: _Optional[bool] = ..., slowest_rank: _Optional[int] = ..., slowest_client: _Optional[str] = ...) -> None: ...
+    def __init__(self, fraction_1m: _Optional[float] = ..., fraction_total: _Optional[float] = ..., steps_per_s: _Optional[float] = ..., steps: _Optional[int] = ..., wait_s: _Optional[float] = ..., step_s: _Optional[float] = ..., wait_histogram: _Optional[_Iterable[_Union[WaitBucket, _Mapping]]] = ..., reported: bool = ..., slowest_rank: _Optional[int] = ..., slowest_client: _Optional[str] = ...) -> None: ...
 
 class WaitBucket(_message.Message):
-    __slots__ = ("upper_s", "count")
+    __slots__ = ["upper_s", "count"]
     UPPER_S_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     upper_s: float
@@ -221,7 +220,7 @@ class WaitBucket(_message.Message):
     def __init__(self, upper_s: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class JobStats(_message.Message):
-    __slots__ = ("world_size", "ranks", "input_bound")
+    __slots__ = ["world_size", "ranks", "input_bound"]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     INPUT_BOUND_FIELD_NUMBER: _ClassVar[int]
@@ -231,7 +230,7 @@ class JobStats(_message.Message):
     def __init__(self, world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ...) -> None: ...
 
 class CacheState(_message.Message):
-    __slots__ = ("state", "samples", "tokens", "path", "error", "bytes", "shards", "bytes_fetched", "shard_cache")
+    __slots__ = ["state", "samples", "tokens", "path", "error", "bytes", "shards", "bytes_fetched", "shard_cache"]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -253,7 +252,7 @@ class CacheState(_message.Message):
     def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ..., bytes: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., shard_cache: _Optional[_Union[ShardCacheStats, _Mapping]] = ...) -> None: ...
 
 class ShardCacheStats(_message.Message):
-    __slots__ = ("dir", "bytes", "max_bytes", "shards", "hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "checksum_failures")
+    __slots__ = ["dir", "bytes", "max_bytes", "shards", "hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "checksum_failures"]
     DIR_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -279,16 +278,16 @@ class ShardCacheStats(_message.Message):
     def __init__(self, dir: _Optional[str] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., shards: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., fetches: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
 
 class SourceStats(_message.Message):
-    __slots__ = ("spec", "read", "kept", "dropped", "malformed", "tokens", "lengths")
+    __slots__ = ["spec", "read", "kept", "dropped", "malformed", "tokens", "lengths"]
     class DroppedEntry(_message.Message):
-        __slots__ = ("key", "value")
+        __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     class MalformedEntry(_message.Message):
-        __slots__ = ("key", "value")
+        __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
@@ -311,7 +310,7 @@ class SourceStats(_message.Message):
     def __init__(self, spec: _Optional[str] = ..., read: _Optional[int] = ..., kept: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., malformed: _Optional[_Mapping[str, int]] = ..., tokens: _Optional[int] = ..., lengths: _Optional[_Iterable[_Union[LengthBucket, _Mapping]]] = ...) -> None: ...
 
 class LengthBucket(_message.Message):
-    __slots__ = ("upper", "count")
+    __slots__ = ["upper", "count"]
     UPPER_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     upper: int
@@ -319,7 +318,7 @@ class LengthBucket(_message.Message):
     def __init__(self, upper: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class ClientStats(_message.Message):
-    __slots__ = ("peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s", "lag_s", "tokens_per_s", "input_bound", "batches_per_s")
+    __slots__ = ["peer", "client_id", "rank", "world_size", "epoch", "batches", "tokens", "credits", "connected_s", "lag_s", "tokens_per_s", "input_bound", "batches_per_s"]
     PEER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -349,11 +348,11 @@ class ClientStats(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., client_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches: _Optional[int] = ..., tokens: _Optional[int] = ..., credits: _Optional[int] = ..., connected_s: _Optional[float] = ..., lag_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., batches_per_s: _Optional[float] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
-    __slots__ = ()
+    __slots__ = []
     def __init__(self) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
-    __slots__ = ("datasets",)
+    __slots__ = ["datasets"]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...

@@ -1,24 +1,63 @@
-"""Regenerate the committed Python code for protos/*.proto (run: make protos)."""
+"""Regenerate the committed Python code for protos/*.proto (run: make protos).
+
+The code is generated with the oldest toolchain that compiles feed.proto, so that the thin client's floors in
+pyproject.toml can be as low as that code allows. grpcio-tools 1.55.3 (protoc 23.1) writes code with no
+runtime version check; it is tested on protobuf 4.21.6 up to 7.x and grpcio 1.55.3 up to the current release
+(.ci/run tests the client on the floors). grpcio-tools 1.54 and older refuse feed.proto (they reject the JSON
+names of `steps` and `step_s` as conflicting); 1.64 and newer write a check that the installed grpcio is at
+least the tools' version, and from 1.66 (protobuf 5.27) one that the protobuf runtime is at least theirs.
+
+That grpcio-tools needs protobuf<5, which the server's libraries exclude, so it runs in a virtual environment
+of its own, made on first use under the user's cache directory (this needs the package index once).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from grpc_tools import protoc
+TOOLS = "grpcio-tools==1.55.3"
+"""The code generator; the grpcio floor in pyproject.toml is its version (gRPC's rule: grpcio >= grpcio-tools)."""
 
 PACKAGE = "sigil_feed.protos"
 """The import path of the generated modules; messages register under it so that they pickle."""
 
 
+def toolchain() -> Path:
+    """The Python of a virtual environment with TOOLS, created once per user (under $XDG_CACHE_HOME)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sigil-feed-protoc"
+    root = cache / TOOLS.replace("==", "-")
+    python, ready = root / "bin" / "python", root / ".ready"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once make it once
+        if ready.exists():
+            return python
+        shutil.rmtree(root, ignore_errors=True)
+        base = os.environ.get("SIGIL_FEED_PROTOC_PYTHON", sys.executable)
+        subprocess.run([base, "-m", "venv", str(root)], check=True)
+        # setuptools: grpc_tools 1.55 imports pkg_resources, which setuptools 81 drops
+        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                   "--only-binary=:all:", TOOLS, "setuptools<81"]
+        if subprocess.run(install).returncode != 0:
+            raise SystemExit(f"cannot install {TOOLS} with {base} (its wheels are for CPython 3.7 to 3.11): "
+                             "set SIGIL_FEED_PROTOC_PYTHON to such an interpreter")
+        ready.touch()
+        return python
+
+
 def generate(proto_dir: Path, out_dir: Path) -> None:
-    """Compile every .proto in proto_dir into out_dir with package-relative imports."""
+    """Compile every .proto in proto_dir into out_dir with TOOLS, with package-relative imports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     protos = sorted(p.name for p in proto_dir.glob("*.proto"))
-    args = ["protoc", f"-I{proto_dir}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *protos]
-    if protoc.main(args) != 0:
+    args = [str(toolchain()), "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+    if subprocess.run(args).returncode != 0:
         raise SystemExit("protoc failed")
     for grpc_file in out_dir.glob("*_pb2_grpc.py"):
         text = grpc_file.read_text()

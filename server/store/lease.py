@@ -4,8 +4,9 @@ heartbeat while its holder builds, and taken over, race-free, when the holder is
 Locations: a local path (or `file://` URI), where the lease is a file created whole by a hard link from a
 temporary file (which fails if the lease exists); or
 `s3://bucket/prefix`, where it is an object created by a conditional put (`If-None-Match: *`) through boto3
-(pyarrow's filesystems cannot make conditional requests). The S3 client reads the standard environment:
-`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` (or `AWS_DEFAULT_REGION`).
+(pyarrow's filesystems cannot make conditional requests; boto3 comes with the `s3` extra). The S3 client reads
+the standard environment: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` (or
+`AWS_DEFAULT_REGION`).
 Other schemes (`gs://`, ...) have no lease: `ConfigError`.
 
 The lease holds the holder (`owner.Owner`: host, machine, pid, process start time, random token) and the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -211,6 +213,9 @@ def slot(location: str) -> Slot:
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a Windows drive letter is a path
         return LocalSlot(Path(parsed.path if parsed.scheme == "file" else location))
     if parsed.scheme == "s3":
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigError(f"the build lease on s3:// locations needs boto3, which is not installed: {location}",
+                              key="dataset.cache_dir", fix="pip install 'sigil-feed[s3]'")
         prefix = parsed.path.strip("/")
         return S3Slot(parsed.netloc, f"{prefix}/{LEASE}" if prefix else LEASE)
     raise ConfigError(f"no build lease on {parsed.scheme}:// locations (a local path or s3:// only): {location}",
