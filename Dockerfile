@@ -20,7 +20,7 @@ COPY sigil_feed sigil_feed
 COPY protos protos
 COPY server server
 COPY client client
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir '.[server]'
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir '.[server,s3]'
 
 FROM python:3.11-slim
 COPY --from=build /opt/venv /opt/venv

@@ -63,7 +63,7 @@ def test_dockerfile_is_multi_stage_slim_non_root_and_checks_grpc_health() -> Non
     build, final = stages()
     assert build.base == final.base and final.base.endswith("-slim")
     (install,) = build.all("RUN")
-    assert "'.[server]'" in install and "[dev]" not in install  # only the server extra
+    assert "'.[server,s3]'" in install and "[dev]" not in install  # the server and its S3 build lease only
     assert final.all("USER") == ["10001"]
     assert "useradd --create-home --uid 10001" in final.all("RUN")[0]
     env = final.env()
