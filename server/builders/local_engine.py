@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..observe.progress import Progress, part_bytes, total_bytes
+from ..observe.progress import PartMeter, Progress
 from ..pipeline.accounting import SourceCounters, merge_accounting
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.samples import Sample
@@ -205,16 +205,17 @@ class LocalBuilder:
         self.progress.state = "building"
         started = time.monotonic()
         shards = []
+        meter = PartMeter(f for plan in plans for f in plan.files)
         with Progress(f"dataset {dataset}: tokenizing into {self.fs.uri(self.store)}", label=f"tokenizing {dataset}",
-                      total=total_bytes(f for plan in plans for f in plan.files), enabled=self.show_bar) as report, \
+                      total=meter.total, unit=meter.unit, enabled=self.show_bar) as report, \
                 ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
             for i, plan in enumerate(plans):
                 source = plan.open()
                 parts = source_parts(i, plan, source, self.fingerprint)
-                for part, size in zip(parts, part_bytes(plan.files, [p.file for p in parts]), strict=True):
+                for part, share in zip(parts, meter.shares(plan.files, [p.file for p in parts]), strict=True):
                     check()
                     shards.append(self.shard(plan, source, part, pool))
-                    report.advance(size)  # source bytes: known up front, unlike samples
+                    report.advance(share)
         check()
         manifest = commit(self.fs, self.store, self.fingerprint, plans, shards, self.encoder, dataset=dataset,
                           engine="local")

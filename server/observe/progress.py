@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -22,14 +23,19 @@ log = logging.getLogger(__name__)
 EVERY_ENV = "SIGIL_FEED_PROGRESS_S"
 EVERY_S = 15.0  # between two log lines, without a terminal
 QUIET_S = 3.0  # work that may be short (an offset pass, a download) says nothing before this
+LIBRARY_BARS = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")  # read when they are imported
 
 _bars_allowed = True  # False once logs are JSON (see allow_bars)
 
 
 def allow_bars(allowed: bool) -> None:
-    """Whether a terminal may show bars: the logging setup says no when logs are JSON lines."""
+    """Whether a terminal may show bars: the logging setup says no when logs are JSON lines. Where no bar is
+    shown, neither are the Hugging Face libraries' (they would write carriage returns into the logs)."""
     global _bars_allowed
     _bars_allowed = allowed
+    if not shows_bars(sys.stderr):
+        for name in LIBRARY_BARS:
+            os.environ.setdefault(name, "1")
 
 
 def shows_bars(stream: TextIO) -> bool:
@@ -47,11 +53,12 @@ def report_every_s() -> float:
 
 
 def file_bytes(path: str) -> int:
-    """A source file's size (0 for what is no local file, such as a Hugging Face dataset's name)."""
+    """A source file's size (0 for what is no local file, such as a Hugging Face dataset's name or folder)."""
     try:
-        return os.path.getsize(path)
+        status = os.stat(path)
     except OSError:
         return 0
+    return status.st_size if stat.S_ISREG(status.st_mode) else 0
 
 
 def part_bytes(paths: list[str], files: list[int]) -> list[int]:
@@ -67,15 +74,24 @@ def part_bytes(paths: list[str], files: list[int]) -> list[int]:
     return shares
 
 
-def total_bytes(paths: Iterable[str]) -> int:
-    """The bytes of these source files (those it can size)."""
-    return sum(file_bytes(path) for path in paths)
+class PartMeter:
+    """What a store build counts: its source files' bytes (known up front, unlike samples), each part advancing
+    by its share of its file; or, where no file has a size (Hugging Face datasets), parts, without a total."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.total = sum(file_bytes(path) for path in paths) or None
+        self.unit = "B" if self.total else "parts"
+
+    def shares(self, paths: list[str], files: list[int]) -> list[int]:
+        """What each part (`files`: each part's file index in `paths`) adds when it is done."""
+        return part_bytes(paths, files) if self.total else [1] * len(files)
 
 
 def amount(n: float, unit: str | None) -> str:
     """`1.2 GB` for bytes (decimal units), else `1,234 samples`."""
     if unit != "B":
-        return f"{n:,.0f} {unit}" if unit else f"{n:,.0f}"
+        number = f"{n:,.0f}" if n >= 100 or float(n).is_integer() else f"{n:.2g}"
+        return f"{number} {unit}" if unit else number
     for prefix in ("", "k", "M", "G", "T"):
         if abs(n) < 1000 or prefix == "T":
             return f"{n:.0f} {prefix}B" if prefix == "" else f"{n:.1f} {prefix}B"
@@ -122,8 +138,9 @@ class Progress:
         if self.unit is None:
             return tqdm(desc=label, file=stream, delay=self.after_s, bar_format="{desc}: {postfix} [{elapsed}]",
                         dynamic_ncols=True)
-        return tqdm(desc=label, total=self.total, unit=self.unit, unit_scale=self.unit == "B", unit_divisor=1000,
-                    file=stream, delay=self.after_s, dynamic_ncols=True)
+        bytes_ = self.unit == "B"
+        return tqdm(desc=label, total=self.total, unit=self.unit if bytes_ else f" {self.unit}", unit_scale=bytes_,
+                    unit_divisor=1000, file=stream, delay=self.after_s, dynamic_ncols=True)
 
     def advance(self, n: int) -> None:
         """`n` more done."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
 from sigil_feed.server.cli.logs import JsonFormatter
 from sigil_feed.server.observe import progress
-from sigil_feed.server.observe.progress import LogHandler, Progress, part_bytes
+from sigil_feed.server.observe.progress import LogHandler, PartMeter, Progress
 
 GB = 1_000_000_000
 
@@ -134,8 +135,21 @@ def test_a_text_log_line_lifts_the_bar_and_redraws_it() -> None:
     assert shown.rindex("tokenizing") > shown.index("a line of its own")  # and drawn again after
 
 
-def test_each_part_gets_its_share_of_its_file_and_the_shares_add_up(tmp_path) -> None:
+def test_a_build_counts_its_files_bytes_each_part_its_share_or_parts_where_nothing_has_a_size(
+        tmp_path: Path) -> None:
     (tmp_path / "a").write_bytes(b"x" * 10)
     (tmp_path / "b").write_bytes(b"x" * 7)
-    shares = part_bytes([str(tmp_path / "a"), str(tmp_path / "b"), "hf:no-file"], [0, 0, 0, 1, 2])
-    assert shares == [3, 3, 4, 7, 0]
+    paths = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path), "owner/name"]  # a folder, a Hub name: no size
+    meter = PartMeter(paths)
+    assert (meter.total, meter.unit) == (17, "B")
+    assert meter.shares(paths, [0, 0, 0, 1, 2, 3]) == [3, 3, 4, 7, 0, 0]  # a file's shares add up to its size
+    hub = PartMeter(paths[2:])
+    assert (hub.total, hub.unit, hub.shares(paths[2:], [0, 0, 1])) == (None, "parts", [1, 1, 1])
+
+
+def test_counting_parts_without_a_total(logs: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    with Progress("t", unit="parts", every_s=10, clock=clock, stream=io.StringIO()) as report:
+        clock.now += 20
+        report.advance(9)
+    assert logs.messages == ["t: 0 parts", "t: 9 parts, 0.45 parts/s", "t: done, 9 parts in 20 s (0.45 parts/s)"]
