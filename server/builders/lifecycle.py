@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import Refused, SourceError
+from ..observe.progress import Progress, report_every_s
 from ..pipeline.tokenize import Encoder
 from ..store.format import MANIFEST, StoreDamaged, StoreOutdated, TokenFacts, read_manifest
 from ..store.fs import StoreFS
@@ -36,6 +37,7 @@ class StoreLifecycle:
         self.store: TokenStore | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
+        self._wait: Progress | None = None  # while another process builds: a line every so often, or a bar
 
     @property
     def path(self) -> str:
@@ -115,9 +117,12 @@ class StoreLifecycle:
                 return
             except LeaseLost as err:
                 log.warning("dataset %s: %s; waiting for it", self.dataset, err)
+            finally:
+                self._waited()
 
     def _build(self, show_bar: bool, serve: bool, build: StoreBuilder, lease: Lease | None) -> None:
         """Build (or finish) the store, stopping if the lease is taken over; then open it."""
+        self._waited()
         self.progress.samples = self.progress.tokens = 0  # a retry counts from zero again
         build(self.plans(), self.encoder, fs=self.fs, store=self.store_dir, fingerprint=self.fingerprint,
               dataset=self.dataset, with_prompts=self.with_prompts, progress=self.progress, show_bar=show_bar,
@@ -133,6 +138,15 @@ class StoreLifecycle:
             log.info("dataset %s: token store %s: %s", self.dataset, self.path, text)
         self.progress.state, self.progress.error = "waiting", text
         self.progress.samples = self.progress.tokens = 0
+        self._wait = self._wait or Progress(f"dataset {self.dataset}: token store {self.path}", unit=None,
+                                            after_s=report_every_s(), label=f"dataset {self.dataset}")
+        self._wait.note(text)
+
+    def _waited(self) -> None:
+        """The wait for another builder is over (the store is ready, or this process builds it)."""
+        if self._wait is not None:
+            self._wait.close()
+            self._wait = None
 
     def _open(self, *, serve: bool, verify: bool = True) -> TokenStore | None:
         """The committed store, or None if there is none or it must be rebuilt (which rewrites only the shards

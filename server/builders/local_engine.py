@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from tqdm import tqdm
 
+from ..observe.progress import PartMeter, Progress
 from ..pipeline.accounting import SourceCounters, merge_accounting
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.samples import Sample
@@ -164,14 +164,13 @@ class LocalBuilder:
         self.fs, self.store, self.fingerprint, self.encoder = fs, store, fingerprint, encoder
         self.with_prompts, self.progress = with_prompts, progress
         self.dtype = ids_dtype(encoder.vocab_size)
-        self.bar = tqdm(desc="tokenizing", unit=" samples", disable=not show_bar)
+        self.show_bar = show_bar
         self.written = self.skipped = 0
 
     def _rows(self, samples: list[Sample], encoded: EncodedBatch, counters: SourceCounters) -> ShardRows:
         counters.add_lengths(encoded.lengths)
         self.progress.samples += len(samples)
         self.progress.tokens += len(encoded.ids)
-        self.bar.update(len(samples))
         return shard_rows(samples, encoded)
 
     def _encoded(self, samples: Iterator[Sample], counters: SourceCounters, pool: ThreadPoolExecutor
@@ -192,7 +191,6 @@ class LocalBuilder:
             self.skipped += 1
             self.progress.samples += done.samples
             self.progress.tokens += done.tokens
-            self.bar.update(done.samples)
             return done
         counters = SourceCounters(plan.spec)
         curated = CuratedSource(PartRecords(source, part), plan.rules, counters)  # type: ignore[arg-type]
@@ -207,15 +205,17 @@ class LocalBuilder:
         self.progress.state = "building"
         started = time.monotonic()
         shards = []
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
-                for i, plan in enumerate(plans):
-                    source = plan.open()
-                    for part in source_parts(i, plan, source, self.fingerprint):
-                        check()
-                        shards.append(self.shard(plan, source, part, pool))
-        finally:
-            self.bar.close()
+        meter = PartMeter(f for plan in plans for f in plan.files)
+        with Progress(f"dataset {dataset}: tokenizing into {self.fs.uri(self.store)}", label=f"tokenizing {dataset}",
+                      total=meter.total, unit=meter.unit, enabled=self.show_bar) as report, \
+                ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+            for i, plan in enumerate(plans):
+                source = plan.open()
+                parts = source_parts(i, plan, source, self.fingerprint)
+                for part, share in zip(parts, meter.shares(plan.files, [p.file for p in parts]), strict=True):
+                    check()
+                    shards.append(self.shard(plan, source, part, pool))
+                    report.advance(share)
         check()
         manifest = commit(self.fs, self.store, self.fingerprint, plans, shards, self.encoder, dataset=dataset,
                           engine="local")

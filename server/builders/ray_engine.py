@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, FeedError
+from ..observe.progress import PartMeter, Progress
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource
 from ..pipeline.samples import Sample
@@ -214,14 +215,18 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
 
     started = time.monotonic()
     shards = [part for i, plan in enumerate(plans) for part in source_parts(i, plan, plan.open(), fingerprint)]
+    meter = PartMeter(f for plan in plans for f in plan.files)
+    shares = [share for i, plan in enumerate(plans)
+              for share in meter.shares(plan.files, [p.file for p in shards if p.source == i])]
     job = Job(portable(plans, encoder), shards, EncoderSpec.of(encoder), fs.root if fs.is_local else fs.location,
               store, ids_dtype(encoder.vocab_size).str, with_prompts)
     progress.state = "building"
     found: dict[int, ShardFacts] = {}
     written = 0
-    with cluster(address):
+    with cluster(address), Progress(f"dataset {dataset}: tokenizing on Ray into {fs.uri(store)}", enabled=show_bar,
+                                    total=meter.total, unit=meter.unit, label=f"tokenizing {dataset}") as report:
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = show_bar
+        context.enable_progress_bars = False  # they would write into piped and JSON logs; `report` says it all
         context.raise_original_map_exception = True  # a worker's SourceError or OSError, not a UserCodeException
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         items = ray.data.from_items([{"item": i} for i in range(len(shards))],
@@ -237,6 +242,7 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
                 written += row["written"]
                 progress.samples += facts.samples
                 progress.tokens += facts.tokens
+                report.advance(shares[row["item"]])
         except LeaseLost:
             raise
         except Exception as err:

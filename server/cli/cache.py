@@ -135,6 +135,8 @@ def add_cache_commands(sub: Any) -> None:
                             "(pip install 'sigil-feed[ray]')")
     build.add_argument("--ray-address", help="the Ray cluster to build on (as `ray.init` takes it: HOST:PORT, "
                                              "ray://HOST:PORT, auto); default: a local cluster on this machine")
+    build.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
+                       help="log one JSON object per line (env SIGIL_FEED_LOG_JSON=1)")
     build.set_defaults(func=_build)
     for verb, func in (("ls", _ls), ("rm", _rm)):
         parser = verbs.add_parser(verb, help=f"{verb} token stores")

@@ -6,6 +6,8 @@ import json
 import logging
 from datetime import datetime, timezone
 
+from ..observe import progress
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -24,7 +26,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, *, json_lines: bool) -> None:
-    """Send logs to stderr at `level`, as text or as JSON lines."""
-    handler = logging.StreamHandler()
+    """Send logs to stderr at `level`, as text or as JSON lines (then progress is never a bar, see progress.py)."""
+    handler = logging.StreamHandler() if json_lines else progress.LogHandler()
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    progress.allow_bars(not json_lines)

@@ -46,6 +46,7 @@ import pyarrow.fs as pafs
 import xxhash
 
 from ..errors import ConfigError, SourceError
+from ..observe.progress import QUIET_S, Progress
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ class ShardCache:
         with self._lock:
             self._counts["fetches"] += 1
         try:
-            with shard.fs.open_input_file(shard.path) as src, part.open("wb") as out:
+            with shard.fs.open_input_file(shard.path) as src, part.open("wb") as out, Progress(
+                    f"fetching shard {shard.describe()}", total=shard.size, after_s=QUIET_S) as report:
                 while got <= shard.size:  # one byte past the size tells a longer file
                     chunk = src.read(min(self.chunk_bytes, shard.size + 1 - got))
                     if not chunk:
@@ -353,6 +355,7 @@ class ShardCache:
                     with self._lock:
                         self._counts["bytes_fetched"] += len(chunk)
                         self._fetched_by[shard.name] += len(chunk)
+                    report.at(got)
             if got != shard.size or digest.hexdigest() != shard.xxh3:
                 return f"{got}{'+' if got > shard.size else ''} bytes with xxh3 {digest.hexdigest()}"
             os.replace(part, path)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import zstandard
 
+from ...observe.progress import QUIET_S, Progress, file_bytes
 from ..stage import State
 from .base import RawRecord, Source
 
@@ -141,12 +142,15 @@ class JsonlSource(Source):
             return super().part_starts(file, every)
         starts: list[State] = [{"file": file, "row": 0, "offset": 0}]
         try:
-            with open_lines(path) as lines:
+            with open_lines(path) as lines, Progress(f"{self.spec}: finding the parts of {path}", after_s=QUIET_S,
+                                                     total=file_bytes(path), label="finding parts") as report:
                 offset = 0
                 for row, line in enumerate(lines, 1):
                     offset += len(line)
                     if row % every == 0:
                         starts.append({"file": file, "row": row, "offset": offset})
+                        report.at(offset)
+                report.at(offset)
                 if len(starts) > 1 and starts[-1]["offset"] == offset:
                     starts.pop()  # the file ends where that part would begin
         except OSError:
