@@ -11,8 +11,8 @@ from functools import partial
 from pathlib import Path
 
 from ..errors import Refused, SourceError
-from ..observe.progress import Progress, report_every_s
 from ..pipeline.tokenize import Encoder
+from ..progress import Progress, report_every_s
 from ..store.format import MANIFEST, StoreDamaged, StoreOutdated, TokenFacts, read_manifest
 from ..store.fs import StoreFS
 from ..store.lease import HolderInfo, Lease, LeaseLost, has_lease, wait_or_build

@@ -17,13 +17,13 @@ from typing import Protocol
 
 import numpy as np
 
-from ..observe.progress import PartMeter, Progress
 from ..pipeline.accounting import SourceCounters, merge_accounting
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.samples import Sample
 from ..pipeline.sources.base import RawRecord, Source
 from ..pipeline.stage import State
 from ..pipeline.tokenize import EncodedBatch, Encoder
+from ..progress import PartMeter, Progress
 from ..store.format import (
     FORMAT_VERSION,
     Manifest,

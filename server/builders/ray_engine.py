@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, FeedError
-from ..observe.progress import PartMeter, Progress
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource
 from ..pipeline.samples import Sample
 from ..pipeline.tokenize import Encoder
+from ..progress import PartMeter, Progress
 from ..store.format import Manifest, ShardFacts, ShardRows, ids_dtype, write_shard
 from ..store.fs import StoreFS, resolve
 from ..store.lease import LeaseLost

@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import datetime, timezone
 
-from ..observe import progress
+from .. import progress
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}

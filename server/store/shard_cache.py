@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 import xxhash
 
 from ..errors import ConfigError, SourceError
-from ..observe.progress import QUIET_S, Progress
+from ..progress import QUIET_S, Progress
 
 log = logging.getLogger(__name__)
 

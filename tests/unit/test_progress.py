@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sigil_feed.server import progress
 from sigil_feed.server.cli.logs import JsonFormatter
-from sigil_feed.server.observe import progress
-from sigil_feed.server.observe.progress import LogHandler, PartMeter, Progress
+from sigil_feed.server.progress import LogHandler, PartMeter, Progress
 
 GB = 1_000_000_000
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import zstandard
 
-from ...observe.progress import QUIET_S, Progress, file_bytes
+from ...progress import QUIET_S, Progress, file_bytes
 from ..stage import State
 from .base import RawRecord, Source
 
