@@ -34,9 +34,8 @@ from bench import (
     startup,
     stream_mode,
 )
-from bench.common import BENCH_DIR, Metric, Work, find_corpus, make_tokenizer_dir, skipped, subset_jsonl, write_config
+from bench.common import BENCH_DIR, Metric, Work, find_corpus, prepare, skipped, write_config
 
-QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
 TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer": ("tokens/s", ">= 5"),
            "streaming_vs_tokenizer_limit": ("tokens/s", ">= 0.8"), "streaming_vs_read_limit": ("tokens/s", ""),
            "client_cpu_vs_inprocess": ("CPU s / M tokens", "<= 0.02"), "vs_best_local": ("tokens/s", ">= 1.0"),
@@ -86,13 +85,6 @@ class Runner:
         if metric is not None:
             self.metrics[metric.name] = metric
             self.log(f"  {metric.name}: {_fmt(metric.value)} vs {_fmt(metric.baseline)} -> {_fmt(metric.ratio)}")
-
-
-def prepare(work: Work) -> None:
-    """The tokenizer folder and the corpus (a subset with --quick)."""
-    work.tokenizer = make_tokenizer_dir(work.root / "tokenizer")
-    work.sources = [subset_jsonl(work.corpus / name, work.path("corpus", name),
-                                 QUICK_BYTES[name] if work.quick else None) for name in QUICK_BYTES]
 
 
 def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:

@@ -136,6 +136,17 @@ def subset_jsonl(src: Path, dest: Path, max_bytes: int | None) -> Path:
     return dest
 
 
+QUICK_BYTES = {"code.jsonl": 4 << 20, "pairs.jsonl": 2 << 20}
+"""The bench corpus's files, and how much of each --quick reads."""
+
+
+def prepare(work: Work) -> None:
+    """The tokenizer folder and the corpus (a subset with --quick)."""
+    work.tokenizer = make_tokenizer_dir(work.root / "tokenizer")
+    work.sources = [subset_jsonl(work.corpus / name, work.path("corpus", name),
+                                 QUICK_BYTES[name] if work.quick else None) for name in QUICK_BYTES]
+
+
 def repeat_files(files: list[Path], dest_dir: Path, times: int) -> list[Path]:
     """`times` copies of every file in dest_dir (a corpus `times` as large, as separate files)."""
     dest_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, REPO, Metric, Work, emit, find_corpus, run_module
+from bench.common import PYTHON, REPO, Metric, Work, emit, find_corpus, prepare, run_module, write_config
 
 SMALL = (8, 512)
 GREEDY = {"full": (1024, 32768), "quick": (256, 32768)}
@@ -99,9 +99,7 @@ def measure(quick: bool, reps: int) -> None:
     """Start a server with a cached store of the bench corpus and print this metric `reps` times."""
     import json
 
-    from bench.__main__ import prepare
     from bench.build import cold_start
-    from bench.common import write_config
 
     work = Work(Path(tempfile.mkdtemp(prefix="sigil-neighbour-")), find_corpus(None), quick)
     prepare(work)

@@ -19,7 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, REPO, Metric, Work, alternate, best, make_tokenizer_dir, write_config
+from bench.common import (
+    PYTHON,
+    QUICK_BYTES,
+    REPO,
+    Metric,
+    Work,
+    alternate,
+    best,
+    make_tokenizer_dir,
+    subset_jsonl,
+    write_config,
+)
 
 PARTS = 8  # files per source: Ray's read tasks and shards
 READY = re.compile(r"token store ready: .*; ([\d.]+) s\)")
@@ -93,8 +104,6 @@ def main() -> int:
     parser.add_argument("--corpus", help="folder with code.jsonl and pairs.jsonl (quick subset used)")
     parser.add_argument("--copies", type=int, default=16, help="copies of the embedded default without --corpus")
     args = parser.parse_args()
-    from bench.__main__ import QUICK_BYTES
-    from bench.common import subset_jsonl
 
     work = Work(Path(tempfile.mkdtemp(prefix="sigil-ray-bench-")), Path(args.corpus or "."), quick=True)
     work.tokenizer = make_tokenizer_dir(work.root / "tokenizer")

@@ -164,7 +164,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs"]
+    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs", "streams_opened", "streams_closed", "shared_reads"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,9 @@ class DatasetStats(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     INPUT_BOUND_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_OPENED_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_READS_FIELD_NUMBER: _ClassVar[int]
     name: str
     info: DatasetInfo
     sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
@@ -185,7 +188,20 @@ class DatasetStats(_message.Message):
     cache: CacheState
     input_bound: InputBound
     jobs: _containers.RepeatedCompositeFieldContainer[JobStats]
-    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ...) -> None: ...
+    streams_opened: int
+    streams_closed: int
+    shared_reads: SharedReads
+    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ...) -> None: ...
+
+class SharedReads(_message.Message):
+    __slots__ = ["blocks_read", "blocks_shared", "samples_read"]
+    BLOCKS_READ_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_READ_FIELD_NUMBER: _ClassVar[int]
+    blocks_read: int
+    blocks_shared: int
+    samples_read: int
+    def __init__(self, blocks_read: _Optional[int] = ..., blocks_shared: _Optional[int] = ..., samples_read: _Optional[int] = ...) -> None: ...
 
 class InputBound(_message.Message):
     __slots__ = ["fraction_1m", "fraction_total", "steps_per_s", "steps", "wait_s", "step_s", "wait_histogram", "reported", "slowest_rank", "slowest_client"]

@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ...protos import feed_pb2
 from ..config import InputBoundWarning
-from .stats import Window
+from .streams import OpenStream
+from .timing import Window
 
-if TYPE_CHECKING:
-    from ..feed.served import ServedDataset
-    from ..rpc.service import OpenStream
+Stream = OpenStream[Any]
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +23,24 @@ Job = tuple[str, int]
 
 
 class InputBoundWatch:
-    """Records each client's timing reports and warns once per episode when its job is input-bound."""
+    """Warns once per episode when a job is input-bound, as its clients' timing reports tell."""
 
     def __init__(self, settings: InputBoundWarning | None = None) -> None:
         self.settings = settings or InputBoundWarning()
         self._warned: set[Job] = set()
         self._checked: dict[Job, float] = {}
 
-    def observe(self, stream: OpenStream, timing: feed_pb2.StepTiming, dataset: ServedDataset,
-                streams: Iterable[OpenStream]) -> None:
-        """Count a timing report, then check the stream's job."""
-        stream.steps.add(timing, owed_s=stream.credits.owed_s)
+    def observe(self, stream: Stream, streams: Iterable[Stream], cached: bool) -> None:
+        """After `stream` reported timing, check its job among the open `streams` (of a cached-mode dataset when
+        `cached`)."""
         job = (stream.dataset, stream.client.world_size)
         now = time.monotonic()
         if now - self._checked.get(job, 0.0) < CHECK_INTERVAL_S:
             return
         self._checked[job] = now
-        self._check(job, [s for s in list(streams) if (s.dataset, s.client.world_size) == job], dataset)
+        self._check(job, [s for s in streams if (s.dataset, s.client.world_size) == job], cached)
 
-    def _check(self, job: Job, members: list[OpenStream], dataset: ServedDataset) -> None:
+    def _check(self, job: Job, members: list[Stream], cached: bool) -> None:
         horizon, threshold = self.settings.window_s, self.settings.threshold
         windows = [(s, s.steps.window(horizon)) for s in members if s.steps.steps]
         step_s = sum(w.step_s for _, w in windows)
@@ -59,7 +56,7 @@ class InputBoundWatch:
         self._warned.add(job)
         bound = sorted(((s, w) for s, w in windows if w.fraction > threshold), key=lambda sw: sw[0].client.rank)
         ranks = [s.client.rank for s, _ in bound]
-        cause = likely_cause(dataset.cached, bound)
+        cause = likely_cause(cached, bound)
         log.warning("dataset %s: training is input-bound: rank(s) %s of world size %d waited for data %.0f%% of "
                     "their step time over the last %.0f s (threshold %.0f%%); likely cause: %s (see README, "
                     "Troubleshooting)", job[0], ",".join(map(str, ranks)), job[1], 100 * fraction, horizon,
@@ -68,7 +65,7 @@ class InputBoundWatch:
                            "cause": cause})
 
 
-def likely_cause(cached: bool, bound: list[tuple[OpenStream, Window]]) -> str:
+def likely_cause(cached: bool, bound: list[tuple[Stream, Window]]) -> str:
     """What the server can see behind the waiting. A rank only waits for a batch it has granted, so if the server
     is too slow, the batches it owed the rank add up to at least about the rank's wait; if they add up to much
     less, the server had sent what was granted and the wait lies with the client (prefetch, network, decoding)."""

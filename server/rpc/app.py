@@ -99,7 +99,7 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
     bound = _bind(server, listen)
     metrics = None
     if listen.metrics_port is not None:
-        metrics = serve_metrics(service, statuses, host=listen.host, port=listen.metrics_port)
+        metrics = serve_metrics(service.stats, statuses, host=listen.host, port=listen.metrics_port)
         print(f"sigil-feed metrics on http://{listen.host}:{metrics.server_port}/metrics", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

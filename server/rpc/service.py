@@ -5,23 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import grpc
 
 from ...protos import feed_pb2, feed_pb2_grpc
+from ...protos.constants import WAIT_BUCKETS_S
 from ..config import Limits
 from ..errors import NotFound, RequestError, TimedOut, Unavailable, invalid
 from ..feed.batches import Feed, FeedItem
 from ..feed.cursor import decode_cursor
 from ..feed.served import ServedDataset
-from ..observe.stats import ClientStream, StepStats, Throughput, input_bound, job_views
+from ..observe.streams import ClientStream, OpenStream, Streams
 from ..observe.watch import InputBoundWatch
 from .admission import Admission
-from .views import dataset_info, source_stats, store_state
+from .credits import Credits
+from .snapshot import snapshot
+from .views import dataset_info
 from .wire import batch_response, messages
 
 log = logging.getLogger(__name__)
@@ -37,107 +38,6 @@ so one client's big batches never stall the others' small ones."""
 
 Produced = tuple[FeedItem | None, list[bytes] | None]
 """A feed item with its response's messages (see wire.messages); item None: the stream has ended."""
-
-
-class Credits:
-    """Batches a stream may still send, refilled by the client's Credit messages; knows its oldest unmet grant."""
-
-    def __init__(self, initial: int, limit: int, idle_s: float | None = None) -> None:
-        self.limit, self.idle_s = limit, idle_s
-        self.available = 0
-        self.grants: deque[list[float]] = deque()  # [granted at, credits left], oldest first
-        self.closed = False  # the client will send no more credits
-        self.draining = False  # the server is shutting down: serve what is granted, accept no more
-        self.error: Exception | None = None  # a client error, or gRPC's failure to read the call
-        self.owed_s = 0.0  # summed over the batches sent: how long each was owed (the input-bound warning's cause)
-        self.changed = asyncio.Condition()
-        self._grant(initial)
-
-    def _grant(self, credits: int) -> None:
-        if credits:
-            self.grants.append([time.monotonic(), credits])
-            self.available += credits
-
-    def lag_s(self) -> float:
-        """How long the oldest credit not yet answered with a batch has waited; 0 when none is owed."""
-        try:
-            return time.monotonic() - self.grants[0][0]
-        except IndexError:
-            return 0.0
-
-    async def add(self, credits: int) -> None:
-        """Grant more; zero, or more outstanding than the limit, is a client error."""
-        async with self.changed:
-            if credits == 0:
-                self.error = invalid("credit.credits", "must be >= 1")
-            elif self.available + credits > self.limit:
-                self.error = invalid("credit.credits", f"{credits} would put more than {self.limit} batches "
-                                                       "outstanding (server.limits.max_credits)")
-            elif not self.draining:
-                self._grant(credits)
-            self.changed.notify_all()
-
-    async def fail(self, error: Exception) -> None:
-        """End the stream with this error."""
-        async with self.changed:
-            self.error = error
-            self.changed.notify_all()
-
-    async def close(self) -> None:
-        """The client half-closed its side: no more credits will come."""
-        async with self.changed:
-            self.closed = True
-            self.changed.notify_all()
-
-    async def drain(self) -> None:
-        """Shutting down: what is granted is still served, new grants are ignored."""
-        async with self.changed:
-            self.draining = True
-            self.changed.notify_all()
-
-    async def take(self) -> bool:
-        """Wait for one credit and use it; False when none can ever come (UNAVAILABLE when draining, or when
-        none was granted for `idle_s`)."""
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait_for(
-                    lambda: self.available > 0 or self.closed or self.draining or self.error), self.idle_s)
-            except TimeoutError:
-                raise Unavailable(f"no credit granted for {self.idle_s:g} s (server.limits.idle_timeout_s): the "
-                                   "stream was closed to free its place; resume from the last cursor") from None
-            if self.error:
-                raise self.error
-            if self.available == 0:
-                if self.draining:
-                    raise Unavailable("server is shutting down; every granted "
-                                                                    "batch was sent, resume from the last cursor")
-                return False
-            self.available -= 1
-            self.owed_s += time.monotonic() - self.grants[0][0]
-            self.grants[0][1] -= 1
-            if not self.grants[0][1]:
-                self.grants.popleft()
-            return True
-
-
-@dataclass
-class OpenStream:
-    """One open stream as stats and metrics see it."""
-
-    dataset: str
-    client: ClientStream
-    credits: Credits
-    throughput: Throughput = field(default_factory=Throughput)
-    steps: StepStats = field(default_factory=StepStats)  # the timing the client reports
-
-    def to_proto(self) -> feed_pb2.ClientStats:
-        """The GetStats view of this stream."""
-        stats = self.client.to_proto()
-        stats.credits, stats.lag_s, stats.tokens_per_s = (self.credits.available, self.credits.lag_s(),
-                                                          self.throughput.rate())
-        stats.batches_per_s = self.throughput.batch_rate()
-        stats.input_bound.CopyFrom(input_bound([(self.client.rank, self.client.client_id, self.steps)]))
-        return stats
 
 
 def _check_text(field: str, value: str) -> None:
@@ -156,9 +56,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         self.cursor_secret = cursor_secret
         self.admission = Admission(limits)
         self.watch = watch or InputBoundWatch()
-        self.streams: dict[int, OpenStream] = {}
-        self.opened: Counter[str] = Counter()  # streams opened, by dataset
-        self.closed: Counter[str] = Counter()
+        self.streams: Streams[Credits] = Streams()
         self.started = time.monotonic()
         self.accepting = True
 
@@ -223,9 +121,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                                   secret=self.cursor_secret)
         stream = OpenStream(dataset.name, ClientStream(peer, request.client_id, request.rank, world),
                             Credits(request.credits, self.limits.max_credits, self.limits.idle_timeout_s))
-        key = id(stream)
-        self.streams[key] = stream
-        self.opened[dataset.name] += 1
+        self.streams.add(stream)
         fields = {"peer": peer, "dataset": dataset.name, "rank": request.rank, "world_size": world,
                   "client_id": request.client_id}
         try:
@@ -247,12 +143,11 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             finally:
                 reader.cancel()
         finally:
-            del self.streams[key]
-            self.closed[dataset.name] += 1
+            self.streams.remove(stream)
             log.info("stream closed: peer=%s dataset=%s rank=%d batches=%d", peer, dataset.name, request.rank,
                      stream.client.batches, extra={**fields, "batches": stream.client.batches})
 
-    async def _serve(self, produce: _Producer, dataset: ServedDataset, stream: OpenStream,
+    async def _serve(self, produce: _Producer, dataset: ServedDataset, stream: OpenStream[Credits],
                      context: grpc.aio.ServicerContext) -> None:
         loop = asyncio.get_running_loop()
         client = stream.client
@@ -299,15 +194,17 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         return made
 
     async def _read_credits(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
-                            stream: OpenStream) -> None:
+                            stream: OpenStream[Credits]) -> None:
         credits = stream.credits
         try:
             async for request in request_iterator:
                 if not request.HasField("credit"):
                     raise invalid("credit", "after Open a stream only takes Credit messages")
                 if request.credit.HasField("timing"):
-                    self.watch.observe(stream, request.credit.timing, self.datasets[stream.dataset],
-                                       self.streams.values())
+                    timing = request.credit.timing
+                    del timing.wait_counts[len(WAIT_BUCKETS_S) + 1:]  # buckets the protocol does not define
+                    stream.report(timing)
+                    self.watch.observe(stream, self.streams.current(), self.datasets[stream.dataset].cached)
                 await credits.add(request.credit.credits)
         except (RequestError, grpc.aio.InternalError) as err:  # InternalError: the call broke (client gone)
             await credits.fail(err)
@@ -317,7 +214,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
     async def drain(self) -> None:
         """Shutdown: refuse new streams; open ones send what they were granted, then end UNAVAILABLE."""
         self.accepting = False
-        for stream in list(self.streams.values()):
+        for stream in self.streams.current():
             await stream.credits.drain()
 
     async def drained(self, timeout_s: float) -> bool:
@@ -327,23 +224,15 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             await asyncio.sleep(0.05)
         return not self.streams
 
+    def stats(self, names: list[str] | None = None) -> feed_pb2.Stats:
+        """One statistics snapshot of the datasets `names` (default: all): what GetStats returns and /metrics
+        renders."""
+        return snapshot(self.datasets, self.streams, time.monotonic() - self.started, names)
+
     async def GetStats(self, request: feed_pb2.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> feed_pb2.Stats:
         """Counters for one dataset or all of them."""
-        names = [self._dataset(request.dataset, "dataset").name] if request.dataset else sorted(self.datasets)
-        out = []
-        for name in names:
-            dataset = self.datasets[name]
-            streams = [s for s in list(self.streams.values()) if s.dataset == name]
-            overall, jobs = job_views([(s.client.rank, s.client.world_size, s.client.client_id, s.steps)
-                                       for s in streams])
-            out.append(feed_pb2.DatasetStats(
-                name=name, info=dataset_info(dataset), sources=[source_stats(c) for c in dataset.counters],
-                clients=[s.to_proto() for s in streams], input_bound=overall, jobs=jobs,
-                cache=store_state(dataset),
-                batches_served=dataset.throughput.batches, tokens_served=dataset.throughput.tokens,
-                tokens_per_s=dataset.throughput.rate()))
-        return feed_pb2.Stats(datasets=out, uptime_s=time.monotonic() - self.started)
+        return self.stats([self._dataset(request.dataset, "dataset").name] if request.dataset else None)
 
     async def ListDatasets(self, request: feed_pb2.ListDatasetsRequest,
                            context: grpc.aio.ServicerContext) -> feed_pb2.ListDatasetsResponse:

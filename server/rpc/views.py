@@ -1,10 +1,20 @@
-"""The server's state as protocol messages: a dataset's facts, its token store's state, a source's accounting."""
+"""The server's state as protocol messages: a dataset's facts, its token store's state, a source's accounting,
+streaming's shared reads, a stream's client and the input-bound views."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...protos import feed_pb2
+from ...protos.constants import WAIT_BUCKETS_S
 from ..feed.served import ServedDataset
+from ..observe.input_bound import InputBoundView, JobView, input_bound
+from ..observe.streams import OpenStream
 from ..pipeline.accounting import LENGTH_BUCKETS, SourceCounters
+from ..streaming.shared_reads import ReadCounts
+
+WAIT_BOUNDS = (*WAIT_BUCKETS_S, float("inf"))
+"""The upper bounds of the wait histogram's buckets (the last counts the waits above WAIT_BUCKETS_S)."""
 
 
 def dataset_info(dataset: ServedDataset) -> feed_pb2.DatasetInfo:
@@ -46,3 +56,39 @@ def store_state(dataset: ServedDataset) -> feed_pb2.CacheState:
             misses=c.misses, hit_rate=c.hit_rate, fetches=c.fetches, bytes_fetched=c.bytes_fetched,
             evictions=c.evictions, checksum_failures=c.checksum_failures))
     return state
+
+
+def shared_reads(counts: ReadCounts) -> feed_pb2.SharedReads:
+    """How a streaming dataset's ranks got their blocks."""
+    with counts.lock:
+        return feed_pb2.SharedReads(blocks_read=counts.blocks_read, blocks_shared=counts.blocks_shared,
+                                    samples_read=counts.samples_read)
+
+
+def input_bound_view(view: InputBoundView) -> feed_pb2.InputBound:
+    """The input-bound view of a client or a group, the wait histogram over the protocol's buckets."""
+    if not view.reported:
+        return feed_pb2.InputBound()
+    counts = [*map(int, view.wait_counts[: len(WAIT_BOUNDS)])]
+    counts += [0] * (len(WAIT_BOUNDS) - len(counts))
+    return feed_pb2.InputBound(
+        reported=True, fraction_1m=view.fraction_1m, fraction_total=view.fraction_total,
+        steps_per_s=view.steps_per_s, steps=view.steps, wait_s=view.wait_s, step_s=view.step_s,
+        slowest_rank=view.slowest_rank, slowest_client=view.slowest_client,
+        wait_histogram=[feed_pb2.WaitBucket(upper_s=b, count=c) for b, c in zip(WAIT_BOUNDS, counts, strict=True)])
+
+
+def job_stats(job: JobView) -> feed_pb2.JobStats:
+    """One job's ranks and input-bound view."""
+    return feed_pb2.JobStats(world_size=job.world_size, ranks=job.ranks, input_bound=input_bound_view(job.input_bound))
+
+
+def client_stats(stream: OpenStream[Any]) -> feed_pb2.ClientStats:
+    """One open stream: its client, position, credits, rates and input-bound view."""
+    client = stream.client
+    return feed_pb2.ClientStats(
+        peer=client.peer, client_id=client.client_id, rank=client.rank, world_size=client.world_size,
+        epoch=client.epoch, batches=client.batches, tokens=client.tokens, credits=stream.credits.available,
+        connected_s=client.connected_s(), lag_s=stream.credits.lag_s(), tokens_per_s=stream.throughput.rate(),
+        batches_per_s=stream.throughput.batch_rate(),
+        input_bound=input_bound_view(input_bound([(client.rank, client.client_id, stream.steps)])))

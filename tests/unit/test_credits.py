@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from sigil_feed.server.errors import FeedError
+from sigil_feed.server.rpc.credits import Credits
 from sigil_feed.server.rpc.interceptor import status_of
-from sigil_feed.server.rpc.service import Credits
 
 
 def run(coroutine):  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from sigil_feed.client.timing import StepTimer
 from sigil_feed.protos import feed_pb2
 from sigil_feed.protos.constants import WAIT_BUCKETS_S
 from sigil_feed.server.config import ConfigError, load_config
-from sigil_feed.server.observe.stats import StepStats, Window, input_bound
+from sigil_feed.server.observe.input_bound import input_bound
+from sigil_feed.server.observe.timing import StepStats, Window
 from sigil_feed.server.observe.watch import likely_cause
 
 
@@ -56,7 +57,7 @@ def test_a_group_sums_wait_and_step_time_and_names_the_rank_waiting_longest() ->
     view = input_bound([(0, "a", stats(1.0, 10.0)), (1, "b", stats(6.0, 10.0)), (2, "c", StepStats())])
     assert view.reported and view.fraction_1m == pytest.approx(0.35) == view.fraction_total
     assert (view.slowest_rank, view.slowest_client, view.steps) == (1, "b", 20)
-    assert view.steps_per_s == pytest.approx(1.0) and view.wait_histogram[0].count == 20
+    assert view.steps_per_s == pytest.approx(1.0) and view.wait_counts[0] == 20
     assert not input_bound([(0, "a", StepStats())]).reported
 
 
