@@ -23,7 +23,7 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..config import DatasetConfig, DatasetSection, FeedConfig
 from ..errors import ConfigError, SourceError
-from ..observe.stats import Throughput
+from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.filters import make_filter
