@@ -133,3 +133,41 @@ def test_only_rpc_and_cli_import_grpc_or_the_protos() -> None:
                       for target in imported(name, path)
                       if any(target == p or target.startswith(p + ".") for p in PROTOCOL))
     assert speaking == []
+
+
+def deepest_chain(edges: dict[str, set[str]]) -> list[str]:
+    """The longest import chain (a path down the graph, which has no cycles): importer first."""
+    below: dict[str, list[str]] = {}
+
+    def chain(name: str) -> list[str]:
+        if name not in below:
+            longest = max((chain(child) for child in edges[name]), key=len, default=[])
+            below[name] = [name, *longest]
+        return below[name]
+
+    return max((chain(name) for name in sorted(edges)), key=len, default=[])
+
+
+def test_the_server_is_a_few_floors_deep() -> None:
+    """Folders are the data path, so the deepest import chain is about as long as the path: it was 15 modules when
+    every stage sat flat in server/."""
+    server = {name: {t for t in targets if t.startswith("sigil_feed.server")}
+              for name, targets in graph().items() if name.startswith("sigil_feed.server")}
+    chain = deepest_chain(server)
+    assert deepest_chain({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == ["a", "b", "c"]
+    assert len(chain) <= 19, " -> ".join(chain)
+
+
+if __name__ == "__main__":  # python -m tests.unit.test_no_import_cycles: the house in numbers
+    edges = graph()
+    folders: dict[str, int] = {}
+    for name in modules():
+        if name.startswith("sigil_feed.server."):
+            folder = name.split(".")[2] if name.count(".") > 2 or modules()[name].name == "__init__.py" else "."
+            folders[folder] = folders.get(folder, 0) + 1
+    print("modules per folder of server/:", ", ".join(f"{k}/ {v}" for k, v in sorted(folders.items())))
+    server = {n: {t for t in ts if t.startswith("sigil_feed.server")} for n, ts in edges.items()
+              if n.startswith("sigil_feed.server")}
+    chain = deepest_chain(server)
+    print(f"deepest import chain ({len(chain)} modules):", " -> ".join(c.removeprefix("sigil_feed.server.")
+                                                                     for c in chain))
