@@ -4,6 +4,7 @@ alike, damage named; the process's one cache per folder."""
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def test_prefetch_fetches_the_next_shards_in_order_of_use(tmp_path: Path) -> Non
     with ShardCache(tmp_path / "shard-cache", 1000) as cache:
         store = open_store(remote_view(fs), path, FP, shard_cache=cache)
         store.shards.prefetch(np.array([1, 1, 0]))
+        deadline = time.monotonic() + 30
+        while cache.stats().fetches < 2 and time.monotonic() < deadline:  # close() drops prefetches not started
+            time.sleep(0.01)
         cache.close()  # waits for the downloads under way
         assert cache.stats().fetches == 2 and cache.stats().current_bytes == 18
 
