@@ -136,11 +136,11 @@ def test_a_plain_jsonl_file_is_cut_at_every_rth_line_with_its_byte_offset(tmp_pa
     for text in (path.read_bytes(), path.read_bytes()[:-1]):  # with and without the last newline
         path.write_bytes(text)
         starts = open_source(f"local:{path}", 0, base_dir=tmp_path).part_starts(0, 10)
-        assert [s["row"] for s in starts] == [0, *ends]
+        assert [s.row for s in starts] == [0, *ends]
         source = open_source(f"local:{path}", 0, base_dir=tmp_path)
         for start in starts:  # the offset finds the row's line
             source.set_state(start)
-            assert next(source).row == start["row"]
+            assert next(source).row == start.row
 
 
 def test_a_rerun_after_a_kill_between_parts_writes_and_tokenizes_only_the_missing_parts(
@@ -192,7 +192,7 @@ def test_a_hugging_face_split_is_cut_by_row_and_each_part_reads_its_rows_only() 
                       slice_rows=4)
     plan = SourcePlan("hf:x", source.files, lambda: source, None, 10)  # type: ignore[arg-type]  # rules unread
     parts = source_parts(1, plan, source, "fp")
-    assert [(p.start["row"], p.end) for p in parts] == [(0, 10), (10, 20), (20, None)]
+    assert [(p.start.row, p.end) for p in parts] == [(0, 10), (10, 20), (20, None)]
     assert [[r.row for r in PartRecords(source, p)] for p in parts] == [
         list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
     assert len({p.name for p in parts}) == 3 and parts[0].name != shard_name("fp", 1, "x")

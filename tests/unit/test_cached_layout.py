@@ -135,7 +135,7 @@ def test_a_position_of_another_virtual_rank_count_is_refused() -> None:
     p = packer(store, layout_of(store, 12), 0, 2, 2, 16, True, "pad")
     with pytest.raises(ValueError, match=r"taken with 12 virtual ranks, but this dataset has 6"):
         packer(store, layout_of(store, 6), 0, 2, 2, 16, True, "pad").set_state(p.get_state())
-    assert p.get_state() == {"row": 0, "virtual": 12}
+    assert p.get_state().model_dump() == {"row": 0, "virtual": 12}
 
 
 @settings(max_examples=60, deadline=None)

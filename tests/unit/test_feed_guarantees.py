@@ -161,7 +161,7 @@ def test_tokenize_chunks_end_at_the_character_bound(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(blocks, "TOKENIZE_CHUNK_CHARS", 2 * longest)
     chunks: list[int] = []
     order = BlockShuffle(dataset.mix(), block_size=64, block_chars=1 << 20, seed=None, epoch=0)
-    block = blocks.encode_block(order.read(0, order.epoch_start), encoder(), with_prompts=False,
+    block = blocks.encode_block(next(order), encoder(), with_prompts=False,
                                 on_encoded=lambda chunk, _: chunks.append(sum(len(s.text) for s in chunk)))
     assert sum(len(c.result()) for c in block.chunks) == block.samples == 30
     assert len(chunks) > 1 and all(size < 3 * longest for size in chunks)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.rows.deal import Deal
-from sigil_feed.server.streaming.packer import Packer, Rows
+from sigil_feed.server.streaming.packer import Packer, Rows, StreamState
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
@@ -62,7 +62,7 @@ def rows_of(batch: Rows) -> list[Row]:
             for ids, seg, m in zip(batch.input_ids, segments, masks, strict=True)]
 
 
-def run(dataset: ServedDataset, world: int, batch: int, *, state: dict[str, Any] | None = None,
+def run(dataset: ServedDataset, world: int, batch: int, *, state: StreamState | None = None,
         steps: int | None = None) -> tuple[dict[int, Row], list[int], list[Packer]]:
     """Every rank of the layout from `state` (or the epoch's start), `steps` steps or to the end: the rows
     delivered by global row, the batches per rank, and the packers."""
@@ -141,7 +141,7 @@ def test_any_ranks_state_resumes_any_layout_exactly(n: int, pack: bool, remainde
         states = [p.get_state() for p in packers]
         assert all(s == states[0] for s in states)  # every rank stands at the same position
         after, _, _ = run(dataset, *then, state=states[donor % len(states)])
-        position = states[0]["row"]
+        position = states[0].row
         assert all(i < position for i in before) and all(i >= position for i in after)
         assert set(after) == expected_indices(position, total, *then, remainder)
         assert all(after[i] == rows[i] for i in after) and all(before[i] == rows[i] for i in before)
@@ -183,4 +183,4 @@ def test_only_owned_rows_are_copied_and_segments_add_up(tmp_path: Path) -> None:
     got = packer.next_batch()
     assert got is not None and got.input_ids.shape == (2, SEQ) and packer.row == 6
     assert got.row_segments is not None and got.lengths.sum() == got.tokens == 2 * SEQ
-    assert packer.get_state()["at"]["block"] >= 0 and packer.get_state()["wraps"] == 0
+    assert packer.get_state().at.block >= 0 and packer.get_state().wraps == 0

@@ -15,6 +15,7 @@ from sigil_feed.server.streaming.block_order import BlockShuffle
 from sigil_feed.server.streaming.encoding import TokenizedBlocks
 from sigil_feed.server.streaming.shared_reads import BlockCache, EncodedBlock, SharedReads, block_key
 from tests.conftest import TOKENIZER_DIR
+from tests.unit.streaming_fixtures import mix_at
 from tests.unit.test_order_mixing import mix
 
 
@@ -58,8 +59,8 @@ def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, ch
         rank = step % world
         if step % (2 * world) >= world:  # resume this rank at its next block on a fresh chain
             fresh = make(cache)
-            fresh.seek(ranks[rank].next_index, ranks[rank].next_start)
-            fresh.finished = ranks[rank].finished
+            fresh.set_state(ranks[rank].get_state())
+            fresh.finished = ranks[rank].finished  # past the last block: nothing more, not an empty one
             ranks[rank] = fresh
         got[rank] += [tokens(b) for b in [next(ranks[rank], None)] if b is not None]
         assert len(cache.entries) <= cache.max_blocks and cache.chars <= cache.max_chars
@@ -100,7 +101,7 @@ def test_a_block_is_encoded_once_for_all_ranks() -> None:
 
 
 def one_block() -> EncodedBlock:
-    return EncodedBlock(0, {"at": 0}, {"end": 1}, False, 4, 8, [], [])
+    return EncodedBlock(0, mix_at(0), mix_at(4), False, 4, 8, [], [])
 
 
 def never() -> EncodedBlock:
@@ -110,7 +111,7 @@ def never() -> EncodedBlock:
 def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
     shared = SharedReads()
     cache = shared.cache(2, block_chars=100)
-    key = block_key(0, 0, {"at": 0})
+    key = block_key(0, 0, mix_at(0))
     release, got = threading.Event(), {}
 
     def slow_read() -> EncodedBlock:
@@ -139,7 +140,7 @@ def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
 def test_a_failed_read_leaves_the_block_to_the_next_rank() -> None:
     shared = SharedReads()
     cache = shared.cache(2, block_chars=100)
-    key = block_key(0, 0, {"at": 0})
+    key = block_key(0, 0, mix_at(0))
 
     def broken() -> EncodedBlock:
         raise OSError("disk gone")
