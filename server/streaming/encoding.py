@@ -1,17 +1,17 @@
 """Streaming mode: the epoch's blocks, encoded once per sidecar, read as one stream of tokens.
 
 A block (block_order.py) is encoded a chunk at a time (TOKENIZE_CHUNK samples or TOKENIZE_CHUNK_CHARS of text,
-whichever comes first) on ENCODE_POOL, the chunks one after another in one task (the Rust tokenizer releases
-the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while it is packed.
-Each rank reads the next block ahead on READ_POOL while it packs the current one, so reading overlaps with
-encoding and packing. The ranks of a layout take each block from a `BlockCache` (shared_reads.py): one read
-and one encoding per sidecar.
+whichever comes first) on the runtime's encode pool, the chunks one after another in one task (the Rust
+tokenizer releases the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while
+it is packed. Each rank reads the next block ahead on the runtime's read pool while it packs the current one, so
+reading overlaps with encoding and packing. The ranks of a layout take each block from a `BlockCache`
+(shared_reads.py): one read and one encoding per sidecar.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from functools import partial
 from itertools import pairwise
 
@@ -29,14 +29,13 @@ from .shared_reads import BlockCache, EncodedBlock, block_key
 # of how large the biggest files are.
 TOKENIZE_CHUNK = 256
 TOKENIZE_CHUNK_CHARS = 1 << 20
-ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
-READ_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="block-read")
 
 OnEncoded = Callable[[list[Sample], EncodedBatch], None]
 
 
-def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded) -> EncodedBlock:
-    """The block with its chunks encoding in the background (the first one first)."""
+def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
+                 pool: Executor) -> EncodedBlock:
+    """The block with its chunks encoding in the background on `pool` (the first one first)."""
     firsts: list[int] = []
     chars = 0
     for i, sample in enumerate(block.samples):
@@ -48,7 +47,8 @@ def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encod
     parts = [block.samples[a:b] for a, b in pairwise(bounds)]
     futures: list[Future[EncodedBatch]] = [Future() for _ in parts]
     if parts:
-        ENCODE_POOL.submit(_encode, parts, futures, encoder, with_prompts, on_encoded)
+        task = pool.submit(_encode, parts, futures, encoder, with_prompts, on_encoded)
+        task.add_done_callback(partial(_cancel_if_cancelled, futures))
     return EncodedBlock(block.index, block.start, block.end, block.last, len(block.samples),
                         sum(len(s.text) for s in block.samples), firsts, futures)
 
@@ -67,14 +67,22 @@ def _encode(parts: list[list[Sample]], futures: list[Future[EncodedBatch]], enco
         future.set_result(encoded)
 
 
+def _cancel_if_cancelled(futures: list[Future[EncodedBatch]], task: Future[None]) -> None:
+    """An encoding dropped before it ran (its pool shut down) cancels its chunks: nobody waits for them forever."""
+    if task.cancelled():
+        for future in futures:
+            future.cancel()
+
+
 class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
-    """The epoch's encoded blocks in order from a block position (its order's); the next one read ahead in the
-    background."""
+    """The epoch's encoded blocks in order from a block position (its order's); the next one read ahead on
+    `read_pool`, each encoded on `encode_pool`."""
 
     def __init__(self, order: BlockShuffle, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
-                 shared: BlockCache | None = None) -> None:
-        self.order, self.shared = order, shared
-        self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded)
+                 encode_pool: Executor, read_pool: Executor, shared: BlockCache | None = None) -> None:
+        self.order, self.shared, self.read_pool = order, shared, read_pool
+        self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded,
+                              pool=encode_pool)
         self.next_index, self.next_start = 0, order.epoch_start
         self.finished = False  # the last block was handed out
         self.ahead: Future[EncodedBlock] | None = None  # the next block, being read
@@ -92,7 +100,7 @@ class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
         self.finished = block.last
         self.next_index, self.next_start = block.index + 1, block.end
         if not block.last:
-            self.ahead = READ_POOL.submit(self._take, self.next_index, self.next_start)
+            self.ahead = self.read_pool.submit(self._take, self.next_index, self.next_start)
         return block
 
     def _take(self, index: int, start: MixState) -> EncodedBlock:
