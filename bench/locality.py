@@ -17,9 +17,10 @@ import numpy as np
 
 from bench.common import PYTHON, REPO, Metric, Server, Work
 from bench.s3 import aws_environment, make_bucket, moto_server
+from bench.shuffle_quality import shuffle_quality
 from sigil_feed.client.stream import BatchStream, EpochEnd
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from sigil_feed.server.cached.layout import served_sequence, shuffle_quality
+from sigil_feed.server.cached.layout import served_sequence
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import list_stores, open_store
 

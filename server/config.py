@@ -29,7 +29,6 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCES = ["ammarnasr/the-stack-rust-clean"]
-TRAINER_SECTIONS = {"lora", "train", "bnb_4bit", "misc"}
 
 
 class SourceSpec(BaseModel):

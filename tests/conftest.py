@@ -20,6 +20,8 @@ import pytest
 import yaml
 import zstandard
 
+from sigil_feed.server.runtime import Runtime
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "server" / "default"
 TOKENIZER_DIR = DEFAULT_DIR / "tokenizer"
@@ -148,6 +150,14 @@ def deepseek_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bench.common import make_tokenizer_dir
 
     return make_tokenizer_dir(tmp_path_factory.mktemp("deepseek") / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Runtime]:
+    """The pools and shard caches that datasets and streaming stages made in a test module run on, closed after
+    the module (a server's runtime lives as long as the server)."""
+    with Runtime() as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import numpy as np
 from ..pipeline.accounting import SourceCounters, merge_accounting
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.samples import Sample
-from ..pipeline.sources.base import RawRecord, Source
-from ..pipeline.stage import State
+from ..pipeline.sources.base import RawRecord, Source, SourceState
+from ..pipeline.stage import Stage
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..progress import PartMeter, Progress
 from ..store.format import (
@@ -74,7 +74,7 @@ class Part:
     source: int
     file: int
     part: int
-    start: State  # the source's state at the part's first row (`set_state` seeks there)
+    start: SourceState  # the source's state at the part's first row (`set_state` seeks there)
     end: int | None
     name: str
 
@@ -88,20 +88,17 @@ def source_parts(index: int, plan: SourcePlan, source: Source, fingerprint: str)
         starts = source.part_starts(file, plan.shard_records)
         identity = path if len(starts) == 1 else [path, plan.shard_records]
         for k, start in enumerate(starts):
-            end = int(starts[k + 1]["row"]) if k + 1 < len(starts) else None
+            end = starts[k + 1].row if k + 1 < len(starts) else None
             parts.append(Part(index, file, k, start, end, shard_name(fingerprint, index, identity, k)))
     return parts
 
 
-class PartRecords:
+class PartRecords(Stage[RawRecord, SourceState]):
     """A source's raw records of one part: ends where the next part or file begins."""
 
     def __init__(self, source: Source, part: Part) -> None:
         self.source, self.file, self.end = source, part.file, part.end
         source.set_state(part.start)
-
-    def __iter__(self) -> PartRecords:
-        return self
 
     def __next__(self) -> RawRecord:
         record = next(self.source)
@@ -109,8 +106,13 @@ class PartRecords:
             raise StopIteration
         return record
 
-    def get_state(self) -> State:
+    def get_state(self) -> SourceState:
+        """The source's position."""
         return self.source.get_state()
+
+    def set_state(self, state: SourceState) -> None:
+        """Continue at a position of the source (within the part)."""
+        self.source.set_state(state)
 
 
 def _chunks(samples: Iterator[Sample]) -> Iterator[list[Sample]]:

@@ -132,34 +132,3 @@ def _regions(lengths: np.ndarray, count: int) -> np.ndarray:
     cuts = np.searchsorted(middles, q * (float(middles[-1] + lengths[-1] / 2) / count))
     slack = np.clip(np.maximum.accumulate(np.maximum(cuts - q, 0)), 0, n - count)  # strictly rising, non-empty
     return np.concatenate(([0], slack + q, [n])).astype(np.int64)
-
-
-def delivery_positions(layout: EpochLayout) -> np.ndarray:
-    """Per item of `layout.items`: its place in the epoch's global order (item j of virtual rank v is at
-    j * V + v, which is its global row when rows are padded)."""
-    owner = np.empty(layout.virtual, dtype=np.int64)
-    owner[layout.region] = np.arange(layout.virtual)
-    sizes = np.diff(layout.bounds)
-    within = np.arange(len(layout.items)) - np.repeat(layout.bounds[:-1], sizes)
-    return within * layout.virtual + np.repeat(owner, sizes)
-
-
-def same_file_distances(store: TokenStore, items: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Distances in delivery order between consecutive deliveries of samples of one source file, over the
-    number of items delivered (0 to 1: 0 is back to back)."""
-    files = store.source[items].astype(np.int64) * (int(store.file.max(initial=0)) + 1) + store.file[items]
-    order = np.lexsort((positions, files))
-    same = files[order][1:] == files[order][:-1]
-    return (np.diff(positions[order])[same] / max(len(items), 1)).astype(np.float64)
-
-
-def shuffle_quality(store: TokenStore, sequence: np.ndarray, *, virtual: int, seed: int, epoch: int,
-                    window_shards: int) -> dict[str, float]:
-    """The median and 10th percentile of same_file_distances for this layout and for a global permutation of the
-    served sequence (the order before virtual ranks), same data, same epoch."""
-    layout = epoch_layout(store, sequence, virtual=virtual, seed=seed, epoch=epoch, window_shards=window_shards)
-    permuted = sequence[np.random.default_rng([seed, epoch]).permutation(len(sequence))]
-    ours = same_file_distances(store, layout.items, delivery_positions(layout))
-    global_ = same_file_distances(store, permuted, np.arange(len(permuted)))
-    return {"median": float(np.median(ours)), "p10": float(np.percentile(ours, 10)),
-            "global_median": float(np.median(global_)), "global_p10": float(np.percentile(global_, 10))}

@@ -13,13 +13,24 @@ remote store's are fetched into the shard cache), and the shards of this rank's 
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Annotated
 
-from ..pipeline.stage import State
+import numpy as np
+from pydantic import Field, StrictInt
+
+from ..pipeline.stage import Count, Stage, StageState
 from ..rows.deal import Deal
 from ..store.reader import TokenStore
 from ..streaming.packer import Rows
 from .layout import EpochLayout
+
+
+class CachedState(StageState):
+    """A cached-mode position: the global row of the next window, and the epoch's number of virtual ranks."""
+
+    row: Count
+    virtual: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
+
 
 AHEAD_BATCHES = 2
 """Prefetch the shards of this rank's batches in this many windows past the current one."""
@@ -45,7 +56,7 @@ def epoch_rows(rows: np.ndarray, whole: np.ndarray, remainder: str) -> tuple[int
     return direct, tail, direct + len(tail)
 
 
-class CachedPacker:
+class CachedPacker(Stage[Rows, CachedState]):
     """One rank's batches for one epoch of a token store's layout."""
 
     def __init__(self, store: TokenStore, layout: EpochLayout, deal: Deal, *, seq_len: int, pack: bool,
@@ -171,16 +182,20 @@ class CachedPacker:
         upcoming = self.store.shard[self.layout.items[items]]
         self.store.shards.prefetch(upcoming[~np.isin(upcoming, current)])
 
-    def get_state(self) -> State:
+    def get_state(self) -> CachedState:
         """The global row where the next window starts, and V."""
-        return {"row": self.row, "virtual": self.virtual}
+        return CachedState(row=self.row, virtual=self.virtual)
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: CachedState) -> None:
         """Continue at a saved position; ValueError for a position of another number of virtual ranks."""
-        row, virtual = int(state["row"]), int(state["virtual"])
-        if virtual != self.virtual:
-            raise ValueError(f"the position was taken with {virtual} virtual ranks, but this dataset has "
+        if state.virtual != self.virtual:
+            raise ValueError(f"the position was taken with {state.virtual} virtual ranks, but this dataset has "
                              f"{self.virtual} (dataset.virtual_ranks must stay the same for the life of a run)")
-        if row < 0:
-            raise ValueError(f"a position is a row of the epoch, not {row}")
-        self.row = row
+        self.row = state.row
+
+    def __next__(self) -> Rows:
+        """This rank's next batch (see next_batch)."""
+        rows = self.next_batch()
+        if rows is None:
+            raise StopIteration
+        return rows

@@ -39,17 +39,19 @@ def _build(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import ConfigError
     from ..feed.served import open_datasets
+    from ..runtime import Runtime
 
     if args.ray_address and args.engine != "ray":
         raise ConfigError("--ray-address needs --engine ray")
-    datasets = open_datasets(load_config(args.config))
-    if args.engine == "local":
-        _build_all(datasets, local_engine.build_store)
-        return 0
-    from ..builders import ray_engine
+    with Runtime() as runtime:
+        datasets = open_datasets(load_config(args.config), runtime)
+        if args.engine == "local":
+            _build_all(datasets, local_engine.build_store)
+            return 0
+        from ..builders import ray_engine
 
-    with ray_engine.cluster(args.ray_address):
-        _build_all(datasets, functools.partial(ray_engine.build_store, address=args.ray_address))
+        with ray_engine.cluster(args.ray_address):
+            _build_all(datasets, functools.partial(ray_engine.build_store, address=args.ray_address))
     return 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cached.packer import CachedPacker
-from ..streaming.packer import Packer, Rows
+from ..cached.packer import CachedPacker, CachedState
+from ..streaming.packer import Packer, Rows, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
 
@@ -34,9 +34,17 @@ class Feed:
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
         if start is not None and start.state is not None:
-            self.packer = self._open_epoch()
+            self.packer = packer = self._open_epoch()
+            state = start.state
             try:
-                self.packer.set_state(start.state)
+                if isinstance(packer, CachedPacker):
+                    if not isinstance(state, CachedState):
+                        raise ValueError("a streaming-mode state")
+                    packer.set_state(state)
+                elif isinstance(state, StreamState):
+                    packer.set_state(state)
+                else:
+                    raise ValueError("a cached-mode state")
             except (KeyError, IndexError, ValueError, TypeError, StopIteration):
                 raise refused("its position does not exist in this dataset (a state of another mode, source "
                               "list or number of virtual ranks)") from None
@@ -63,7 +71,7 @@ class Feed:
             raise StopIteration
         if self.packer is None:
             self.packer = self._open_epoch()
-        rows = self.packer.next_batch()
+        rows = next(self.packer, None)
         if rows is not None:
             return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer), self.packer.row)
         if self.packer.row == 0:

@@ -4,8 +4,10 @@ Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": datase
 "seq_len", "state": the packer's composed stage state}. The tag is an HMAC-SHA256 keyed by the server's cursor
 secret (`server.cursor_secret_env`; empty when unset) over the version and the body, which holds the
 fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on any server
-with the same secret, and anything else is FAILED_PRECONDITION. The state is checked against the schema of
-each stage's state before any stage sees it.
+with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state schema
+(`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the schemas of the stages
+before them, each defined beside its stage), checked as a whole before any stage sees it; its JSON is each
+schema's fields in order, a source's `offset` left out when it has none.
 
 The position is global (see deal.py): the global row where the next window of the epoch starts, with, in
 streaming mode, the stream's state at that row. It names no rank, so any rank's cursor after a step resumes
@@ -22,10 +24,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from ..cached.packer import CachedState
 from ..errors import Refused
-from ..pipeline.stage import State
+from ..streaming.packer import StreamState
 
 VERSION = 3
 OLD_ORDER = (1, 2)  # cursors of the order before virtual ranks
@@ -33,74 +36,17 @@ TAG_BYTES = 16
 MAX_JSON = 64 << 10  # a real cursor's JSON is a few hundred bytes; refuse decompression bombs
 MAX_EPOCH = (1 << 31) - 1  # epochs travel as uint32 on the wire, with room for the next one
 
-Count = Annotated[StrictInt, Field(ge=0, lt=1 << 53)]
-"""A position or a counter: a JSON integer, never negative, exact in any JSON reader."""
+PackerState = CachedState | StreamState
+"""A whole chain's position: its packer's state (cached or streaming mode)."""
 
 
-class _Schema(BaseModel):
+class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-
-class CachedState(_Schema):
-    """A cached-mode position: the global row of the next window, and the epoch's number of virtual ranks."""
-
-    row: Count
-    virtual: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
-
-
-class SourceState(_Schema):
-    """A source: file index, row, and (plain JSONL) the byte offset of that row."""
-
-    file: Count
-    row: Count
-    offset: Count | None = None
-
-
-class CurateState(_Schema):
-    """A curated source: the record's source position and the task-weight copies already yielded."""
-
-    at: SourceState
-    skip: Count
-
-
-class MixState(_Schema):
-    """The mix: turn counter, which sources ran out, and every source's position."""
-
-    turn: Count
-    exhausted: list[StrictBool]
-    done: StrictBool
-    children: list[CurateState] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _one_flag_per_source(self) -> MixState:
-        if len(self.exhausted) != len(self.children):
-            raise ValueError("exhausted and children must have one entry per source")
-        return self
-
-
-class OrderState(_Schema):
-    """The streaming order: block index, the mix at the block's start, samples of the block taken."""
-
-    block: Count
-    start: MixState
-    taken: Count
-
-
-class StreamState(_Schema):
-    """A streaming position: the global row of the next window, the sample being cut there, its tokens
-    already in earlier rows, and the epoch's wraps so far."""
-
-    row: Count
-    at: OrderState
-    offset: Count
-    wraps: Count
-
-
-class _Body(_Schema):
     fp: Annotated[str, Field(min_length=1, max_length=64)]
     epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
     seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
-    state: CachedState | StreamState | None
+    state: PackerState | None
 
 
 @dataclass(frozen=True)
@@ -110,11 +56,12 @@ class Cursor:
     fingerprint: str
     epoch: int
     seq_len: int
-    state: State | None  # None: the start of `epoch`
+    state: PackerState | None  # None: the start of `epoch`
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
-        body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": self.state}
+        state = None if self.state is None else self.state.model_dump(mode="json", exclude_none=True)
+        body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 
@@ -163,5 +110,4 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     if body.seq_len != seq_len:
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
-    state = None if body.state is None else body.state.model_dump(exclude_none=True)
-    return Cursor(body.fp, body.epoch, body.seq_len, state)
+    return Cursor(body.fp, body.epoch, body.seq_len, body.state)

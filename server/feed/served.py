@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -32,10 +31,11 @@ from ..pipeline.samples import ChatFormat, Sample, normalise, plain_pair
 from ..pipeline.sources import Source, open_source
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
+from ..runtime import Runtime
 from ..store.format import TokenFacts, store_dir
 from ..store.fs import is_uri, resolve
 from ..store.reader import TokenStore
-from ..store.shard_cache import ShardCache, shared_cache
+from ..store.shard_cache import ShardCache
 from ..streaming.block_order import BlockShuffle
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
@@ -51,7 +51,6 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
                   "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
-LAYOUT_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout")
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
@@ -61,10 +60,12 @@ def default_cache_dir() -> Path:
 
 
 class ServedDataset:
-    """Everything the server knows about one dataset; opens a fresh stage chain per stream."""
+    """Everything the server knows about one dataset; opens a fresh stage chain per stream, on the pools and
+    shard caches of `runtime`."""
 
-    def __init__(self, config: DatasetConfig, config_file: str, encoder: Encoder | None = None) -> None:
-        self.config, self.section = config, config.dataset
+    def __init__(self, config: DatasetConfig, config_file: str, encoder: Encoder | None = None, *,
+                 runtime: Runtime) -> None:
+        self.config, self.section, self.runtime = config, config.dataset, runtime
         self.name, self.cached = config.name, config.dataset.use_cache
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
                                           backend=config.dataset.tokenizer_backend)
@@ -121,8 +122,8 @@ class ServedDataset:
         return Path(configured).expanduser() if configured else default_cache_dir() / "shards"
 
     def _shard_cache(self) -> ShardCache:
-        return shared_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
-                            any_slot=self.section.shard_cache_dir is None)
+        return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
+                                        any_slot=self.section.shard_cache_dir is None)
 
     def _open(self, index: int) -> Source:
         return self._opener(index)()
@@ -146,7 +147,7 @@ class ServedDataset:
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
         self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
                                     seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                                    epochs=section.epochs, pool=LAYOUT_POOL)
+                                    epochs=section.epochs, pool=self.runtime.layout_pool)
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
@@ -202,6 +203,7 @@ class ServedDataset:
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
+                                 encode_pool=self.runtime.encode_pool, read_pool=self.runtime.read_pool,
                                  shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
@@ -213,13 +215,14 @@ class ServedDataset:
             self.counters[source].add_lengths(lengths[sources == source])
 
 
-def open_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
-    """Open every configured dataset (tokenizers shared); raises ConfigError/SourceError on bad input."""
+def open_datasets(config: FeedConfig, runtime: Runtime) -> dict[str, ServedDataset]:
+    """Open every configured dataset (tokenizers shared) on `runtime`; raises ConfigError/SourceError on bad
+    input."""
     encoders: dict[tuple[str, str], Encoder] = {}
     datasets = {}
     for name, dataset_config in config.datasets.items():
         key = (dataset_config.tokenizer, dataset_config.dataset.tokenizer_backend)
-        dataset = ServedDataset(dataset_config, config.file, encoders.get(key))
+        dataset = ServedDataset(dataset_config, config.file, encoders.get(key), runtime=runtime)
         encoders[key] = dataset.encoder
         datasets[name] = dataset
     return datasets

@@ -13,8 +13,8 @@ import numpy as np
 from ..errors import SourceError
 from .accounting import SourceCounters
 from .samples import ChatFormat, Sample, normalise
-from .sources.base import RawRecord, Source
-from .stage import State
+from .sources.base import RawRecord, Source, SourceState
+from .stage import Count, Stage, StageState
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +65,29 @@ def task_copies(task: np.ndarray, task_types: list[str], weights: dict[str, floa
     return out
 
 
-class CuratedSource:
+class CurateState(StageState):
+    """A curated source's position: its source's position at the current record, and the copies of that record's
+    sample (task weights) already yielded."""
+
+    at: SourceState
+    skip: Count
+
+
+class CuratedSource(Stage[Sample, CurateState]):
     """Samples of one source that pass its rules, each repeated by its task weight; resumable."""
 
     def __init__(self, source: Source, rules: CurateRules, counters: SourceCounters) -> None:
         self.source, self.rules, self.counters = source, rules, counters
         self._current: Sample | None = None
-        self._state_before: State = source.get_state()
+        self._state_before: SourceState | None = None  # the source's position at _current (with task weights)
         self._emitted = 0  # copies of _current already yielded
         self._remaining = 0
         self._logged = 0
 
-    def __iter__(self) -> CuratedSource:
-        return self
-
     def __next__(self) -> Sample:
         while self._remaining == 0:
-            self._state_before = self.source.get_state()
+            # only a task weight makes copies, so only then can a position fall between a record's copies
+            self._state_before = self.source.get_state() if self.rules.task_weights else None
             self._current, self._remaining = self._accept(next(self.source)), 0
             self._emitted = 0
             if self._current is not None:
@@ -128,20 +134,21 @@ class CuratedSource:
             self._logged += 1
             log.warning("%s: skipped bad record (%s)", record.location, reason)
 
-    def get_state(self) -> State:
+    def get_state(self) -> CurateState:
         """The source position of the current record and how many of its copies were yielded."""
         if self._remaining == 0:
-            return {"at": self.source.get_state(), "skip": 0}
-        return {"at": self._state_before, "skip": self._emitted}
+            return CurateState(at=self.source.get_state(), skip=0)
+        assert self._state_before is not None
+        return CurateState(at=self._state_before, skip=self._emitted)
 
     def restart(self) -> None:
         """Read the source again from its first record (for `all_exhausted` mixing)."""
         self.source.restart()
         self._remaining = 0
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: CurateState) -> None:
         """Resume: re-read the record at `at` and skip the copies already yielded."""
-        self.source.set_state(state["at"])
+        self.source.set_state(state.at)
         self._remaining = 0
-        for _ in range(state["skip"]):
+        for _ in range(state.skip):
             next(self)

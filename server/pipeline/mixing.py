@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pydantic import Field, StrictBool, model_validator
 
-from .curate import CuratedSource
+from .curate import CuratedSource, CurateState
 from .samples import Sample
-from .stage import State
+from .stage import Count, Stage, StageState
 
 DRAW_CHUNK = 1024
 
@@ -44,7 +45,23 @@ class WeightedDraws:
         return int(self.chunk(t // DRAW_CHUNK)[t % DRAW_CHUNK])
 
 
-class Mixer:
+class MixState(StageState):
+    """The mix's position: the turn counter, which sources ran out, whether the mix ended, and every source's
+    position."""
+
+    turn: Count
+    exhausted: list[StrictBool]
+    done: StrictBool
+    children: list[CurateState] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_flag_per_source(self) -> MixState:
+        if len(self.exhausted) != len(self.children):
+            raise ValueError("exhausted and children must have one entry per source")
+        return self
+
+
+class Mixer(Stage[Sample, MixState]):
     """One stream of samples from several curated sources."""
 
     def __init__(self, children: list[CuratedSource], mode: str, stopping: str,
@@ -55,9 +72,6 @@ class Mixer:
         self.exhausted = [False] * len(children)
         self.empty: set[int] = set()  # sources with no sample at all: their draws are skipped (rediscovered on resume)
         self.done = False
-
-    def __iter__(self) -> Mixer:
-        return self
 
     def __next__(self) -> Sample:
         if self.mode == "sequential":
@@ -99,15 +113,17 @@ class Mixer:
         else:
             self.children[index].restart()
 
-    def get_state(self) -> State:
+    def get_state(self) -> MixState:
         """The turn counter, which sources ran out, and every source's position."""
-        return {"turn": self.turn, "exhausted": list(self.exhausted), "done": self.done,
-                "children": [child.get_state() for child in self.children]}
+        return MixState(turn=self.turn, exhausted=list(self.exhausted), done=self.done,
+                        children=[child.get_state() for child in self.children])
 
-    def set_state(self, state: State) -> None:
-        """Continue from get_state's position."""
-        self.turn, self.exhausted, self.done = state["turn"], list(state["exhausted"]), state["done"]
-        for child, child_state in zip(self.children, state["children"], strict=True):
+    def set_state(self, state: MixState) -> None:
+        """Continue from get_state's position; ValueError for a position of another number of sources."""
+        if len(state.children) != len(self.children):
+            raise ValueError(f"a position of {len(state.children)} sources, but this mix has {len(self.children)}")
+        self.turn, self.exhausted, self.done = state.turn, list(state.exhausted), state.done
+        for child, child_state in zip(self.children, state.children, strict=True):
             child.set_state(child_state)
 
 

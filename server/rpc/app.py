@@ -19,7 +19,7 @@ from ..config import FeedConfig, ServerSection
 from ..errors import ConfigError
 from ..feed.served import ServedDataset, open_datasets
 from ..observe.watch import InputBoundWatch
-from ..store.shard_cache import stop_shared_prefetch
+from ..runtime import Runtime
 from .interceptor import ErrorInterceptor
 from .metrics import RpcStatuses, serve_metrics
 from .security import TokenInterceptor, load_cursor_secret, load_token, server_credentials
@@ -35,9 +35,9 @@ REQUEST_HEADROOM = 16 << 10
 """Bytes a request may carry beyond its cursor (names, ids, framing)."""
 
 
-def load_datasets(config: FeedConfig) -> dict[str, ServedDataset]:
-    """Open every configured dataset and start building missing token stores in the background."""
-    datasets = open_datasets(config)
+def load_datasets(config: FeedConfig, runtime: Runtime) -> dict[str, ServedDataset]:
+    """Open every configured dataset on `runtime` and start building missing token stores in the background."""
+    datasets = open_datasets(config, runtime)
     for dataset in datasets.values():
         dataset.prepare_in_background()
     return datasets
@@ -118,7 +118,6 @@ async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: 
     if metrics is not None:
         metrics.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
-    stop_shared_prefetch()
     return 0
 
 
@@ -159,10 +158,11 @@ def resolve_listen(config: FeedConfig, *, host: str, port: int, metrics_port: in
 
 
 def run(config: FeedConfig, listen: Listen) -> int:
-    """Load the datasets, then serve on uvloop when available."""
-    datasets = load_datasets(config)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(config, datasets, listen))
-    return uvloop.run(serve(config, datasets, listen))
+    """Load the datasets, then serve on uvloop when available; the runtime they share is closed at stop."""
+    with Runtime() as runtime:
+        datasets = load_datasets(config, runtime)
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(serve(config, datasets, listen))
+        return uvloop.run(serve(config, datasets, listen))

@@ -38,7 +38,6 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 TOKENS_SUFFIX, SAMPLES_SUFFIX, FACTS_SUFFIX = ".tokens.bin", ".samples.parquet", ".json"
 SAMPLE_COLUMNS = ("length", "prompt_tokens", "source", "file", "row", "task_type")
-ENGINES = ("local", "ray")
 
 Count = Annotated[int, Field(ge=0)]
 

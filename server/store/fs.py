@@ -62,10 +62,6 @@ class StoreFS:
         with self.fs.open_input_stream(path) as f:
             return f.read()
 
-    def open_read(self, path: str) -> pa.NativeFile:
-        """A file opened for random access."""
-        return self.fs.open_input_file(path)
-
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[pa.NativeFile]:
         """A stream that becomes the file at `path` only if the block completes (never half a file)."""
@@ -107,7 +103,7 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def _s3(netloc_path: str) -> pafs.S3FileSystem:
+def _s3() -> pafs.S3FileSystem:
     env = os.environ
     options: dict[str, object] = {}
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
@@ -133,6 +129,6 @@ def resolve(location: str | os.PathLike[str]) -> StoreFS:
     if parsed.scheme == "file":
         return StoreFS(pafs.LocalFileSystem(), str(Path(parsed.path).absolute()), text)
     if parsed.scheme in ("s3", "s3a"):
-        return StoreFS(_s3(text), f"{parsed.netloc}{parsed.path}".rstrip("/"), text)
+        return StoreFS(_s3(), f"{parsed.netloc}{parsed.path}".rstrip("/"), text)
     fs, root = pafs.FileSystem.from_uri(text)
     return StoreFS(fs, root.rstrip("/"), text)

@@ -1,18 +1,20 @@
-"""Who is building in a cache folder: unique temporary names, owner records kept fresh by a heartbeat, and
-the reclaiming of what builders that are gone left behind.
+"""Who writes in a store location, whether they are still at work, and the reclaiming of what writers that are
+gone left behind.
 
-A build writes into `.<fingerprint>.tmp-<host>-<pid>-<token>/` holding `owner.json` (host, machine, pid,
-process start time, token); its mtime is the heartbeat, touched every HEARTBEAT_S while the build runs.
-A temporary folder is stale, and may be removed, only when its owner is gone:
-- same machine (same kernel boot and PID namespace, so the PID is meaningful here): the PID is not running,
-  or runs a process that started at another time (the PID was reused);
-- another machine: the heartbeat is older than STALE_AFTER_S;
-- no owner record (a build from an older version, or one that is just starting): the folder's mtime is older
-  than STALE_AFTER_S.
-Folders named `.<name>.del-<token>` are being removed and are always stale.
-A temporary file (`.<file>.tmp-<host>-<pid>-<token>`, see fs.py: one file being written, then renamed into
-place) has no owner record: its mtime, fresh while it is written, is its heartbeat, and it is stale at once when
-its name says it was written by a process of this host that is no longer running.
+An `Owner` names one process's work (host, machine, pid, process start time, random token): the build lease's
+record names its holder (lease.py, renewed every HEARTBEAT_S) and a manifest its builder (`built_by`).
+`owner_alive` says whether an owner may still be at work:
+- same machine (same kernel boot and PID namespace, so the PID is meaningful here): the PID runs, and is the
+  process that started at that time (not a reused PID);
+- another machine: its heartbeat is younger than STALE_AFTER_S;
+- no owner record: the path's mtime, its heartbeat, is younger than STALE_AFTER_S.
+A builder writes each file of a store in place under a temporary name (`temp_name`:
+`.<file>.tmp-<host>-<pid>-<token>`, see fs.py) and renames it into place; such a file has no owner record: its
+mtime, fresh while it is written, is its heartbeat, and it is stale at once when its name says it was written by
+a process of this host that is no longer running. Temporary folders `.<fingerprint>.tmp-...` holding an
+`owner.json` record were left by builders of older versions, which built a whole store in one. A folder
+`.<name>.del-<token>` is being removed (`discard`) and is always stale. `temp_folders` lists them all, and
+`reclaim` removes the stale ones (at every start, and by `sigil-feed cache rm`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ import re
 import secrets
 import shutil
 import socket
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -107,31 +108,6 @@ def owner_alive(owner: Owner | None, heartbeat_age: float, *, machine: str, ttl_
     if owner is None or owner.machine != machine:
         return heartbeat_age < ttl_s
     return process_started(owner.pid) == owner.started
-
-
-class Heartbeat:
-    """Writes the owner record into a temporary folder and touches it every HEARTBEAT_S until stopped; it stays
-    until the folder is renamed into place or removed, so the folder always names its owner."""
-
-    def __init__(self, folder: Path, owner: Owner) -> None:
-        self.path = folder / OWNER
-        self.path.write_text(json.dumps(asdict(owner)))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{folder.name}", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError as err:
-                if not self._stop.is_set():
-                    log.warning("cannot touch the build's owner record %s: %s", self.path, err)
-
-    def stop(self) -> None:
-        """Stop touching the record (the folder has become a store, or is about to go)."""
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@
 - `on_drop(listener)` tells a listener (held weakly) the name of every shard that leaves the cache, so that a
   reader drops its memory map of the file (an unlinked file that stays mapped keeps its disk space).
 
-`shared_cache(local_dir, max_bytes)` is the process's one cache per folder, shared by its datasets.
+The process's one cache per folder, shared by its datasets, is opened and closed by its runtime
+(server/runtime.py, `Runtime.shard_cache`).
 
 One process owns a cache folder (an `flock` on `<local_dir>/.lock`, dropped by the kernel when the process dies;
 a second process gets a ConfigError naming `dataset.shard_cache_dir`). So at start every partial download is
@@ -393,8 +394,6 @@ class ShardCache:
         self.close()
 
 
-_SHARED: dict[Path, ShardCache] = {}
-_SHARED_LOCK = threading.Lock()
 SLOTS = 64  # servers on one host that may share a default shard cache location at once
 
 
@@ -412,26 +411,3 @@ def first_free_slot(root: Path, max_bytes: int) -> ShardCache:
             continue
     raise CacheInUse(f"all {SLOTS} shard cache slots under {root} are in use", key="dataset.shard_cache_dir",
                      fix="set dataset.shard_cache_dir for each server")
-
-
-def stop_shared_prefetch() -> None:
-    """At server stop: every shared cache drops its queued prefetches (see ShardCache.stop_prefetch)."""
-    with _SHARED_LOCK:
-        caches = list(_SHARED.values())
-    for cache in caches:
-        cache.stop_prefetch()
-
-
-def shared_cache(local_dir: Path | str, max_bytes: int, *, any_slot: bool = False) -> ShardCache:
-    """The process's one cache for a folder, opened on first use; ConfigError if asked again with another
-    budget. `any_slot` (the default location): a numbered subfolder no other live server holds."""
-    key = Path(local_dir).expanduser().absolute()
-    with _SHARED_LOCK:
-        cache = _SHARED.get(key)
-        if cache is None:
-            cache = _SHARED[key] = first_free_slot(key, max_bytes) if any_slot else ShardCache(key, max_bytes)
-        elif cache.max_bytes != max_bytes:
-            raise ConfigError(f"datasets share the shard cache {key} with different budgets ({cache.max_bytes} and "
-                              f"{max_bytes} bytes)", key="dataset.shard_cache_gb",
-                              fix="give them the same shard_cache_gb, or each its own shard_cache_dir")
-    return cache

@@ -3,9 +3,9 @@
 A block is `block_size` consecutive samples of the mix (fewer when they reach `block_chars` of text, so that
 memory stays bounded whatever the file sizes), permuted with a seed derived from (seed, epoch, block index)
 when a seed is set. The epoch's order is every sample of every block in turn, the same for every rank and
-layout: ranks keep rows of the packed stream (pack.py, deal.py), never samples. A position in the order is
-(block index, the mix's state at the block's start, samples of the block taken): resuming re-reads one
-block, never a shuffle buffer.
+layout: ranks keep rows of the packed stream (pack.py, deal.py), never samples. A block's position is (block
+index, the mix's state at the block's start), and a sample's position in the order adds the samples of its
+block taken before it: resuming re-reads one block, never a shuffle buffer.
 """
 
 from __future__ import annotations
@@ -14,9 +14,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..pipeline.mixing import Mixer
+from ..pipeline.mixing import Mixer, MixState
 from ..pipeline.samples import Sample
-from ..pipeline.stage import State
+from ..pipeline.stage import Count, Stage, StageState
+
+
+class BlockState(StageState):
+    """A block's position: its index, and the mix's state at its start."""
+
+    block: Count
+    start: MixState
+
+
+class OrderState(StageState):
+    """A sample's position in the epoch's order: its block's position, and the samples of the block before it."""
+
+    block: Count
+    start: MixState
+    taken: Count
 
 
 @dataclass(frozen=True)
@@ -24,24 +39,29 @@ class Block:
     """One block of the epoch, read and permuted."""
 
     index: int
-    start: State  # the mix's state at the block's start
+    start: MixState  # the mix's state at the block's start
     samples: list[Sample]
-    end: State  # the mix's state right after the block: the next block's start
+    end: MixState  # the mix's state right after the block: the next block's start
     last: bool  # the mix ran out inside this block: it ends the epoch
 
 
-class BlockShuffle:
-    """The epoch's blocks: block `index` starting at mix state `start`, read from this chain's mix and permuted."""
+class BlockShuffle(Stage[Block, BlockState]):
+    """The epoch's blocks, read from this chain's mix and permuted, from a block position on."""
 
     def __init__(self, upstream: Mixer, *, block_size: int, block_chars: int, seed: int | None,
                  epoch: int) -> None:
         self.upstream, self.block_size, self.block_chars = upstream, block_size, block_chars
         self.seed, self.epoch = seed, epoch
-        self.epoch_start: State = upstream.get_state()
-        self.upstream_at: State | None = self.epoch_start  # where `upstream` stands (compared by identity)
+        self.epoch_start = upstream.get_state()
+        self.upstream_at: MixState | None = self.epoch_start  # where `upstream` stands (compared by identity)
+        self.next = BlockState(block=0, start=self.epoch_start)
+        self.finished = False  # the last block was read
 
-    def read(self, index: int, start: State) -> Block:
-        """Block `index`, which starts at the mix's state `start`, permuted."""
+    def __next__(self) -> Block:
+        """The block at the position, permuted."""
+        if self.finished:
+            raise StopIteration
+        index, start = self.next.block, self.next.start
         if self.upstream_at is not start:
             self.upstream.set_state(start)  # checks the position: a bad cursor fails here
         self.upstream_at = None  # unknown until the read completes
@@ -56,4 +76,13 @@ class BlockShuffle:
         if self.seed is not None:
             order = np.random.default_rng([self.seed, self.epoch, index]).permutation(len(samples))
             samples = [samples[i] for i in order]
+        self.next, self.finished = BlockState(block=index + 1, start=end), last
         return Block(index, start, samples, end, last)
+
+    def get_state(self) -> BlockState:
+        """The next block's position."""
+        return self.next
+
+    def set_state(self, state: BlockState) -> None:
+        """Continue with the block at `state` (its mix position is checked when it is read)."""
+        self.next, self.finished = state, False

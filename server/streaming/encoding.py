@@ -1,26 +1,27 @@
 """Streaming mode: the epoch's blocks, encoded once per sidecar, read as one stream of tokens.
 
-A block (order.py) is encoded a chunk at a time (TOKENIZE_CHUNK samples or TOKENIZE_CHUNK_CHARS of text,
-whichever comes first) on ENCODE_POOL, the chunks one after another in one task (the Rust tokenizer releases
-the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while it is packed.
-Each rank reads the next block ahead on READ_POOL while it packs the current one, so reading overlaps with
-encoding and packing. The ranks of a layout take each block from a `BlockCache` (shared_read.py): one read
-and one encoding per sidecar.
+A block (block_order.py) is encoded a chunk at a time (TOKENIZE_CHUNK samples or TOKENIZE_CHUNK_CHARS of text,
+whichever comes first) on the runtime's encode pool, the chunks one after another in one task (the Rust
+tokenizer releases the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while
+it is packed. Each rank reads the next block ahead on the runtime's read pool while it packs the current one, so
+reading overlaps with encoding and packing. The ranks of a layout take each block from a `BlockCache`
+(shared_reads.py): one read and one encoding per sidecar.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from functools import partial
 from itertools import pairwise
 
 import numpy as np
 
+from ..pipeline.mixing import MixState
 from ..pipeline.samples import Sample
-from ..pipeline.stage import State
+from ..pipeline.stage import Count, Stage, StageState
 from ..pipeline.tokenize import EncodedBatch, Encoder
-from .block_order import Block, BlockShuffle
+from .block_order import Block, BlockShuffle, BlockState, OrderState
 from .shared_reads import BlockCache, EncodedBlock, block_key
 
 # A chunk encoded in one call ends at TOKENIZE_CHUNK samples or once it holds TOKENIZE_CHUNK_CHARS of text:
@@ -28,14 +29,13 @@ from .shared_reads import BlockCache, EncodedBlock, block_key
 # of how large the biggest files are.
 TOKENIZE_CHUNK = 256
 TOKENIZE_CHUNK_CHARS = 1 << 20
-ENCODE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="encode")
-READ_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="block-read")
 
 OnEncoded = Callable[[list[Sample], EncodedBatch], None]
 
 
-def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded) -> EncodedBlock:
-    """The block with its chunks encoding in the background (the first one first)."""
+def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
+                 pool: Executor) -> EncodedBlock:
+    """The block with its chunks encoding in the background on `pool` (the first one first)."""
     firsts: list[int] = []
     chars = 0
     for i, sample in enumerate(block.samples):
@@ -47,7 +47,8 @@ def encode_block(block: Block, encoder: Encoder, *, with_prompts: bool, on_encod
     parts = [block.samples[a:b] for a, b in pairwise(bounds)]
     futures: list[Future[EncodedBatch]] = [Future() for _ in parts]
     if parts:
-        ENCODE_POOL.submit(_encode, parts, futures, encoder, with_prompts, on_encoded)
+        task = pool.submit(_encode, parts, futures, encoder, with_prompts, on_encoded)
+        task.add_done_callback(partial(_cancel_if_cancelled, futures))
     return EncodedBlock(block.index, block.start, block.end, block.last, len(block.samples),
                         sum(len(s.text) for s in block.samples), firsts, futures)
 
@@ -66,24 +67,30 @@ def _encode(parts: list[list[Sample]], futures: list[Future[EncodedBatch]], enco
         future.set_result(encoded)
 
 
-class TokenizedBlocks:
-    """The epoch's encoded blocks in order from a block position; the next one read ahead in the background."""
+def _cancel_if_cancelled(futures: list[Future[EncodedBatch]], task: Future[None]) -> None:
+    """An encoding dropped before it ran (its pool shut down) cancels its chunks: nobody waits for them forever."""
+    if task.cancelled():
+        for future in futures:
+            future.cancel()
+
+
+class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
+    """The epoch's encoded blocks in order from a block position (its order's); the next one read ahead on
+    `read_pool`, each encoded on `encode_pool`."""
 
     def __init__(self, order: BlockShuffle, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
-                 shared: BlockCache | None = None) -> None:
-        self.order, self.shared = order, shared
-        self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded)
+                 encode_pool: Executor, read_pool: Executor, shared: BlockCache | None = None) -> None:
+        self.order, self.shared, self.read_pool = order, shared, read_pool
+        self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded,
+                              pool=encode_pool)
         self.next_index, self.next_start = 0, order.epoch_start
         self.finished = False  # the last block was handed out
         self.ahead: Future[EncodedBlock] | None = None  # the next block, being read
 
     @property
-    def epoch_start(self) -> State:
+    def epoch_start(self) -> MixState:
         """The mix's state at the epoch's start."""
         return self.order.epoch_start
-
-    def __iter__(self) -> TokenizedBlocks:
-        return self
 
     def __next__(self) -> EncodedBlock:
         if self.finished:
@@ -93,27 +100,40 @@ class TokenizedBlocks:
         self.finished = block.last
         self.next_index, self.next_start = block.index + 1, block.end
         if not block.last:
-            self.ahead = READ_POOL.submit(self._take, self.next_index, self.next_start)
+            self.ahead = self.read_pool.submit(self._take, self.next_index, self.next_start)
         return block
 
-    def _take(self, index: int, start: State) -> EncodedBlock:
+    def _take(self, index: int, start: MixState) -> EncodedBlock:
         """Block `index` at `start`: from the shared cache, or read and encoded here."""
         def read() -> EncodedBlock:
-            return self.encode(self.order.read(index, start))
+            self.order.set_state(BlockState(block=index, start=start))
+            return self.encode(next(self.order))
 
         return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start), read)
 
-    def seek(self, index: int, start: State) -> None:
-        """Continue with block `index`, which starts at `start`."""
+    def get_state(self) -> BlockState:
+        """The next block's position."""
+        return BlockState(block=self.next_index, start=self.next_start)
+
+    def set_state(self, state: BlockState) -> None:
+        """Continue with the block at `state`."""
         if self.ahead is not None:  # it reads from this chain's mix: let it finish first
             self.ahead.exception()
             self.ahead = None
-        self.next_index, self.next_start, self.finished = index, start, False
+        self.next_index, self.next_start, self.finished = state.block, state.start, False
 
 
-class TokenStream:
+class TokenStreamState(StageState):
+    """A token stream's position: the order's position of a sample, and the tokens of it already passed."""
+
+    at: OrderState
+    offset: Count
+
+
+class TokenStream(Stage[tuple[np.ndarray, int], TokenStreamState]):
     """The epoch's encoded samples as one stream: skip or copy tokens (or whole samples), wrap to the start,
-    and the order's position (block, its start, samples taken, tokens of the next one passed) at any point."""
+    and the order's position (block, its start, samples taken, tokens of the next one passed) at any point.
+    Iterating it yields whole samples (`take_sample`)."""
 
     def __init__(self, blocks: TokenizedBlocks) -> None:
         self.blocks = blocks
@@ -188,6 +208,12 @@ class TokenStream:
             done += step
         return done
 
+    def __next__(self) -> tuple[np.ndarray, int]:
+        sample = self.take_sample()
+        if sample is None:
+            raise StopIteration
+        return sample
+
     def take_sample(self) -> tuple[np.ndarray, int] | None:
         """The next sample's token ids and prompt tokens (from a sample's start), or None at the epoch's end."""
         if not self.more():
@@ -200,32 +226,36 @@ class TokenStream:
 
     def restart(self) -> None:
         """Go back to the epoch's start."""
-        self.blocks.seek(0, self.blocks.epoch_start)
+        self.blocks.set_state(BlockState(block=0, start=self.blocks.epoch_start))
         self.block, self.chunk, self.pos = None, None, 0
 
-    def position(self) -> tuple[State, int]:
-        """The order's state of the sample at the current position ({block, start, taken}) and the tokens of it
-        already passed."""
+    def position(self) -> tuple[OrderState, int]:
+        """The order's state of the sample at the current position and the tokens of it already passed."""
         block = self.block
         if block is None:
-            return {"block": self.blocks.next_index, "start": self.blocks.next_start, "taken": 0}, 0
+            return OrderState(block=self.blocks.next_index, start=self.blocks.next_start, taken=0), 0
         taken, offset = 0, 0
         if self.chunk is not None:
             index = self._sample()
             taken = block.firsts[self.chunk_no] + index
             offset = self.pos - int(self.chunk.offsets[index])
         if taken == block.samples and not block.last:
-            return {"block": block.index + 1, "start": block.end, "taken": 0}, 0
-        return {"block": block.index, "start": block.start, "taken": taken}, offset
+            return OrderState(block=block.index + 1, start=block.end, taken=0), 0
+        return OrderState(block=block.index, start=block.start, taken=taken), offset
 
-    def seek(self, at: State, offset: int) -> None:
-        """Stand `offset` tokens into the sample at order state `at` (as `position` gives it)."""
-        taken, offset = int(at["taken"]), int(offset)
-        self.blocks.seek(int(at["block"]), at["start"])
+    def get_state(self) -> TokenStreamState:
+        """The order's state of the sample at the current position, and the tokens of it already passed."""
+        at, offset = self.position()
+        return TokenStreamState(at=at, offset=offset)
+
+    def set_state(self, state: TokenStreamState) -> None:
+        """Stand `offset` tokens into the sample at order state `at`; ValueError if there is no such place."""
+        at, taken, offset = state.at, state.at.taken, state.offset
+        self.blocks.set_state(BlockState(block=at.block, start=at.start))
         self.block, self.chunk, self.pos = None, None, 0
         block = next(self.blocks, None)
         if block is None or not 0 <= taken <= block.samples:
-            raise ValueError(f"the order's position {taken} is not in block {at['block']}")
+            raise ValueError(f"the order's position {taken} is not in block {at.block}")
         self.block = block
         if not block.chunks:
             if offset:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..pipeline.stage import State
+from ..pipeline.stage import Count, Stage, StageState
 from ..rows.deal import Deal
-from .encoding import TokenStream
+from .block_order import OrderState
+from .encoding import TokenStream, TokenStreamState
 
 ENDLESS = 1 << 62
 """The epoch's rows while its end is not known (more than any window reaches)."""
@@ -36,7 +37,17 @@ class Rows:
     tokens: int  # real tokens
 
 
-class Packer:
+class StreamState(StageState):
+    """A streaming position: the global row of the next window, the order's state of the sample that row starts
+    in and its tokens in earlier rows (the token stream's state), and the epoch's wraps so far."""
+
+    row: Count
+    at: OrderState
+    offset: Count
+    wraps: Count
+
+
+class Packer(Stage[Rows, StreamState]):
     """One rank's batches of the epoch's global rows: the rows `deal` gives it of each window, cut from `stream`.
 
     The end of the epoch follows `Deal.batch` with the epoch's rows, known once the stream ends (every rank
@@ -53,7 +64,7 @@ class Packer:
         self.at = 0  # the stream's position in units from the epoch's start, wraps included
         self.wraps = 0  # times the stream went back to the epoch's start
         self.end: int | None = None  # units in the epoch, once the stream ended
-        self.held: tuple[State, int] | None = None  # the position at `row` once the stream passed it for nothing
+        self.held: tuple[OrderState, int] | None = None  # the position at `row` once the stream passed it for nothing
 
     def _total(self) -> int:
         """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
@@ -146,19 +157,25 @@ class Packer:
             mask[:min(prompt, n)] = 0
         return n, [0]
 
-    def get_state(self) -> State:
+    def get_state(self) -> StreamState:
         """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
         and the wraps so far."""
         at, offset = self.held or self.stream.position()
-        return {"row": self.row, "at": at, "offset": offset, "wraps": self.wraps}
+        return StreamState(row=self.row, at=at, offset=offset, wraps=self.wraps)
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: StreamState) -> None:
         """Resume at the window that starts at `row` (from any rank's state of any layout with this seq_len)."""
-        row, wraps, offset = int(state["row"]), int(state["wraps"]), int(state["offset"])
-        if row < 0 or wraps < 0 or (offset and not self.pack):
+        if state.offset and not self.pack:
             raise ValueError("a position that no packer of this dataset reaches")
-        self.stream.seek(state["at"], offset)
-        self.row, self.wraps, self.at, self.end, self.held = row, wraps, row * self.unit, None, None
+        self.stream.set_state(TokenStreamState(at=state.at, offset=state.offset))
+        self.row, self.wraps, self.at, self.end, self.held = state.row, state.wraps, state.row * self.unit, None, None
+
+    def __next__(self) -> Rows:
+        """This rank's next batch (see next_batch)."""
+        rows = self.next_batch()
+        if rows is None:
+            raise StopIteration
+        return rows
 
 
 @dataclass

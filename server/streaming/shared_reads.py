@@ -18,14 +18,13 @@ nothing it receives changes. The cache serves speed only; what a rank receives n
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ..pipeline.stage import State
+from ..pipeline.mixing import MixState
 from ..pipeline.tokenize import EncodedBatch
 
 SHARED_BLOCKS = 8
@@ -37,8 +36,8 @@ class EncodedBlock:
     """One block of the epoch as its samples' token ids, in chunks that encode in the background."""
 
     index: int
-    start: State  # the mix's state at the block's start
-    end: State  # the mix's state right after the block: the next block's start
+    start: MixState  # the mix's state at the block's start
+    end: MixState  # the mix's state right after the block: the next block's start
     last: bool  # the mix ran out inside this block: it ends the epoch
     samples: int
     chars: int  # of the samples' text
@@ -47,12 +46,12 @@ class EncodedBlock:
 
 
 BlockKey = tuple[int, int, str]
-"""(epoch, block index, the mix's state at the block's start as canonical JSON)."""
+"""(epoch, block index, the mix's state at the block's start as JSON)."""
 
 
-def block_key(epoch: int, block: int, start: State) -> BlockKey:
+def block_key(epoch: int, block: int, start: MixState) -> BlockKey:
     """The cache key of block `block` of `epoch`, starting at `start`."""
-    return epoch, block, json.dumps(start, sort_keys=True, separators=(",", ":"))
+    return epoch, block, start.model_dump_json()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sigil_feed.client.stream import BatchStream, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.feed.cursor import TAG_BYTES, Cursor
+from sigil_feed.server.streaming.packer import StreamState
 from tests.conftest import ServerProcess
 from tests.integration.conftest import feed_config, open_request, stream_status
 from tests.integration.test_lifecycle import FreezingProxy
@@ -198,9 +199,10 @@ def forged_cursors(stub: feed_pb2_grpc.DataFeedStub) -> list[bytes]:
     states = [{"row": 3, "virtual": 1},  # a cached state, for this streaming dataset
               {**packer, "at": {**packer["at"], "start": {**mix, "exhausted": [False] * 2, "children": [child] * 2}}},
               {**packer, "at": {**packer["at"], "start": {**mix, "turn": -1}}}]
-    good = Cursor(fp, 0, 64, packer).encode()
-    return ([signed(b) for b in bodies] + [Cursor(fp, 0, seq_len, s).encode() for s in states for seq_len in (16, 64)]
-            + [good[:1] + bytes(TAG_BYTES) + good[1 + TAG_BYTES:], Cursor(fp, 0, 64, packer).encode(b"guess")])
+    good = Cursor(fp, 0, 64, StreamState.model_validate(packer))
+    return ([signed(b) for b in bodies] + [signed(body(fp=fp, seq_len=seq_len, state=s)) for s in states
+                                           for seq_len in (16, 64)]
+            + [good.encode()[:1] + bytes(TAG_BYTES) + good.encode()[1 + TAG_BYTES:], good.encode(b"guess")])
 
 
 def test_fuzzed_requests_and_garbage_bytes_get_a_status_while_a_good_client_streams(server: ServerProcess,

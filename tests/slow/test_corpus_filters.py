@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from sigil_feed.client import FeedDataset
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.runtime import Runtime
 from tests.conftest import TOKENIZER_DIR
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -209,10 +210,10 @@ def trainer_config(fixture: str, names: dict[str, str], **dataset: Any) -> dict[
     return raw
 
 
-def served_dataset(raw: dict[str, Any], folder: Path) -> ServedDataset:
+def served_dataset(raw: dict[str, Any], folder: Path, runtime: Runtime) -> ServedDataset:
     """The `default` dataset of a config, opened in-process as the server opens it."""
     config = parse_config(raw, str(folder / "trainer.yaml"), folder)
-    return ServedDataset(config.datasets["default"], config.file)
+    return ServedDataset(config.datasets["default"], config.file, runtime=runtime)
 
 
 def counters(dataset: ServedDataset) -> list[dict[str, Any]]:
@@ -276,11 +277,12 @@ def phase2_sources(corpus: Path) -> dict[str, str]:
             "parquet:./data/output.parquet": f"parquet:{corpus / 'code.parquet'}"}
 
 
-def test_phase2_keeps_exactly_the_contracts_records_of_every_source(corpus: Path, tmp_path: Path) -> None:
+def test_phase2_keeps_exactly_the_contracts_records_of_every_source(corpus: Path, tmp_path: Path,
+                                                                    runtime: Runtime) -> None:
     # sequential, so that every record of every source is read; the configured weighted mix stops at the
     # first exhausted source (checked in the next test)
     raw = trainer_config("phase2.yaml", phase2_sources(corpus), use_cache=False, interleave_mode="sequential")
-    dataset = served_dataset(raw, tmp_path)
+    dataset = served_dataset(raw, tmp_path, runtime)
     rules = Rules.of(raw["dataset"])
     assert rules.prefer_idiomatic and rules.prefer_documented
     got = Counter(sample.id for sample in dataset.mix())
@@ -297,11 +299,11 @@ def test_phase2_keeps_exactly_the_contracts_records_of_every_source(corpus: Path
     assert expected_counts(decisions[1])["dropped"].get("other_split")  # the corpus's val pairs
 
 
-def test_phase2_weighted_mix_keeps_exactly_the_contracts_records_of_what_it_read(corpus: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_phase2_weighted_mix_keeps_exactly_the_contracts_records_of_what_it_read(corpus: Path, tmp_path: Path,
+                                                                                 runtime: Runtime) -> None:
     raw = trainer_config("phase2.yaml", phase2_sources(corpus), use_cache=False)
     assert raw["dataset"]["interleave_mode"] == "weighted"
-    dataset = served_dataset(raw, tmp_path)
+    dataset = served_dataset(raw, tmp_path, runtime)
     rules = Rules.of(raw["dataset"])
     got = Counter(sample.id for sample in dataset.mix())
     files = [corpus / "code.jsonl", corpus / "pairs.jsonl", corpus / "code.parquet"]
@@ -314,14 +316,14 @@ def test_phase2_weighted_mix_keeps_exactly_the_contracts_records_of_what_it_read
     assert counters(dataset)[0]["read"] == len(records(files[0]))  # first_exhausted: code.jsonl ran out
 
 
-def test_default_and_legacy_filters_on_the_code_files(corpus: Path, tmp_path: Path,
+def test_default_and_legacy_filters_on_the_code_files(corpus: Path, tmp_path: Path, runtime: Runtime,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     code = corpus / "code.jsonl"
     results = {}
     for legacy in (False, True):
         raw = trainer_config("phase1.yaml", {"ammarnasr/the-stack-rust-clean": f"local:{code}"},
                              use_cache=False, legacy_filters=legacy)
-        dataset = served_dataset(raw, tmp_path)
+        dataset = served_dataset(raw, tmp_path, runtime)
         decisions = reasons(code, Rules.of(raw["dataset"]))
         kept = {sample.row for sample in dataset.mix()}
         assert kept == {row for row, reason in decisions.items() if reason is None}

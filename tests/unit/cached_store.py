@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
-from sigil_feed.server.cached.packer import CachedPacker
+from sigil_feed.server.cached.packer import CachedPacker, CachedState
 from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.streaming.packer import Rows
 
@@ -83,7 +83,7 @@ def run(store: Any, layout: EpochLayout, world: int, batch: int, seq: int, pack:
     delivered by global row, and the position after."""
     packers = [packer(store, layout, r, world, batch, seq, pack, remainder, completion) for r in range(world)]
     for p in packers:
-        p.set_state({"row": start, "virtual": layout.virtual})
+        p.set_state(CachedState(row=start, virtual=layout.virtual))
     got: dict[int, Any] = {}
     step = 0
     while steps is None or step < steps:

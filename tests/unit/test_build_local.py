@@ -19,18 +19,19 @@ from sigil_feed.server.feed.served import ServedDataset, open_datasets
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.hf import HfSource
 from sigil_feed.server.pipeline.tokenize import Encoder
+from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.format import MANIFEST, shard_name, shard_paths
 from tests.conftest import rust_pair, write_config, write_jsonl
 
 
-def dataset(tmp_path: Path, location: str) -> ServedDataset:
+def dataset(tmp_path: Path, location: str, runtime: Runtime) -> ServedDataset:
     """A cached dataset of three files of ten pairs (written once: their mtimes are part of the fingerprint)."""
     config = tmp_path / "c.yaml"
     if not config.exists():
         for f in range(3):
             write_jsonl(tmp_path / "pairs" / f"p{f}.jsonl", [rust_pair(i) for i in range(f * 10, f * 10 + 10)])
         write_config(config, {"names": ["local:pairs"], "use_cache": True, "cache_dir": location})
-    return open_datasets(load_config(config))["default"]
+    return open_datasets(load_config(config), runtime)["default"]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -38,7 +39,7 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "cache") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/cache"
 
 
-def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, location: str,
+def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, location: str, runtime: Runtime,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
     real = build_local.write_shard
@@ -48,7 +49,7 @@ def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, lo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(build_local, "write_shard", counting)
-    first = dataset(tmp_path, location)
+    first = dataset(tmp_path, location, runtime)
     first.prepare(show_bar=False)
     assert first.store is not None and len(first.store) == 30 and len(written) == 3
     shards = first.store.manifest.shards
@@ -56,13 +57,13 @@ def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, lo
     fs.delete(f"{store}/{MANIFEST}")  # uncommitted, as after a crash before the manifest
     fs.delete(shard_paths(store, shards[1].name)[0])  # and one shard lost its tokens
     written.clear()
-    again = dataset(tmp_path, location)
+    again = dataset(tmp_path, location, runtime)
     again.prepare(show_bar=False)
     assert written == [shards[1].name]
     assert again.store is not None and again.store.manifest.shards == shards
     assert again.counters[0].read == 30 and again.counters[0].kept == 30  # accounting merged from every shard
     written.clear()
-    warm = dataset(tmp_path, location)
+    warm = dataset(tmp_path, location, runtime)
     warm.prepare(show_bar=False)
     assert written == []  # a committed store is opened, not rebuilt
     assert warm.encoder._tokenizer is None  # a warm start needs no tokenizer: the manifest has its facts
@@ -83,13 +84,14 @@ def split_corpus(tmp_path: Path) -> None:
                    row_group_size=7)
 
 
-def built(tmp_path: Path, shard_records: int, cache: str, names: list[str] | None = None) -> ServedDataset:
+def built(tmp_path: Path, runtime: Runtime, shard_records: int, cache: str,
+          names: list[str] | None = None) -> ServedDataset:
     """The split corpus's dataset with parts of `shard_records` raw records, built (or opened) under `cache`."""
     split_corpus(tmp_path)
     config = write_config(tmp_path / f"{cache}.yaml", {
         "names": names or ["local:data", "parquet:grid.parquet"], "use_cache": True,
         "cache_dir": str(tmp_path / cache), "shard_records": shard_records})
-    served = open_datasets(load_config(config))["default"]
+    served = open_datasets(load_config(config), runtime)["default"]
     served.prepare(show_bar=False)
     return served
 
@@ -102,8 +104,8 @@ def tokens(served: ServedDataset) -> np.ndarray:
 
 
 def test_a_file_of_n_records_is_ceil_n_over_r_shards_holding_its_rows_and_nothing_else_changes(
-        tmp_path: Path) -> None:
-    whole, split = built(tmp_path, 1000, "whole"), built(tmp_path, 10, "split")
+        tmp_path: Path, runtime: Runtime) -> None:
+    whole, split = built(tmp_path, runtime, 1000, "whole"), built(tmp_path, runtime, 10, "split")
     assert whole.content_fingerprint == split.content_fingerprint  # no sample changes: the same store's content
     assert whole.store is not None and split.store is not None
     assert len(whole.store.manifest.shards) == 3  # big, small, grid: one part each
@@ -136,15 +138,15 @@ def test_a_plain_jsonl_file_is_cut_at_every_rth_line_with_its_byte_offset(tmp_pa
     for text in (path.read_bytes(), path.read_bytes()[:-1]):  # with and without the last newline
         path.write_bytes(text)
         starts = open_source(f"local:{path}", 0, base_dir=tmp_path).part_starts(0, 10)
-        assert [s["row"] for s in starts] == [0, *ends]
+        assert [s.row for s in starts] == [0, *ends]
         source = open_source(f"local:{path}", 0, base_dir=tmp_path)
         for start in starts:  # the offset finds the row's line
             source.set_state(start)
-            assert next(source).row == start["row"]
+            assert next(source).row == start.row
 
 
 def test_a_rerun_after_a_kill_between_parts_writes_and_tokenizes_only_the_missing_parts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
     encoded: list[int] = []
     real_write, real_encode = build_local.write_shard, Encoder.encode
@@ -162,23 +164,23 @@ def test_a_rerun_after_a_kill_between_parts_writes_and_tokenizes_only_the_missin
     monkeypatch.setattr(Encoder, "encode", counting)
     monkeypatch.setattr(build_local, "write_shard", killed_at_third)
     with pytest.raises(KeyboardInterrupt):
-        built(tmp_path, 10, "cache")
+        built(tmp_path, runtime, 10, "cache")
     assert len(written) == 2
     monkeypatch.setattr(build_local, "write_shard", real_write)
     first_two = sum(encoded)
     encoded.clear()
-    again = built(tmp_path, 10, "cache")
+    again = built(tmp_path, runtime, 10, "cache")
     assert again.store is not None
     shards = again.store.manifest.shards
     assert [s.name for s in shards[:2]] == written and len(shards) == 8
     assert sum(encoded) == sum(s.samples for s in shards[2:]) == len(again.store) - first_two
 
 
-def test_a_torn_compressed_file_is_one_part_reported_once_as_bad_file(tmp_path: Path) -> None:
+def test_a_torn_compressed_file_is_one_part_reported_once_as_bad_file(tmp_path: Path, runtime: Runtime) -> None:
     whole = gzip.compress("".join(json.dumps(rust_pair(i)) + "\n" for i in range(300)).encode())
     (tmp_path / "gz").mkdir()
     (tmp_path / "gz" / "torn.jsonl.gz").write_bytes(whole[: len(whole) * 3 // 4])
-    served = built(tmp_path, 10, "cache", names=["local:gz"])
+    served = built(tmp_path, runtime, 10, "cache", names=["local:gz"])
     assert served.store is not None
     assert len(served.store.manifest.shards) == 1  # it cannot seek: one part, however many records
     counters = served.store.manifest.sources[0]
@@ -192,7 +194,7 @@ def test_a_hugging_face_split_is_cut_by_row_and_each_part_reads_its_rows_only() 
                       slice_rows=4)
     plan = SourcePlan("hf:x", source.files, lambda: source, None, 10)  # type: ignore[arg-type]  # rules unread
     parts = source_parts(1, plan, source, "fp")
-    assert [(p.start["row"], p.end) for p in parts] == [(0, 10), (10, 20), (20, None)]
+    assert [(p.start.row, p.end) for p in parts] == [(0, 10), (10, 20), (20, None)]
     assert [[r.row for r in PartRecords(source, p)] for p in parts] == [
         list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
     assert len({p.name for p in parts}) == 3 and parts[0].name != shard_name("fp", 1, "x")

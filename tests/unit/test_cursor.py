@@ -11,9 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
+from sigil_feed.server.cached.packer import CachedState
 from sigil_feed.server.errors import FeedError
 from sigil_feed.server.feed.cursor import TAG_BYTES, VERSION, Cursor, decode_cursor
 from sigil_feed.server.rpc.interceptor import status_of
+from sigil_feed.server.streaming.packer import StreamState
 
 FP = "0123456789abcdef"
 CACHED = {"row": 96, "virtual": 12}
@@ -37,14 +39,23 @@ def refusal(data: bytes, secret: bytes = b"", seq_len: int = 64) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("state", [None, CACHED, STREAMING])
+@pytest.mark.parametrize("state", [None, CachedState.model_validate(CACHED), StreamState.model_validate(STREAMING)])
 def test_a_cursor_round_trips_with_its_secret(state: Any) -> None:
     data = Cursor(FP, 3, 64, state).encode(b"k")
     assert decode_cursor(data, fingerprint=FP, seq_len=64, secret=b"k") == Cursor(FP, 3, 64, state)
 
 
+@pytest.mark.parametrize("state", [CACHED, STREAMING])
+def test_the_wire_form_is_each_schemas_fields_in_order_and_nothing_else(state: dict[str, Any]) -> None:
+    """The JSON body of version 3, byte for byte (cursors saved by earlier servers stay valid)."""
+    model = (CachedState if "virtual" in state else StreamState).model_validate(state)
+    payload = Cursor(FP, 3, 64, model).encode()[1 + TAG_BYTES:]
+    body = {"fp": FP, "epoch": 3, "seq_len": 64, "state": state}
+    assert zlib.decompress(payload) == json.dumps(body, separators=(",", ":")).encode()
+
+
 def test_a_cursor_signed_with_another_secret_or_edited_is_refused() -> None:
-    data = Cursor(FP, 0, 64, CACHED).encode(b"k")
+    data = Cursor(FP, 0, 64, CachedState.model_validate(CACHED)).encode(b"k")
     assert "not made by this server" in refusal(data, b"other")
     assert "not made by this server" in refusal(data)
     assert "not made by this server" in refusal(data[:1] + bytes(TAG_BYTES) + data[1 + TAG_BYTES:], b"k")
@@ -53,7 +64,7 @@ def test_a_cursor_signed_with_another_secret_or_edited_is_refused() -> None:
 
 
 def test_a_cursor_resumes_only_rows_of_its_length() -> None:
-    message = refusal(Cursor(FP, 0, 128, CACHED).encode(), seq_len=64)
+    message = refusal(Cursor(FP, 0, 128, CachedState.model_validate(CACHED)).encode(), seq_len=64)
     assert "rows of 128 tokens, this stream asks for 64" in message and "seq_len 128" in message
 
 

@@ -18,6 +18,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.batches import Feed
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.runtime import Runtime
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
@@ -47,7 +48,7 @@ class Corpus:
     task_weight: float | None
 
 
-def make_dataset(root: Path, corpus: Corpus) -> ServedDataset:
+def make_dataset(root: Path, corpus: Corpus, runtime: Runtime) -> ServedDataset:
     names, first = [], 0
     for s, sizes in enumerate(corpus.files):
         for f, size in enumerate(sizes):
@@ -63,7 +64,8 @@ def make_dataset(root: Path, corpus: Corpus) -> ServedDataset:
     if corpus.task_weight is not None:
         section["task_weights"] = {"explain": corpus.task_weight}
     raw = {"model_name": str(TOKENIZER_DIR), "max_seq_len": SEQ_LEN, "pack": corpus.pack, "dataset": section}
-    dataset = ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder())
+    dataset = ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder(),
+                            runtime=runtime)
     dataset.prepare(show_bar=False)
     return dataset
 
@@ -116,10 +118,10 @@ corpora = st.builds(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(corpus=corpora, w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS), stop=st.integers(0, 40))
 def test_a_run_resumed_on_another_world_size_continues_the_uninterrupted_run_step_for_step(
-        corpus: Corpus, w1: int, w2: int, stop: int) -> None:
+        runtime: Runtime, corpus: Corpus, w1: int, w2: int, stop: int) -> None:
     with TemporaryDirectory() as tmp:
         try:
-            dataset = make_dataset(Path(tmp), corpus)
+            dataset = make_dataset(Path(tmp), corpus, runtime)
         except ValueError as err:  # more virtual ranks than samples: refused, as the README says
             assert "virtual_ranks" in str(err)
             return

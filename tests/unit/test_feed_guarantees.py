@@ -23,6 +23,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.batches import Feed, FeedItem
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.streaming import encoding as blocks
 from sigil_feed.server.streaming.block_order import BlockShuffle
 from sigil_feed.server.streaming.shared_reads import SharedReads
@@ -32,7 +33,7 @@ from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def make_dataset(root: Path, n: int, *, cached: bool, pack: bool = True, remainder: str = "keep",
+def make_dataset(root: Path, runtime: Runtime, n: int, *, cached: bool, pack: bool = True, remainder: str = "keep",
                  seq_len: int = 32, block: int = 8) -> ServedDataset:
     root.mkdir(parents=True, exist_ok=True)
     data = root / "pairs.jsonl"
@@ -40,7 +41,8 @@ def make_dataset(root: Path, n: int, *, cached: bool, pack: bool = True, remaind
     raw = {"model_name": str(TOKENIZER_DIR), "max_seq_len": seq_len, "pack": pack,
            "dataset": {"names": [f"local:{data}"], "use_cache": cached, "cache_dir": str(root / "cache"),
                        "shuffle_seed": 11, "shuffle_block": block, "remainder": remainder, "epochs": 2}}
-    dataset = ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder())
+    dataset = ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder(),
+                            runtime=runtime)
     dataset.prepare(show_bar=False)
     return dataset
 
@@ -64,10 +66,10 @@ def all_samples(n: int) -> Counter[tuple[int, ...]]:
 @SETTINGS
 @given(n=st.integers(1, 40), batch=st.integers(1, 4), world=st.integers(1, 4), cached=st.booleans(),
        epoch=st.integers(0, 1))
-def test_ranks_are_disjoint_and_cover_each_epoch_exactly(n: int, batch: int, world: int, cached: bool,
-                                                         epoch: int) -> None:
+def test_ranks_are_disjoint_and_cover_each_epoch_exactly(runtime: Runtime, n: int, batch: int, world: int,
+                                                         cached: bool, epoch: int) -> None:
     with TemporaryDirectory() as tmp:
-        dataset = make_dataset(Path(tmp), n, cached=cached, pack=False, seq_len=64)
+        dataset = make_dataset(Path(tmp), runtime, n, cached=cached, pack=False, seq_len=64)
         received: Counter[tuple[int, ...]] = Counter()
         for rank in range(world):
             for item in epoch_items(feed(dataset, rank, world, batch), epoch):
@@ -106,10 +108,10 @@ def samples_of_ids(rows: list[np.ndarray], eos: int) -> list[tuple[int, ...]]:
 @SETTINGS
 @given(n=st.integers(1, 30), batch=st.integers(1, 3), world=st.integers(1, 3), cached=st.booleans(),
        remainder=st.sampled_from(["keep", "pad", "drop"]))
-def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(n: int, batch: int, world: int, cached: bool,
-                                                               remainder: str) -> None:
+def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(runtime: Runtime, n: int, batch: int, world: int,
+                                                               cached: bool, remainder: str) -> None:
     with TemporaryDirectory() as tmp:
-        dataset = make_dataset(Path(tmp), n, cached=cached, remainder=remainder)
+        dataset = make_dataset(Path(tmp), runtime, n, cached=cached, remainder=remainder)
         per_rank = [epoch_items(feed(dataset, rank, world, batch), 0) for rank in range(world)]
         tokens = [sum(i.rows.tokens for i in items if i.rows is not None) for items in per_rank]
         total = sum(len(s) for s in all_samples(n).elements())
@@ -126,10 +128,11 @@ def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(n: int, batch: i
 @SETTINGS
 @given(n=st.integers(1, 30), batch=st.integers(1, 3), world=st.integers(1, 3), cached=st.booleans(),
        pack=st.booleans(), remainder=st.sampled_from(["keep", "pad", "drop"]), stop=st.integers(0, 30))
-def test_resume_from_any_cursor_equals_the_uninterrupted_run(n: int, batch: int, world: int, cached: bool,
-                                                              pack: bool, remainder: str, stop: int) -> None:
+def test_resume_from_any_cursor_equals_the_uninterrupted_run(runtime: Runtime, n: int, batch: int, world: int,
+                                                              cached: bool, pack: bool, remainder: str,
+                                                              stop: int) -> None:
     with TemporaryDirectory() as tmp:
-        dataset = make_dataset(Path(tmp), n, cached=cached, pack=pack, remainder=remainder)
+        dataset = make_dataset(Path(tmp), runtime, n, cached=cached, pack=pack, remainder=remainder)
         rank = world - 1
         full = list(feed(dataset, rank, world, batch))
         stop = min(stop, len(full) - 1)
@@ -142,10 +145,10 @@ def test_resume_from_any_cursor_equals_the_uninterrupted_run(n: int, batch: int,
         assert all(len(i.cursor) < 1024 for i in full)
 
 
-def test_same_config_gives_identical_batches_and_epochs_differ(tmp_path: Path) -> None:
+def test_same_config_gives_identical_batches_and_epochs_differ(tmp_path: Path, runtime: Runtime) -> None:
     for cached in (False, True):
-        a = make_dataset(tmp_path / f"a{cached}", 60, cached=cached, block=16)
-        b = make_dataset(tmp_path / f"b{cached}", 60, cached=cached, block=16)
+        a = make_dataset(tmp_path / f"a{cached}", runtime, 60, cached=cached, block=16)
+        b = make_dataset(tmp_path / f"b{cached}", runtime, 60, cached=cached, block=16)
         run_a = [i.rows.input_ids.tolist() for i in feed(a, 1, 2, 2) if i.rows is not None]
         run_b = [i.rows.input_ids.tolist() for i in feed(b, 1, 2, 2) if i.rows is not None]
         assert run_a == run_b
@@ -153,16 +156,18 @@ def test_same_config_gives_identical_batches_and_epochs_differ(tmp_path: Path) -
         assert epochs[0] != epochs[1]
 
 
-def test_tokenize_chunks_end_at_the_character_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokenize_chunks_end_at_the_character_bound(tmp_path: Path, runtime: Runtime,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A chunk of long samples holds about TOKENIZE_CHUNK_CHARS of text, however many samples it may hold."""
-    dataset = make_dataset(tmp_path, 30, cached=False)
+    dataset = make_dataset(tmp_path, runtime, 30, cached=False)
     longest = max(len(s.text) for s in dataset.mix())
     monkeypatch.setattr(blocks, "TOKENIZE_CHUNK", 1000)
     monkeypatch.setattr(blocks, "TOKENIZE_CHUNK_CHARS", 2 * longest)
     chunks: list[int] = []
     order = BlockShuffle(dataset.mix(), block_size=64, block_chars=1 << 20, seed=None, epoch=0)
-    block = blocks.encode_block(order.read(0, order.epoch_start), encoder(), with_prompts=False,
-                                on_encoded=lambda chunk, _: chunks.append(sum(len(s.text) for s in chunk)))
+    block = blocks.encode_block(next(order), encoder(), with_prompts=False,
+                                on_encoded=lambda chunk, _: chunks.append(sum(len(s.text) for s in chunk)),
+                                pool=runtime.encode_pool)
     assert sum(len(c.result()) for c in block.chunks) == block.samples == 30
     assert len(chunks) > 1 and all(size < 3 * longest for size in chunks)
 
@@ -175,11 +180,11 @@ def epoch_rows(f: Feed) -> Iterator[list[list[int]]]:
         yield item.rows.input_ids.tolist()
 
 
-def test_a_rank_left_behind_reads_alone_and_gets_the_same_batches(tmp_path: Path) -> None:
+def test_a_rank_left_behind_reads_alone_and_gets_the_same_batches(tmp_path: Path, runtime: Runtime) -> None:
     """Two ranks read a whole epoch while the third waits after one batch: its blocks leave the shared cache
     (bounded here to two blocks' worth), so it reads them itself, and its batches are the ones it gets alone."""
-    alone = list(epoch_rows(feed(make_dataset(tmp_path / "alone", 60, cached=False, block=3), 2, 3, 2)))
-    dataset = make_dataset(tmp_path / "shared", 60, cached=False, block=3)
+    alone = list(epoch_rows(feed(make_dataset(tmp_path / "alone", runtime, 60, cached=False, block=3), 2, 3, 2)))
+    dataset = make_dataset(tmp_path / "shared", runtime, 60, cached=False, block=3)
     dataset.shared_reads = SharedReads(blocks=2)
     feeds = [feed(dataset, rank, 3, 2) for rank in range(3)]
     behind = epoch_rows(feeds[2])
@@ -193,10 +198,10 @@ def test_a_rank_left_behind_reads_alone_and_gets_the_same_batches(tmp_path: Path
     assert counts.blocks_read > read_by_the_others  # it read its evicted blocks again
 
 
-def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: Path) -> None:
+def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: Path, runtime: Runtime) -> None:
     """Cached mode: the first batch of epoch 0 starts epoch 1's layout in the background (the config has 2 epochs,
     so nothing past it), and it is the layout epoch 1 would compute itself."""
-    dataset = make_dataset(tmp_path, 40, cached=True)
+    dataset = make_dataset(tmp_path, runtime, 40, cached=True)
     assert next(feed(dataset, 0, 1, 2)).rows is not None
     assert dataset.layouts is not None and dataset.store is not None
     assert sorted(dataset.layouts.jobs) == [0, 1]

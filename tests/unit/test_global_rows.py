@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.rows.deal import Deal
-from sigil_feed.server.streaming.packer import Packer, Rows
+from sigil_feed.server.runtime import Runtime
+from sigil_feed.server.streaming.packer import Packer, Rows, StreamState
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 
@@ -39,7 +40,7 @@ def records(n: int, tag: int) -> list[dict[str, Any]]:
     return out
 
 
-def make_dataset(root: Path, n: int, *, pack: bool, remainder: str, completion_only: bool = False,
+def make_dataset(root: Path, runtime: Runtime, n: int, *, pack: bool, remainder: str, completion_only: bool = False,
                  block: int = 5) -> ServedDataset:
     """Two sources mixed by weight, task weights and the length filter on, small shuffle blocks."""
     sources = [write_jsonl(root / f"s{k}.jsonl", records(n + k, k)) for k in range(2)]
@@ -48,7 +49,8 @@ def make_dataset(root: Path, n: int, *, pack: bool, remainder: str, completion_o
                        "shuffle_block": block, "remainder": remainder, "interleave_mode": "weighted",
                        "stopping_strategy": "all_exhausted", "dataset_weights": {f"local:{sources[1]}": 2.0},
                        "task_weights": {"rare": 2.5}, "min_length": 40, "completion_only": completion_only}}
-    return ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder())
+    return ServedDataset(parse_config(raw, "test.yaml", root).datasets["default"], "test.yaml", encoder(),
+                         runtime=runtime)
 
 
 def rows_of(batch: Rows) -> list[Row]:
@@ -62,7 +64,7 @@ def rows_of(batch: Rows) -> list[Row]:
             for ids, seg, m in zip(batch.input_ids, segments, masks, strict=True)]
 
 
-def run(dataset: ServedDataset, world: int, batch: int, *, state: dict[str, Any] | None = None,
+def run(dataset: ServedDataset, world: int, batch: int, *, state: StreamState | None = None,
         steps: int | None = None) -> tuple[dict[int, Row], list[int], list[Packer]]:
     """Every rank of the layout from `state` (or the epoch's start), `steps` steps or to the end: the rows
     delivered by global row, the batches per rank, and the packers."""
@@ -114,9 +116,9 @@ def expected_indices(start: int, total: int, world: int, batch: int, remainder: 
 
 @SETTINGS
 @given(n=st.integers(0, 30), pack=st.booleans(), remainder=st.sampled_from(["keep", "pad", "drop"]))
-def test_every_layout_delivers_the_same_global_rows(n: int, pack: bool, remainder: str) -> None:
+def test_every_layout_delivers_the_same_global_rows(runtime: Runtime, n: int, pack: bool, remainder: str) -> None:
     with TemporaryDirectory() as tmp:
-        dataset = make_dataset(Path(tmp), n, pack=pack, remainder=remainder, completion_only=n % 2 == 1)
+        dataset = make_dataset(Path(tmp), runtime, n, pack=pack, remainder=remainder, completion_only=n % 2 == 1)
         rows, total = oracle(dataset)
         for world, batch in LAYOUTS:
             delivered, counts, _ = run(dataset, world, batch)
@@ -130,27 +132,28 @@ def test_every_layout_delivers_the_same_global_rows(n: int, pack: bool, remainde
 @given(n=st.integers(1, 30), pack=st.booleans(), remainder=st.sampled_from(["keep", "pad", "drop"]),
        first=st.sampled_from(LAYOUTS), then=st.tuples(st.integers(1, 5), st.integers(1, 5)),
        stop=st.integers(0, 6), donor=st.integers(0, 3))
-def test_any_ranks_state_resumes_any_layout_exactly(n: int, pack: bool, remainder: str, first: tuple[int, int],
-                                                    then: tuple[int, int], stop: int, donor: int) -> None:
+def test_any_ranks_state_resumes_any_layout_exactly(runtime: Runtime, n: int, pack: bool, remainder: str,
+                                                    first: tuple[int, int], then: tuple[int, int], stop: int,
+                                                    donor: int) -> None:
     """Stop layout `first` after `stop` steps, resume layout `then` (another world and batch size) from one
     rank's state: the rows before and after are the rows of the uninterrupted epoch, none twice."""
     with TemporaryDirectory() as tmp:
-        dataset = make_dataset(Path(tmp), n, pack=pack, remainder=remainder, block=4)
+        dataset = make_dataset(Path(tmp), runtime, n, pack=pack, remainder=remainder, block=4)
         rows, total = oracle(dataset)
         before, _, packers = run(dataset, *first, steps=stop)
         states = [p.get_state() for p in packers]
         assert all(s == states[0] for s in states)  # every rank stands at the same position
         after, _, _ = run(dataset, *then, state=states[donor % len(states)])
-        position = states[0]["row"]
+        position = states[0].row
         assert all(i < position for i in before) and all(i >= position for i in after)
         assert set(after) == expected_indices(position, total, *then, remainder)
         assert all(after[i] == rows[i] for i in after) and all(before[i] == rows[i] for i in before)
 
 
-def test_keep_delivers_every_sample_of_the_epoch_exactly_once(tmp_path: Path) -> None:
+def test_keep_delivers_every_sample_of_the_epoch_exactly_once(tmp_path: Path, runtime: Runtime) -> None:
     """The real tokens of the global rows, in order, are the epoch's samples (mixed, task-weighted, filtered),
     each once: split at EOS they are the multiset of the mix's samples, encoded."""
-    dataset = make_dataset(tmp_path, 40, pack=True, remainder="keep")
+    dataset = make_dataset(tmp_path, runtime, 40, pack=True, remainder="keep")
     samples = list(dataset.mix())
     encoded = encoder().encode(samples, False)
     expected = Counter(tuple(e.ids.tolist()) for e in encoded.samples())
@@ -175,12 +178,12 @@ def test_keep_delivers_every_sample_of_the_epoch_exactly_once(tmp_path: Path) ->
         assert len(samples) > 40 and sum(s.source == 1 for s in samples) > sum(s.source == 0 for s in samples)
 
 
-def test_only_owned_rows_are_copied_and_segments_add_up(tmp_path: Path) -> None:
+def test_only_owned_rows_are_copied_and_segments_add_up(tmp_path: Path, runtime: Runtime) -> None:
     """A rank's packed rows are whole rows of seq_len (the last may be partial) whose segments sum to their
     real tokens; the window's rows of other ranks are passed, not returned."""
-    dataset = make_dataset(tmp_path, 30, pack=True, remainder="keep")
+    dataset = make_dataset(tmp_path, runtime, 30, pack=True, remainder="keep")
     packer = dataset.packer(epoch=0, rank=1, world_size=3, batch_size=2, seq_len=SEQ)
     got = packer.next_batch()
     assert got is not None and got.input_ids.shape == (2, SEQ) and packer.row == 6
     assert got.row_segments is not None and got.lengths.sum() == got.tokens == 2 * SEQ
-    assert packer.get_state()["at"]["block"] >= 0 and packer.get_state()["wraps"] == 0
+    assert packer.get_state().at.block >= 0 and packer.get_state().wraps == 0

@@ -13,8 +13,8 @@ from sigil_feed.server.pipeline.accounting import SourceCounters
 from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules, copies, task_copies
 from sigil_feed.server.pipeline.mixing import Mixer, interleave
 from sigil_feed.server.pipeline.samples import Sample, plain_pair
-from sigil_feed.server.pipeline.sources.base import RawRecord, Source
-from sigil_feed.server.streaming.block_order import Block, BlockShuffle
+from sigil_feed.server.pipeline.sources.base import RawRecord, Source, SourceState
+from sigil_feed.server.streaming.block_order import Block, BlockShuffle, BlockState
 
 
 class ListSource(Source):
@@ -32,11 +32,11 @@ class ListSource(Source):
         return RawRecord(self.index, 0, self.row - 1, f"mem:{self.row}", value,
                          None if value is not None else "bad_json")
 
-    def get_state(self) -> dict:
-        return {"file": 0, "row": self.row}
+    def get_state(self) -> SourceState:
+        return SourceState(file=0, row=self.row)
 
-    def set_state(self, state: dict) -> None:
-        self.row = state["row"]
+    def set_state(self, state: SourceState) -> None:
+        self.row = state.row
 
     def restart(self) -> None:
         self.row = 0
@@ -100,10 +100,9 @@ def test_weighted_mix_is_seeded_and_follows_weights() -> None:
 
 
 def blocks(order: BlockShuffle) -> list[Block]:
-    """Every block of the epoch, each read at the previous one's end."""
-    out = [order.read(0, order.epoch_start)]
-    while not out[-1].last:
-        out.append(order.read(len(out), out[-1].end))
+    """Every block of the epoch, in turn."""
+    out = list(order)
+    assert out[-1].last and not any(b.last for b in out[:-1])
     return out
 
 
@@ -142,9 +141,8 @@ def test_any_block_reads_again_from_its_start(n: int, block: int, chars: int, st
     full = blocks(order())
     k = min(stop, len(full) - 1)
     again = order()
-    rest = [again.read(k, full[k].start)]
-    while not rest[-1].last:
-        rest.append(again.read(k + len(rest), rest[-1].end))
+    again.set_state(BlockState(block=k, start=full[k].start))
+    rest = list(again)
     assert [names(b.samples) for b in rest] == [names(b.samples) for b in full[k:]]
 
 

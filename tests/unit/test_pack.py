@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from sigil_feed.server.pipeline.tokenize import Encoded, EncodedBatch
 from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.streaming.block_order import BlockState
 from sigil_feed.server.streaming.encoding import TokenStream
 from sigil_feed.server.streaming.packer import Packer, Rows
 from sigil_feed.server.streaming.shared_reads import EncodedBlock
+from tests.unit.streaming_fixtures import mix_at
 
 PAD = 0
 
@@ -28,20 +30,20 @@ class ListBlocks:
     reads."""
 
     def __init__(self, encoded: list[Encoded]) -> None:
-        self.epoch_start = {"block": 0}
+        self.epoch_start = mix_at(0)
         self.blocks = []
         for k, first in enumerate(range(0, max(len(encoded), 1), 5)):
             samples = encoded[first:first + 5]
             chunks = [samples[i:i + 3] for i in range(0, len(samples), 3)]
             batches = [EncodedBatch(np.concatenate([e.ids for e in c]), np.cumsum([0, *[len(e.ids) for e in c]]),
                                     np.array([e.prompt_tokens for e in c], dtype=np.int32)) for c in chunks]
-            self.blocks.append(EncodedBlock(k, {"block": k}, {"block": k + 1}, first + 5 >= len(encoded),
+            self.blocks.append(EncodedBlock(k, mix_at(first), mix_at(first + 5), first + 5 >= len(encoded),
                                             len(samples), 0, list(range(0, len(samples), 3)),
                                             [done(b) for b in batches]))
-        self.seek(0, self.epoch_start)
+        self.set_state(BlockState(block=0, start=self.epoch_start))
 
-    def seek(self, index: int, start: dict[str, int]) -> None:
-        self.next_index, self.next_start = index, start
+    def set_state(self, state: BlockState) -> None:
+        self.next_index, self.next_start = state.block, state.start
 
     def __next__(self) -> EncodedBlock:
         if self.next_index >= len(self.blocks):

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.pipeline.tokenize import Encoder
+from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.streaming.block_order import BlockShuffle
 from sigil_feed.server.streaming.encoding import TokenizedBlocks
 from sigil_feed.server.streaming.shared_reads import BlockCache, EncodedBlock, SharedReads, block_key
 from tests.conftest import TOKENIZER_DIR
+from tests.unit.streaming_fixtures import mix_at
 from tests.unit.test_order_mixing import mix
 
 
@@ -26,12 +28,12 @@ def encoder() -> Encoder:
     return loaded
 
 
-def chain(shared: BlockCache | None, *, n: int, block: int, chars: int, seed: int | None,
+def chain(shared: BlockCache | None, *, runtime: Runtime, n: int, block: int, chars: int, seed: int | None,
           mode: str) -> TokenizedBlocks:
     order = BlockShuffle(mix(mode, "all_exhausted", sizes=(n, n // 2 + 1)), block_size=block, block_chars=chars,
                          seed=seed, epoch=1)
     return TokenizedBlocks(order, encoder(), with_prompts=False, on_encoded=lambda samples, encoded: None,
-                           shared=shared)
+                           encode_pool=runtime.encode_pool, read_pool=runtime.read_pool, shared=shared)
 
 
 def tokens(block: EncodedBlock) -> tuple[int, list[int]]:
@@ -43,13 +45,13 @@ def tokens(block: EncodedBlock) -> tuple[int, list[int]]:
 @given(n=st.integers(1, 50), block=st.integers(1, 9), chars=st.integers(1, 60), world=st.integers(1, 4),
        seed=st.none() | st.integers(0, 9), mode=st.sampled_from(["sequential", "round_robin", "weighted"]),
        blocks=st.integers(1, 3), schedule=st.lists(st.integers(0, 7), max_size=200))
-def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, chars: int, world: int,
-                                                          seed: int | None, mode: str, blocks: int,
+def test_shared_reads_give_every_rank_what_it_reads_alone(runtime: Runtime, n: int, block: int, chars: int,
+                                                          world: int, seed: int | None, mode: str, blocks: int,
                                                           schedule: list[int]) -> None:
     """Ranks step in any interleaving (some resuming from their position on a new chain, some far behind the
     others, so that their blocks were dropped): each gets the blocks it gets reading alone, and the cache never
     holds more than its bound."""
-    make = partial(chain, n=n, block=block, chars=chars, seed=seed, mode=mode)
+    make = partial(chain, runtime=runtime, n=n, block=block, chars=chars, seed=seed, mode=mode)
     alone = [tokens(b) for b in make(None)]
     cache = SharedReads(blocks=blocks).cache(world, block_chars=chars)
     ranks = [make(cache) for _ in range(world)]
@@ -58,19 +60,19 @@ def test_shared_reads_give_every_rank_what_it_reads_alone(n: int, block: int, ch
         rank = step % world
         if step % (2 * world) >= world:  # resume this rank at its next block on a fresh chain
             fresh = make(cache)
-            fresh.seek(ranks[rank].next_index, ranks[rank].next_start)
-            fresh.finished = ranks[rank].finished
+            fresh.set_state(ranks[rank].get_state())
+            fresh.finished = ranks[rank].finished  # past the last block: nothing more, not an empty one
             ranks[rank] = fresh
         got[rank] += [tokens(b) for b in [next(ranks[rank], None)] if b is not None]
         assert len(cache.entries) <= cache.max_blocks and cache.chars <= cache.max_chars
     assert got == [alone] * world
 
 
-def test_a_stalled_rank_costs_a_bounded_cache_and_reads_alone_later() -> None:
+def test_a_stalled_rank_costs_a_bounded_cache_and_reads_alone_later(runtime: Runtime) -> None:
     """One rank takes nothing while the others read the whole epoch: the cache holds at most its bound, and the
     stalled rank, whose blocks are gone, reads them itself and gets what it gets alone."""
     world = 3
-    make = partial(chain, n=300, block=6, chars=1 << 20, seed=5, mode="round_robin")
+    make = partial(chain, runtime=runtime, n=300, block=6, chars=1 << 20, seed=5, mode="round_robin")
     shared = SharedReads(blocks=2)
     cache = shared.cache(world, block_chars=1 << 20)
     ranks = [make(cache) for _ in range(world)]
@@ -84,14 +86,15 @@ def test_a_stalled_rank_costs_a_bounded_cache_and_reads_alone_later() -> None:
     assert shared.counts.blocks_shared >= read  # rank 1 took every block rank 0 read
 
 
-def test_a_block_is_encoded_once_for_all_ranks() -> None:
+def test_a_block_is_encoded_once_for_all_ranks(runtime: Runtime) -> None:
     """Ranks in step share the read and the encoding: each block is read once and taken by the others."""
     encoded: list[int] = []
     shared = SharedReads()
     cache = shared.cache(4, block_chars=1 << 20)
     order = partial(BlockShuffle, block_size=7, block_chars=1 << 20, seed=1, epoch=0)
     ranks = [TokenizedBlocks(order(mix("sequential", sizes=(40,))), encoder(), with_prompts=False,
-                             on_encoded=lambda samples, _: encoded.append(len(samples)), shared=cache)
+                             on_encoded=lambda samples, _: encoded.append(len(samples)),
+                             encode_pool=runtime.encode_pool, read_pool=runtime.read_pool, shared=cache)
              for _ in range(4)]
     results = [[tokens(b) for b in rank] for rank in ranks]
     assert results == [results[0]] * 4 and len(results[0]) == 6
@@ -100,7 +103,7 @@ def test_a_block_is_encoded_once_for_all_ranks() -> None:
 
 
 def one_block() -> EncodedBlock:
-    return EncodedBlock(0, {"at": 0}, {"end": 1}, False, 4, 8, [], [])
+    return EncodedBlock(0, mix_at(0), mix_at(4), False, 4, 8, [], [])
 
 
 def never() -> EncodedBlock:
@@ -110,7 +113,7 @@ def never() -> EncodedBlock:
 def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
     shared = SharedReads()
     cache = shared.cache(2, block_chars=100)
-    key = block_key(0, 0, {"at": 0})
+    key = block_key(0, 0, mix_at(0))
     release, got = threading.Event(), {}
 
     def slow_read() -> EncodedBlock:
@@ -139,7 +142,7 @@ def test_ranks_asking_for_a_block_being_read_wait_for_that_one_read() -> None:
 def test_a_failed_read_leaves_the_block_to_the_next_rank() -> None:
     shared = SharedReads()
     cache = shared.cache(2, block_chars=100)
-    key = block_key(0, 0, {"at": 0})
+    key = block_key(0, 0, mix_at(0))
 
     def broken() -> EncodedBlock:
         raise OSError("disk gone")

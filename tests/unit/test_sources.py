@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sigil_feed.server.errors import SourceError
 from sigil_feed.server.pipeline.samples import normalise
 from sigil_feed.server.pipeline.sources import RawRecord, Source, open_source
+from sigil_feed.server.pipeline.sources.base import SourceState
 from sigil_feed.server.pipeline.sources.jsonl import SUFFIXES as jsonl_suffixes
 from tests.conftest import write_compressed
 
@@ -58,7 +59,7 @@ def check_resume(make: Callable[[], Source]) -> list[RawRecord]:
     states, records = [source.get_state()], []
     for record in source:
         records.append(record)
-        states.append(json.loads(json.dumps(source.get_state())))
+        states.append(SourceState.model_validate_json(source.get_state().model_dump_json()))
     for k, state in enumerate(states):
         resumed = make()
         resumed.set_state(state)
@@ -294,7 +295,7 @@ def test_truncated_compressed_file_is_bad_file_after_its_last_good_line(
     # the torn line is no bad_json: the file ends with one bad_file record
     assert (got[-1].row, got[-1].location, got[-1].error) == (good, f"{path}:{good + 1}", "bad_file")
     assert any(f"cannot read {path} after line {good}, its last good line" in r.getMessage() for r in caplog.records)
-    source.set_state({"file": 0, "row": good})  # a cursor at the tear resumes to the same verdict
+    source.set_state(SourceState(file=0, row=good))  # a cursor at the tear resumes to the same verdict
     assert [r.error for r in source] == ["bad_file"]
 
 
@@ -320,10 +321,10 @@ def test_plain_state_has_offset_and_row_alone_also_resumes(tmp_path: Path) -> No
     path = write_compressed(tmp_path / "a.jsonl", jsonl([{"text": str(i)} for i in range(10)]))
     source = open_source(f"local:{path}", 0, base_dir=tmp_path)
     first = [next(source) for _ in range(4)]
-    assert source.get_state() == {"file": 0, "row": 4, "offset": sum(len(jsonl([r.value])) for r in first)}
+    assert source.get_state() == SourceState(file=0, row=4, offset=sum(len(jsonl([r.value])) for r in first))
     rest = list(source)
-    source.set_state({"file": 0, "row": 4})
-    assert source.get_state() == {"file": 0, "row": 4}
+    source.set_state(SourceState(file=0, row=4))
+    assert source.get_state() == SourceState(file=0, row=4)
     assert list(source) == rest
     source.restart()
     assert list(source) == first + rest
@@ -414,7 +415,7 @@ def test_parquet_resume_from_every_state(tmp_path: Path) -> None:
     check_resume(lambda: open_source(f"parquet:{tmp_path}", 0, base_dir=tmp_path))
     source = open_source(f"parquet:{tmp_path}", 0, base_dir=tmp_path)
     source.batch_rows = 3  # type: ignore[attr-defined]  # batches that straddle the resume row
-    source.set_state({"file": 0, "row": 9})
+    source.set_state(SourceState(file=0, row=9))
     assert [r.value for r in source][:3] == [{"text": "9"}, {"text": "10"}, {"content": "x", "path": "p"}]
 
 

@@ -22,6 +22,7 @@ from sigil_feed.server.observe.streams import ClientStream, OpenStream
 from sigil_feed.server.rpc.credits import Credits
 from sigil_feed.server.rpc.metrics import FeedCollector, RpcStatuses
 from sigil_feed.server.rpc.service import DataFeedService
+from sigil_feed.server.runtime import Runtime
 from tests.conftest import TOKENIZER_DIR, rust_pair
 from tests.unit.streaming_fixtures import encoder
 
@@ -29,7 +30,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedDataset]:
+def datasets(tmp_path_factory: pytest.TempPathFactory, runtime: Runtime) -> dict[str, ServedDataset]:
     """`default` (cached, its store built) and `stream` (streaming), each having served a few batches."""
     root = tmp_path_factory.mktemp("snapshot")
     data = root / "pairs.jsonl"
@@ -39,7 +40,7 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedDatase
            "dataset": {"names": [f"local:{data}"], "use_cache": True, "cache_dir": str(root / "cache")},
            "server": {"datasets": {"stream": {"dataset": {"use_cache": False, "shuffle_block": 8}}}}}
     config = parse_config(raw, "test.yaml", root)
-    out = {name: ServedDataset(c, "test.yaml", encoder()) for name, c in config.datasets.items()}
+    out = {name: ServedDataset(c, "test.yaml", encoder(), runtime=runtime) for name, c in config.datasets.items()}
     for dataset in out.values():
         dataset.prepare(show_bar=False)
         feed = Feed(dataset, rank=0, world_size=1, batch_size=2, seq_len=32, start=None)

@@ -19,6 +19,7 @@ from sigil_feed.server.pipeline import tokenize
 from sigil_feed.server.pipeline.encode_backends import FIXED_PROBES, FastFlat, FlatIds, HfFlat
 from sigil_feed.server.pipeline.samples import Sample, normalise, plain_pair
 from sigil_feed.server.pipeline.sources.base import RawRecord
+from sigil_feed.server.runtime import Runtime
 from tests.conftest import DEFAULT_DIR, TOKENIZER_DIR, write_metaspace_tokenizer
 
 FUZZ_STRINGS = 1500
@@ -170,15 +171,15 @@ def test_a_tokenizer_fastokens_cannot_load(tmp_path: Path, caplog: pytest.LogCap
         tokenize.Encoder(str(folder), backend="fastokens").choose_backend()
 
 
-def dataset(root: Path, backend: str, tokenizer: Path = TOKENIZER_DIR) -> ServedDataset:
+def dataset(root: Path, runtime: Runtime, backend: str, tokenizer: Path = TOKENIZER_DIR) -> ServedDataset:
     raw = {"model_name": str(tokenizer), "max_seq_len": 64,
            "dataset": {"names": [f"local:{DEFAULT_DIR / 'default.jsonl'}"], "use_cache": True,
                        "cache_dir": str(root / backend), "completion_only": True, "tokenizer_backend": backend}}
-    return ServedDataset(parse_config(raw, "t.yaml", root).datasets["default"], "t.yaml")
+    return ServedDataset(parse_config(raw, "t.yaml", root).datasets["default"], "t.yaml", runtime=runtime)
 
 
-def test_store_is_the_same_whichever_backend_builds_it(tmp_path: Path) -> None:
-    hf, fast = dataset(tmp_path, "hf"), dataset(tmp_path, "fastokens")
+def test_store_is_the_same_whichever_backend_builds_it(tmp_path: Path, runtime: Runtime) -> None:
+    hf, fast = dataset(tmp_path, runtime, "hf"), dataset(tmp_path, runtime, "fastokens")
     assert hf.fingerprint == fast.fingerprint and hf.content_fingerprint == fast.content_fingerprint
     for d in (hf, fast):
         d.prepare(show_bar=False)
@@ -190,11 +191,11 @@ def test_store_is_the_same_whichever_backend_builds_it(tmp_path: Path) -> None:
     assert manifests[0]["sources"] == manifests[1]["sources"]
 
 
-def test_forced_fastokens_fails_when_the_dataset_opens(tmp_path: Path) -> None:
+def test_forced_fastokens_fails_when_the_dataset_opens(tmp_path: Path, runtime: Runtime) -> None:
     folder = write_metaspace_tokenizer(tmp_path / "tok")
     with pytest.raises(ConfigError, match="tokenizer_backend"):
-        dataset(tmp_path, "fastokens", folder)
-    assert dataset(tmp_path, "auto", folder).encoder.backend_name == "hf"
+        dataset(tmp_path, runtime, "fastokens", folder)
+    assert dataset(tmp_path, runtime, "auto", folder).encoder.backend_name == "hf"
 
 
 def test_tokenizer_backend_is_validated() -> None:

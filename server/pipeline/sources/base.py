@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..stage import Stage, State
+from ..stage import Count, Stage, StageState
 
 
 @dataclass(slots=True)
@@ -23,32 +23,28 @@ class RawRecord:
     error: str | None = None  # malformed reason (bad_json, bad_utf8, bad_type, ...) when value is None
 
 
-class Source(Stage[RawRecord]):
-    """A resumable reader of one `dataset.names` entry; state is {"file": i, "row": r, ...}."""
+class SourceState(StageState):
+    """A source's position: the file index and row of the next record, and (plain JSONL) that row's byte offset."""
+
+    file: Count
+    row: Count
+    offset: Count | None = None
+
+
+class Source(Stage[RawRecord, SourceState]):
+    """A resumable reader of one `dataset.names` entry."""
 
     spec: str
     files: list[str]
 
-    def __iter__(self) -> Source:
-        return self
-
-    def __next__(self) -> RawRecord:
-        raise NotImplementedError
-
-    def get_state(self) -> State:
-        raise NotImplementedError
-
-    def set_state(self, state: State) -> None:
-        raise NotImplementedError
-
     def restart(self) -> None:
         """Read again from the first record."""
-        self.set_state({"file": 0, "row": 0})
+        self.set_state(SourceState(file=0, row=0))
 
-    def part_starts(self, file: int, every: int) -> list[State]:
+    def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Where each part of a file begins when it is cut every `every` rows: states for `set_state`, the first
         at row 0. A source that cannot seek within a file, or cannot count its rows, gives one part."""
-        return [{"file": file, "row": 0}]
+        return [SourceState(file=file, row=0)]
 
     def identity(self) -> list[object]:
         """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
@@ -71,19 +67,19 @@ class RowSource(Source):
     def __next__(self) -> RawRecord:
         return next(self._it)
 
-    def get_state(self) -> State:
+    def get_state(self) -> SourceState:
         file, row = self._pos
-        return {"file": file, "row": row}
+        return SourceState(file=file, row=row)
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: SourceState) -> None:
         self._it.close()
-        self._pos = (int(state["file"]), int(state["row"]))
+        self._pos = (state.file, state.row)
         self._it = self._read(*self._pos)
 
 
-def row_starts(file: int, rows: int, every: int) -> list[State]:
+def row_starts(file: int, rows: int, every: int) -> list[SourceState]:
     """The states of rows 0, every, 2*every, ... of a file of `rows` rows (row 0 even if it has none)."""
-    return [{"file": file, "row": row} for row in range(0, max(rows, 1), every)]
+    return [SourceState(file=file, row=row) for row in range(0, max(rows, 1), every)]
 
 
 def file_identity(path: str) -> list[object]:

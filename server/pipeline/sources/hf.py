@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import SourceError
-from ..stage import State
-from .base import RawRecord, RowSource, row_starts
+from .base import RawRecord, RowSource, SourceState, row_starts
 from .parquet import needed_columns, rows_of
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ class HfSource(RowSource):
         """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
         return [self.files[0], getattr(self._data, "_fingerprint", None)]
 
-    def part_starts(self, file: int, every: int) -> list[State]:
+    def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the split."""
         return row_starts(file, len(self._data), every)
 

@@ -14,8 +14,7 @@ import orjson
 import zstandard
 
 from ...progress import QUIET_S, Progress, file_bytes
-from ..stage import State
-from .base import RawRecord, Source
+from .base import RawRecord, Source, SourceState
 
 log = logging.getLogger(__name__)
 
@@ -122,25 +121,24 @@ class JsonlSource(Source):
     def __next__(self) -> RawRecord:
         return next(self._it)
 
-    def get_state(self) -> State:
+    def get_state(self) -> SourceState:
         file, row, offset = self._pos
         if offset is not None and file < len(self.files) and is_plain(self.files[file]):
-            return {"file": file, "row": row, "offset": offset}
-        return {"file": file, "row": row}
+            return SourceState(file=file, row=row, offset=offset)
+        return SourceState(file=file, row=row)
 
-    def set_state(self, state: State) -> None:
+    def set_state(self, state: SourceState) -> None:
         self._it.close()
-        file, row, offset = int(state["file"]), int(state["row"]), state.get("offset")
-        self._pos = (file, row, None if offset is None else int(offset))
+        self._pos = (state.file, state.row, state.offset)
         self._it = self._read(*self._pos)
 
-    def part_starts(self, file: int, every: int) -> list[State]:
+    def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th line of a plain file with its byte offset, found by one pass over its lines. A
         compressed file is one part: it cannot seek, so part k would decompress everything before it again."""
         path = self.files[file]
         if not is_plain(path):
             return super().part_starts(file, every)
-        starts: list[State] = [{"file": file, "row": 0, "offset": 0}]
+        starts = [SourceState(file=file, row=0, offset=0)]
         try:
             with open_lines(path) as lines, Progress(f"{self.spec}: finding the parts of {path}", after_s=QUIET_S,
                                                      total=file_bytes(path), label="finding parts") as report:
@@ -148,10 +146,10 @@ class JsonlSource(Source):
                 for row, line in enumerate(lines, 1):
                     offset += len(line)
                     if row % every == 0:
-                        starts.append({"file": file, "row": row, "offset": offset})
+                        starts.append(SourceState(file=file, row=row, offset=offset))
                         report.at(offset)
                 report.at(offset)
-                if len(starts) > 1 and starts[-1]["offset"] == offset:
+                if len(starts) > 1 and starts[-1].offset == offset:
                     starts.pop()  # the file ends where that part would begin
         except OSError:
             return super().part_starts(file, every)  # reading it reports bad_file

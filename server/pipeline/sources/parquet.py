@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stage import State
-from .base import RawRecord, RowSource, row_starts
+from .base import RawRecord, RowSource, SourceState, row_starts
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class ParquetSource(RowSource):
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
         self._start()
 
-    def part_starts(self, file: int, every: int) -> list[State]:
+    def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading
         it then reports bad_file)."""
         try:
