@@ -22,6 +22,9 @@ from .wrappers import check_not_wrapped
 
 log = logging.getLogger(__name__)
 
+_SPAWN_DEPTH = 64
+"""Frames between pickling for a spawned worker and the DataLoader (wrapper) that starts it, with room to spare."""
+
 ModelInputs = dict[str, torch.Tensor | int]
 """What FeedDataset yields: named tensors, plus int max_length_q/k with flash_attn_kwargs."""
 
@@ -92,10 +95,19 @@ class FeedDataset(IterableDataset[ModelInputs]):
         return self._batches()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the fork-shared flag; a copy pickled for a new process marks this one as shared."""
+        """Pickle without the fork-shared flag; a copy pickled for a new process marks this one as shared.
+
+        A copy pickled for a spawn or forkserver worker is checked and pinned here, in the process that starts
+        the worker, because the worker cannot see that process: its stack (a forked worker inherits it, and
+        __iter__ refuses an Accelerate-prepared loader there) and its torch.distributed rank (a spawned worker
+        has no process group, and RANK/WORLD_SIZE need not be set, e.g. under mp.spawn launchers).
+        """
+        state = {**self.__dict__, "_worker_flag": None}
         if get_spawning_popen() is not None:
+            check_not_wrapped(_SPAWN_DEPTH)
             self._sent_to_workers = True
-        return {**self.__dict__, "_worker_flag": None}
+            state["_rank"], state["_world_size"] = self._trainer_ranks()
+        return state
 
     def fetch_info(self) -> feed_pb2.DatasetInfo:
         """Connect briefly to learn the dataset's facts (vocab size, eos/pad ids, packing) before training."""
