@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .attention import PackedAttentionError, PackedAttentionWarning, check_packed_attention
 from .decode import IGNORE_INDEX, decode_batch, varlen_kwargs
 from .position import FeedState, PositionedBatch, batch_state
 from .stream import (
@@ -28,8 +29,11 @@ __all__ = [
     "FeedError",
     "FeedServerError",
     "FeedState",
+    "PackedAttentionError",
+    "PackedAttentionWarning",
     "PositionedBatch",
     "batch_state",
+    "check_packed_attention",
     "decode_batch",
     "varlen_kwargs",
 ]

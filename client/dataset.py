@@ -15,12 +15,16 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..protos import feed_pb2
+from .attention import SECURED_BY_CHECK, packed_attention_checked, warn_unchecked
 from .decode import varlen_kwargs
 from .position import FeedState, PositionedBatch, decode_cursor, encode_cursor
 from .stream import BatchStream, FeedBatch, FeedError
 from .wrappers import check_not_wrapped
 
 log = logging.getLogger(__name__)
+
+_SPAWN_DEPTH = 64
+"""Frames between pickling for a spawned worker and the DataLoader (wrapper) that starts it, with room to spare."""
 
 ModelInputs = dict[str, torch.Tensor | int]
 """What FeedDataset yields: named tensors, plus int max_length_q/k with flash_attn_kwargs."""
@@ -39,6 +43,10 @@ class FeedDataset(IterableDataset[ModelInputs]):
     Each batch is a PositionedBatch: `batch_state(batch)` is the state that resumes right after it, for
     loops that fetch ahead of training (Lightning, a DataLoader with workers). state_dict() is the state
     after the last batch yielded, for loops that do not.
+
+    Packed rows need a model that keeps their segments apart: the first packed batch warns
+    (attention.PackedAttentionWarning) unless check_packed_attention(model) ran in this process or an
+    integration that ensures it (FeedTrainer, FeedSFTTrainer, FeedDataModule) adopted the feed.
     """
 
     def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int | None = None,
@@ -65,6 +73,12 @@ class FeedDataset(IterableDataset[ModelInputs]):
         # one shared byte, set by DataLoader workers forked from this process when they iterate a copy
         self._worker_flag: mmap.mmap | None = mmap.mmap(-1, 1)
         self._sent_to_workers = False
+        self._attention_secured_by: str | None = None
+
+    def secure_packed_attention(self, by: str) -> None:
+        """Record that `by` keeps packed segments apart in the model these batches train (the integrations call
+        it); the feed then does not warn at its first packed batch."""
+        self._attention_secured_by = by
 
     def ranks(self) -> tuple[int, int]:
         """(rank, world_size) of this stream: the trainer's rank, split further across DataLoader workers.
@@ -92,10 +106,21 @@ class FeedDataset(IterableDataset[ModelInputs]):
         return self._batches()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the fork-shared flag; a copy pickled for a new process marks this one as shared."""
+        """Pickle without the fork-shared flag; a copy pickled for a new process marks this one as shared.
+
+        A copy pickled for a spawn or forkserver worker is checked and pinned here, in the process that starts
+        the worker, because the worker cannot see that process: its stack (a forked worker inherits it, and
+        __iter__ refuses an Accelerate-prepared loader there) and its torch.distributed rank (a spawned worker
+        has no process group, and RANK/WORLD_SIZE need not be set, e.g. under mp.spawn launchers).
+        """
+        state = {**self.__dict__, "_worker_flag": None}
         if get_spawning_popen() is not None:
+            check_not_wrapped(_SPAWN_DEPTH)
             self._sent_to_workers = True
-        return {**self.__dict__, "_worker_flag": None}
+            state["_rank"], state["_world_size"] = self._trainer_ranks()
+            if packed_attention_checked():  # in this process, which the worker cannot see
+                state["_attention_secured_by"] = self._attention_secured_by or SECURED_BY_CHECK
+        return state
 
     def fetch_info(self) -> feed_pb2.DatasetInfo:
         """Connect briefly to learn the dataset's facts (vocab size, eos/pad ids, packing) before training."""
@@ -123,6 +148,8 @@ class FeedDataset(IterableDataset[ModelInputs]):
             if self.flash_attn_kwargs and not stream.info.pack:
                 raise ValueError(f"flash_attn_kwargs=True needs packed rows, but dataset {self.dataset!r} "
                                  f"at {self.target} is served with pack: false")
+            if stream.info.pack and self._attention_secured_by is None:
+                warn_unchecked(self.dataset, self.target)
             rank, world_size = self.ranks()
             for item in stream:
                 if isinstance(item, FeedBatch):

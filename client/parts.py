@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..protos import feed_pb2
 
@@ -24,6 +25,11 @@ _LAST = feed_pb2.Part(last=True).SerializeToString()
 
 class PartsError(ValueError):
     """The Parts received do not form a response."""
+
+
+class PartsCut(PartsError):
+    """The call ended, with status OK, inside a Part sequence: the response was cut off, as by a broken
+    connection (the client reconnects and resumes at the last whole response)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +58,13 @@ def read_response(raw: bytes) -> feed_pb2.StreamResponse | Part:
 
 
 def whole(messages: Iterable[feed_pb2.StreamResponse | Part], limit: int | None) -> Iterator[feed_pb2.StreamResponse]:
-    """One call's responses with their Parts joined (PartsError past `limit` bytes or on a response inside a
-    Part sequence). Parts not completed when the call ends are dropped with this iterator: a new call starts
-    afresh, and the resume cursor, which moves per whole response, makes it send that response again whole."""
+    """One call's responses with their Parts joined.
+
+    PartsError past `limit` bytes, on a response inside a Part sequence, or when a sequence's joined bytes are
+    no StreamResponse; PartsCut when the call ends (status OK) inside a sequence. A call that breaks (an RpcError)
+    drops the Parts not completed with this iterator: a new call starts afresh, and the resume cursor, which
+    moves per whole response, makes it send that response again whole.
+    """
     pending: list[memoryview] = []
     size = 0
     for message in messages:
@@ -69,9 +79,20 @@ def whole(messages: Iterable[feed_pb2.StreamResponse | Part], limit: int | None)
         if limit is not None and size > limit:
             raise PartsError(f"a response sent in Parts exceeds {limit} bytes (grpc.max_receive_message_length)")
         if message.last:
-            joined = b"".join(pending)
+            response = _parse_joined(pending, size)
             pending, size = [], 0
-            yield feed_pb2.StreamResponse.FromString(joined)
+            yield response
+    if pending:
+        raise PartsCut(f"the call ended after {len(pending)} Part(s) ({size} bytes) of a response, before the "
+                       "last Part")
+
+
+def _parse_joined(pending: list[memoryview], size: int) -> feed_pb2.StreamResponse:
+    """The StreamResponse that a complete Part sequence carries; PartsError if its bytes are none."""
+    try:
+        return feed_pb2.StreamResponse.FromString(b"".join(pending))
+    except DecodeError as err:
+        raise PartsError(f"the {len(pending)} Part(s) of {size} bytes do not form a response ({err})") from None
 
 
 def _framed_part(raw: bytes) -> Part | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..protos import feed_pb2
 from .decode import decode_batch
-from .parts import PartsError, stream_method, whole
+from .parts import PartsCut, PartsError, stream_method, whole
 from .timing import StepTimer
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,9 @@ class _Link:
         with contextlib.suppress(_Closed):
             self._put(item)
 
-    def _pump(self) -> grpc.RpcError | None:
-        """Deliver the current call's messages; None when it completes, the error if transient."""
+    def _pump(self) -> str | None:
+        """Deliver the current call's messages; None when it completes, what broke it if that is transient (a
+        transient status, or a call that ended inside a Part sequence)."""
         try:
             for response in self._responses:
                 self._deliver(response)
@@ -238,8 +239,12 @@ class _Link:
             if self._closed.is_set():
                 raise _Closed from None
             if exc.code() in TRANSIENT_CODES:
-                return exc
+                return _describe(exc)
             raise FeedServerError(self.target, exc.code(), exc.details()) from None
+        except PartsCut as cut:
+            if self._closed.is_set():
+                raise _Closed from None
+            return str(cut)
         return None
 
     def _deliver(self, response: feed_pb2.StreamResponse) -> None:
@@ -268,21 +273,21 @@ class _Link:
                 continue
         raise _Closed
 
-    def _reconnect(self, error: grpc.RpcError) -> None:
+    def _reconnect(self, error: str) -> None:
         """Re-open from the last batch received once the consumer has room for a batch."""
         log.warning("stream to sigil-feed server at %s broke (%s); reconnecting from the last batch received",
-                    self.target, _describe(error))
+                    self.target, error)
         with self._cond:
             self._cond.wait_for(lambda: self._buffered < self._prefetch or self._closed.is_set())
         attempts, elapsed = self._open(self._reconnect_deadline_s, reconnecting=True, first_error=error)
         log.warning("resumed stream to %s after %d attempt(s) in %.1fs", self.target, attempts, elapsed)
 
     def _open(self, budget_s: float, *, reconnecting: bool,
-              first_error: grpc.RpcError | None = None) -> tuple[int, float]:
+              first_error: str | None = None) -> tuple[int, float]:
         """Try to open the stream with backoff until `budget_s` runs out; return (attempts, seconds)."""
         start = time.monotonic()
         deadline = start + budget_s
-        last = _describe(first_error) if first_error is not None else "none"
+        last = first_error or "none"
         attempts = 0
         while True:
             if self._closed.is_set():
@@ -327,6 +332,8 @@ class _Link:
         except StopIteration:
             raise FeedError(f"sigil-feed server at {self.target} ended the stream before answering Open") \
                 from None
+        except PartsCut as cut:
+            raise _Retry(str(cut)) from None
         except grpc.RpcError as exc:
             if self._closed.is_set():
                 raise _Closed from None
@@ -343,10 +350,13 @@ class _Link:
         return first.opened
 
     def _joined(self, call: Iterator[feed_pb2.StreamResponse | Any]) -> Iterator[feed_pb2.StreamResponse]:
-        """The call's responses with their Parts joined; Parts of a response cut short by the call's end are
-        dropped with this iterator (the next call resumes at the last whole batch, which comes again)."""
+        """The call's responses with their Parts joined; Parts of a response cut short by a break, or by the call
+        ending inside them (PartsCut, which _pump treats as a break), are dropped with this iterator (the next call
+        resumes at the last whole batch, which comes again). Parts that form no response are a FeedError."""
         try:
             yield from whole(call, self._max_response_bytes)
+        except PartsCut:
+            raise
         except PartsError as err:
             raise FeedError(f"sigil-feed server at {self.target}: {err}") from None
 

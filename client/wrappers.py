@@ -15,14 +15,15 @@ class WrappedLoaderError(FeedError, TypeError):
     """A FeedDataset was iterated through a wrapper that breaks sharding or the saved position."""
 
 
-def check_not_wrapped() -> None:
-    """Raise if the caller's stack runs an Accelerate-prepared DataLoader (stock HF Trainer included).
+def check_not_wrapped(depth: int = _MAX_DEPTH) -> None:
+    """Raise if the caller's stack (its nearest `depth` frames) runs an Accelerate-prepared DataLoader (stock HF
+    Trainer included).
 
     accelerator.prepare(loader) lets rank 0 read for every rank (dispatch_batches, the default for an
     IterableDataset: the other ranks' shares are never read) or re-shards a stream the server already
     sharded (dispatch_batches=False: it fails on batch_size=None), and it reads a batch ahead.
     """
-    owners = {type(owner) for owner in _frame_owners(sys._getframe(1))}
+    owners = {type(owner) for owner in _frame_owners(sys._getframe(1), depth)}
     if not any(cls.__module__.startswith("accelerate.") and cls.__name__ in _ACCELERATE_LOADERS
                for cls in owners):
         return
@@ -40,10 +41,10 @@ def check_not_wrapped() -> None:
         "sigil_feed.client.integrations.accelerate.FeedCheckpoint(feed) for save_state/load_state")
 
 
-def _frame_owners(frame: FrameType | None) -> list[object]:
-    """The `self` of each of the nearest calling frames that are methods."""
+def _frame_owners(frame: FrameType | None, depth: int) -> list[object]:
+    """The `self` of each of the nearest `depth` calling frames that are methods."""
     owners = []
-    for _ in range(_MAX_DEPTH):
+    for _ in range(depth):
         if frame is None:
             break
         owner = frame.f_locals.get("self")

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from common import BatchLog, arg_parser, report, tiny_causal_lm
 from torch.utils.data import DataLoader
 
-from sigil_feed.client import FeedDataset
+from sigil_feed.client import FeedDataset, check_packed_attention
 from sigil_feed.client.integrations.accelerate import FeedCheckpoint
 
 
@@ -49,6 +49,7 @@ def main() -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     ds = FeedDataset(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len)
     model = tiny_causal_lm(ds.fetch_info(), args.seq_len)
+    check_packed_attention(model)  # before prepare: packed samples must not attend to each other
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = Progress()

@@ -30,13 +30,14 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 def tiny_causal_lm(info: feed_pb2.DatasetInfo, seq_len: int) -> torch.nn.Module:
     """A randomly initialised 2-layer GPT-2 sized to the dataset's tokenizer; trains on a CPU in seconds.
 
-    use_cache=False matters for packed rows on sdpa/eager attention: transformers builds the per-sample
-    (block-diagonal) causal mask from position_ids only when no KV cache is in play. No dropout, so a
-    resumed run reproduces an uninterrupted one.
+    Its config keeps GPT-2's use_cache=True, as a real checkpoint's does: with it, transformers builds a KV cache
+    in training too and derives no per-sample mask from position_ids, so packed samples would attend to each
+    other. The loops call check_packed_attention(model) (it turns the cache off and checks the model); FeedTrainer,
+    FeedSFTTrainer and FeedDataModule do it themselves. No dropout, so a resumed run reproduces an uninterrupted one.
     """
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=info.vocab_size, n_positions=seq_len, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=info.eos_id, eos_token_id=info.eos_id, use_cache=False,
+                        bos_token_id=info.eos_id, eos_token_id=info.eos_id,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 

@@ -7,6 +7,7 @@
 
 FeedDataModule (sigil_feed.client.integrations.lightning) saves the position of the last batch trained,
 not the one Lightning has already fetched, so fit(ckpt_path=...) continues with exactly the next batch.
+At the first batch it turns off use_cache and checks the model, so packed samples never attend to each other.
 """
 
 from __future__ import annotations

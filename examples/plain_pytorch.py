@@ -6,6 +6,7 @@
 
 The batches arrive ready ([B, L] input_ids, labels, position_ids), so the DataLoader only wraps the
 dataset: batch_size=None (no re-batching, no collator) and num_workers=0 (the sidecar does the data work).
+check_packed_attention(model) once before training: packed samples must not attend to each other.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from common import BatchLog, arg_parser, report, tiny_causal_lm
 from torch.utils.data import DataLoader
 
-from sigil_feed.client import FeedDataset
+from sigil_feed.client import FeedDataset, check_packed_attention
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
 
     ds = FeedDataset(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len)
     model = tiny_causal_lm(ds.fetch_info(), args.seq_len).to(device)
+    check_packed_attention(model)  # use_cache off, and a packed probe batch: segments must not see each other
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
     if args.resume:

@@ -21,7 +21,7 @@ from common import BatchLog, arg_parser, report, tiny_causal_lm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from sigil_feed.client import FeedDataset
+from sigil_feed.client import FeedDataset, check_packed_attention
 from sigil_feed.client.integrations.ranks import gather_states, load_own_state
 
 
@@ -37,7 +37,9 @@ def main() -> None:
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
 
     ds = FeedDataset(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len)
-    model = DistributedDataParallel(tiny_causal_lm(ds.fetch_info(), args.seq_len).to(device))
+    model = tiny_causal_lm(ds.fetch_info(), args.seq_len).to(device)
+    check_packed_attention(model)  # on every rank, before wrapping: packed samples must not attend to each other
+    model = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = 0
     if args.resume:

@@ -14,6 +14,9 @@ How the Trainer is fitted to a stream of ready batches:
   newest checkpoint that holds trainer_state.json and the position of every rank that saved it. A run on
   another number of ranks resumes from it too (integrations.ranks.resume_state). ignore_data_skip=True
   stops the Trainer from fast-forwarding a stream that already resumes at the right batch.
+- Packed rows: the Trainer sets config.use_cache from TrainingArguments.use_cache (False by default) and TRL
+  passes use_cache=False; train() turns it off in every config of the model anyway, since with a KV cache
+  transformers derives no per-segment mask from position_ids and packed samples attend to each other.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from ..attention import disable_kv_cache
 from ..dataset import FeedDataset
 from ..position import FeedState, batch_state
 from .ranks import resume_state
@@ -70,6 +74,7 @@ class FeedTrainerMixin:
         """Adopt `feed` as the training data (call after the Trainer's __init__)."""
         self.feed, self._trained = feed, None
         self.args.ignore_data_skip = True  # type: ignore[attr-defined]
+        feed.secure_packed_attention(type(self).__name__)
 
     def get_train_dataloader(self) -> DataLoader:
         """The batches as they come: no sampler, no collator, no accelerator.prepare."""
@@ -93,6 +98,7 @@ class FeedTrainerMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
         """Train; when resuming, first restore this rank's feed position saved with the checkpoint."""
+        disable_kv_cache(self.model)  # type: ignore[attr-defined]
         if resume_from_checkpoint:
             folder = self._resume_folder(resume_from_checkpoint)
             self.feed.load_state_dict(resume_state(saved_states(folder), *self.feed.ranks()))

@@ -47,12 +47,6 @@ def test_parts_join_into_their_response_between_whole_ones() -> None:
     assert list(whole(map(read_response, raw), None)) == [EPOCH_END, batch, EPOCH_END, batch]
 
 
-def test_parts_cut_off_by_the_end_of_the_call_are_dropped() -> None:
-    batch = feed_pb2.StreamResponse(batch=feed_pb2.Batch(seq=4, cursor=b"c" * 500))
-    assert list(whole(map(read_response, [EPOCH_END.SerializeToString(), *split(batch, 64)[:-1]]), None)) == \
-        [EPOCH_END]
-
-
 def test_a_response_inside_a_part_sequence_is_refused() -> None:
     batch = feed_pb2.StreamResponse(batch=feed_pb2.Batch(cursor=b"c" * 500))
     with pytest.raises(PartsError, match="'epoch_end' response came before the last Part"):

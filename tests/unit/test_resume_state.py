@@ -7,18 +7,20 @@ from typing import Any
 import pytest
 
 from sigil_feed.client.integrations.ranks import resume_state
+from tests.unit.test_resume_checks import cursor
 
 
 def saved(world: int, rows: list[int] | None = None, epoch: int = 0) -> list[dict[str, Any] | None]:
     """The states `world` ranks saved after a step (rank r at rows[r], by default all at row 96)."""
     rows = rows or [96] * world
-    return [{"cursor": f"c{r}", "epoch": epoch, "row": rows[r], "dataset": "default", "rank": r,
+    return [{"cursor": cursor(epoch, rows[r]), "epoch": epoch, "row": rows[r], "dataset": "default", "rank": r,
              "world_size": world} for r in range(world)]
 
 
 def test_the_same_world_size_resumes_each_rank_from_its_own_state_even_at_different_steps() -> None:
     states = saved(4, rows=[96, 96, 72, 96])
-    assert [resume_state(states, r, 4)["cursor"] for r in range(4)] == ["c0", "c1", "c2", "c3"]
+    assert [resume_state(states, r, 4)["rank"] for r in range(4)] == [0, 1, 2, 3]
+    assert [resume_state(states, r, 4)["row"] for r in range(4)] == [96, 96, 72, 96]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])

@@ -13,6 +13,7 @@ from sigil_feed.client.integrations.hf_trainer import (
     saved_states,
 )
 from sigil_feed.client.integrations.ranks import resume_state
+from tests.unit.test_resume_checks import cursor
 
 
 def checkpoint(root: Path, step: int, world: int, ranks: list[int], trainer_state: bool = True) -> Path:
@@ -20,7 +21,7 @@ def checkpoint(root: Path, step: int, world: int, ranks: list[int], trainer_stat
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for rank in ranks:
-        torch.save({"cursor": "", "epoch": 0, "row": 8 * step, "rank": rank, "world_size": world},
+        torch.save({"cursor": cursor(0, 8 * step), "epoch": 0, "row": 8 * step, "rank": rank, "world_size": world},
                    folder / feed_state_file(rank))
     if trainer_state:
         (folder / TRAINER_STATE).write_text("{}")
