@@ -33,10 +33,14 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 
 
 def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failed RPC answers with; INTERNAL (logged with its traceback) for a bug."""
+    """The status and message a failed RPC answers with: UNAVAILABLE for an I/O error no layer below foresaw (the
+    client resumes from its cursor), INTERNAL for a bug; both logged with their traceback."""
     for kind, code in STATUS_OF:
         if isinstance(err, kind):
             return code, str(err)
+    if isinstance(err, OSError):
+        log.error("unforeseen I/O error, answered UNAVAILABLE", exc_info=err)
+        return grpc.StatusCode.UNAVAILABLE, f"I/O error: {type(err).__name__}: {err}"
     log.exception("internal error", exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 

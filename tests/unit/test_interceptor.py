@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 from typing import Any
 
 import grpc
@@ -69,3 +71,15 @@ def test_other_failures_are_sent_as_their_status(error: Exception, code: grpc.St
     kind, reported, context = outcome(error)
     assert kind is grpc.aio.AbortError and reported == code and context.aborted is not None
     assert context.aborted[0] == code
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), ConnectionResetError("reset by peer"),
+                                   FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")])
+def test_an_unforeseen_io_error_is_unavailable_never_internal(error: OSError,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Last resort: the client reconnects and resumes from its cursor; the log keeps the traceback."""
+    with caplog.at_level(logging.ERROR, logger="sigil_feed.server.rpc.interceptor"):
+        kind, reported, context = outcome(error)
+    assert kind is grpc.aio.AbortError and reported == grpc.StatusCode.UNAVAILABLE
+    assert context.aborted == (grpc.StatusCode.UNAVAILABLE, f"I/O error: {type(error).__name__}: {error}")
+    assert caplog.records[-1].exc_info is not None and caplog.records[-1].exc_info[1] is error
