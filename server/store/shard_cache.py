@@ -6,6 +6,12 @@
   bounded) into a temporary name, checked for size and xxh3-64, then renamed into place. A copy that fails the
   check is fetched once more; a second failure raises `ShardDamaged` (a `SourceError`: DATA_LOSS) naming the
   shard. Threads asking for the same shard at once share one download.
+- Storage that fails (a network error, a stall, a restarting S3 server) is tried again with jittered backoff,
+  resuming where the download stopped, until it has made no progress for the retry window (retry.py,
+  `SIGIL_FEED_STORAGE_RETRY_S`); then `Unavailable` names the shard and the error (the client reconnects and
+  resumes). An object that is not there raises `ShardMissing` (DATA_LOSS: rebuild the store).
+- A disk that fills while a download is written (ENOSPC, EDQUOT, EFBIG) has unpinned shards evicted, whatever
+  the budget, and the download starts again; if none is left to evict, `Unavailable` names the folder.
 - `pin(shard)` / `unpin(shard)` (or `with cache.pinned(shard) as path:`) hold a shard in use (a memory map):
   eviction never removes a pinned shard.
 - Least recently used unpinned shards are evicted to stay within `max_bytes`. Where pinned shards alone fill
@@ -29,7 +35,9 @@ touched on every use), and each is verified (size and xxh3-64) the first time it
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import io
 import logging
 import os
 import posixpath
@@ -43,11 +51,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import xxhash
 
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, Unavailable
 from ..progress import QUIET_S, Progress
+from .retry import Retries, RetryWindow, storage_retry
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +65,34 @@ CHUNK_BYTES = 8 << 20
 LOCK = ".lock"
 PART = ".part-"
 _CACHED = re.compile(r"[0-9a-f]{16}-.+")
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class ShardDamaged(SourceError):
     """A shard's remote copy failed its size or checksum on two fetches in a row (DATA_LOSS)."""
 
 
+class ShardMissing(SourceError):
+    """A shard's file is not in the store any more (deleted after the store was committed): DATA_LOSS."""
+
+
+def shard_missing(where: str) -> ShardMissing:
+    """The error for a shard file that is not where the store's manifest says, with the fix."""
+    return ShardMissing(f"shard {where} is missing from the store (deleted after the store was committed?) (fix: "
+                        "rebuild the store: `sigil-feed cache build` with this configuration writes the missing "
+                        "shards again)")
+
+
 class _NoRoom(Exception):
     """A prefetch that would push the cache over its budget (nothing is fetched)."""
+
+
+class _DiskFull(Exception):
+    """Writing a download ran out of room on the cache's disk."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(str(err))
+        self.err = err
 
 
 @dataclass(frozen=True)
@@ -116,6 +146,26 @@ class _Entry:
     pins: int = 0
 
 
+def _free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of `folder`."""
+    stat = os.statvfs(folder)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _write_all(out: io.RawIOBase, data: bytes) -> None:
+    """Write all of `data` to an unbuffered file (a full disk may take part of a write, then refuse)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0:]
+
+
+def _closed(src: pa.NativeFile | None) -> None:
+    """Close a remote file, if open (its errors do not matter: the read is over, or starts again)."""
+    if src is not None:
+        with contextlib.suppress(OSError):
+            src.close()
+
+
 def _xxh3_of(path: Path, chunk_bytes: int) -> str:
     digest = xxhash.xxh3_64()
     with path.open("rb") as f:
@@ -128,8 +178,10 @@ class ShardCache:
     """Whole shard files under `local_dir`, within `max_bytes`, least recently used evicted first."""
 
     def __init__(self, local_dir: Path | str, max_bytes: int, *, workers: int = 2,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, retry: RetryWindow | None = None) -> None:
         self.dir, self.max_bytes, self.chunk_bytes = Path(local_dir), max_bytes, chunk_bytes
+        self.retry = retry or storage_retry()
+        self._stopping = threading.Event()  # set at stop: fetches waiting to retry give up
         self.dir.mkdir(parents=True, exist_ok=True)
         self._owner = self._own()
         self._lock = threading.Lock()
@@ -179,13 +231,28 @@ class ShardCache:
         for name in [n for n, e in self._entries.items() if not e.pins]:
             if self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes:
                 break
-            entry = self._entries.pop(name)
-            self._dropped(name)
-            (self.dir / name).unlink(missing_ok=True)
-            self._counts["current_bytes"] -= entry.size
-            self._counts["evictions"] += 1
-            log.debug("evicted shard %s (%d bytes)", name, entry.size)
+            self._remove(name)
         return self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes
+
+    def _evict_for_disk(self, needed: int) -> int:
+        """Evict unpinned shards, least recently used first and whatever the budget, until the disk has `needed`
+        bytes free (at least one, if any); how many went."""
+        evicted = 0
+        for name in [n for n, e in self._entries.items() if not e.pins]:
+            if evicted and _free_bytes(self.dir) >= needed:
+                break
+            self._remove(name)
+            evicted += 1
+        return evicted
+
+    def _remove(self, name: str) -> None:
+        """Evict one unpinned shard: its listeners are told, then its file goes (under the lock)."""
+        entry = self._entries.pop(name)
+        self._dropped(name)
+        (self.dir / name).unlink(missing_ok=True)
+        self._counts["current_bytes"] -= entry.size
+        self._counts["evictions"] += 1
+        log.debug("evicted shard %s (%d bytes)", name, entry.size)
 
     def get(self, shard: RemoteShard) -> Path:
         """The local path of a verified copy of the shard, fetched if needed (not pinned: may be evicted later)."""
@@ -322,9 +389,13 @@ class ShardCache:
                             self.max_bytes)
             self._reserved += shard.size
         try:
-            problems = []
-            for _ in range(2):
-                problem = self._fetch_once(shard, path)
+            problems: list[str] = []
+            while len(problems) < 2:
+                try:
+                    problem = self._fetch_once(shard, path)
+                except _DiskFull as full:
+                    self._make_room(shard, full.err)
+                    continue
                 if problem is None:
                     return
                 problems.append(problem)
@@ -337,20 +408,59 @@ class ShardCache:
             with self._lock:
                 self._reserved -= shard.size
 
+    def _make_room(self, shard: RemoteShard, err: OSError) -> None:
+        """The disk filled while the shard was written: evict unpinned shards to make room for it, whatever the
+        budget; Unavailable naming the folder if there are none left."""
+        with self._lock:
+            evicted = self._evict_for_disk(shard.size)
+        if not evicted:
+            raise Unavailable(f"no room to fetch shard {shard.describe()} ({shard.size} bytes) into the shard cache "
+                              f"{self.dir}: {err.strerror}, and every shard it holds is in use (fix: free space "
+                              f"there, or lower dataset.shard_cache_gb to what its disk holds)") from err
+        log.warning("shard cache %s: its disk is full (%s): evicted %d shards to fetch %s", self.dir, err.strerror,
+                    evicted, shard.describe())
+
+    @contextlib.contextmanager
+    def _writing(self, shard: RemoteShard) -> Iterator[None]:
+        """Local writes of a download: a full disk raises _DiskFull, any other failure Unavailable naming the folder."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno in _NO_ROOM:
+                raise _DiskFull(err) from err
+            raise Unavailable(f"shard cache {self.dir}: cannot write shard {shard.describe()}: {err}") from err
+
     def _fetch_once(self, shard: RemoteShard, path: Path) -> str | None:
-        """Download into a temporary name, check, rename into place; None, or what was wrong."""
+        """Download into a temporary name, check, rename into place; None, or what was wrong. A read that fails
+        is tried again from where it stopped (see the module's docstring)."""
         part = path.with_name(f".{path.name}{PART}{secrets.token_hex(4)}")
         digest, got = xxhash.xxh3_64(), 0
         with self._lock:
             self._counts["fetches"] += 1
+        retries = self.retry.start(self._stopping)
+        src: pa.NativeFile | None = None
         try:
-            with shard.fs.open_input_file(shard.path) as src, part.open("wb") as out, Progress(
-                    f"fetching shard {shard.describe()}", total=shard.size, after_s=QUIET_S) as report:
+            with self._writing(shard):
+                out = part.open("wb", buffering=0)
+            with out, Progress(f"fetching shard {shard.describe()}", total=shard.size, after_s=QUIET_S) as report:
                 while got <= shard.size:  # one byte past the size tells a longer file
-                    chunk = src.read(min(self.chunk_bytes, shard.size + 1 - got))
+                    try:
+                        if src is None:
+                            src = shard.fs.open_input_file(shard.path)
+                            src.seek(got)
+                        chunk = src.read(min(self.chunk_bytes, shard.size + 1 - got))
+                    except FileNotFoundError:
+                        raise shard_missing(shard.describe()) from None
+                    except OSError as err:
+                        _closed(src)
+                        src = None
+                        self._retry_or_give_up(shard, retries, err)
+                        continue
                     if not chunk:
                         break
-                    out.write(chunk)
+                    retries.progressed()
+                    with self._writing(shard):
+                        _write_all(out, chunk)
                     digest.update(chunk)
                     got += len(chunk)
                     with self._lock:
@@ -359,10 +469,20 @@ class ShardCache:
                     report.at(got)
             if got != shard.size or digest.hexdigest() != shard.xxh3:
                 return f"{got}{'+' if got > shard.size else ''} bytes with xxh3 {digest.hexdigest()}"
-            os.replace(part, path)
+            with self._writing(shard):
+                os.replace(part, path)
             return None
         finally:
+            _closed(src)
             part.unlink(missing_ok=True)
+
+    def _retry_or_give_up(self, shard: RemoteShard, retries: Retries, err: OSError) -> None:
+        """After a failed read of the shard: wait for the next try, or raise Unavailable naming the shard."""
+        if not retries.wait():
+            raise Unavailable(f"cannot fetch shard {shard.describe()}: {type(err).__name__}: {err}; "
+                              f"{retries.describe()}") from err
+        log.warning("fetching shard %s failed (%s: %s); trying again (%d failed attempts, %.0f s without progress)",
+                    shard.describe(), type(err).__name__, err, retries.failures, retries.stalled_s)
 
     def stats(self) -> ShardCacheStats:
         """A snapshot of the counters."""
@@ -378,10 +498,12 @@ class ShardCache:
         """Drop the queued prefetches and take no more (downloads under way finish): a stopping server's exit
         does not wait for a queue of shards nobody will read."""
         self._prefetch_stopped = True
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop prefetching (waiting for downloads under way) and give up the folder."""
+        self._stopping.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._owner >= 0:
             os.close(self._owner)

@@ -1,0 +1,160 @@
+"""Faults of object storage and of the cache's disk while shards are fetched: pyarrow's S3 client reaches the moto
+server through a proxy that refuses, resets or stalls connections; the cache's folder sits on a tiny tmpfs."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from sigil_feed.server.errors import SourceError, Unavailable
+from sigil_feed.server.store.fs import StoreFS, resolve
+from sigil_feed.server.store.retry import RetryWindow
+from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardMissing
+from tests.fault_proxy import FaultProxy
+from tests.unit.test_shard_cache import Remote, shard_bytes
+
+SIZE = 1 << 20  # bytes per shard here, read in 128 KiB chunks (eight ranged GETs)
+CHUNK = 128 << 10
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the moto server."""
+    with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1])) as opened:
+        yield opened
+
+
+@pytest.fixture
+def s3(s3_bucket: str, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> tuple[Remote, StoreFS]:
+    """Shards written to a fresh bucket directly, and the bucket as the server reaches it: through the proxy,
+    with the S3 client the server builds from the standard environment."""
+    direct = resolve(s3_bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+    return Remote(direct.fs, f"{direct.root}/store/shards"), resolve(s3_bucket)
+
+
+def through(shard: RemoteShard, fs: StoreFS) -> RemoteShard:
+    """The same shard, read through another filesystem."""
+    return RemoteShard(fs.fs, shard.path, shard.size, shard.xxh3)
+
+
+def open_cache(folder: Path, window_s: float, max_bytes: int = 64 * SIZE) -> ShardCache:
+    return ShardCache(folder, max_bytes, chunk_bytes=CHUNK, retry=RetryWindow(window_s))
+
+
+@pytest.mark.parametrize(("mode", "seconds"), [("refuse", 3), ("reset", 3), ("stall", 12)])
+def test_an_outage_shorter_than_the_retry_window_is_ridden_out_inside_the_fetch(
+        s3: tuple[Remote, StoreFS], proxy: FaultProxy, tmp_path: Path, mode: str, seconds: float) -> None:
+    """Connections refused from the start; or reset, or stalled, once a quarter of the shard has arrived: the
+    fetch waits it out and goes on from where it stopped: the same bytes, each fetched once."""
+    remote, fs = s3
+    shard = through(remote.put("s000-a.tokens.bin", shard_bytes(1, SIZE)), fs)
+    with open_cache(tmp_path / "cache", window_s=20) as cache:
+        if mode == "refuse":
+            proxy.fault(mode, seconds)
+        else:
+            proxy.fault_after(SIZE // 4, mode, seconds)
+        start = time.monotonic()
+        path = cache.get(shard)
+        waited = time.monotonic() - start
+        assert path.read_bytes() == shard_bytes(1, SIZE)
+        stats = cache.stats()
+    assert waited > seconds - 1, "the fault did not meet the fetch"
+    assert (stats.fetches, stats.bytes_fetched, stats.checksum_failures) == (1, SIZE, 0)
+
+
+def test_an_outage_longer_than_the_window_is_unavailable_naming_the_shard(
+        s3: tuple[Remote, StoreFS], proxy: FaultProxy, tmp_path: Path) -> None:
+    remote, fs = s3
+    shard = through(remote.put("s001-b.tokens.bin", shard_bytes(2, SIZE)), fs)
+    with open_cache(tmp_path / "cache", window_s=2) as cache:
+        proxy.set("refuse")
+        start = time.monotonic()
+        with pytest.raises(Unavailable) as err:
+            cache.get(shard)
+        assert time.monotonic() - start < 10
+        assert f"cannot fetch shard {shard.describe()}: OSError: " in str(err.value)
+        assert "NETWORK_CONNECTION" in str(err.value) and "no progress for" in str(err.value)
+        assert not list(cache.dir.glob(f"*{PART}*"))
+        proxy.set("pass")  # storage is back: the next read fetches it
+        assert cache.get(shard).read_bytes() == shard_bytes(2, SIZE)
+
+
+def test_a_stopping_server_gives_up_waiting_for_storage_at_once(
+        s3: tuple[Remote, StoreFS], proxy: FaultProxy, tmp_path: Path) -> None:
+    remote, fs = s3
+    shard = through(remote.put("s002-c.tokens.bin", shard_bytes(3, SIZE)), fs)
+    with open_cache(tmp_path / "cache", window_s=60) as cache:
+        proxy.set("refuse")
+        future = cache.prefetch([shard])[0]
+        time.sleep(1.5)
+        start = time.monotonic()
+        cache.stop_prefetch()
+        future.result(timeout=10)  # a prefetch logs its errors
+        assert time.monotonic() - start < 5
+
+
+def test_a_deleted_shard_object_is_data_loss_naming_it_and_the_fix(
+        s3: tuple[Remote, StoreFS], tmp_path: Path) -> None:
+    remote, fs = s3
+    shard = through(remote.put("s003-d.tokens.bin", shard_bytes(4, SIZE)), fs)
+    remote.fs.delete_file(shard.path)
+    with open_cache(tmp_path / "cache", window_s=20) as cache, pytest.raises(ShardMissing) as err:
+        cache.get(shard)
+    assert isinstance(err.value, SourceError)
+    assert f"shard {shard.describe()} is missing from the store" in str(err.value)
+    assert "rebuild the store" in str(err.value)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (skipped where mounting is not permitted)."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs for a full disk (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_evicts_unpinned_shards_whatever_the_budget_and_the_fetch_succeeds(
+        tiny_disk: Path, tmp_path: Path) -> None:
+    """Three 600 kB shards fill most of a 2 MiB disk (far under the cache's 1 GB budget): the fourth runs out of
+    room while it is written, the least recently used shard goes and the fetch starts again. With every shard
+    pinned there is nothing to evict: Unavailable names the folder and the setting."""
+    (tmp_path / "remote").mkdir()
+    remote = Remote(pafs.LocalFileSystem(), str(tmp_path / "remote"))
+    size = 600_000
+    shards = [remote.put(f"s00{i}-e.tokens.bin", shard_bytes(i, size)) for i in range(5)]
+    with ShardCache(tiny_disk / "cache", 10**9, chunk_bytes=CHUNK, retry=RetryWindow(5)) as cache:
+        for shard in shards[:3]:
+            cache.get(shard)
+        path = cache.get(shards[3])
+        assert path.read_bytes() == shard_bytes(3, size)
+        stats = cache.stats()
+        assert (stats.evictions, stats.shards, stats.current_bytes) == (1, 3, 3 * size)
+        assert sorted(p.name for p in cache.dir.iterdir() if p.name != ".lock") == sorted(
+            s.name for s in shards[1:4])
+
+        for shard in shards[1:4]:
+            cache.pin(shard)
+        with pytest.raises(Unavailable) as err:
+            cache.get(shards[4])
+        message = str(err.value)
+        assert f"shard cache {cache.dir}" in message and "dataset.shard_cache_gb" in message
+        assert shards[4].describe() in message and "No space left on device" in message
+        assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+        assert not list(cache.dir.glob(f"*{PART}*"))
+        cache.unpin(shards[1])
+        assert cache.get(shards[4]).read_bytes() == shard_bytes(4, size)
+
