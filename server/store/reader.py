@@ -7,6 +7,7 @@ checksummed) when it opens, and its token shards are fetched whole through the n
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,11 @@ from .format import (
 )
 from .fs import StoreFS
 from .lease import has_lease, holder
+from .retry import storage_retry
 from .shard_cache import ShardCache
 from .shard_maps import ShardMaps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,11 +81,26 @@ def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = Tru
     return manifest
 
 
+def _read_retrying(fs: StoreFS, where: str) -> bytes:
+    """A whole file, read again through transient failures of remote storage for the storage retry window; past
+    it the last error is raised (the store's opening is then tried again later, see build/lifecycle.py)."""
+    retries = storage_retry().start()
+    while True:
+        try:
+            return fs.read_bytes(where)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if fs.is_local or not retries.wait():
+                raise
+            log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
+
+
 def _samples(fs: StoreFS, path: str, facts: ShardFacts) -> pa.Table:
     """A shard's samples table, read whole and checked against its facts."""
     where = shard_paths(path, facts.name)[1]
     try:
-        data = fs.read_bytes(where)
+        data = _read_retrying(fs, where)
     except FileNotFoundError:
         raise StoreDamaged(f"{fs.uri(where)}: missing") from None
     if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:

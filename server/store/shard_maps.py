@@ -12,7 +12,7 @@ import numpy as np
 
 from .format import Manifest, shard_paths
 from .fs import StoreFS
-from .shard_cache import RemoteShard, ShardCache
+from .shard_cache import RemoteShard, ShardCache, shard_missing
 
 PREFETCH_SHARDS = 4
 """How many upcoming shards a stream asks the cache to fetch ahead (those that fit in its budget)."""
@@ -45,10 +45,18 @@ class ShardMaps:
             with self._lock:
                 tokens = self._maps.get(index)
                 if tokens is None:
-                    tokens = (np.zeros(0, dtype=self.dtype) if self.empty[index]
-                              else np.asarray(np.memmap(path, dtype=self.dtype, mode="r")))
+                    tokens = np.zeros(0, dtype=self.dtype) if self.empty[index] else self._open(index, path)
                     self._maps[index] = tokens
         return tokens
+
+    def _open(self, index: int, path: Path) -> np.ndarray:
+        """A shard's tokens mapped from its file; ShardMissing (DATA_LOSS) if a local store's file has gone."""
+        try:
+            return np.asarray(np.memmap(path, dtype=self.dtype, mode="r"))
+        except FileNotFoundError:
+            if not self.local:
+                raise  # the cache's copy, pinned: not for the reader to explain
+            raise shard_missing(str(path)) from None
 
     def _dropped(self, name: str) -> None:
         """The cache evicted a shard: forget its map (unpinned, so no batch is reading it)."""

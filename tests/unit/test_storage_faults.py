@@ -13,11 +13,14 @@ import pyarrow.fs as pafs
 import pytest
 
 from sigil_feed.server.errors import SourceError, Unavailable
+from sigil_feed.server.store.format import shard_paths
 from sigil_feed.server.store.fs import StoreFS, resolve
-from sigil_feed.server.store.retry import RetryWindow
+from sigil_feed.server.store.reader import open_store
+from sigil_feed.server.store.retry import STORAGE_RETRY_ENV, RetryWindow
 from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardMissing
 from tests.fault_proxy import FaultProxy
 from tests.unit.test_shard_cache import Remote, shard_bytes
+from tests.unit.test_store import FP, make_store
 
 SIZE = 1 << 20  # bytes per shard here, read in 128 KiB chunks (eight ranged GETs)
 CHUNK = 128 << 10
@@ -112,6 +115,24 @@ def test_a_deleted_shard_object_is_data_loss_naming_it_and_the_fix(
     assert "rebuild the store" in str(err.value)
 
 
+def test_the_samples_tables_read_at_open_ride_out_an_outage(
+        s3_bucket: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct = resolve(f"{s3_bucket}/stores")
+    make_store(f"{s3_bucket}/stores")  # type: ignore[arg-type]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+    monkeypatch.setenv(STORAGE_RETRY_ENV, "20")
+    fs = resolve(f"{s3_bucket}/stores")
+    proxy.fault_on_request(rb"GET [^ ]+\.samples\.parquet", "reset", 3)
+    start = time.monotonic()
+    with ShardCache(tmp_path / "cache", 1 << 20) as cache:
+        store = open_store(fs, f"{fs.root}/{FP}", FP, shard_cache=cache)
+        assert time.monotonic() - start > 2, "the fault did not meet the read"
+        assert len(store) == 3 and store.lengths.tolist() == [3, 3, 3]
+        with store.shards.pinned([0, 1]) as tokens:
+            assert tokens[1].tolist() == [2, 3, 4]
+    assert direct.exists(f"{direct.root}/{FP}/manifest.json")
+
+
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (skipped where mounting is not permitted)."""
@@ -158,3 +179,12 @@ def test_a_full_disk_evicts_unpinned_shards_whatever_the_budget_and_the_fetch_su
         cache.unpin(shards[1])
         assert cache.get(shards[4]).read_bytes() == shard_bytes(4, size)
 
+
+def test_a_local_store_shard_deleted_while_serving_is_data_loss_naming_it(tmp_path: Path) -> None:
+    fs, path = make_store(tmp_path / "store")
+    store = open_store(fs, path, FP)
+    tokens_file = shard_paths(path, store.manifest.shards[1].name)[0]
+    Path(tokens_file).unlink()
+    with pytest.raises(ShardMissing, match="rebuild the store") as err, store.shards.pinned([1]):
+        pass
+    assert f"shard {tokens_file} is missing from the store" in str(err.value)
