@@ -83,7 +83,7 @@ def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = Tru
 
 def _read_retrying(fs: StoreFS, where: str) -> bytes:
     """A whole file, read again through transient failures of remote storage for the storage retry window; past
-    it the last error is raised (the store's opening is then tried again later, see build/lifecycle.py)."""
+    it the last error is raised (the store's opening is then tried again later, see builders/lifecycle.py)."""
     retries = storage_retry().start()
     while True:
         try:
