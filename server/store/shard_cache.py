@@ -11,7 +11,8 @@
   `SIGIL_FEED_STORAGE_RETRY_S`); then `Unavailable` names the shard and the error (the client reconnects and
   resumes). An object that is not there raises `ShardMissing` (DATA_LOSS: rebuild the store).
 - A disk that fills while a download is written (ENOSPC, EDQUOT, EFBIG) has unpinned shards evicted, whatever
-  the budget, and the download starts again; if none is left to evict, `Unavailable` names the folder.
+  the budget, and the download starts again; if none is left to evict, `Unavailable` names the folder. (A
+  prefetch gives up instead.)
 - `pin(shard)` / `unpin(shard)` (or `with cache.pinned(shard) as path:`) hold a shard in use (a memory map):
   eviction never removes a pinned shard.
 - Least recently used unpinned shards are evicted to stay within `max_bytes`. Where pinned shards alone fill
@@ -298,7 +299,7 @@ class ShardCache:
         try:
             self._ensure(shard, pin=False, count=False, prefetch=True)
         except _NoRoom:
-            log.debug("not prefetching %s: the shard cache is full of shards in use", shard.describe())
+            log.debug("not prefetching %s: no room in the shard cache's budget or on its disk", shard.describe())
         except Exception as err:
             log.warning("prefetching shard %s failed: %s", shard.describe(), err)
 
@@ -394,6 +395,8 @@ class ShardCache:
                 try:
                     problem = self._fetch_once(shard, path)
                 except _DiskFull as full:
+                    if prefetch:  # a guess at what is read next never pushes out what is cached
+                        raise _NoRoom from full.err
                     self._make_room(shard, full.err)
                     continue
                 if problem is None:

@@ -7,6 +7,7 @@ import errno
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import wait
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -152,8 +153,8 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_evicts_unpinned_shards_whatever_the_budget_and_the_fetch_succeeds(
         tiny_disk: Path, tmp_path: Path) -> None:
     """Three 600 kB shards fill most of a 2 MiB disk (far under the cache's 1 GB budget): the fourth runs out of
-    room while it is written, the least recently used shard goes and the fetch starts again. With every shard
-    pinned there is nothing to evict: Unavailable names the folder and the setting."""
+    room while it is written, the least recently used shard goes and the fetch starts again (a prefetch gives up
+    instead). With every shard pinned there is nothing to evict: Unavailable names the folder and the setting."""
     (tmp_path / "remote").mkdir()
     remote = Remote(pafs.LocalFileSystem(), str(tmp_path / "remote"))
     size = 600_000
@@ -161,6 +162,9 @@ def test_a_full_disk_evicts_unpinned_shards_whatever_the_budget_and_the_fetch_su
     with ShardCache(tiny_disk / "cache", 10**9, chunk_bytes=CHUNK, retry=RetryWindow(5)) as cache:
         for shard in shards[:3]:
             cache.get(shard)
+        wait(cache.prefetch([shards[3]]))  # a prefetch evicts nothing for room: it gives up
+        assert (cache.stats().evictions, cache.stats().shards) == (0, 3)
+        assert not list(cache.dir.glob(f"*{PART}*"))
         path = cache.get(shards[3])
         assert path.read_bytes() == shard_bytes(3, size)
         stats = cache.stats()
