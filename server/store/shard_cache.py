@@ -157,7 +157,10 @@ def _write_all(out: io.RawIOBase, data: bytes) -> None:
     """Write all of `data` to an unbuffered file (a full disk may take part of a write, then refuse)."""
     view = memoryview(data)
     while view:
-        view = view[out.write(view) or 0:]
+        written = out.write(view)
+        if not written:
+            raise OSError(errno.EIO, "a write to the shard cache took no bytes")
+        view = view[written:]
 
 
 def _closed(src: pa.NativeFile | None) -> None:
@@ -498,8 +501,8 @@ class ShardCache:
             return sum(self._fetched_by[name] for name in set(names))
 
     def stop_prefetch(self) -> None:
-        """Drop the queued prefetches and take no more (downloads under way finish): a stopping server's exit
-        does not wait for a queue of shards nobody will read."""
+        """Drop the queued prefetches and take no more (downloads under way finish, but give up at once if they
+        wait for storage to come back): a stopping server's exit does not wait for shards nobody will read."""
         self._prefetch_stopped = True
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
