@@ -12,6 +12,7 @@ import pytest
 from sigil_feed.client import FeedDataset
 from sigil_feed.server.config import load_config
 from sigil_feed.server.feed.served import open_datasets
+from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.retry import STORAGE_RETRY_ENV
 from tests.conftest import batch_digest
@@ -20,13 +21,13 @@ from tests.integration.test_scale_out import config, the_store, write_corpus
 
 
 def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_the_client_resumes_it(
-        tmp_path: Path, s3_endpoint: str, s3_bucket: str, start_server, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, s3_endpoint: str, s3_bucket: str, start_server, runtime: Runtime,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The server reaches S3 through a fault proxy, gives up a fetch after 2 s without progress and has room for
     2.5 shards of six; after three batches every connection to S3 is reset for 5 s from the next shard fetch on."""
     write_corpus(tmp_path, records=120, repeat=12)
     location = f"{s3_bucket}/stores"
-    for dataset in open_datasets(load_config(config(tmp_path, "build", str(tmp_path / "built")))).values():
+    for dataset in open_datasets(load_config(config(tmp_path, "build", str(tmp_path / "built"))), runtime).values():
         dataset.prepare(serve=False, show_bar=False)  # built here and uploaded: the same store, built sooner
     pafs.copy_files(str(tmp_path / "built"), location.removeprefix("s3://"),
                     destination_filesystem=resolve(location).fs)
