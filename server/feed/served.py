@@ -70,7 +70,9 @@ class ServedDataset:
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
                                           backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
+        self.files: list[list[str] | None] = [None] * len(self.specs)
         probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
+        self.files = [list(p.files) for p in probes]  # fixed from here on (a Hub source ignores them)
         self.weights = _source_weights(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
@@ -129,9 +131,12 @@ class ServedDataset:
         return self._opener(index)()
 
     def _opener(self, index: int) -> Callable[[], Source]:
-        """A picklable function that opens source `index` afresh (a build engine may call it elsewhere)."""
+        """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
+        files found at start: a file deleted or added since is no reason for the others to change their index
+        (a deleted one reads as a bad file, counted)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
-        return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache)
+        return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
+                       files=self.files[index])
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
         """Cached mode: open (or build, or wait for) the token store, then lay out its served sequence."""

@@ -20,12 +20,15 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sigil_feed.server.config import load_config
 from sigil_feed.server.errors import SourceError
+from sigil_feed.server.feed.served import open_datasets
 from sigil_feed.server.pipeline.samples import normalise
 from sigil_feed.server.pipeline.sources import RawRecord, Source, open_source
 from sigil_feed.server.pipeline.sources.base import SourceState
 from sigil_feed.server.pipeline.sources.jsonl import SUFFIXES as jsonl_suffixes
-from tests.conftest import write_compressed
+from sigil_feed.server.runtime import Runtime
+from tests.conftest import write_compressed, write_config
 
 PAIR = {"prompt": "fn f() {", "gen": "}", "_source": "synthetic", "_split": "train",
         "_task_type": "completion"}
@@ -524,3 +527,16 @@ def test_null_text_is_missing_fields_in_every_source(tmp_path: Path, offline: No
     datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
     for spec in (f"local:{tmp_path / 'n.jsonl'}", f"parquet:{tmp_path / 'n.parquet'}", str(tmp_path / "hf")):
         assert [normalise(r) for r in read(spec, tmp_path)] == ["missing_fields"], spec
+
+
+def test_a_served_dataset_keeps_the_files_it_found_at_start(tmp_path: Path, runtime: Runtime) -> None:
+    """A file deleted while serving must not shift the others' indices (a cursor's (file, row, offset) would then
+    point into another file): the sources keep the start's list, and the deleted file reads as a bad file."""
+    for name in ("a", "b", "c"):
+        write_compressed(tmp_path / "data" / f"{name}.jsonl", jsonl([{"text": f"{name}{i}"} for i in range(2)]))
+    config = write_config(tmp_path / "c.yaml", {"names": ["local:data/*.jsonl"], "use_cache": False})
+    dataset = open_datasets(load_config(config), runtime)["default"]
+    (tmp_path / "data" / "a.jsonl").unlink()
+    (source,) = dataset.mix().children
+    assert [Path(f).name for f in source.source.files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert [(r.file, r.value["text"]) for r in source.source if r.value] == [(1, "b0"), (1, "b1"), (2, "c0"), (2, "c1")]

@@ -15,15 +15,17 @@ from .parquet import ParquetSource
 __all__ = ["RawRecord", "Source", "open_source"]
 
 
-def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None = None) -> Source:
-    """Open one `dataset.names` entry as source number `index`; raise SourceError if it names nothing."""
+def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None = None,
+                files: list[str] | None = None) -> Source:
+    """Open one `dataset.names` entry as source number `index` (over `files` when given, else the files its
+    path names now); raise SourceError if it names nothing."""
     prefix, colon, rest = spec.partition(":")
     if not colon:
         return open_hf(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir)
     if prefix == "local":
-        return JsonlSource(spec, index, expand_paths(spec, rest, jsonl.SUFFIXES, base_dir=base_dir))
+        return JsonlSource(spec, index, files or expand_paths(spec, rest, jsonl.SUFFIXES, base_dir=base_dir))
     if prefix == "parquet":
-        return ParquetSource(spec, index, expand_paths(spec, rest, parquet.SUFFIXES, base_dir=base_dir))
+        return ParquetSource(spec, index, files or expand_paths(spec, rest, parquet.SUFFIXES, base_dir=base_dir))
     if prefix == "hf" and rest:
         return open_hf(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir)
     raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH, hf:owner/name or owner/name")
