@@ -246,7 +246,7 @@ class JobStats(_message.Message):
     def __init__(self, world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ...) -> None: ...
 
 class CacheState(_message.Message):
-    __slots__ = ["state", "samples", "tokens", "path", "error", "bytes", "shards", "bytes_fetched", "shard_cache"]
+    __slots__ = ["state", "samples", "tokens", "path", "error", "bytes", "shards", "bytes_fetched", "shard_cache", "working_set_bytes", "working_set"]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,8 @@ class CacheState(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     SHARD_CACHE_FIELD_NUMBER: _ClassVar[int]
+    WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKING_SET_FIELD_NUMBER: _ClassVar[int]
     state: str
     samples: int
     tokens: int
@@ -265,10 +267,30 @@ class CacheState(_message.Message):
     shards: int
     bytes_fetched: int
     shard_cache: ShardCacheStats
-    def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ..., bytes: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., shard_cache: _Optional[_Union[ShardCacheStats, _Mapping]] = ...) -> None: ...
+    working_set_bytes: int
+    working_set: WorkingSet
+    def __init__(self, state: _Optional[str] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ..., bytes: _Optional[int] = ..., shards: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., shard_cache: _Optional[_Union[ShardCacheStats, _Mapping]] = ..., working_set_bytes: _Optional[int] = ..., working_set: _Optional[_Union[WorkingSet, _Mapping]] = ...) -> None: ...
+
+class WorkingSet(_message.Message):
+    __slots__ = ["epoch", "world_size", "ranks", "virtual_ranks", "epoch_bytes", "shards", "fits"]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    world_size: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    virtual_ranks: int
+    epoch_bytes: int
+    shards: int
+    fits: bool
+    def __init__(self, epoch: _Optional[int] = ..., world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., virtual_ranks: _Optional[int] = ..., epoch_bytes: _Optional[int] = ..., shards: _Optional[int] = ..., fits: bool = ...) -> None: ...
 
 class ShardCacheStats(_message.Message):
-    __slots__ = ["dir", "bytes", "max_bytes", "shards", "hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "checksum_failures"]
+    __slots__ = ["dir", "bytes", "max_bytes", "shards", "hits", "misses", "hit_rate", "fetches", "bytes_fetched", "evictions", "checksum_failures", "refetches", "thrashing"]
     DIR_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +302,8 @@ class ShardCacheStats(_message.Message):
     BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REFETCHES_FIELD_NUMBER: _ClassVar[int]
+    THRASHING_FIELD_NUMBER: _ClassVar[int]
     dir: str
     bytes: int
     max_bytes: int
@@ -291,7 +315,9 @@ class ShardCacheStats(_message.Message):
     bytes_fetched: int
     evictions: int
     checksum_failures: int
-    def __init__(self, dir: _Optional[str] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., shards: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., fetches: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ...) -> None: ...
+    refetches: int
+    thrashing: bool
+    def __init__(self, dir: _Optional[str] = ..., bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., shards: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., fetches: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., refetches: _Optional[int] = ..., thrashing: bool = ...) -> None: ...
 
 class SourceStats(_message.Message):
     __slots__ = ["spec", "read", "kept", "dropped", "malformed", "tokens", "lengths"]

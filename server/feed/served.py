@@ -7,7 +7,10 @@ import json
 import logging
 import os
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -20,6 +23,7 @@ from ..builders.local_engine import BuildProgress, SourcePlan, StoreBuilder, bui
 from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
+from ..cached.working_set import WorkingSet, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
 from ..errors import ConfigError, SourceError
 from ..observe.throughput import Throughput
@@ -52,6 +56,25 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
+WORKING_SETS_KEPT = 32  # working sets remembered per dataset, by (epoch, world size, virtual ranks read)
+CACHE_HEADROOM = 1.5
+"""The shard cache to suggest for a working set: room for the shards fetched ahead and those pinned in transit."""
+
+
+@dataclass(frozen=True)
+class RanksWorkingSet:
+    """The working set of the ranks of one world size that have an epoch open on this server."""
+
+    epoch: int
+    world_size: int
+    ranks: tuple[int, ...]
+    needs: WorkingSet
+    budget: int  # the shard cache's max_bytes
+
+    @property
+    def fits(self) -> bool:
+        """Whether the shard cache holds what the ranks read at once."""
+        return self.needs.peak_bytes <= self.budget
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +112,12 @@ class ServedDataset:
                                         encoder=self.encoder, plans=self._source_plans,
                                         with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
         self.layouts: EpochLayouts | None = None  # cached mode, once the store is open
+        self.working_set: RanksWorkingSet | None = None  # a remote store: the latest ranks' working set
+        self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
+            weakref.WeakKeyDictionary()  # each open epoch's (epoch, world size, rank)
+        self._working_sets: OrderedDict[tuple[int, int, tuple[int, ...]], WorkingSet] = OrderedDict()
+        self._warned: set[tuple[int, int, tuple[int, ...]]] = set()
+        self._working_lock = threading.Lock()
         stored = self.lifecycle.stored_facts() if self.cached else None
         self.facts: TokenFacts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
         if stored is None:  # this dataset will encode: choose the backend now, so a forced one fails at start
@@ -201,9 +230,11 @@ class ServedDataset:
         section = self.section
         deal = Deal(rank, world_size, batch_size)
         if self.layouts is not None:
-            return CachedPacker(self.layouts.store, self.layouts[epoch], deal, seq_len=seq_len, pack=self.config.pack,
-                                completion_only=section.completion_only, pad_id=self.facts.pad_id,
-                                remainder=section.remainder)
+            cached = CachedPacker(self.layouts.store, self.layouts[epoch], deal, seq_len=seq_len,
+                                  pack=self.config.pack, completion_only=section.completion_only,
+                                  pad_id=self.facts.pad_id, remainder=section.remainder)
+            self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
+            return cached
         blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
@@ -212,6 +243,40 @@ class ServedDataset:
                                  shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
+
+    def _check_working_set(self, packer: CachedPacker, *, epoch: int, rank: int, world_size: int) -> None:
+        """A remote store: the working set of the ranks of this world size with this epoch open here (this one
+        included), kept for GetStats; a warning, once per epoch and set of ranks, when the shard cache is smaller."""
+        store, cache = packer.store, packer.store.shards.cache
+        if cache is None:
+            return
+        with self._working_lock:
+            self._open_epochs[packer] = (epoch, world_size, rank)
+            ranks = tuple(sorted({r for e, w, r in self._open_epochs.values() if (e, w) == (epoch, world_size)}))
+            key = (epoch, world_size, ranks)
+            needs = self._working_sets.get(key)
+        if needs is None:
+            shard_bytes = np.array([s.tokens_file.size for s in store.manifest.shards], dtype=np.int64)
+            needs = working_set(packer.layout, store.shard, shard_bytes, world_size=world_size, ranks=ranks,
+                                pack=self.config.pack)
+        report = RanksWorkingSet(epoch, world_size, ranks, needs, cache.max_bytes)
+        with self._working_lock:
+            self._working_sets[key] = needs
+            while len(self._working_sets) > WORKING_SETS_KEPT:
+                self._working_sets.popitem(last=False)
+            self.working_set = report
+            warn = not report.fits and key not in self._warned
+            self._warned.add(key)
+        if warn:
+            virtual = packer.layout.virtual
+            other = (f", or a world size that divides virtual_ranks {virtual}, whose ranks each read only their own "
+                     "virtual ranks" if virtual % world_size else "")
+            log.warning("dataset %s, epoch %d: ranks %s of %d read up to %.2f GB of shards at once (%d shards, %.2f GB "
+                        "in the epoch), but the shard cache %s holds %.2f GB (dataset.shard_cache_gb): it will refetch "
+                        "shards it evicted, many times over, instead of fetching each once (fix: set "
+                        "dataset.shard_cache_gb to at least %.1f%s)", self.name, epoch, _ranges(ranks), world_size,
+                        needs.peak_bytes / 1e9, needs.shards, needs.epoch_bytes / 1e9, cache.dir,
+                        cache.max_bytes / 1e9, _gb_up(needs.peak_bytes * CACHE_HEADROOM), other)
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
@@ -258,6 +323,22 @@ def _source_weights(section: DatasetSection, specs: list[str], file: str) -> lis
         raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                           file=file, fix=f"use the exact strings from dataset.names: {specs}")
     return [weights.get(spec, 1.0) for spec in specs]
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """Sorted integers as runs: 0-3,6."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def _gb_up(size: float) -> float:
+    """Bytes as GB, rounded up to a tenth."""
+    return -(-int(size) // 10**8) / 10
 
 
 def _fingerprint(*parts: Any) -> str:

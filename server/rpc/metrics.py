@@ -105,6 +105,17 @@ def _stores(datasets: list[feed_pb2.DatasetStats]) -> Iterator[Metric]:
                                     labels=labels)
     failures = CounterMetricFamily("sigil_feed_shard_cache_checksum_failures",
                                    "Shard downloads that failed their checksum", labels=labels)
+    refetches = CounterMetricFamily("sigil_feed_shard_cache_refetches",
+                                    "Downloads of shards the shard cache had evicted (many: it thrashes)",
+                                    labels=labels)
+    thrashing = GaugeMetricFamily("sigil_feed_shard_cache_thrashing",
+                                  "1 while most shard fetches are refetches (eviction is then scan-resistant)",
+                                  labels=labels)
+    working = GaugeMetricFamily("sigil_feed_shard_cache_working_set_bytes",
+                                "The most bytes of shards this server's ranks read at once in their epoch: the shard "
+                                "cache must hold this much to fetch each shard about once", labels=labels)
+    share = GaugeMetricFamily("sigil_feed_store_epoch_share_bytes",
+                              "Bytes of every shard this server's ranks read in their epoch", labels=labels)
     for ds in datasets:
         state = ds.cache
         if state.state != "ready" or not state.path:
@@ -114,9 +125,13 @@ def _stores(datasets: list[feed_pb2.DatasetStats]) -> Iterator[Metric]:
         if state.HasField("shard_cache"):
             c = state.shard_cache
             for family, value in ((cached, c.bytes), (budget, c.max_bytes), (hits, c.hits), (misses, c.misses),
-                                  (evictions, c.evictions), (failures, c.checksum_failures)):
+                                  (evictions, c.evictions), (failures, c.checksum_failures),
+                                  (refetches, c.refetches), (thrashing, int(c.thrashing))):
                 family.add_metric([ds.name], value)
-    yield from (size, fetched, cached, budget, hits, misses, evictions, failures)
+        if state.HasField("working_set"):
+            working.add_metric([ds.name], state.working_set_bytes)
+            share.add_metric([ds.name], state.working_set.epoch_bytes)
+    yield from (size, fetched, cached, budget, hits, misses, evictions, failures, refetches, thrashing, working, share)
 
 
 def _shared_reads(datasets: list[feed_pb2.DatasetStats]) -> Iterator[Metric]:

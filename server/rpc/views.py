@@ -39,7 +39,7 @@ def source_stats(counters: SourceCounters) -> feed_pb2.SourceStats:
 
 def store_state(dataset: ServedDataset) -> feed_pb2.CacheState:
     """The token store's state and build progress; once it serves, its size, the bytes this process fetched
-    from it and (a remote store) the shard cache's counters."""
+    from it and (a remote store) the shard cache's counters and the working set of the ranks reading it."""
     progress = dataset.progress
     state = feed_pb2.CacheState(state=progress.state, samples=progress.samples, tokens=progress.tokens,
                                 path=dataset.store_path if dataset.cached else "", error=progress.error)
@@ -54,7 +54,15 @@ def store_state(dataset: ServedDataset) -> feed_pb2.CacheState:
         state.shard_cache.CopyFrom(feed_pb2.ShardCacheStats(
             dir=str(cache.dir), bytes=c.current_bytes, max_bytes=c.max_bytes, shards=c.shards, hits=c.hits,
             misses=c.misses, hit_rate=c.hit_rate, fetches=c.fetches, bytes_fetched=c.bytes_fetched,
-            evictions=c.evictions, checksum_failures=c.checksum_failures))
+            evictions=c.evictions, checksum_failures=c.checksum_failures, refetches=c.refetches,
+            thrashing=c.thrashing))
+    ranks = dataset.working_set
+    if ranks is not None:
+        needs = ranks.needs
+        state.working_set_bytes = needs.peak_bytes
+        state.working_set.CopyFrom(feed_pb2.WorkingSet(
+            epoch=ranks.epoch, world_size=ranks.world_size, ranks=ranks.ranks, virtual_ranks=needs.virtual,
+            epoch_bytes=needs.epoch_bytes, shards=needs.shards, fits=ranks.fits))
     return state
 
 

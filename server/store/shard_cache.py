@@ -17,10 +17,17 @@
   eviction never removes a pinned shard.
 - Least recently used unpinned shards are evicted to stay within `max_bytes`. Where pinned shards alone fill
   it, a `get` still succeeds (over budget, with a warning) and the excess goes as soon as they are unpinned.
+- Unless that thrashes: readers that cycle over more shards than the budget holds (the ranks' working set is
+  larger than the cache) make LRU evict exactly the shard needed next, so every read fetches. When most fetches
+  are refetches of shards this cache evicted (`thrashing`), eviction is scan-resistant instead: a shard idle
+  for over OVERDUE times its reuse distance (the gets and pins between its last two uses) is done with and goes
+  first, oldest first; then the most recently used goes (in a cycle it is needed last, and the optimal policy
+  evicts it), and prefetched shards not read yet last. So the cache keeps most of the cycle and fetches only
+  what does not fit, instead of all of it on every pass.
 - `prefetch(shards)` fetches in the background on a bounded pool of threads, only where they fit without
   going over budget; errors are logged, and the later `get` reports them.
-- `stats()` returns `ShardCacheStats` (hits, misses, bytes fetched, evictions, current bytes, ...) for GetStats;
-  `fetched(names)` the bytes fetched for some shards (one store's).
+- `stats()` returns `ShardCacheStats` (hits, misses, bytes fetched, evictions, refetches, current bytes, ...) for
+  GetStats; `fetched(names)` the bytes fetched for some shards (one store's).
 - `on_drop(listener)` tells a listener (held weakly) the name of every shard that leaves the cache, so that a
   reader drops its memory map of the file (an unlinked file that stays mapped keeps its disk space).
 
@@ -67,6 +74,13 @@ LOCK = ".lock"
 PART = ".part-"
 _CACHED = re.compile(r"[0-9a-f]{16}-.+")
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+HISTORY = 4096
+"""Evicted shards whose last use the cache remembers (a fetch of one of them is a refetch)."""
+THRASH_WEIGHT, THRASH_ON = 1 / 16, 0.5
+"""The share of refetches among recent fetches (an exponential average of this weight) above which the cache
+evicts by predicted next use rather than least recent use."""
+OVERDUE = 2
+"""While thrashing: a shard unused for this many times its reuse distance is taken to be done with."""
 
 
 class ShardDamaged(SourceError):
@@ -133,6 +147,8 @@ class ShardCacheStats:
     shards: int
     current_bytes: int
     max_bytes: int
+    refetches: int = 0  # downloads of shards this cache had evicted (many: the working set does not fit)
+    thrashing: bool = False  # most recent fetches are refetches: eviction is scan-resistant
 
     @property
     def hit_rate(self) -> float:
@@ -144,7 +160,18 @@ class ShardCacheStats:
 class _Entry:
     size: int
     verified: bool  # False: found at start, checked when first asked for
+    arrived: int  # the cache's clock (its count of gets and pins) when the shard came in
     pins: int = 0
+    used: int | None = None  # the clock at its last get or pin; None: prefetched, not asked for yet
+    prior: int | None = None  # the clock at its last use before this cache evicted it, if remembered
+    gap: int | None = None  # its reuse distance: clock ticks between its last two uses (None: used once)
+
+    def use(self, now: int) -> None:
+        """Record a get or pin at clock `now`."""
+        last = self.used if self.used is not None else self.prior
+        if last is not None and now > last:
+            self.gap = now - last if self.gap is None else max(now - last, (self.gap + now - last) // 2)
+        self.used = now if self.used is None else max(self.used, now)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -179,7 +206,8 @@ def _xxh3_of(path: Path, chunk_bytes: int) -> str:
 
 
 class ShardCache:
-    """Whole shard files under `local_dir`, within `max_bytes`, least recently used evicted first."""
+    """Whole shard files under `local_dir`, within `max_bytes`, least recently used evicted first (by predicted next
+    use while thrashing)."""
 
     def __init__(self, local_dir: Path | str, max_bytes: int, *, workers: int = 2,
                  chunk_bytes: int = CHUNK_BYTES, retry: RetryWindow | None = None) -> None:
@@ -190,10 +218,13 @@ class ShardCache:
         self._owner = self._own()
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._clock = 0  # gets and pins so far
+        self._history: OrderedDict[str, int] = OrderedDict()  # evicted shards: the clock at their last use
+        self._thrash = 0.0  # exponential average of refetches among fetches
         self._inflight: dict[str, Future[None]] = {}
         self._reserved = 0
         self._counts = dict.fromkeys(("hits", "misses", "fetches", "bytes_fetched", "checksum_failures",
-                                      "evictions", "current_bytes"), 0)
+                                      "evictions", "current_bytes", "refetches"), 0)
         self._fetched_by: Counter[str] = Counter()
         self._listeners: list[weakref.WeakMethod[Callable[[str], None]]] = []
         self._adopt()
@@ -224,25 +255,55 @@ class ShardCache:
             elif _CACHED.fullmatch(path.name) and path.is_file():
                 stat = path.stat()
                 found.append((stat.st_mtime, path.name, stat.st_size))
-        for _, name, size in sorted(found):
-            self._entries[name] = _Entry(size, verified=False)
+        for age, (_, name, size) in enumerate(sorted(found), start=-len(found)):
+            self._entries[name] = _Entry(size, verified=False, arrived=age)
             self._counts["current_bytes"] += size
         with self._lock:
             self._evict(0)
 
+    @property
+    def thrashing(self) -> bool:
+        """Whether most recent fetches were refetches of evicted shards (eviction then goes by predicted use)."""
+        return self._thrash >= THRASH_ON
+
+    def _victims(self) -> list[str]:
+        """The unpinned shards in the order they are evicted: least recently used first, or while thrashing, those
+        done with (idle past OVERDUE reuse distances) oldest first, then the most recently used first, prefetched
+        ones not read yet last (see the module's docstring). Under the lock."""
+        unpinned = [(name, entry) for name, entry in self._entries.items() if not entry.pins]
+        if not self.thrashing:
+            return [name for name, _ in unpinned]
+        gaps = sorted(entry.gap for entry in self._entries.values() if entry.gap is not None)
+        typical = gaps[len(gaps) // 2] if gaps else None
+        now = self._clock
+
+        def order(item: tuple[str, _Entry]) -> tuple[int, int]:
+            entry = item[1]
+            last = entry.used if entry.used is not None else entry.arrived
+            gap = entry.gap if entry.gap is not None else typical
+            if gap is None or now - last > OVERDUE * gap:
+                return 0, last  # done with: the oldest first
+            if entry.used is None:
+                return 2, last  # prefetched and not read yet: wanted soon, so last
+            return 1, -last  # in the cycle: the most recently used is needed last
+
+        return [name for name, _ in sorted(unpinned, key=order)]
+
     def _evict(self, needed: int) -> bool:
-        """Evict unpinned shards, least recently used first, until `needed` more bytes fit; whether they do."""
-        for name in [n for n, e in self._entries.items() if not e.pins]:
+        """Evict unpinned shards (in `_victims` order) until `needed` more bytes fit; whether they do."""
+        if self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes:
+            return True
+        for name in self._victims():
             if self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes:
                 break
             self._remove(name)
         return self._counts["current_bytes"] + self._reserved + needed <= self.max_bytes
 
     def _evict_for_disk(self, needed: int) -> int:
-        """Evict unpinned shards, least recently used first and whatever the budget, until the disk has `needed`
-        bytes free (at least one, if any); how many went."""
+        """Evict unpinned shards (in `_victims` order) whatever the budget, until the disk has `needed` bytes free
+        (at least one, if any); how many went."""
         evicted = 0
-        for name in [n for n, e in self._entries.items() if not e.pins]:
+        for name in self._victims():
             if evicted and _free_bytes(self.dir) >= needed:
                 break
             self._remove(name)
@@ -256,6 +317,12 @@ class ShardCache:
         (self.dir / name).unlink(missing_ok=True)
         self._counts["current_bytes"] -= entry.size
         self._counts["evictions"] += 1
+        last = entry.used if entry.used is not None else entry.prior
+        if last is not None:
+            self._history[name] = last
+            self._history.move_to_end(name)
+            while len(self._history) > HISTORY:
+                self._history.popitem(last=False)
         log.debug("evicted shard %s (%d bytes)", name, entry.size)
 
     def get(self, shard: RemoteShard) -> Path:
@@ -308,12 +375,18 @@ class ShardCache:
 
     def _ensure(self, shard: RemoteShard, *, pin: bool, count: bool, prefetch: bool = False) -> Path:
         name, path, found = shard.name, self.dir / shard.name, None
+        used: int | None = None  # the clock of this get or pin (None: a prefetch)
         while True:
             with self._lock:
+                if count:
+                    self._clock += 1
+                    used = self._clock
                 entry = self._entries.get(name)
                 if entry is not None and entry.verified and self._touch(name):
                     self._entries.move_to_end(name)
                     entry.pins += pin
+                    if used is not None:
+                        entry.use(used)
                     self._counts["hits"] += count
                     return path
                 self._counts["misses"] += count
@@ -325,7 +398,7 @@ class ShardCache:
                     found = self._entries.pop(name, None)  # from an earlier run: verify before use
                     self._counts["current_bytes"] -= found.size if found else 0
             if mine:
-                return self._fill(shard, future, reuse=found is not None, pin=pin, prefetch=prefetch)
+                return self._fill(shard, future, reuse=found is not None, pin=pin, prefetch=prefetch, used=used)
             with contextlib.suppress(_NoRoom):  # a prefetch gave up for room: fetch it ourselves
                 future.result()
 
@@ -356,14 +429,24 @@ class ShardCache:
                 live.append(ref)
         self._listeners = live
 
-    def _fill(self, shard: RemoteShard, future: Future[None], *, reuse: bool, pin: bool, prefetch: bool) -> Path:
-        """Verify the copy from an earlier run, or download the shard; then enter it, pinned if asked."""
+    def _fill(self, shard: RemoteShard, future: Future[None], *, reuse: bool, pin: bool, prefetch: bool,
+              used: int | None) -> Path:
+        """Verify the copy from an earlier run, or download the shard; then enter it, pinned if asked (`used`: the
+        clock of the get or pin that asked, None for a prefetch)."""
         path = self.dir / shard.name
         try:
             if not (reuse and self._intact(path, shard)):
+                with self._lock:
+                    refetch = shard.name in self._history
+                    self._counts["refetches"] += refetch
+                    self._thrash += THRASH_WEIGHT * (refetch - self._thrash)
                 self._download(shard, path, prefetch=prefetch)
             with self._lock:
-                self._entries[shard.name] = _Entry(shard.size, verified=True, pins=int(pin))
+                entry = _Entry(shard.size, verified=True, arrived=self._clock, pins=int(pin),
+                               prior=self._history.pop(shard.name, None))
+                if used is not None:
+                    entry.use(used)
+                self._entries[shard.name] = entry
                 self._counts["current_bytes"] += shard.size
                 del self._inflight[shard.name]
             future.set_result(None)
@@ -493,7 +576,8 @@ class ShardCache:
     def stats(self) -> ShardCacheStats:
         """A snapshot of the counters."""
         with self._lock:
-            return ShardCacheStats(shards=len(self._entries), max_bytes=self.max_bytes, **self._counts)
+            return ShardCacheStats(shards=len(self._entries), max_bytes=self.max_bytes, thrashing=self.thrashing,
+                                   **self._counts)
 
     def fetched(self, names: Iterable[str]) -> int:
         """Bytes downloaded for these shards (by `RemoteShard.name`) since the cache was opened, refetches included."""
