@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import weakref
@@ -56,7 +57,8 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
-WORKING_SETS_KEPT = 32  # working sets remembered per dataset, by (epoch, world size, virtual ranks read)
+WORKING_SETS_KEPT = 32  # working sets remembered per dataset, by (epoch, world size, ranks)
+WARN_AFTER_S = 2.0  # a working set larger than the shard cache is warned once no rank has opened for this long
 CACHE_HEADROOM = 1.5
 """The shard cache to suggest for a working set: room for the shards fetched ahead and those pinned in transit."""
 
@@ -116,6 +118,8 @@ class ServedDataset:
         self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
             weakref.WeakKeyDictionary()  # each open epoch's (epoch, world size, rank)
         self._working_sets: OrderedDict[tuple[int, int, tuple[int, ...]], WorkingSet] = OrderedDict()
+        self._latest: dict[tuple[int, int], RanksWorkingSet] = {}  # by (epoch, world size)
+        self._pending: dict[tuple[int, int], threading.Timer] = {}  # warnings waiting for the ranks to open
         self._warned: set[tuple[int, int, tuple[int, ...]]] = set()
         self._working_lock = threading.Lock()
         stored = self.lifecycle.stored_facts() if self.cached else None
@@ -246,7 +250,8 @@ class ServedDataset:
 
     def _check_working_set(self, packer: CachedPacker, *, epoch: int, rank: int, world_size: int) -> None:
         """A remote store: the working set of the ranks of this world size with this epoch open here (this one
-        included), kept for GetStats; a warning, once per epoch and set of ranks, when the shard cache is smaller."""
+        included), kept for GetStats. When the shard cache is smaller, a warning once the ranks have stopped
+        opening for WARN_AFTER_S (a sidecar's ranks open one by one), once per epoch and set of ranks."""
         store, cache = packer.store, packer.store.shards.cache
         if cache is None:
             return
@@ -264,19 +269,38 @@ class ServedDataset:
             self._working_sets[key] = needs
             while len(self._working_sets) > WORKING_SETS_KEPT:
                 self._working_sets.popitem(last=False)
-            self.working_set = report
-            warn = not report.fits and key not in self._warned
-            self._warned.add(key)
-        if warn:
-            virtual = packer.layout.virtual
-            other = (f", or a world size that divides virtual_ranks {virtual}, whose ranks each read only their own "
-                     "virtual ranks" if virtual % world_size else "")
-            log.warning("dataset %s, epoch %d: ranks %s of %d read up to %.2f GB of shards at once (%d shards, %.2f GB "
-                        "in the epoch), but the shard cache %s holds %.2f GB (dataset.shard_cache_gb): it will refetch "
-                        "shards it evicted, many times over, instead of fetching each once (fix: set "
-                        "dataset.shard_cache_gb to at least %.1f%s)", self.name, epoch, _ranges(ranks), world_size,
-                        needs.peak_bytes / 1e9, needs.shards, needs.epoch_bytes / 1e9, cache.dir,
-                        cache.max_bytes / 1e9, _gb_up(needs.peak_bytes * CACHE_HEADROOM), other)
+            self.working_set = self._latest[epoch, world_size] = report
+            for old in [k for k in self._latest if k[0] < epoch - 2]:  # epochs long over: forget them
+                del self._latest[old]
+            self._warned = {k for k in self._warned if k[0] >= epoch - 2}
+            if report.fits or key in self._warned:
+                return
+            pending = self._pending.pop((epoch, world_size), None)
+            if pending is not None:
+                pending.cancel()
+            timer = self._pending[epoch, world_size] = threading.Timer(
+                WARN_AFTER_S, self._warn, args=(epoch, world_size, packer.layout.virtual, str(cache.dir)))
+            timer.daemon = True
+            timer.start()
+
+    def _warn(self, epoch: int, world_size: int, virtual: int, cache_dir: str) -> None:
+        """Warn that the ranks of this epoch and world size that opened last read more at once than the shard cache
+        holds (unless said already for the same ranks)."""
+        with self._working_lock:
+            self._pending.pop((epoch, world_size), None)
+            report = self._latest.get((epoch, world_size))
+            if report is None or report.fits or (epoch, world_size, report.ranks) in self._warned:
+                return
+            self._warned.add((epoch, world_size, report.ranks))
+        needs = report.needs
+        other = (f"; or, for a new run, virtual_ranks (now {virtual}) a multiple of the world size {world_size}: each "
+                 "rank then reads only its own virtual ranks" if virtual % world_size else "")
+        log.warning("dataset %s, epoch %d: ranks %s of %d read up to %s of shards at once (%d shards, %s in the "
+                    "epoch), but the shard cache %s holds %s (dataset.shard_cache_gb: %g): it will fetch again shards "
+                    "it evicted, many times over, instead of each once (fix: set dataset.shard_cache_gb to at least "
+                    "%g%s)", self.name, epoch, _ranges(report.ranks), world_size, _size(needs.peak_bytes),
+                    needs.shards, _size(needs.epoch_bytes), cache_dir, _size(report.budget), report.budget / 1e9,
+                    _gb_up(needs.peak_bytes * CACHE_HEADROOM), other)
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
@@ -337,8 +361,20 @@ def _ranges(values: tuple[int, ...]) -> str:
 
 
 def _gb_up(size: float) -> float:
-    """Bytes as GB, rounded up to a tenth."""
-    return -(-int(size) // 10**8) / 10
+    """Bytes as GB (10^9), rounded up to two significant digits."""
+    gb = size / 1e9
+    if gb <= 0:
+        return 0.0
+    unit = 10.0 ** (math.floor(math.log10(gb)) - 1)
+    return round(math.ceil(gb / unit - 1e-9) * unit, 12)
+
+
+def _size(size: int) -> str:
+    """Bytes for people: 1.5 GB, 230 MB, 12 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.s3 import S3_ENV, make_bucket
 from sigil_feed.client import FeedDataset
+from sigil_feed.client.stream import BatchStream
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import StoreFS, resolve
@@ -134,6 +136,40 @@ def test_two_sidecars_with_their_own_shard_caches_serve_four_ranks_as_a_local_st
         metrics = response.read().decode()
     assert f'sigil_feed_store_bytes{{dataset="default"}} {float(manifest.bytes)}' in metrics
     assert f'sigil_feed_shard_cache_evictions_total{{dataset="default"}} {float(b.shard_cache.evictions)}' in metrics
+
+
+def test_a_sidecar_whose_ranks_read_more_at_once_than_its_shard_cache_holds_says_so(
+        s3_store: dict[str, Any], start_server) -> None:
+    """Ranks 0-1 of 4 (V = 2: they read every shard) open an epoch on a sidecar whose shard cache holds about one
+    shard: one warning names the ranks, what they need and the budget; GetStats and /metrics show the working set.
+    A sidecar with room says nothing."""
+    folder, manifest = s3_store["folder"], s3_store["manifest"]
+    sizes = [s.tokens_file.size for s in manifest.shards]
+    budget_gb = 1.2 * max(sizes) / 1e9
+    tight, roomy = (start_server(config(folder, name, s3_store["location"], shard_cache_dir=str(folder / name),
+                                        **extra), "--metrics-port", "0")
+                    for name, extra in (("tight", {"shard_cache_gb": budget_gb}), ("roomy", {})))
+    needs = {}
+    for server in (tight, roomy):
+        with (BatchStream(server.target, batch_size=8, seq_len=512, rank=0, world_size=4) as first,
+              BatchStream(server.target, batch_size=8, seq_len=512, rank=1, world_size=4) as second):
+            next(first), next(second)
+            cache = dataset_stats(server.target).cache
+        working = needs[server] = cache.working_set
+        assert (working.epoch, working.world_size, list(working.ranks)) == (0, 4, [0, 1])
+        assert working.virtual_ranks == 2 and working.shards == FILES and working.epoch_bytes == sum(sizes)
+        assert max(sizes) < cache.working_set_bytes <= sum(sizes)
+        assert working.fits == (server is roomy) == (cache.working_set_bytes <= cache.shard_cache.max_bytes)
+        with urllib.request.urlopen(metrics_url(server), timeout=10) as response:
+            metrics = response.read().decode()
+        assert (f'sigil_feed_shard_cache_working_set_bytes{{dataset="default"}} {float(cache.working_set_bytes)}'
+                in metrics)
+    wait_for(lambda: any("read up to" in line for line in tight.output), timeout=30)
+    time.sleep(1)
+    (warning,) = [line for line in tight.output if "read up to" in line]
+    assert "WARNING" in warning and "epoch 0: ranks 0-1 of 4 read up to" in warning
+    assert f"(dataset.shard_cache_gb: {budget_gb:g})" in warning and "set dataset.shard_cache_gb to at least" in warning
+    assert not any("read up to" in line for line in roomy.output)
 
 
 def test_a_shard_corrupted_on_object_storage_ends_the_stream_with_data_loss_naming_it(
