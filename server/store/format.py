@@ -8,6 +8,10 @@ A store is `<root>/<fingerprint>/`:
   stable sample id), `task_type` (string, null if none);
 - `shards/<shard>.json`: the shard's facts, written after its two files: a rerun skips a shard whose facts
   are there and whose files match them;
+- `index.samples.parquet`: every shard's samples table in store order, in one file, written at commit (stores
+  committed before it have none): a server opening the store reads it, not one table per shard. The manifest
+  names it with its size and checksum and a digest of the shards' samples files it was made from; one that
+  disagrees with them is not used (the shards' own tables are read instead);
 - `manifest.json`: format, fingerprint, dtype, counts, every shard's facts in store order, per-source
   accounting, the tokenizer's facts. It is written last and is the commit point: a folder without it is not
   a store (object stores cannot rename a folder atomically).
@@ -21,7 +25,10 @@ are serve-time decisions.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -32,9 +39,14 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .fs import StoreFS
+from .retry import storage_retry
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION: Literal[2] = 2
 MANIFEST = "manifest.json"
+SAMPLES_INDEX = "index.samples.parquet"
+INDEX_ROW_GROUP = 1 << 20  # samples per row group of the samples index
 SHARDS = "shards"
 TOKENS_SUFFIX, SAMPLES_SUFFIX, FACTS_SUFFIX = ".tokens.bin", ".samples.parquet", ".json"
 SAMPLE_COLUMNS = ("length", "prompt_tokens", "source", "file", "row", "task_type")
@@ -124,6 +136,20 @@ class ShardFacts(BaseModel):
         return self
 
 
+class SamplesIndex(BaseModel):
+    """The store's samples index (`index.samples.parquet`): its file, and which shards' samples files it holds."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    file: FileFacts
+    shards: str = Field(pattern=r"^[0-9a-f]{16}$")  # samples_index_key of the shards it was made from
+
+
+def samples_index_key(shards: Iterable[ShardFacts]) -> str:
+    """xxh3-64 of the shards' names and samples files' checksums, in store order: what a samples index holds."""
+    return xxhash.xxh3_64_hexdigest(json.dumps([[s.name, s.samples_file.xxh3] for s in shards]).encode())
+
+
 @dataclass(frozen=True)
 class TokenFacts:
     """What clients and the packer need to know of a tokenizer."""
@@ -152,6 +178,7 @@ class Manifest(BaseModel):
     token_facts: TokenFacts
     engine: str = "local"
     built_by: str = ""
+    samples_index: SamplesIndex | None = None  # written at commit; None in stores committed before
 
     @model_validator(mode="after")
     def _counts_agree(self) -> Manifest:
@@ -167,8 +194,15 @@ class Manifest(BaseModel):
 
     @property
     def bytes(self) -> int:
-        """The store's size: every shard's files."""
-        return sum(s.tokens_file.size + s.samples_file.size for s in self.shards)
+        """The store's size: every shard's files and the samples index."""
+        index = self.samples_index.file.size if self.samples_index is not None else 0
+        return index + sum(s.tokens_file.size + s.samples_file.size for s in self.shards)
+
+    @property
+    def usable_index(self) -> SamplesIndex | None:
+        """The samples index, if it holds exactly these shards' samples files (else None)."""
+        index = self.samples_index
+        return index if index is not None and index.shards == samples_index_key(self.shards) else None
 
 
 @dataclass
@@ -282,8 +316,94 @@ def shard_complete(fs: StoreFS, store: str, facts: ShardFacts, *, verify: bool =
     return shard_problem(fs, store, facts, verify=verify) is None
 
 
+def read_bytes_retrying(fs: StoreFS, where: str) -> bytes:
+    """A whole file, read again through transient failures of remote storage for the storage retry window; past
+    it the last error is raised (the store's opening is then tried again later, see builders/lifecycle.py)."""
+    retries = storage_retry().start()
+    while True:
+        try:
+            return fs.read_bytes(where)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if fs.is_local or not retries.wait():
+                raise
+            log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
+
+
+def read_samples(fs: StoreFS, store: str, facts: ShardFacts) -> pa.Table:
+    """A shard's samples table, read whole and checked against its facts; StoreDamaged if it is not there or
+    disagrees with them."""
+    where = shard_paths(store, facts.name)[1]
+    try:
+        data = read_bytes_retrying(fs, where)
+    except FileNotFoundError:
+        raise StoreDamaged(f"{fs.uri(where)}: missing") from None
+    if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
+        raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=list(SAMPLE_COLUMNS))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
+    if table.num_rows != facts.samples:
+        raise StoreDamaged(f"{fs.uri(where)}: {table.num_rows} rows, but the manifest counts {facts.samples}")
+    lengths = table["length"].to_numpy()
+    if int(lengths.sum()) != facts.tokens:
+        raise StoreDamaged(f"{fs.uri(where)}: lengths sum to {int(lengths.sum())}, but the manifest counts "
+                           f"{facts.tokens} tokens")
+    return table
+
+
+def samples_tables(fs: StoreFS, store: str, shards: list[ShardFacts], pool: Executor, *,
+                   ahead: int) -> Iterator[pa.Table]:
+    """The shards' samples tables in store order (see read_samples), read on `pool` with at most `ahead` read or
+    waiting to be taken at once (memory stays bounded)."""
+    waiting: deque[Future[pa.Table]] = deque()
+    upcoming = iter(shards)
+    try:
+        for facts in upcoming:
+            waiting.append(pool.submit(read_samples, fs, store, facts))
+            if len(waiting) >= ahead:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
+    finally:
+        for future in waiting:
+            future.cancel()
+
+
+def write_samples_index(fs: StoreFS, store: str, shards: list[ShardFacts], pool: Executor, *,
+                        ahead: int = 32) -> SamplesIndex:
+    """Write the store's samples index from its shards' samples tables (read back, checked); returns its facts."""
+    buffer = pa.BufferOutputStream()
+    pending: list[pa.Table] = []
+    with pq.ParquetWriter(buffer, samples_table([], 0).schema, compression="zstd") as writer:
+        rows = 0
+        for table in samples_tables(fs, store, shards, pool, ahead=ahead):
+            pending.append(table)
+            rows += table.num_rows
+            if rows >= INDEX_ROW_GROUP:
+                writer.write_table(pa.concat_tables(pending), row_group_size=INDEX_ROW_GROUP)
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=INDEX_ROW_GROUP)
+    data = buffer.getvalue().to_pybytes()
+    fs.write_bytes(f"{store}/{SAMPLES_INDEX}", data)
+    return SamplesIndex(file=FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data)),
+                        shards=samples_index_key(shards))
+
+
+INDEX_READERS = 32
+"""Concurrent reads of samples tables when a samples index is written (and when a store without one opens)."""
+
+
 def write_manifest(fs: StoreFS, store: str, manifest: Manifest) -> None:
-    """Commit a store: write its manifest, last, in one piece (locally a rename, on an object store one PUT)."""
+    """Commit a store: write its samples index (unless the manifest names a usable one), then its manifest, last,
+    in one piece (locally a rename, on an object store one PUT)."""
+    if manifest.shards and manifest.usable_index is None:
+        with ThreadPoolExecutor(min(INDEX_READERS, len(manifest.shards)), thread_name_prefix="samples-index") as pool:
+            index = write_samples_index(fs, store, manifest.shards, pool)
+        manifest = manifest.model_copy(update={"samples_index": index})
     fs.write_bytes(f"{store}/{MANIFEST}", manifest.model_dump_json(indent=1).encode())
 
 

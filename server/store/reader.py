@@ -1,14 +1,24 @@
 """Open a committed token store for serving: global per-sample arrays and memory-mapped shards.
 
-A local store's shards are mapped where they lie. A remote store's samples tables are read into memory (and
-checksummed) when it opens, and its token shards are fetched whole through the node-local shard cache
-(shard_maps.py): one request per sample would be about 100x slower than a memory map.
+A local store's shards are mapped where they lie. A remote store's samples are read into memory (and checksummed)
+when it opens, and its token shards are fetched whole through the node-local shard cache (shard_maps.py): one
+request per sample would be about 100x slower than a memory map.
+
+Opening reads the manifest and the samples index (`index.samples.parquet`, one file, in parallel ranged reads
+when large); a store committed before the index existed has each shard's samples table read instead, up to
+READERS at a time. Either way the columns go straight into preallocated arrays, so memory holds the arrays plus
+what is being read, not a second copy of every sample. Nothing else is asked of a remote store per shard (its
+token shards are checked for size and checksum when fetched: a missing one is DATA_LOSS naming the fix), so
+opening costs a few requests, not a few per shard. What is held per sample (the epoch layout needs every
+sample's shard and length, the mixing its source, file, row and task):
+shard 4 + offset 8 + length 8 + prompt tokens 4 + source 4 + file 4 + row 8 + task 4 = 44 bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +30,13 @@ import xxhash
 from .format import (
     MANIFEST,
     SAMPLE_COLUMNS,
+    SAMPLES_INDEX,
     Manifest,
-    ShardFacts,
     StoreDamaged,
     StoreOutdated,
+    read_bytes_retrying,
     read_manifest,
-    samples_table,
-    shard_paths,
+    samples_tables,
     shard_problem,
 )
 from .fs import StoreFS
@@ -36,6 +46,11 @@ from .shard_cache import ShardCache
 from .shard_maps import ShardMaps
 
 log = logging.getLogger(__name__)
+
+READERS = 32
+"""Concurrent reads when a store opens: samples tables (a store without a samples index) or ranges of the index."""
+RANGE_BYTES = 8 << 20
+"""A samples index larger than this is read in ranges of this size, in parallel."""
 
 
 @dataclass
@@ -55,7 +70,7 @@ class TokenStore:
     task: np.ndarray  # per sample: index into task_types, -1 for none
     task_types: list[str]
     shards: ShardMaps
-    samples_bytes_read: int  # the samples tables' bytes read from a remote store when it opened
+    samples_bytes_read: int  # the samples index or tables' bytes read from a remote store when it opened
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -66,7 +81,7 @@ class TokenStore:
         return self.fs.uri(self.path)
 
     def bytes_fetched(self) -> int:
-        """Bytes this process read from a remote store: its samples tables and the token shards it fetched."""
+        """Bytes this process read from a remote store: its samples and the token shards it fetched."""
         return self.samples_bytes_read + self.shards.bytes_fetched()
 
 
@@ -81,41 +96,105 @@ def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = Tru
     return manifest
 
 
-def _read_retrying(fs: StoreFS, where: str) -> bytes:
-    """A whole file, read again through transient failures of remote storage for the storage retry window; past
-    it the last error is raised (the store's opening is then tried again later, see builders/lifecycle.py)."""
-    retries = storage_retry().start()
-    while True:
-        try:
-            return fs.read_bytes(where)
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            if fs.is_local or not retries.wait():
-                raise
-            log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
+class _Columns:
+    """The per-sample arrays of a store, filled in store order from samples tables (or the index's batches)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        n = manifest.samples
+        self.lengths = np.empty(n, dtype=np.int64)
+        self.prompt_tokens = np.empty(n, dtype=np.int32)
+        self.source = np.empty(n, dtype=np.int32)
+        self.file = np.empty(n, dtype=np.int32)
+        self.row = np.empty(n, dtype=np.int64)
+        self.task = np.empty(n, dtype=np.int32)
+        self.task_ids: dict[str, int] = {}  # in order of first appearance
+        self.filled = 0
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        """The next samples, in store order; ValueError if there are more than the manifest counts."""
+        lo, hi = self.filled, self.filled + table.num_rows
+        if hi > len(self.lengths):
+            raise ValueError(f"more than the manifest's {len(self.lengths)} samples")
+        for name, out in (("length", self.lengths), ("prompt_tokens", self.prompt_tokens), ("source", self.source),
+                          ("file", self.file), ("row", self.row)):
+            column = table.column(name)
+            out[lo:hi] = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).to_numpy()
+        tasks = table.column("task_type")
+        encoded = (tasks.combine_chunks() if isinstance(tasks, pa.ChunkedArray) else tasks).dictionary_encode()
+        ids = np.array([self.task_ids.setdefault(t, len(self.task_ids)) for t in encoded.dictionary.to_pylist()] + [-1],
+                       dtype=np.int32)
+        self.task[lo:hi] = ids[encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+        self.filled = hi
 
 
-def _samples(fs: StoreFS, path: str, facts: ShardFacts) -> pa.Table:
-    """A shard's samples table, read whole and checked against its facts."""
-    where = shard_paths(path, facts.name)[1]
+def _read_index(fs: StoreFS, path: str, manifest: Manifest, pool: Executor) -> bytes | None:
+    """The samples index's bytes, checked; None (with a warning) if it is missing, damaged or not this store's."""
+    index = manifest.usable_index
+    if index is None:
+        if manifest.samples_index is not None:
+            log.warning("token store %s: its samples index does not match its shards; reading the shards' samples "
+                        "tables instead", fs.uri(path))
+        return None
+    where, size = f"{path}/{SAMPLES_INDEX}", index.file.size
     try:
-        data = _read_retrying(fs, where)
+        data = _read_ranges(fs, where, size, pool) if size > RANGE_BYTES else read_bytes_retrying(fs, where)
     except FileNotFoundError:
-        raise StoreDamaged(f"{fs.uri(where)}: missing") from None
-    if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
-        raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
+        data = None
+    if data is None or len(data) != size or xxhash.xxh3_64_hexdigest(data) != index.file.xxh3:
+        log.warning("token store %s: its samples index %s is %s; reading the shards' samples tables instead",
+                    fs.uri(path), fs.uri(where), "missing" if data is None else "damaged")
+        return None
+    return data
+
+
+def _read_ranges(fs: StoreFS, where: str, size: int, pool: Executor) -> bytes:
+    """A large file read in RANGE_BYTES ranges at once (each tried again through transient failures)."""
+    with fs.fs.open_input_file(where) as f:
+        def read(offset: int) -> bytes:
+            retries = storage_retry().start()
+            while True:
+                try:
+                    return f.read_at(min(RANGE_BYTES, size - offset), offset)
+                except OSError as err:
+                    if fs.is_local or not retries.wait():
+                        raise
+                    log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
+
+        return b"".join(pool.map(read, range(0, size, RANGE_BYTES)))
+
+
+def _fill_from_index(columns: _Columns, data: bytes, manifest: Manifest) -> bool:
+    """Fill the arrays from the samples index; False (with a warning) if it cannot be read or disagrees with the
+    manifest's counts (the columns are then filled again from the shards' tables)."""
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=list(SAMPLE_COLUMNS))
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=list(SAMPLE_COLUMNS)):
+            columns.add(batch)
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
-        raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
-    if table.num_rows != facts.samples:
-        raise StoreDamaged(f"{fs.uri(where)}: {table.num_rows} rows, but the manifest counts {facts.samples}")
-    lengths = table["length"].to_numpy()
-    if int(lengths.sum()) != facts.tokens:
-        raise StoreDamaged(f"{fs.uri(where)}: lengths sum to {int(lengths.sum())}, but the manifest counts "
-                           f"{facts.tokens} tokens")
-    return table
+        log.warning("the samples index is unreadable (%s); reading the shards' samples tables instead", err)
+        return False
+    counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
+    if columns.filled == manifest.samples:
+        ends = np.cumsum(counts)
+        cum = np.concatenate(([0], np.cumsum(columns.lengths)))
+        tokens = np.array([s.tokens for s in manifest.shards], dtype=np.int64)
+        sources = np.repeat(np.array([s.source for s in manifest.shards], dtype=np.int32), counts)
+        if (cum[ends] - cum[ends - counts] == tokens).all() and (columns.source == sources).all():
+            return True
+    log.warning("the samples index disagrees with the manifest's counts; reading the shards' samples tables instead")
+    return False
+
+
+def _fill(fs: StoreFS, path: str, manifest: Manifest, pool: Executor) -> tuple[_Columns, int]:
+    """Every sample's columns, from the samples index where usable, else from each shard's samples table; and the
+    bytes read."""
+    data = _read_index(fs, path, manifest, pool)
+    columns = _Columns(manifest)
+    if data is not None and _fill_from_index(columns, data, manifest):
+        return columns, len(data)
+    columns = _Columns(manifest)
+    for table in samples_tables(fs, path, manifest.shards, pool, ahead=2 * READERS):
+        columns.add(table)
+    return columns, sum(s.samples_file.size for s in manifest.shards)
 
 
 def open_store(fs: StoreFS, path: str, fingerprint: str, *, shard_cache: ShardCache | None = None,
@@ -123,21 +202,20 @@ def open_store(fs: StoreFS, path: str, fingerprint: str, *, shard_cache: ShardCa
     """Open the store at path; StoreDamaged if its manifest is invalid, or a shard's file is missing,
     truncated, fails its checksum, or disagrees with the manifest's counts. A remote store's token shards are
     read through `shard_cache` (and checked as they are fetched; without a cache they cannot be read)."""
-    manifest = verify_store(fs, path, fingerprint, verify=verify and fs.is_local)  # remote: checked on fetch
-    tables = [_samples(fs, path, facts) for facts in manifest.shards]
-    table = pa.concat_tables(tables) if tables else samples_table([], 0)
-    lengths = table["length"].to_numpy().astype(np.int64)
+    if fs.is_local:
+        manifest = verify_store(fs, path, fingerprint, verify=verify)
+    else:  # no request per shard file: token shards are checked when fetched, samples tables when read
+        manifest = read_manifest(fs, path, fingerprint)
+    with ThreadPoolExecutor(READERS, thread_name_prefix="store-open") as pool:
+        columns, read = _fill(fs, path, manifest, pool)
     counts = np.array([s.samples for s in manifest.shards], dtype=np.int64)
     shard = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    ends = np.cumsum(lengths)
-    shard_starts = np.repeat(np.concatenate(([0], np.cumsum([s.tokens for s in manifest.shards])))[:-1], counts)
-    offsets = ends - lengths - shard_starts
-    tasks = table["task_type"].combine_chunks().dictionary_encode()
-    task = tasks.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
-    return TokenStore(fs, path, manifest, shard, offsets, lengths, table["prompt_tokens"].to_numpy(),
-                      table["source"].to_numpy(), table["file"].to_numpy(), table["row"].to_numpy(),
-                      task, tasks.dictionary.to_pylist(), ShardMaps(fs, path, manifest, shard_cache),
-                      0 if fs.is_local else sum(s.samples_file.size for s in manifest.shards))
+    cum = np.concatenate(([0], np.cumsum(columns.lengths)))
+    offsets = cum[:-1] - np.repeat(cum[np.cumsum(counts) - counts], counts)
+    del cum
+    return TokenStore(fs, path, manifest, shard, offsets, columns.lengths, columns.prompt_tokens, columns.source,
+                      columns.file, columns.row, columns.task, list(columns.task_ids),
+                      ShardMaps(fs, path, manifest, shard_cache), 0 if fs.is_local else read)
 
 
 def store_entry(fs: StoreFS, path: str) -> dict[str, Any]:
