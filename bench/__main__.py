@@ -32,6 +32,7 @@ from bench import (
     ray_build,
     shard_cache,
     startup,
+    store_open,
     stream_mode,
 )
 from bench.common import BENCH_DIR, Metric, Work, find_corpus, prepare, skipped, write_config
@@ -45,7 +46,7 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", ""),
            "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", ""),
            "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
-           "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1")}
+           "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"), "store_open_s": ("s", "")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -145,6 +146,9 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
     for metric in r.guard("bytes_fetched_per_sidecar_over_store", lambda: locality.measure(
             work, lambda name, sources, keys: write_config(work.path(f"{name}.yaml"), work, sources, use_cache=True,
                                                            **keys))) or []:
+        r.add(metric)
+    for metric in r.guard("store_open_s", lambda: store_open.measure(
+            rounds=2 if work.quick else 3, sidecars=0 if work.quick else 8)) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Metric
+from bench.common import REPO, Metric
 from bench.s3 import aws_environment, make_bucket, moto_server
 from sigil_feed.server.store.format import (
     FORMAT_VERSION,
@@ -90,7 +91,44 @@ def _set_index(fs: StoreFS, path: str, manifest: Manifest, index: bool) -> None:
     fs.write_bytes(f"{path}/{MANIFEST}", chosen.model_dump_json(indent=1).encode())
 
 
-def measure(shards: int = SHARDS, samples: int = SAMPLES, rounds: int = ROUNDS) -> list[Metric]:
+CHILD = """
+import sys, time
+from bench.store_open import FINGERPRINT, sequential_open
+from sigil_feed.server.store.fs import resolve
+from sigil_feed.server.store.reader import open_store
+location, path, how = sys.argv[1:4]
+fs = resolve(location)  # the S3 client made (the AWS SDK started) before the clock starts
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.perf_counter()
+if how == "sequential":
+    sequential_open(fs, path)
+else:
+    open_store(fs, path, FINGERPRINT)
+print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def together(location: str, path: str, how: str, sidecars: int) -> float:
+    """`sidecars` processes open the store at the same moment (`how`: open_store or the sequential baseline);
+    the slowest one's seconds (imports excluded)."""
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, location, path, how], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO) for _ in range(sidecars)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return max(float(proc.communicate(timeout=600)[0].strip()) for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def measure(shards: int = SHARDS, samples: int = SAMPLES, rounds: int = ROUNDS, sidecars: int = 0) -> list[Metric]:
     """Write a synthetic store of `shards` shards into a bucket on a local moto_server, then time opening it as a
     sidecar does (open_store, a fresh filesystem each time): with its samples index, and without (a store committed
     before the index: every samples table read, in parallel), against the sequential baseline, alternating."""
@@ -112,6 +150,9 @@ def measure(shards: int = SHARDS, samples: int = SAMPLES, rounds: int = ROUNDS) 
                                                            ) == index
                 runs[name].append(seconds)
         _set_index(fs, path, manifest, True)
+        if sidecars:
+            runs[f"{sidecars}_sidecars_s"] = [together(location, path, "open_store", sidecars)]
+            runs[f"{sidecars}_sidecars_sequential_s"] = [together(location, path, "sequential", sidecars)]
     best = {name: min(values) for name, values in runs.items()}
     return [Metric("store_open_s", best["store_open_s"], best["sequential_s"], "s", "", mode="cached",
                    notes=(f"open_store of a synthetic store of {shards} shards x {samples} samples in a bucket on a "
@@ -120,7 +161,10 @@ def measure(shards: int = SHARDS, samples: int = SAMPLES, rounds: int = ROUNDS) 
                           "each samples table one request after another, as sidecars did; `without_index_s` in "
                           f"details opens the same store without its index (every samples table, {READERS} at a "
                           f"time), as a store committed before the index opens; best of {rounds} alternating "
-                          "rounds; target: under 3 s"),
+                          f"rounds; with sidecars, `{sidecars}_sidecars_s` in details: that many processes open it "
+                          "at the same moment (the slowest, imports and S3 client start excluded), against the same "
+                          "for the baseline; "
+                          "target: under 3 s"),
                    details={"runs": runs, "best": best, "shards": shards, "samples_per_shard": samples,
                             "index_bytes": manifest.samples_index.file.size, "write_store_s": t_make,
                             "met_under_3_s": best["store_open_s"] < 3})]
@@ -131,8 +175,9 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=SHARDS)
     parser.add_argument("--samples", type=int, default=SAMPLES, help="samples per shard")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--sidecars", type=int, default=0, help="also open it from this many processes at once")
     args = parser.parse_args()
-    for metric in measure(args.shards, args.samples, args.rounds):
+    for metric in measure(args.shards, args.samples, args.rounds, args.sidecars):
         print(json.dumps(metric.to_json() | {"name": metric.name}, indent=1))
     return 0
 

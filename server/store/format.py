@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -347,10 +348,9 @@ def read_samples(fs: StoreFS, store: str, facts: ShardFacts) -> pa.Table:
         raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
     if table.num_rows != facts.samples:
         raise StoreDamaged(f"{fs.uri(where)}: {table.num_rows} rows, but the manifest counts {facts.samples}")
-    lengths = table["length"].to_numpy()
-    if int(lengths.sum()) != facts.tokens:
-        raise StoreDamaged(f"{fs.uri(where)}: lengths sum to {int(lengths.sum())}, but the manifest counts "
-                           f"{facts.tokens} tokens")
+    tokens = pc.sum(table["length"]).as_py() or 0
+    if tokens != facts.tokens:
+        raise StoreDamaged(f"{fs.uri(where)}: lengths sum to {tokens}, but the manifest counts {facts.tokens} tokens")
     return table
 
 

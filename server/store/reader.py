@@ -117,14 +117,29 @@ class _Columns:
             raise ValueError(f"more than the manifest's {len(self.lengths)} samples")
         for name, out in (("length", self.lengths), ("prompt_tokens", self.prompt_tokens), ("source", self.source),
                           ("file", self.file), ("row", self.row)):
-            column = table.column(name)
-            out[lo:hi] = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column).to_numpy()
-        tasks = table.column("task_type")
-        encoded = (tasks.combine_chunks() if isinstance(tasks, pa.ChunkedArray) else tasks).dictionary_encode()
-        ids = np.array([self.task_ids.setdefault(t, len(self.task_ids)) for t in encoded.dictionary.to_pylist()] + [-1],
-                       dtype=np.int32)
-        self.task[lo:hi] = ids[encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+            out[lo:hi] = _ints(_array(table.column(name)))
+        encoded = _array(table.column("task_type")).dictionary_encode(null_encoding="encode")  # none: an entry
+        ids = np.array([-1 if t is None else self.task_ids.setdefault(t, len(self.task_ids))
+                        for t in encoded.dictionary.to_pylist()], dtype=np.int32)
+        self.task[lo:hi] = ids[_ints(encoded.indices)]
         self.filled = hi
+
+
+def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+_INTS = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64}
+
+
+def _ints(array: pa.Array) -> np.ndarray:
+    """An integer column without nulls as numpy, over its buffer (pyarrow's to_numpy would import pandas first,
+    half a second of a sidecar's start)."""
+    dtype = _INTS.get(array.type)
+    if dtype is None or array.null_count:
+        return np.asarray(array.to_numpy(zero_copy_only=False))
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * size)
 
 
 def _read_index(fs: StoreFS, path: str, manifest: Manifest, pool: Executor) -> bytes | None:
