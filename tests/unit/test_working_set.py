@@ -82,10 +82,10 @@ def replay(pins: list[list[int]], sizes: np.ndarray, budget: int, folder: Path) 
 
 def test_a_cache_of_the_working_set_fetches_each_shard_once_and_a_smaller_one_refetches(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ranks 0-7 of 16 with V = 24 (a sidecar of 8 of 16 GPUs): with a shard cache of 1.5x the working set they
-    fetch each shard they read once; with half of it they refetch, LRU many times over (the thrash the warning
-    is for), the scan-resistant order much less."""
-    store, layout, sizes = scenario(64, 200, 24)
+    """Ranks 0-7 of 16 with V = 48 (a sidecar of 8 of 16 GPUs, half the store): with a shard cache of 1.5x the
+    working set they fetch each shard they read once; with half of it they refetch, LRU many times over (the
+    thrash the warning is for: 17x their share here), the scan-resistant order less (10x)."""
+    store, layout, sizes = scenario(64, 200, 48)
     pins = epoch_pins(store, layout, 16, range(8), batch=4, seq=1024, pack=True)
     need = working_set(layout, store.shard, sizes, world_size=16, ranks=range(8), pack=True)
     assert need.peak_bytes < 0.9 * need.epoch_bytes  # the ranks move through their share
