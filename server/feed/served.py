@@ -118,7 +118,8 @@ class ServedDataset:
         self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
             weakref.WeakKeyDictionary()  # each open epoch's (epoch, world size, rank)
         self._working_sets: OrderedDict[tuple[int, int, tuple[int, ...]], WorkingSet] = OrderedDict()
-        self._latest: dict[tuple[int, int], RanksWorkingSet] = {}  # by (epoch, world size)
+        self._latest: dict[tuple[int, int], tuple[int, RanksWorkingSet]] = {}  # by (epoch, world size), numbered
+        self._opened = self._reported = 0  # epochs opened here; the number of the one self.working_set is of
         self._pending: dict[tuple[int, int], threading.Timer] = {}  # warnings waiting for the ranks to open
         self._warned: set[tuple[int, int, tuple[int, ...]]] = set()
         self._working_lock = threading.Lock()
@@ -260,6 +261,8 @@ class ServedDataset:
             ranks = tuple(sorted({r for e, w, r in self._open_epochs.values() if (e, w) == (epoch, world_size)}))
             key = (epoch, world_size, ranks)
             needs = self._working_sets.get(key)
+            self._opened += 1
+            opened = self._opened  # a check that saw more ranks open may finish first: the later one wins
         if needs is None:
             shard_bytes = np.array([s.tokens_file.size for s in store.manifest.shards], dtype=np.int64)
             needs = working_set(packer.layout, store.shard, shard_bytes, world_size=world_size, ranks=ranks,
@@ -269,11 +272,15 @@ class ServedDataset:
             self._working_sets[key] = needs
             while len(self._working_sets) > WORKING_SETS_KEPT:
                 self._working_sets.popitem(last=False)
-            self.working_set = self._latest[epoch, world_size] = report
+            if opened > self._reported:
+                self.working_set, self._reported = report, opened
+            if opened > self._latest.get((epoch, world_size), (0, report))[0]:
+                self._latest[epoch, world_size] = (opened, report)
             for old in [k for k in self._latest if k[0] < epoch - 2]:  # epochs long over: forget them
                 del self._latest[old]
             self._warned = {k for k in self._warned if k[0] >= epoch - 2}
-            if report.fits or key in self._warned:
+            report = self._latest[epoch, world_size][1]
+            if report.fits or (epoch, world_size, report.ranks) in self._warned:
                 return
             pending = self._pending.pop((epoch, world_size), None)
             if pending is not None:
@@ -288,7 +295,7 @@ class ServedDataset:
         holds (unless said already for the same ranks)."""
         with self._working_lock:
             self._pending.pop((epoch, world_size), None)
-            report = self._latest.get((epoch, world_size))
+            report = self._latest.get((epoch, world_size), (0, None))[1]
             if report is None or report.fits or (epoch, world_size, report.ranks) in self._warned:
                 return
             self._warned.add((epoch, world_size, report.ranks))
