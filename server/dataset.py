@@ -317,7 +317,7 @@ class ServedDataset:
             assert self.store is not None
             job = self.layouts[epoch] = LAYOUT_POOL.submit(
                 epoch_layout, self.store, self.sequence, virtual=self.virtual, seed=self.section.shuffle_seed,
-                epoch=epoch, window_shards=self.section.shuffle_window_shards)
+                epoch=epoch, window_shards=self.section.shuffle_window_shards, pack=self.config.pack)
             while len(self.layouts) > LAYOUTS_KEPT:
                 self.layouts.popitem(last=False)
         self.layouts.move_to_end(epoch)
