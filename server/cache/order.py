@@ -32,8 +32,11 @@ from ..curate import task_copies
 from ..mixing import interleave
 from ..store.reader import TokenStore
 
-AUTO_VIRTUAL = (1, 2, 6, 12, 24, 48, 120, 240, 720, 1440, 5040, 10080, 55440, 720720)
-"""The virtual rank counts `virtual_ranks: auto` chooses from (highly composite: many world sizes divide them)."""
+AUTO_VIRTUAL = (1, 2, 4, 8, 16, 48, 96, 192, 384, 768, 1536, 3072, 9216, 46080, 322560)
+"""The virtual rank counts `virtual_ranks: auto` chooses from. Each divides the next, so a world size that divides
+the choice for a dataset divides it for every larger one. From 1536 on, every power of two up to 512 (8 ranks per
+node x 1-64 nodes) and 6, 12, 24, 48, 96 divide it; from 3072 (2^10 x 3) every power of two up to 1024 (x 128
+nodes); 322560 = 2^10 x 3^2 x 5 x 7 adds 8 x 3, 5, 6, 7, 9, 10, 12, 14, 15, ... nodes."""
 ITEMS_PER_VIRTUAL = 64
 """`auto` chooses the largest count that leaves every virtual rank at least this many served items."""
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.cache.order import (
+    AUTO_VIRTUAL,
+    ITEMS_PER_VIRTUAL,
     delivery_positions,
     digit_reversal,
     prime_factors,
@@ -59,8 +63,24 @@ def test_more_virtual_ranks_than_items_is_refused_naming_the_key() -> None:
     with pytest.raises(ValueError, match=r"virtual_ranks is 301.*only 300 items"):
         virtual_ranks(301, 300)
     assert virtual_ranks(300, 300) == 300
-    assert virtual_ranks("auto", 300) == 2 and virtual_ranks("auto", 10) == 1
-    assert virtual_ranks("auto", 64 * 5040) == 5040 and virtual_ranks("auto", 64 * 5040 - 1) == 1440
+    assert virtual_ranks("auto", 300) == 4 and virtual_ranks("auto", 10) == 1
+    assert virtual_ranks("auto", 64 * 3072) == 3072 and virtual_ranks("auto", 64 * 3072 - 1) == 1536
+
+
+def test_auto_virtual_ranks_serve_real_job_shapes() -> None:
+    """8 ranks per node x 2^k nodes up to 1024 ranks, and 6, 12, 24, 48, 96, divide `auto`'s choice once the
+    dataset has 64 x 3072 samples (up to 512 from 64 x 1536); the largest adds 3, 5, 6, 7, 9, 10, 12, ...
+    nodes; each candidate divides the next, so a world size that divides V keeps dividing it as data grows."""
+    assert all(b % a == 0 for a, b in pairwise(AUTO_VIRTUAL))
+    for items, worlds in ((64 * 1536, [2 ** k for k in range(10)] + [6, 12, 24, 48, 96]),
+                          (64 * 3072, [8 * 2 ** k for k in range(8)] + [6, 12, 24, 48, 96]),
+                          (10 ** 9, [8 * n for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 32, 64, 128)])):
+        chosen = virtual_ranks("auto", items)
+        assert chosen * ITEMS_PER_VIRTUAL <= items and [w for w in worlds if chosen % w] == []
+    big = digit_reversal(AUTO_VIRTUAL[-1])
+    for world in (8, 64, 1024):  # powers of two are prefix products of V's ascending factors: contiguous
+        assert (np.diff(np.sort(big.reshape(-1, world).T, axis=1), axis=1) == 1).all()
+    assert not (np.diff(np.sort(big.reshape(-1, 48).T, axis=1), axis=1) == 1).all()  # 48: 1/48, scattered
 
 
 def test_rho_is_a_permutation_and_prefix_products_read_contiguous_regions() -> None:
