@@ -204,5 +204,5 @@ def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: P
     assert sorted(dataset.layouts) == [0, 1]
     assert dataset.store is not None
     alone = epoch_layout(dataset.store, dataset.sequence, virtual=dataset.virtual, seed=11, epoch=1,
-                         window_shards=dataset.section.shuffle_window_shards)
+                         window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
     assert dataset.layouts[1].result().items.tolist() == alone.items.tolist()
