@@ -124,7 +124,8 @@ def reference(store: Any, layout: EpochLayout, seq: int, pack: bool, remainder: 
         units, total = [(s, -1) for s in items], len(items)
     virtual = layout.virtual
     sizes = [total // virtual + (v < total % virtual) for v in range(virtual)]
-    block, at = [[] for _ in range(virtual)], 0
+    block: list[list[tuple[int, int]]] = [[] for _ in range(virtual)]
+    at = 0
     for v in sorted(range(virtual), key=lambda v: int(layout.region[v])):  # blocks in region order
         step = seq if pack else 1
         block[v], at = units[at * step:(at + sizes[v]) * step], at + sizes[v]
