@@ -22,6 +22,7 @@ from typing import Any
 from bench import (
     build,
     cached,
+    epoch_waste,
     exact,
     local_ranks,
     locality,
@@ -45,7 +46,9 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", ""),
            "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", ""),
            "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
-           "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1")}
+           "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"),
+           "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
+           "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -145,6 +148,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
     for metric in r.guard("bytes_fetched_per_sidecar_over_store", lambda: locality.measure(
             work, lambda name, sources, keys: write_config(work.path(f"{name}.yaml"), work, sources, use_cache=True,
                                                            **keys))) or []:
+        r.add(metric)
+    for metric in r.guard("epoch_pad_repeat_fraction", epoch_waste.measure) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

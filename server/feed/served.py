@@ -51,6 +51,9 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
                   "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
+ORDER_REVISION = 2
+"""The epoch order's definition, in the served fingerprint: a cursor of another revision (revision 1 padded or cut
+every virtual rank to the longest or shortest, so its rows mean others now) is refused, never resumed wrongly."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 
 
@@ -82,7 +85,7 @@ class ServedDataset:
                                                 [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
         self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
-                                        self.config.pack, self.content_fingerprint)
+                                        self.config.pack, self.content_fingerprint, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.store_dir = store_dir(fs, self.content_fingerprint)
         self.lifecycle = StoreLifecycle(self.name, fs, self.store_dir, self.content_fingerprint,
@@ -152,7 +155,7 @@ class ServedDataset:
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
         self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
                                     seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                                    epochs=section.epochs, pool=self.runtime.layout_pool)
+                                    pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""

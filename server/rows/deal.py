@@ -6,6 +6,12 @@ of `world_size * batch_size` consecutive global rows: rank r of w takes rows sta
 each window, so the ranks' batches of one step are one window (the global batch), whatever w is. A position is
 the global row where the next window starts; it means the same thing to every layout, so a run stopped after
 a step resumes on any world size (and any batch size) exactly where it stood.
+
+The end of the epoch is the same rule in both modes, applied once to that sequence of every row there is (a
+packed stream's partial last row counts: it is real tokens, padded within the row): `pad` completes the last
+window with rows from the epoch's start (cached mode: each virtual rank's own first rows), `drop` skips the last
+partial window, `keep` sends it ragged. So `pad` repeats and `drop` skips fewer than one window's rows
+(`world_size * batch_size`) per epoch, whatever the lengths, the virtual ranks and the packing.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ class Deal:
         return start + self.rank + self.world_size * np.arange(self.batch_size, dtype=np.int64)
 
     def batch(self, start: int, total: int, remainder: str) -> np.ndarray:
-        """This rank's rows of the window at `start` in an epoch of `total` rows (for `drop`: its whole rows);
-        empty when the epoch has ended for this rank. `pad`: every window that starts inside the epoch is
-        whole (rows past the end wrap around to the epoch's start); `drop`: only windows wholly inside the
-        epoch; `keep`: the rows inside the epoch (the last window may give ranks fewer rows, or none)."""
+        """This rank's rows of the window at `start` in an epoch of `total` rows (every row, partial ones
+        included); empty when the epoch has ended for this rank. `pad`: every window that starts inside the
+        epoch is whole (rows past the end wrap around to the epoch's start); `drop`: only windows wholly inside
+        the epoch; `keep`: the rows inside the epoch (the last window may give ranks fewer rows, or none)."""
         rows = self.rows(start)
         if remainder == "pad":
             return rows if start < total else rows[:0]

@@ -52,7 +52,9 @@ class Packer(Stage[Rows, StreamState]):
 
     The end of the epoch follows `Deal.batch` with the epoch's rows, known once the stream ends (every rank
     cuts the same stream, so all agree): `pad` completes a window that started inside the epoch by wrapping
-    to the epoch's start, `drop` drops a partial last row and window, `keep` sends a ragged last window.
+    to the epoch's start, `drop` drops a partial last window (a partial last row is a row: it is sent, padded
+    within the row, when its window is whole), `keep` sends a ragged last window. Either way fewer than one
+    window's rows are repeated or lost.
     """
 
     def __init__(self, stream: TokenStream, deal: Deal, *, seq_len: int, pack: bool, completion_only: bool,
@@ -67,10 +69,10 @@ class Packer(Stage[Rows, StreamState]):
         self.held: tuple[OrderState, int] | None = None  # the position at `row` once the stream passed it for nothing
 
     def _total(self) -> int:
-        """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
+        """The epoch's global rows (a partial last row included), or ENDLESS while its end is not known."""
         if self.end is None:
             return ENDLESS
-        return self.end // self.unit if self.remainder == "drop" else -(-self.end // self.unit)
+        return -(-self.end // self.unit)
 
     def _ended(self) -> None:
         """The stream ran out at `at`."""
