@@ -27,9 +27,9 @@ import numpy as np
 from pydantic import Field, StrictInt
 
 from ..pipeline.stage import Count, Stage, StageState
+from ..rows.batch import Rows
 from ..rows.deal import Deal
 from ..store.reader import TokenStore
-from ..streaming.packer import Rows
 from .layout import EpochLayout, blocks
 
 

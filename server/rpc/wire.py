@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ...protos import feed_pb2
+from ..rows.batch import Rows
 from ..store.format import ids_dtype
-from ..streaming.packer import Rows
 
 Buffer = bytes | memoryview
 

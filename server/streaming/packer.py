@@ -18,23 +18,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..pipeline.stage import Count, Stage, StageState
+from ..rows.batch import Rows
 from ..rows.deal import Deal
 from .block_order import OrderState
 from .encoding import TokenStream, TokenStreamState
 
 ENDLESS = 1 << 62
 """The epoch's rows while its end is not known (more than any window reaches)."""
-
-
-@dataclass
-class Rows:
-    """One batch of rows, ready for the wire."""
-
-    input_ids: np.ndarray  # [rows, seq_len] token ids (int32, or the token store's dtype)
-    lengths: np.ndarray  # padded: real tokens per row; packed: segment lengths, row-major
-    row_segments: np.ndarray | None  # packed: segments per row
-    loss_mask: np.ndarray | None  # [rows, seq_len] uint8, 1 = trained on; with completion_only
-    tokens: int  # real tokens
 
 
 class StreamState(StageState):

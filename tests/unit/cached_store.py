@@ -12,8 +12,8 @@ import numpy as np
 
 from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
 from sigil_feed.server.cached.packer import CachedPacker, CachedState
+from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
-from sigil_feed.server.streaming.packer import Rows
 
 PAD = 0
 

@@ -8,8 +8,8 @@ import pytest
 from sigil_feed.client.decode import decode_batch
 from sigil_feed.client.parts import Part, read_response, whole
 from sigil_feed.protos import feed_pb2
+from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rpc.wire import CHUNK, batch_response, ids_dtype, join, messages
-from sigil_feed.server.streaming.packer import Rows
 
 
 def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, row: int, vocab_size: int) -> bytes:
