@@ -13,7 +13,8 @@ blocks of equally many rows (`blocks`), so global row e is row e // V of virtual
 an epoch's waste never depends on V, the lengths or the regions' balance. Virtual rank v reads the block of
 region rho(v) (mixed-radix digit reversal), so that rank r of a world size w that is a prefix product of V's
 ascending prime factors (for `auto`'s choices: 2, 4, ..., 1024, then x 3, 3, 5, 7) reads one contiguous run of
-regions, about 1/w of the store's shards; any other w that divides V (6, 12, 24, 48, 96, ...) reads 1/w of the
+regions, about 1/w of the store's shards (the deal gives rank r the r-th run, so a node's consecutive ranks read
+one run: `rank_regions`); any other w that divides V (6, 12, 24, 48, 96, ...) reads 1/w of the
 regions, not contiguous. No assignment of regions makes two world sizes contiguous unless one divides the
 other: for 48 and 64, each class mod 16 would be 3 runs (mod 48) of 4 units and 4 runs (mod 64) of 3 units,
 every run of the one meeting every run of the other in exactly one unit, which a run of 4 units cannot do
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..pipeline.curate import task_copies
 from ..pipeline.mixing import interleave
+from ..rows.deal import Deal, prime_factors
 from ..store.reader import TokenStore
 
 AUTO_VIRTUAL = (1, 2, 4, 8, 16, 48, 96, 192, 384, 768, 1536, 3072, 9216, 46080, 322560)
@@ -64,17 +66,6 @@ def virtual_ranks(setting: int | str, items: int) -> int:
         raise ValueError(f"dataset.virtual_ranks is {count}, but the dataset serves only {items} items per epoch: "
                          f"every virtual rank needs one; set virtual_ranks to at most {items} (or `auto`)")
     return count
-
-
-def prime_factors(n: int) -> list[int]:
-    """n's prime factors in ascending order, with multiplicity (720 -> 2, 2, 2, 2, 3, 3, 5)."""
-    factors, p = [], 2
-    while p * p <= n:
-        while n % p == 0:
-            factors.append(p)
-            n //= p
-        p += 1
-    return factors + ([n] if n > 1 else [])
 
 
 def digit_reversal(count: int) -> np.ndarray:
@@ -172,3 +163,28 @@ def blocks(rows: int, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     in_order = np.zeros(count + 1, dtype=np.int64)
     in_order[1:][region] = sizes
     return np.cumsum(in_order)[:-1][region], sizes
+
+
+def rank_regions(virtual: int, world: int) -> list[np.ndarray]:
+    """The regions each rank of `world` reads over an epoch (of at least `virtual` rows, from position 0) of a
+    layout of `virtual` virtual ranks, ascending: rank r takes the rows of one residue class c mod w (the deal's),
+    so the virtual ranks v with v = c mod gcd(w, V), and their regions."""
+    region, g = digit_reversal(virtual), np.gcd(world, virtual)
+    out = []
+    for rank in range(world):
+        residue = Deal(rank, world, 1, virtual).residue
+        c = rank if residue is None else residue
+        out.append(np.sort(region[np.arange(c % g, virtual, g)]))
+    return out
+
+
+def node_regions(virtual: int, world: int, local: int) -> list[np.ndarray]:
+    """The regions each node reads, its ranks numbered as torchrun does (node k: ranks local*k .. local*k +
+    local - 1); `local` must divide `world`."""
+    ranks = rank_regions(virtual, world)
+    return [np.unique(np.concatenate(ranks[k * local:(k + 1) * local])) for k in range(world // local)]
+
+
+def runs(regions: np.ndarray) -> int:
+    """The number of contiguous runs in ascending, distinct regions."""
+    return int(len(regions) and 1 + np.count_nonzero(np.diff(regions) > 1))

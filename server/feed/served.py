@@ -202,11 +202,12 @@ class ServedDataset:
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer."""
         section = self.section
+        if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
+            layout = self.layouts[epoch]
+            return CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
+                                seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
+                                pad_id=self.facts.pad_id, remainder=section.remainder)
         deal = Deal(rank, world_size, batch_size)
-        if self.layouts is not None:
-            return CachedPacker(self.layouts.store, self.layouts[epoch], deal, seq_len=seq_len, pack=self.config.pack,
-                                completion_only=section.completion_only, pad_id=self.facts.pad_id,
-                                remainder=section.remainder)
         blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,

@@ -60,8 +60,8 @@ def layout_of(store: Any, virtual: int, seed: int | None = 7, epoch: int = 0, wi
 
 def packer(store: Any, layout: EpochLayout, rank: int, world: int, batch: int, seq: int, pack: bool,
            remainder: str, completion: bool = False) -> CachedPacker:
-    return CachedPacker(store, layout, Deal(rank, world, batch), seq_len=seq, pack=pack, completion_only=completion,
-                        pad_id=PAD, remainder=remainder)
+    return CachedPacker(store, layout, Deal(rank, world, batch, layout.virtual), seq_len=seq, pack=pack,
+                        completion_only=completion, pad_id=PAD, remainder=remainder)
 
 
 def row_content(rows: Rows, j: int) -> tuple[tuple[int, ...], ...]:
@@ -92,9 +92,9 @@ def run(store: Any, layout: EpochLayout, world: int, batch: int, seq: int, pack:
         batches = [p.next_batch() for p in packers]
         if all(b is None for b in batches):
             break
-        for r, rows in enumerate(batches):
+        for p, rows in zip(packers, batches, strict=True):  # the deal's rows, ascending (keep: a prefix of them)
             for j in range(0 if rows is None else rows.input_ids.shape[0]):
-                g = at + r + world * j
+                g = int(p.deal.rows(at)[j])
                 assert g not in got
                 got[g] = row_content(rows, j)
         step += 1

@@ -23,6 +23,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.batches import Feed, FeedItem
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.streaming import encoding as blocks
 from sigil_feed.server.streaming.block_order import BlockShuffle
@@ -85,14 +86,16 @@ def stream_samples(dataset: ServedDataset, per_rank: list[list[FeedItem]], world
     epoch's one stream (cached: the blocks of rows of virtual ranks v = e mod V in region order, row e // V of
     each; streaming: global row order), concatenated, cut after every EOS."""
     rows: dict[int, np.ndarray] = {}
+    region = dataset.layouts[0].region if dataset.layouts is not None else np.zeros(1, dtype=np.int64)
     for rank, items in enumerate(per_rank):
         for item in items:
             assert item.rows is not None
             first = item.row - world * batch
             real = np.add.reduceat(item.rows.lengths, np.cumsum(item.rows.row_segments) - item.rows.row_segments)
-            for i, (ids, n) in enumerate(zip(item.rows.input_ids, real, strict=True)):
-                rows[first + rank + world * i] = ids[:n]
-    region = dataset.layouts[0].region if dataset.layouts is not None else np.zeros(1, dtype=np.int64)
+            dealt = Deal(rank, world, batch, len(region)).rows(first).tolist()  # the packer's deal
+            for e, ids, n in zip(dealt, item.rows.input_ids, real, strict=False):
+                assert e not in rows
+                rows[e] = ids[:n]
     virtual = len(region)
     order = sorted(rows, key=lambda e: (int(region[e % virtual]), e // virtual))
     return Counter(samples_of_ids([rows[e] for e in order], encoder().eos_id))
