@@ -45,6 +45,7 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "streaming_rss_ratio": ("MB peak RSS", "<= 1.1"), "stalled_client_rss_ratio": ("MB RSS", "<= 1.05"),
            "small_stream_p99_vs_greedy_neighbour": ("ms p99 per batch", "<= 3"), "ray_build_vs_local": ("s", ""),
            "cold_shard_cache_first_batch_s": ("s", ""), "bytes_fetched_per_sidecar_over_store": ("bytes", ""),
+           "bytes_fetched_per_sidecar_over_share": ("x its share", "<= 1.5"),
            "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
            "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"),
            "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
@@ -148,6 +149,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
     for metric in r.guard("bytes_fetched_per_sidecar_over_store", lambda: locality.measure(
             work, lambda name, sources, keys: write_config(work.path(f"{name}.yaml"), work, sources, use_cache=True,
                                                            **keys))) or []:
+        r.add(metric)
+    for metric in r.guard("bytes_fetched_per_sidecar_over_share", locality.measure_nodes) or []:
         r.add(metric)
     for metric in r.guard("epoch_pad_repeat_fraction", epoch_waste.measure) or []:
         r.add(metric)

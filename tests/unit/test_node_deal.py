@@ -103,3 +103,12 @@ def test_a_nodes_shards_are_about_its_share_of_the_store_through_the_packer() ->
     node_aware, plain = node_shards(96), node_shards(1)
     assert max(node_aware) <= shards * LOCAL // 32 + 2
     assert max(node_aware) < min(plain)
+
+
+def test_the_locality_command_prints_each_world_sizes_rule_and_node_share(capsys: pytest.CaptureFixture[str]) -> None:
+    from sigil_feed.server.cli.main import main
+
+    assert main(["locality", "--virtual", "48", "--world", "16", "--world", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:6] == ["16", "2", "node-aware", "1", "0.5000", "0.5000"]
+    assert lines[3].split()[:3] == ["32", "4", "plain"]
