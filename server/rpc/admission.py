@@ -1,13 +1,13 @@
 """Admission: every stream counts against the server's limits from its first byte, in total and per client; a
 stream stalled on a write gives its place up (after `write_timeout_s`, or at once to a new stream when the server
-is full and it has been stalled `evict_stalled_s`)."""
+is full and it has been stalled `evict_stalled_s`); writes that hold the event loop long are paced (LoopShare)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from ..config import Limits
@@ -122,3 +122,37 @@ class Admission:
         self.by_host[place.host] -= 1
         if not self.by_host[place.host]:
             del self.by_host[place.host]
+
+
+LONG_WRITE_SHARE = 0.1
+"""Most of the event loop's time that long writes (whole responses over wire.PARTS_OVER, to clients that do not
+accept Parts) may take while other streams are open."""
+
+
+class LoopShare:
+    """Paces the writes that hold the event loop long. gRPC copies an outgoing message on the event loop with the
+    GIL held, and sends what flow control allows there too: a whole 128 MB batch for a client without
+    `accept_parts` holds every other stream for 30-200 ms, and nothing can cut that one write shorter. While other
+    streams are open, such writes take turns and begin no more often than keeps their share of the loop's time
+    at `share`: each one's cost (the time until the loop's next turn) decides when the next may begin. A client
+    alone on the server is not paced."""
+
+    def __init__(self, share: float = LONG_WRITE_SHARE) -> None:
+        self.share = share
+        self.next_at = 0.0  # loop.time() before which no long write begins while others are open
+        self.cost_s = 0.0  # the last long write's cost
+
+    async def write(self, sending: Callable[[], Awaitable[None]], crowded: Callable[[], bool]) -> None:
+        """Begin `sending` (a long write) at this writer's turn, and book the loop time it took."""
+        loop = asyncio.get_running_loop()
+        while crowded() and (wait := self.next_at - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        began = loop.time()
+        self.next_at = began + self.cost_s / self.share  # until this write's own cost is known
+        turned: list[float] = []
+        loop.call_soon(lambda: turned.append(loop.time()))  # runs at the loop's next turn, after the write's copy
+        try:
+            await sending()
+        finally:
+            self.cost_s = (turned[0] if turned else loop.time()) - began
+            self.next_at = began + self.cost_s / self.share

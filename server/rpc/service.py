@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import grpc
@@ -19,11 +20,11 @@ from ..feed.cursor import decode_cursor
 from ..feed.served import ServedDataset
 from ..observe.streams import ClientStream, OpenStream, Streams
 from ..observe.watch import InputBoundWatch
-from .admission import Admission, Place
+from .admission import Admission, LoopShare, Place
 from .credits import Credits
 from .snapshot import snapshot
 from .views import dataset_info
-from .wire import batch_response, messages
+from .wire import PARTS_OVER, batch_response, messages
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         self.datasets, self.limits, self.executor = datasets, limits, executor
         self.cursor_secret = cursor_secret
         self.admission = Admission(limits)
+        self.loop_share = LoopShare()
         self.watch = watch or InputBoundWatch()
         self.streams: Streams[Credits] = Streams()
         self.started = time.monotonic()
@@ -109,7 +111,8 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
         peer = context.peer()
         with self.admission.slot(peer) as place:  # counted from here, Open or not
-            await self._stream(peer, request_iterator, _Writer(context, place))
+            await self._stream(peer, request_iterator,
+                               _Writer(context, place, self.loop_share, lambda: len(self.streams) > 1))
 
     async def _stream(self, peer: str, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
                       writer: _Writer) -> None:
@@ -241,15 +244,23 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
 
 
 class _Writer:
-    """A stream's writes, each bounded by its place (see admission.Place.write)."""
+    """A stream's writes, each bounded by its place (see admission.Place.write); long ones take turns (see
+    admission.LoopShare)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, place: Place) -> None:
-        self.context, self.place = context, place
+    def __init__(self, context: grpc.aio.ServicerContext, place: Place, share: LoopShare,
+                 crowded: Callable[[], bool]) -> None:
+        self.context, self.place, self.share, self.crowded = context, place, share, crowded
 
     async def write(self, response: list[bytes] | None) -> None:
         """Write a response's messages: one, or its Parts, between which the event loop serves other streams."""
         for message in response or ():
-            await self.place.write(self.context.write(message))
+            if len(message) > PARTS_OVER:
+                await self.share.write(functools.partial(self._write, message), self.crowded)
+            else:
+                await self._write(message)
+
+    async def _write(self, message: bytes) -> None:
+        await self.place.write(self.context.write(message))
 
 
 class _Producer:
