@@ -4,13 +4,14 @@ on a write the longest (issue 22, item 5)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
 from sigil_feed.server.config import Limits
 from sigil_feed.server.errors import Exhausted, FeedError
-from sigil_feed.server.rpc.admission import Admission
+from sigil_feed.server.rpc.admission import Admission, LoopShare
 from sigil_feed.server.rpc.interceptor import status_of
 
 
@@ -72,3 +73,21 @@ def test_a_full_server_evicts_the_stream_stalled_longest_and_only_past_evict_sta
             write.cancel()
 
     run(scenario())
+
+
+def test_long_writes_take_at_most_their_share_of_the_loop_while_other_streams_are_open() -> None:
+    async def scenario(crowded: bool) -> float:
+        share = LoopShare(0.25)
+
+        async def sending() -> None:  # gRPC's copy of a whole big message: holds the loop 20 ms
+            time.sleep(0.02)
+
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(5):
+            await share.write(sending, lambda: crowded)
+        return loop.time() - began
+
+    alone, beside_others = run(scenario(False)), run(scenario(True))
+    assert alone < 0.2, alone  # a client alone is not paced
+    assert beside_others >= 4 * 0.02 / 0.25, beside_others  # each write waits until the last one's cost is 25%
