@@ -22,6 +22,10 @@ def peer_host(peer: str) -> str:
     return peer
 
 
+class Stalled(Unavailable):
+    """A stream's write did not go out in time, or its place was given to another stream: UNAVAILABLE."""
+
+
 class Place:
     """One stream's place: which client holds it, and since when the stream waits for a write to complete (the
     client does not read: HTTP/2 flow control holds the write back)."""
@@ -54,8 +58,8 @@ class Place:
             task = asyncio.current_task()
             if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11 counts cancellations
                 task.uncancel()
-            raise Unavailable(f"{self._why}: the stream was closed to free its place; resume from the last "
-                              "cursor") from None
+            raise Stalled(f"{self._why}: the stream was closed to free its place; resume from the last "
+                          "cursor") from None
         finally:
             timer.cancel()
             self.stalled_since = self._task = None

@@ -20,7 +20,7 @@ from ..feed.cursor import decode_cursor
 from ..feed.served import ServedDataset
 from ..observe.streams import ClientStream, OpenStream, Streams
 from ..observe.watch import InputBoundWatch
-from .admission import Admission, LoopShare, Place
+from .admission import Admission, LoopShare, Place, Stalled
 from .credits import Credits
 from .snapshot import snapshot
 from .views import dataset_info
@@ -110,9 +110,17 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                      context: grpc.aio.ServicerContext) -> None:
         """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
         peer = context.peer()
+        stalled = None
         with self.admission.slot(peer) as place:  # counted from here, Open or not
-            await self._stream(peer, request_iterator,
-                               _Writer(context, place, self.loop_share, lambda: len(self.streams) > 1))
+            try:
+                await self._stream(peer, request_iterator,
+                                   _Writer(context, place, self.loop_share, lambda: len(self.streams) > 1))
+            except Stalled as err:
+                stalled = str(err)
+        if stalled is not None:
+            # A new error, raised out here: the status waits behind the data the client does not read, maybe until
+            # it disconnects, and must not keep the stream's frames (its Feed, its batches) alive meanwhile.
+            raise Stalled(stalled)
 
     async def _stream(self, peer: str, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
                       writer: _Writer) -> None:
