@@ -103,3 +103,61 @@ def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path]
                f"medians {quality['median']:.3g} against {quality['global_median']:.3g}"),
         details=quality)
     return [locality, shuffle]
+
+
+NODES, LOCAL = 8, 8  # 8 sidecars x 8 ranks, numbered as torchrun does (node k: ranks 8k .. 8k + 7)
+NODE_VIRTUAL = 3072  # auto's choice from 196,608 served items: every power of two up to 1024 divides it
+NODE_SHARDS = 64
+
+
+def node_shares(*, virtual: int = NODE_VIRTUAL, worlds: tuple[int, ...] = (8, 16, 32, 64), local: int = LOCAL,
+                shards: int = NODE_SHARDS, samples: int = NODE_VIRTUAL * 16, batch: int = 2, seq_len: int = 512,
+                node_aware: bool = True) -> dict[int, list[float]]:
+    """Per world size, each node's bytes over its share (the store's bytes / nodes): the shards its ranks' rows
+    pin over one epoch (packed rows, `pad`), through the real CachedPacker on a synthetic store (lognormal
+    lengths, `shards` shards), seed 0; `node_aware=False` deals by the plain rule (rank r: start + r, ...)."""
+    from bench.epoch_waste import heavy_tailed_lengths
+    from sigil_feed.server.cached.layout import epoch_layout
+    from sigil_feed.server.cached.packer import CachedPacker
+    from sigil_feed.server.rows.deal import Deal
+    from tests.unit.cached_store import fake_store
+
+    store = fake_store(heavy_tailed_lengths(samples), per_shard=-(-samples // shards))
+    layout = epoch_layout(store, np.arange(samples), virtual=virtual, seed=0, epoch=0, window_shards=WINDOW_SHARDS)
+    size = np.bincount(store.shard, weights=store.lengths)
+    out = {}
+    for world in worlds:
+        nodes = world // local
+        shares = []
+        for k in range(nodes):
+            store.shards.pinned_log.clear()
+            for rank in range(k * local, (k + 1) * local):
+                packer = CachedPacker(store, layout, Deal(rank, world, batch, virtual if node_aware else 1),
+                                      seq_len=seq_len, pack=True, completion_only=False, pad_id=0, remainder="pad")
+                while packer.next_batch() is not None:
+                    pass
+            pinned = sorted({s for p in store.shards.pinned_log for s in p})
+            shares.append(float(size[pinned].sum() / (size.sum() / nodes)))
+        out[world] = shares
+    return out
+
+
+def measure_nodes() -> list[Metric]:
+    """bytes_fetched_per_sidecar_over_share: 8 sidecars x 8 ranks (world 64), the worst node, node-aware deal,
+    against the plain rule's worst node; every world size 8-64 in the details."""
+    after, before = node_shares(), node_shares(node_aware=False)
+    worst = {w: (max(after[w]), max(before[w])) for w in after}
+    world = NODES * LOCAL
+    return [Metric(
+        "bytes_fetched_per_sidecar_over_share", worst[world][0], None, "x its share", "<= 1.5", mode="cached",
+        notes=(f"the worst of {NODES} sidecars x {LOCAL} ranks (torchrun numbering), the bytes of the shards its "
+               f"ranks' rows read in one epoch over the store's / {NODES}, from the layout and the deal (the real "
+               f"CachedPacker, no server) of a {NODE_SHARDS}-shard synthetic store, virtual_ranks {NODE_VIRTUAL}; "
+               f"the plain deal (rank r: start + r, ...) gave {worst[world][1]:.2f}; per world size "
+               f"(after, before): " + ", ".join(f"{w}: {a:.2f}, {b:.2f}" for w, (a, b) in worst.items())),
+        details={"node_aware": after, "plain": before})]
+
+
+if __name__ == "__main__":
+    for metric in measure_nodes():
+        print(metric.name, metric.value, metric.notes)

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
+from sigil_feed.server.cached.layout import EpochLayout, block_bounds, blocks, epoch_layout
 from sigil_feed.server.store.reader import TokenStore
 
 
 def delivery_positions(layout: EpochLayout) -> np.ndarray:
-    """Per item of `layout.items`: its place in the epoch's global order (item j of virtual rank v is at
-    j * V + v, which is its global row when rows are padded)."""
-    owner = np.empty(layout.virtual, dtype=np.int64)
-    owner[layout.region] = np.arange(layout.virtual)
-    sizes = np.diff(layout.bounds)
-    within = np.arange(len(layout.items)) - np.repeat(layout.bounds[:-1], sizes)
-    return within * layout.virtual + np.repeat(owner, sizes)
+    """Per item of `layout.items`: its global row when rows are padded (one item each), which is row i of the
+    block of virtual rank v (see `blocks`) at i * V + v."""
+    count = layout.virtual
+    first, _ = blocks(len(layout.items), layout.region)
+    owner = np.empty(count, dtype=np.int64)
+    owner[layout.region] = np.arange(count)
+    k = np.arange(len(layout.items), dtype=np.int64)
+    v = owner[np.searchsorted(block_bounds(len(layout.items), layout.region), k, side="right") - 1]
+    return (k - first[v]) * count + v
 
 
 def same_file_distances(store: TokenStore, items: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -114,6 +114,10 @@ class Limits(BaseModel):
     open_timeout_s: PositiveFloat = 10.0  # a stream must send its Open within this long
     idle_timeout_s: PositiveFloat = 120.0  # a stream granting no credit for this long is ended (UNAVAILABLE:
     # the client resumes from its last cursor when it wants more)
+    write_timeout_s: PositiveFloat = 30.0  # a stream whose write (a batch, or a Part of one) has not gone out
+    # within this long is ended (UNAVAILABLE): its client does not read (HTTP/2 flow control holds the write back)
+    evict_stalled_s: PositiveFloat = 5.0  # when the server (or a client address) is full, a new stream takes the
+    # place of the stream stalled on a write the longest, if for this long
     max_credits: PositiveInt = 64  # batches one stream may have granted and not yet received
     max_batch_size: PositiveInt = 1024
     max_seq_len: PositiveInt = 32_768

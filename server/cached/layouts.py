@@ -20,9 +20,9 @@ class EpochLayouts:
     """The layouts of a token store's served sequence over `virtual` virtual ranks, by epoch."""
 
     def __init__(self, store: TokenStore, sequence: np.ndarray, *, virtual: int, seed: int | None,
-                 window_shards: int, epochs: int | None, pool: Executor) -> None:
+                 window_shards: int, pack: bool, epochs: int | None, pool: Executor) -> None:
         self.store, self.sequence, self.virtual = store, sequence, virtual
-        self.seed, self.window_shards, self.epochs, self.pool = seed, window_shards, epochs, pool
+        self.seed, self.window_shards, self.pack, self.epochs, self.pool = seed, window_shards, pack, epochs, pool
         self.jobs: OrderedDict[int, Future[EpochLayout]] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -40,7 +40,7 @@ class EpochLayouts:
         if job is None:
             job = self.jobs[epoch] = self.pool.submit(
                 epoch_layout, self.store, self.sequence, virtual=self.virtual, seed=self.seed, epoch=epoch,
-                window_shards=self.window_shards)
+                window_shards=self.window_shards, pack=self.pack)
             while len(self.jobs) > LAYOUTS_KEPT:
                 self.jobs.popitem(last=False)
         self.jobs.move_to_end(epoch)

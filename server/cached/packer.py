@@ -1,14 +1,22 @@
 """Cached-mode batches: one rank's share of an epoch's global rows, cut from the memory map with vectorised numpy.
 
-Each virtual rank v of the epoch layout reads its region as one token stream (items concatenated, EOS
-included). Packed, its row i is tokens [i * seq_len, (i + 1) * seq_len) of that stream; padded, its row i is
-its item i truncated to seq_len. Global row e is row e // V of virtual rank e mod V. The epoch's rows follow
-`remainder`: `pad` gives every virtual rank the most rows any has (a virtual rank's rows past its stream's end,
-and the missing tail of its partial last row, wrap around to its stream's start), `drop` the fewest whole rows
-any has, `keep` every row there is (those past the fewest in global row order, the last ones partial). The
-deal (server/rows/deal.py) says which global rows are this rank's batch; the state is the global row where the next
-window starts, which resumes every rank of any layout. The shards a batch reads are pinned while it is cut (a
-remote store's are fetched into the shard cache), and the shards of this rank's next windows are fetched ahead.
+The epoch's items, in the layout's order (region after region), are one stream: packed, their tokens (EOS
+included) concatenated and cut into rows of seq_len tokens, the last one partial (a real row, padded within
+the row); padded, one item per row, truncated to seq_len. The stream's rows are dealt to the V virtual ranks in
+contiguous blocks of equally many rows (one more for the first ones; order.blocks), laid out in region order,
+so that global row e is row e // V of virtual rank e mod V for every row of the epoch: the global rows are
+every row exactly once, and no virtual rank runs out before the others. A sample may continue from the last
+row of one block into the first of the next, at the exact token, as across any two rows.
+
+`remainder` is applied once, by the deal (server/rows/deal.py), to that one sequence, as in streaming mode: `pad`
+completes the last window with the rows past the end of their virtual ranks' blocks, which wrap around to the
+blocks' starts (the epoch's start, per virtual rank: a rank stays in its own shards; this also completes the
+partial last row), `drop` skips the last partial window, `keep` sends it ragged. So an epoch repeats or skips
+fewer than one step's rows (`world_size * batch_size`), whatever V, the lengths and the regions' balance.
+
+The state is the global row where the next window starts, which resumes every rank of any layout. The shards
+a batch reads are pinned while it is cut (a remote store's are fetched into the shard cache), and the shards of
+this rank's next windows are fetched ahead.
 """
 
 from __future__ import annotations
@@ -19,10 +27,10 @@ import numpy as np
 from pydantic import Field, StrictInt
 
 from ..pipeline.stage import Count, Stage, StageState
+from ..rows.batch import Rows
 from ..rows.deal import Deal
 from ..store.reader import TokenStore
-from ..streaming.packer import Rows
-from .layout import EpochLayout
+from .layout import EpochLayout, blocks
 
 
 class CachedState(StageState):
@@ -36,26 +44,6 @@ AHEAD_BATCHES = 2
 """Prefetch the shards of this rank's batches in this many windows past the current one."""
 
 
-def epoch_rows(rows: np.ndarray, whole: np.ndarray, remainder: str) -> tuple[int, np.ndarray, int]:
-    """The epoch's global rows from each virtual rank's row count (`rows`) and whole rows (`whole`): the rows
-    in direct order (e < D is row e // V of virtual rank e mod V), the rows after them in order (`keep`: the
-    rows past the fewest), and the total."""
-    count = len(rows)  # V >= 1
-    if remainder == "pad":
-        direct = int(rows.max()) * count
-    elif remainder == "drop":
-        direct = int(whole.min()) * count
-    else:
-        direct = int(rows.min()) * count
-    if remainder != "keep":
-        return direct, np.zeros(0, dtype=np.int64), direct
-    extra = rows - direct // count
-    owner = np.repeat(np.arange(count, dtype=np.int64), extra)
-    step = np.arange(len(owner)) - np.repeat(np.cumsum(extra) - extra, extra)
-    tail = np.sort(direct + step * count + owner)
-    return direct, tail, direct + len(tail)
-
-
 class CachedPacker(Stage[Rows, CachedState]):
     """One rank's batches for one epoch of a token store's layout."""
 
@@ -65,11 +53,9 @@ class CachedPacker(Stage[Rows, CachedState]):
         self.seq_len, self.pack, self.completion_only, self.pad_id = seq_len, pack, completion_only, pad_id
         self.remainder = remainder
         self.dtype = np.dtype(store.manifest.dtype)
-        self.first = layout.bounds[layout.region]  # per virtual rank: its first item in layout.items
-        self.units = layout.tokens() if pack else layout.counts()  # per virtual rank: its stream's length
-        rows = -(-self.units // seq_len) if pack else self.units
-        whole = self.units // seq_len if pack else self.units
-        self.direct, self.tail, self.total = epoch_rows(rows, whole, remainder)
+        self.units = int(layout.cum[-1]) if pack else len(layout.items)  # the stream's tokens, or items
+        self.total = -(-self.units // seq_len) if pack else self.units  # the epoch's rows
+        self.first, self.rows = blocks(self.total, layout.region)  # per virtual rank: its block's first row, rows
         self.row = 0
 
     @property
@@ -83,13 +69,10 @@ class CachedPacker(Stage[Rows, CachedState]):
         return self.store.shards.local
 
     def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global rows -> (virtual rank, row of its stream)."""
-        if self.remainder == "pad":
-            e = rows % self.total
-        else:
-            e = rows.copy()
-            beyond = e >= self.direct
-            e[beyond] = self.tail[e[beyond] - self.direct]
+        """Global rows -> (virtual rank, row of its block). `pad`'s rows past the epoch's end are rows past the
+        end of their virtual rank's block, which wrap around to its start (see `_runs`), or, when the epoch
+        has fewer rows than V, the epoch's first rows again."""
+        e = rows % self.total if self.remainder == "pad" and self.total < self.virtual else rows
         return e % self.virtual, e // self.virtual
 
     def next_batch(self) -> Rows | None:
@@ -104,32 +87,36 @@ class CachedPacker(Stage[Rows, CachedState]):
         return batch
 
     def _runs(self, v: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The rows' tokens as runs of one item each, in row-major order: (row, item in layout.items, offset
-        into the item, length). A row's stream span wraps around its stream (`pad`) or stops at its end."""
-        length = self.units[v]
-        lo, hi = i * self.seq_len, (i + 1) * self.seq_len
+        """The rows' tokens as runs of one item each, in row-major order: (row of the batch, item in
+        layout.items, offset into the item, length). Row i of virtual rank v is tokens [i * seq_len,
+        (i + 1) * seq_len) of its block's tokens; they stop at the block's end (the epoch's partial last row),
+        or under `pad` wrap around to the block's start (completing that row, and the rows past the end)."""
+        cum, seq = self.layout.cum, self.seq_len
+        base = self.first[v] * seq
+        size = np.minimum((self.first[v] + self.rows[v]) * seq, self.units) - base  # the block's tokens
+        lo, hi = i * seq, (i + 1) * seq
         if self.remainder != "pad":
-            hi = np.minimum(hi, length)
-        base = self.layout.cum[self.first[v]]
-        piece_row, piece_lo, piece_hi = [], [], []
-        for row, (start, stop, size, at) in enumerate(zip(lo.tolist(), hi.tolist(), length.tolist(), base.tolist(),
-                                                          strict=True)):
-            x, left = start % size, stop - start
-            while left > 0:  # more than one piece only where a `pad` row wraps around its stream
-                take = min(left, size - x)
-                piece_row.append(row)
-                piece_lo.append(at + x)
-                piece_hi.append(at + x + take)
+            hi = np.minimum(hi, size)
+        whole = hi <= size
+        piece_row, piece_lo, piece_hi = [np.flatnonzero(whole)], [(base + lo)[whole]], [(base + hi)[whole]]
+        for row in np.flatnonzero(~whole).tolist():  # `pad` only: wrap around the block, perhaps more than once
+            at, x, left = int(base[row]), int(lo[row] % size[row]), seq
+            while left > 0:
+                take = min(left, int(size[row]) - x)
+                piece_row.append(np.array([row]))
+                piece_lo.append(np.array([at + x]))
+                piece_hi.append(np.array([at + x + take]))
                 left, x = left - take, 0
-        cum = self.layout.cum
-        p_lo, p_hi = np.array(piece_lo, dtype=np.int64), np.array(piece_hi, dtype=np.int64)
+        rank = np.concatenate(piece_row)
+        order = np.argsort(rank, kind="stable")
+        rank, p_lo, p_hi = rank[order], np.concatenate(piece_lo)[order], np.concatenate(piece_hi)[order]
         first = np.searchsorted(cum, p_lo, side="right") - 1
         per_piece = np.searchsorted(cum, p_hi - 1, side="right") - first
         item = np.repeat(first, per_piece) + np.arange(per_piece.sum()) - np.repeat(np.cumsum(per_piece) - per_piece,
                                                                                     per_piece)
         run_lo = np.maximum(cum[item], np.repeat(p_lo, per_piece))
         count = np.minimum(cum[item + 1], np.repeat(p_hi, per_piece)) - run_lo
-        return np.repeat(np.array(piece_row, dtype=np.int64), per_piece), item, run_lo - cum[item], count
+        return np.repeat(rank, per_piece), item, run_lo - cum[item], count
 
     def _packed(self, v: np.ndarray, i: np.ndarray) -> tuple[Rows, np.ndarray]:
         row, item, offset, count = self._runs(v, i)
@@ -154,7 +141,7 @@ class CachedPacker(Stage[Rows, CachedState]):
         return Rows(ids, count.astype(np.int32), segments, mask, len(real)), shard
 
     def _padded(self, v: np.ndarray, i: np.ndarray) -> tuple[Rows, np.ndarray]:
-        sample = self.layout.items[self.first[v] + i % self.units[v]]
+        sample = self.layout.items[self.first[v] + i % self.rows[v]]  # `pad`: past its block, its first rows
         kept = np.minimum(self.store.lengths[sample], self.seq_len)
         shard = self.store.shard[sample]
         ids = np.full((len(v), self.seq_len), self.pad_id, dtype=self.dtype)
@@ -178,7 +165,7 @@ class CachedPacker(Stage[Rows, CachedState]):
         if not len(rows):
             return
         v, i = self._locate(rows)
-        items = self._runs(v, i)[1] if self.pack else self.first[v] + i % self.units[v]
+        items = self._runs(v, i)[1] if self.pack else self.first[v] + i % self.rows[v]
         upcoming = self.store.shard[self.layout.items[items]]
         self.store.shards.prefetch(upcoming[~np.isin(upcoming, current)])
 

@@ -1,14 +1,16 @@
 """The shards some ranks of a job read in one epoch of a token store's layout, and the most of them they read at
 once: what a sidecar's shard cache must hold to fetch each shard about once per epoch.
 
-Rank r of w reads the global rows e = r (mod w); global row e is a row of virtual rank e mod V, so over an epoch
-rank r reads the virtual ranks v = r (mod gcd(w, V)): only its own when w divides V, every one when gcd(w, V) is
-1. A virtual rank reads its region's items in order, one row (`seq_len` tokens packed, one item padded) per V
-global rows, so all virtual ranks advance alike: in token position (packed) or item position (padded) within
-their streams. A virtual rank uses a shard from the first to the last of its items there (within a window of
-shuffled shards they interleave); the bytes of the shards in use at a position, summed over the virtual ranks the
-ranks read (a shard counted once), peak somewhere in the epoch: that peak is the working set. A cache smaller
-than it refetches shards; one at least as large (plus the shards fetched ahead) fetches each about once.
+Rank r of w reads the global rows of one residue class c mod w (the deal's: c = r, or its node-aware class,
+rows/deal.py); global row e is row e // V of virtual rank e mod V, so over an epoch rank r reads the virtual
+ranks v = c (mod gcd(w, V)): only its own when w divides V, every one when gcd(w, V) is 1. A virtual rank reads
+its block of rows, which is its region's items (to within a row at its ends), in order, one row (`seq_len`
+tokens packed, one item padded) per V global rows, so all virtual ranks advance alike: in token position
+(packed) or item position (padded) within their regions. A virtual rank uses a shard from the first to the last
+of its items there (within a window of shuffled shards they interleave); the bytes of the shards in use at a
+position, summed over the virtual ranks the ranks read (a shard counted once), peak somewhere in the epoch: that
+peak is the working set. A cache smaller than it refetches shards; one at least as large (plus the shards fetched
+ahead) fetches each about once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from math import gcd
 
 import numpy as np
 
+from ..rows.deal import Deal
 from .layout import EpochLayout
 
 
@@ -34,10 +37,12 @@ class WorkingSet:
 
 def virtual_ranks_read(virtual: int, world_size: int, ranks: Iterable[int]) -> np.ndarray:
     """The virtual ranks these ranks of `world_size` read over an epoch of `virtual` virtual ranks."""
-    step = gcd(virtual, world_size)
-    residues = sorted({r % step for r in ranks})
+    step, residues = gcd(virtual, world_size), set()
+    for rank in ranks:
+        residue = Deal(rank, world_size, 1, virtual).residue  # node-aware, or None: the rank's own class
+        residues.add((rank if residue is None else residue) % step)
     v = np.arange(virtual, dtype=np.int64)
-    return v[np.isin(v % step, residues)]
+    return v[np.isin(v % step, sorted(residues))]
 
 
 def working_set(layout: EpochLayout, shard: np.ndarray, shard_bytes: np.ndarray, *, world_size: int,

@@ -15,6 +15,7 @@ from ...protos import feed_pb2, feed_pb2_grpc
 from ..default import DEFAULT_DIR
 from ..errors import ConfigError, SourceError
 from .cache import add_cache_commands
+from .locality import add_locality_command
 from .logs import configure as configure_logging
 
 DEFAULT_CONFIG = DEFAULT_DIR / "default.yaml"
@@ -241,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=_health)
     add_cache_commands(sub)
+    add_locality_command(sub)
     return root
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cached.packer import CachedPacker, CachedState
-from ..streaming.packer import Packer, Rows, StreamState
+from ..rows.batch import Rows
+from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
 

@@ -56,6 +56,9 @@ ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainde
                   "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
                   "shuffle_window_shards", "shard_records")
 """Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
+ORDER_REVISION = 2
+"""The epoch order's definition, in the served fingerprint: a cursor of another revision (revision 1 padded or cut
+every virtual rank to the longest or shortest, so its rows mean others now) is refused, never resumed wrongly."""
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 WORKING_SETS_KEPT = 32  # working sets remembered per dataset, by (epoch, world size, ranks)
 WARN_AFTER_S = 2.0  # a working set larger than the shard cache is warned once no rank has opened for this long
@@ -107,7 +110,7 @@ class ServedDataset:
                                                 [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
         self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
-                                        self.config.pack, self.content_fingerprint)
+                                        self.config.pack, self.content_fingerprint, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.store_dir = store_dir(fs, self.content_fingerprint)
         self.lifecycle = StoreLifecycle(self.name, fs, self.store_dir, self.content_fingerprint,
@@ -186,7 +189,7 @@ class ServedDataset:
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
         self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
                                     seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                                    epochs=section.epochs, pool=self.runtime.layout_pool)
+                                    pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
@@ -233,13 +236,14 @@ class ServedDataset:
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer."""
         section = self.section
-        deal = Deal(rank, world_size, batch_size)
-        if self.layouts is not None:
-            cached = CachedPacker(self.layouts.store, self.layouts[epoch], deal, seq_len=seq_len,
-                                  pack=self.config.pack, completion_only=section.completion_only,
+        if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
+            layout = self.layouts[epoch]
+            cached = CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
+                                  seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
+        deal = Deal(rank, world_size, batch_size)
         blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,

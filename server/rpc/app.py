@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import sys
@@ -31,6 +32,8 @@ SERVICE_NAME = feed_pb2.DESCRIPTOR.services_by_name["DataFeed"].full_name
 SWITCH_INTERVAL_S = 0.0005
 """How long a worker thread making a big batch keeps the GIL while the event loop asks for it (CPython's default,
 5 ms, delays every other stream by up to that at each of the loop's many GIL hand-offs)."""
+HELD_FREE_BYTES = 1 << 30
+"""Freed heap memory the allocator keeps for reuse instead of returning it to the system (see _reuse_memory)."""
 REQUEST_HEADROOM = 16 << 10
 """Bytes a request may carry beyond its cursor (names, ids, framing)."""
 
@@ -80,10 +83,30 @@ def _bind(server: grpc.aio.Server, listen: Listen) -> int:
                           fix="choose a free port (--port, env SIGIL_FEED_PORT)") from None
 
 
+def _reuse_memory() -> None:
+    """Have glibc's allocator serve big blocks from its heap, kept for reuse, instead of mapping fresh memory.
+
+    gRPC copies every outgoing message into a block it allocates on the event loop, GIL held. glibc maps each
+    block over 32 MB fresh from the system and unmaps it when freed, so the copy of a whole 128 MB batch (a client
+    without `accept_parts`) first faults in and zeroes 32k pages: measured 80-200 ms of the loop on 2 busy cores,
+    12-90 ms once the block comes from memory already in use. Freed memory past HELD_FREE_BYTES is still given
+    back. No-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, HELD_FREE_BYTES)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
 async def serve(config: FeedConfig, datasets: dict[str, ServedDataset], listen: Listen) -> int:
     """Serve until SIGTERM/SIGINT, then drain open streams within the grace period; returns the exit code."""
     section = config.server
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    _reuse_memory()
     statuses = RpcStatuses()
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(statuses.record)]
     if listen.token is not None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import grpc
@@ -19,11 +20,11 @@ from ..feed.cursor import decode_cursor
 from ..feed.served import ServedDataset
 from ..observe.streams import ClientStream, OpenStream, Streams
 from ..observe.watch import InputBoundWatch
-from .admission import Admission
+from .admission import Admission, LoopShare, Place, Stalled
 from .credits import Credits
 from .snapshot import snapshot
 from .views import dataset_info
-from .wire import batch_response, messages
+from .wire import PARTS_OVER, batch_response, messages
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         self.datasets, self.limits, self.executor = datasets, limits, executor
         self.cursor_secret = cursor_secret
         self.admission = Admission(limits)
+        self.loop_share = LoopShare()
         self.watch = watch or InputBoundWatch()
         self.streams: Streams[Credits] = Streams()
         self.started = time.monotonic()
@@ -108,11 +110,20 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                      context: grpc.aio.ServicerContext) -> None:
         """Open, then one batch per credit until the configured epochs end, the client leaves or shutdown."""
         peer = context.peer()
-        with self.admission.slot(peer):  # counted from here, Open or not
-            await self._stream(peer, request_iterator, context)
+        stalled = None
+        with self.admission.slot(peer) as place:  # counted from here, Open or not
+            try:
+                await self._stream(peer, request_iterator,
+                                   _Writer(context, place, self.loop_share, lambda: len(self.streams) > 1))
+            except Stalled as err:
+                stalled = str(err)
+        if stalled is not None:
+            # A new error, raised out here: the status waits behind the data the client does not read, maybe until
+            # it disconnects, and must not keep the stream's frames (its Feed, its batches) alive meanwhile.
+            raise Stalled(stalled)
 
     async def _stream(self, peer: str, request_iterator: AsyncIterator[feed_pb2.StreamRequest],
-                      context: grpc.aio.ServicerContext) -> None:
+                      writer: _Writer) -> None:
         request = await self._first(request_iterator)
         dataset, world, seq_len = self._check_open(request)
         start = None
@@ -131,7 +142,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                 start=start, secret=self.cursor_secret))
             stream.client.epoch = feed.epoch
             opened = feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=dataset_info(dataset), seq_len=seq_len))
-            await _write(context, messages([opened.SerializeToString()], request.accept_parts))
+            await writer.write(messages([opened.SerializeToString()], request.accept_parts))
             log.info("stream opened: peer=%s dataset=%s rank=%d/%d batch=%d seq_len=%d resume=%s", peer,
                      dataset.name, request.rank, world, request.batch_size, seq_len, start is not None,
                      extra={**fields, "batch_size": request.batch_size, "seq_len": seq_len,
@@ -139,7 +150,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             reader = asyncio.create_task(self._read_credits(request_iterator, stream))
             try:
                 await self._serve(_Producer(feed, dataset.facts.vocab_size, request.accept_parts), dataset,
-                                  stream, context)
+                                  stream, writer)
             finally:
                 reader.cancel()
         finally:
@@ -148,7 +159,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                      stream.client.batches, extra={**fields, "batches": stream.client.batches})
 
     async def _serve(self, produce: _Producer, dataset: ServedDataset, stream: OpenStream[Credits],
-                     context: grpc.aio.ServicerContext) -> None:
+                     writer: _Writer) -> None:
         loop = asyncio.get_running_loop()
         client = stream.client
         upcoming = self._produce(loop, produce, 1)
@@ -164,12 +175,12 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
                     if item is None:
                         return
                     if item.rows is None:
-                        await _write(context, response)
+                        await writer.write(response)
                         client.epoch = item.epoch + 1
                         continue
                     if not await stream.credits.take():
                         return
-                    await _write(context, response)
+                    await writer.write(response)
                     client.batches += 1
                     client.tokens += item.rows.tokens
                     client.epoch = item.epoch
@@ -240,10 +251,24 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         return feed_pb2.ListDatasetsResponse(datasets=[dataset_info(self.datasets[n]) for n in sorted(self.datasets)])
 
 
-async def _write(context: grpc.aio.ServicerContext, response: list[bytes] | None) -> None:
-    """Write a response's messages: one, or its Parts, between which the event loop serves other streams."""
-    for message in response or ():
-        await context.write(message)
+class _Writer:
+    """A stream's writes, each bounded by its place (see admission.Place.write); long ones take turns (see
+    admission.LoopShare)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, place: Place, share: LoopShare,
+                 crowded: Callable[[], bool]) -> None:
+        self.context, self.place, self.share, self.crowded = context, place, share, crowded
+
+    async def write(self, response: list[bytes] | None) -> None:
+        """Write a response's messages: one, or its Parts, between which the event loop serves other streams."""
+        for message in response or ():
+            if len(message) > PARTS_OVER:
+                await self.share.write(functools.partial(self._write, message), self.crowded)
+            else:
+                await self._write(message)
+
+    async def _write(self, message: bytes) -> None:
+        await self.place.write(self.context.write(message))
 
 
 class _Producer:

@@ -18,23 +18,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..pipeline.stage import Count, Stage, StageState
+from ..rows.batch import Rows
 from ..rows.deal import Deal
 from .block_order import OrderState
 from .encoding import TokenStream, TokenStreamState
 
 ENDLESS = 1 << 62
 """The epoch's rows while its end is not known (more than any window reaches)."""
-
-
-@dataclass
-class Rows:
-    """One batch of rows, ready for the wire."""
-
-    input_ids: np.ndarray  # [rows, seq_len] token ids (int32, or the token store's dtype)
-    lengths: np.ndarray  # padded: real tokens per row; packed: segment lengths, row-major
-    row_segments: np.ndarray | None  # packed: segments per row
-    loss_mask: np.ndarray | None  # [rows, seq_len] uint8, 1 = trained on; with completion_only
-    tokens: int  # real tokens
 
 
 class StreamState(StageState):
@@ -52,7 +42,9 @@ class Packer(Stage[Rows, StreamState]):
 
     The end of the epoch follows `Deal.batch` with the epoch's rows, known once the stream ends (every rank
     cuts the same stream, so all agree): `pad` completes a window that started inside the epoch by wrapping
-    to the epoch's start, `drop` drops a partial last row and window, `keep` sends a ragged last window.
+    to the epoch's start, `drop` drops a partial last window (a partial last row is a row: it is sent, padded
+    within the row, when its window is whole), `keep` sends a ragged last window. Either way fewer than one
+    window's rows are repeated or lost.
     """
 
     def __init__(self, stream: TokenStream, deal: Deal, *, seq_len: int, pack: bool, completion_only: bool,
@@ -67,10 +59,10 @@ class Packer(Stage[Rows, StreamState]):
         self.held: tuple[OrderState, int] | None = None  # the position at `row` once the stream passed it for nothing
 
     def _total(self) -> int:
-        """The epoch's global rows (`drop`: whole rows only), or ENDLESS while its end is not known."""
+        """The epoch's global rows (a partial last row included), or ENDLESS while its end is not known."""
         if self.end is None:
             return ENDLESS
-        return self.end // self.unit if self.remainder == "drop" else -(-self.end // self.unit)
+        return -(-self.end // self.unit)
 
     def _ended(self) -> None:
         """The stream ran out at `at`."""

@@ -12,6 +12,7 @@ import pytest
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.integrations.ranks import resume_state
+from sigil_feed.server.rows.deal import Deal
 from tests.conftest import rust_pair, write_config, write_jsonl
 
 STEP_ROWS = 24  # rows per global batch: 4 x 6, 2 x 12, 3 x 8
@@ -52,9 +53,11 @@ def read(target: str, world: int, steps: int | None, states: list[Any] | None = 
         thread.start()
     for thread in threads:
         thread.join(300)
-    batches = []
+    virtual = FeedDataset(target, batch_size=1).fetch_info().virtual_ranks
+    dealt = [Deal(rank, world, STEP_ROWS // world, virtual).rows(0).tolist() for rank in range(world)]  # the server's
+    batches = []  # every step starts at a multiple of STEP_ROWS, so of world: the deal's rows, relative to it
     for step in range(len(per_rank[0])):
-        rows = {rank + world * i: row for rank in range(world) if step < len(per_rank[rank])
+        rows = {dealt[rank][i]: row for rank in range(world) if step < len(per_rank[rank])
                 for i, row in enumerate(per_rank[rank][step])}
         batches.append([rows[j] for j in sorted(rows)])
     return batches, saved

@@ -42,9 +42,11 @@ def write_corpus(folder: Path, records: int, repeat: int) -> None:
 
 
 def config(folder: Path, name: str, cache_dir: str, **dataset: Any) -> Path:
-    """A cached dataset of the corpus, shuffled, one whole sample per row (pack: false), one epoch."""
+    """A cached dataset of the corpus, shuffled, one whole sample per row (pack: false), one epoch; 2 virtual
+    ranks, which 4 ranks do not divide, so every sidecar reads every shard (a cache smaller than that thrashes)."""
     section = {"names": ["local:corpus"], "use_cache": True, "cache_dir": cache_dir, "tokenizer_backend": "hf",
-               "shuffle_seed": 3, "remainder": "keep", "epochs": 1, "min_length": 16, **dataset}
+               "shuffle_seed": 3, "remainder": "keep", "epochs": 1, "min_length": 16, "virtual_ranks": 2,
+               **dataset}
     return write_config(folder / f"{name}.yaml", section, max_seq_len=512, pack=False)
 
 

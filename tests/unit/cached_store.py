@@ -12,8 +12,8 @@ import numpy as np
 
 from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
 from sigil_feed.server.cached.packer import CachedPacker, CachedState
+from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
-from sigil_feed.server.streaming.packer import Rows
 
 PAD = 0
 
@@ -51,16 +51,17 @@ def fake_store(lengths: list[int], per_shard: int, prompts: list[int] | None = N
 
 
 def layout_of(store: Any, virtual: int, seed: int | None = 7, epoch: int = 0, window: int = 2,
-              sequence: np.ndarray | None = None) -> EpochLayout:
-    """The epoch layout of the store's samples (served sequence: store order unless given)."""
+              sequence: np.ndarray | None = None, pack: bool = True) -> EpochLayout:
+    """The epoch layout of the store's samples (served sequence: store order unless given), for packed rows or
+    padded ones (`pack`)."""
     served = np.arange(len(store.lengths)) if sequence is None else sequence
-    return epoch_layout(store, served, virtual=virtual, seed=seed, epoch=epoch, window_shards=window)
+    return epoch_layout(store, served, virtual=virtual, seed=seed, epoch=epoch, window_shards=window, pack=pack)
 
 
 def packer(store: Any, layout: EpochLayout, rank: int, world: int, batch: int, seq: int, pack: bool,
            remainder: str, completion: bool = False) -> CachedPacker:
-    return CachedPacker(store, layout, Deal(rank, world, batch), seq_len=seq, pack=pack, completion_only=completion,
-                        pad_id=PAD, remainder=remainder)
+    return CachedPacker(store, layout, Deal(rank, world, batch, layout.virtual), seq_len=seq, pack=pack,
+                        completion_only=completion, pad_id=PAD, remainder=remainder)
 
 
 def row_content(rows: Rows, j: int) -> tuple[tuple[int, ...], ...]:
@@ -91,9 +92,9 @@ def run(store: Any, layout: EpochLayout, world: int, batch: int, seq: int, pack:
         batches = [p.next_batch() for p in packers]
         if all(b is None for b in batches):
             break
-        for r, rows in enumerate(batches):
+        for p, rows in zip(packers, batches, strict=True):  # the deal's rows, ascending (keep: a prefix of them)
             for j in range(0 if rows is None else rows.input_ids.shape[0]):
-                g = at + r + world * j
+                g = int(p.deal.rows(at)[j])
                 assert g not in got
                 got[g] = row_content(rows, j)
         step += 1
@@ -106,36 +107,47 @@ def digest(rows: dict[int, Any]) -> str:
     return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()
 
 
-def reference(store: Any, layout: EpochLayout, seq: int, pack: bool, remainder: str,
-              completion: bool = False) -> list[Any]:
-    """The epoch's global rows, built token by token from the definition (not from the packer's arithmetic)."""
+def reference(store: Any, layout: EpochLayout, seq: int, pack: bool, remainder: str, completion: bool = False,
+              past: int = 0) -> tuple[list[Any], int]:
+    """The epoch's global rows, built token by token from the definition (not from the packer's arithmetic), and
+    their number. The layout's items in order are one stream, cut into rows (packed: every `seq` tokens, the last
+    row partial; padded: one item each, truncated); its rows are dealt to the V virtual ranks in contiguous
+    blocks laid out in region order, rows // V each and one more for virtual ranks v < rows mod V; global row e
+    is row e // V of virtual rank e mod V. `pad` (with `past` rows past the end): a virtual rank's block of
+    tokens (or items) wraps around to its start, which completes the partial last row and gives the rows past
+    the end; with fewer rows than V, rows past the end are the epoch's first rows again."""
+    items = layout.items.tolist()
+    if pack:
+        units = [(s, k) for s in items for k in range(len(store.ids[s]))]
+        total = -(-len(units) // seq)
+    else:
+        units, total = [(s, -1) for s in items], len(items)
     virtual = layout.virtual
-    regions = [layout.items[layout.bounds[q]:layout.bounds[q + 1]].tolist() for q in layout.region.tolist()]
-    tokens = [[(s, k) for s in items for k in range(len(store.ids[s]))] for items in regions]
+    sizes = [total // virtual + (v < total % virtual) for v in range(virtual)]
+    block: list[list[tuple[int, int]]] = [[] for _ in range(virtual)]
+    at = 0
+    for v in sorted(range(virtual), key=lambda v: int(layout.region[v])):  # blocks in region order
+        step = seq if pack else 1
+        block[v], at = units[at * step:(at + sizes[v]) * step], at + sizes[v]
+
+    def row(e: int) -> Any:
+        if remainder == "pad" and e >= total and total < virtual:
+            e %= total
+        v, i = e % virtual, e // virtual
+        own = block[v]
+        if not pack:
+            s = own[i % len(own)][0] if remainder == "pad" else own[i][0]
+            return (tuple(store.ids[s][:seq].tolist()), mask([(s, k) for k in range(min(seq, len(store.ids[s])))]))
+        span = range(i * seq, (i + 1) * seq) if remainder == "pad" else range(i * seq, min((i + 1) * seq, len(own)))
+        pairs = [own[x % len(own)] for x in span]
+        segments: list[list[int]] = []
+        for n, (s, k) in enumerate(pairs):
+            if n == 0 or (s, k - 1) != pairs[n - 1] or span[n] % len(own) == 0:
+                segments.append([])
+            segments[-1].append(int(store.ids[s][k]))
+        return (*map(tuple, segments), mask(pairs))
 
     def mask(pairs: list[tuple[int, int]]) -> tuple[int, ...]:
         return tuple(int(k >= store.prompt_tokens[s]) for s, k in pairs) if completion else ()
 
-    def row(v: int, i: int) -> Any:
-        if not pack:
-            s = regions[v][i % len(regions[v])]
-            return (tuple(store.ids[s][:seq].tolist()), mask([(s, k) for k in range(min(seq, len(store.ids[s])))]))
-        stream = tokens[v]
-        stop = (i + 1) * seq if remainder == "pad" else min((i + 1) * seq, len(stream))
-        segments: list[list[int]] = []
-        pairs = []
-        for x in range(i * seq, stop):
-            s, k = stream[x % len(stream)]
-            if not pairs or x % len(stream) == 0 or (s, k - 1) != pairs[-1]:
-                segments.append([])
-            segments[-1].append(int(store.ids[s][k]))
-            pairs.append((s, k))
-        return (*map(tuple, segments), mask(pairs))
-
-    sizes = [len(r) if not pack else -(-len(t) // seq) for r, t in zip(regions, tokens, strict=True)]
-    whole = [len(r) if not pack else len(t) // seq for r, t in zip(regions, tokens, strict=True)]
-    if remainder == "pad":
-        return [row(e % virtual, e // virtual) for e in range(max(sizes) * virtual)]
-    if remainder == "drop":
-        return [row(e % virtual, e // virtual) for e in range(min(whole) * virtual)]
-    return [row(e % virtual, e // virtual) for e in range(max(sizes) * virtual) if e // virtual < sizes[e % virtual]]
+    return [row(e) for e in range(total + (past if remainder == "pad" else 0))], total

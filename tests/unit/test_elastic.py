@@ -18,6 +18,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.batches import Feed
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.runtime import Runtime
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
@@ -96,8 +97,11 @@ def global_steps(dataset: ServedDataset, world: int, cursor: bytes = b"") -> tup
                 continue
             first = item.row - STEP_ROWS  # the position after the batch is the end of its window
             rows = windows.setdefault((item.epoch, first), {})
-            for i, digest in enumerate(row_hashes(item.rows)):
-                rows[first + rank + world * i] = digest
+            virtual = dataset.layouts[item.epoch].virtual if dataset.layouts is not None else 1
+            for row, digest in zip(Deal(rank, world, batch, virtual).rows(first).tolist(), row_hashes(item.rows),
+                                   strict=False):  # the packer's deal (keep's ragged batch: a prefix of it)
+                assert row not in rows
+                rows[row] = digest
             if rank == 0:
                 cursors[(item.epoch, first)] = item.cursor
     keys = sorted(windows)

@@ -23,6 +23,7 @@ from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.batches import Feed, FeedItem
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.streaming import encoding as blocks
 from sigil_feed.server.streaming.block_order import BlockShuffle
@@ -81,20 +82,23 @@ def test_ranks_are_disjoint_and_cover_each_epoch_exactly(runtime: Runtime, n: in
 
 def stream_samples(dataset: ServedDataset, per_rank: list[list[FeedItem]], world: int, batch: int
                    ) -> Counter[tuple[int, ...]]:
-    """The samples an epoch delivered, put back together: every row at its global row e, the rows of each
-    virtual rank's stream (e = v mod V; streaming has one stream) concatenated, cut after every EOS."""
+    """The samples an epoch delivered, put back together: every row at its global row e, in the order of the
+    epoch's one stream (cached: the blocks of rows of virtual ranks v = e mod V in region order, row e // V of
+    each; streaming: global row order), concatenated, cut after every EOS."""
     rows: dict[int, np.ndarray] = {}
+    region = dataset.layouts[0].region if dataset.layouts is not None else np.zeros(1, dtype=np.int64)
     for rank, items in enumerate(per_rank):
         for item in items:
             assert item.rows is not None
             first = item.row - world * batch
             real = np.add.reduceat(item.rows.lengths, np.cumsum(item.rows.row_segments) - item.rows.row_segments)
-            for i, (ids, n) in enumerate(zip(item.rows.input_ids, real, strict=True)):
-                rows[first + rank + world * i] = ids[:n]
-    got: Counter[tuple[int, ...]] = Counter()
-    for v in range(dataset.virtual):
-        got.update(samples_of_ids([rows[e] for e in sorted(rows) if e % dataset.virtual == v], encoder().eos_id))
-    return got
+            dealt = Deal(rank, world, batch, len(region)).rows(first).tolist()  # the packer's deal
+            for e, ids, n in zip(dealt, item.rows.input_ids, real, strict=False):
+                assert e not in rows
+                rows[e] = ids[:n]
+    virtual = len(region)
+    order = sorted(rows, key=lambda e: (int(region[e % virtual]), e // virtual))
+    return Counter(samples_of_ids([rows[e] for e in order], encoder().eos_id))
 
 
 def samples_of_ids(rows: list[np.ndarray], eos: int) -> list[tuple[int, ...]]:
@@ -115,14 +119,16 @@ def test_packed_ranks_cover_the_epoch_under_each_remainder_rule(runtime: Runtime
         per_rank = [epoch_items(feed(dataset, rank, world, batch), 0) for rank in range(world)]
         tokens = [sum(i.rows.tokens for i in items if i.rows is not None) for items in per_rank]
         total = sum(len(s) for s in all_samples(n).elements())
+        step = world * batch * 32  # one global step's tokens: the most an epoch may repeat or lose
         if remainder == "keep":
             assert stream_samples(dataset, per_rank, world, batch) == all_samples(n)
-        elif remainder == "pad":
-            assert sum(tokens) >= total and all(t % (batch * 32) == 0 for t in tokens)
-        else:
-            assert sum(tokens) <= total and all(t % (batch * 32) == 0 for t in tokens)
+        elif remainder == "pad":  # full rows (the last one completed from the start), fewer than a step repeated
+            assert total <= sum(tokens) < total + step and all(t % (batch * 32) == 0 for t in tokens)
+        else:  # the last partial window skipped; a partial last row is a row, sent when its window is whole
+            assert total - step < sum(tokens) <= total
         if remainder != "keep":
             assert len({len(items) for items in per_rank}) == 1  # equal step counts on every rank, both modes
+            assert all(i.rows is not None and len(i.rows.input_ids) == batch for items in per_rank for i in items)
 
 
 @SETTINGS
@@ -206,5 +212,5 @@ def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: P
     assert dataset.layouts is not None and dataset.store is not None
     assert sorted(dataset.layouts.jobs) == [0, 1]
     alone = epoch_layout(dataset.store, dataset.layouts.sequence, virtual=dataset.virtual, seed=11, epoch=1,
-                         window_shards=dataset.section.shuffle_window_shards)
+                         window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
     assert dataset.layouts.jobs[1].result().items.tolist() == alone.items.tolist()

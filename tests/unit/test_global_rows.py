@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.feed.served import ServedDataset
+from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.runtime import Runtime
-from sigil_feed.server.streaming.packer import Packer, Rows, StreamState
+from sigil_feed.server.streaming.packer import Packer, StreamState
 from tests.conftest import TOKENIZER_DIR, rust_pair, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
 

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.pipeline.tokenize import Encoded, EncodedBatch
+from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.streaming.block_order import BlockState
 from sigil_feed.server.streaming.encoding import TokenStream
-from sigil_feed.server.streaming.packer import Packer, Rows
+from sigil_feed.server.streaming.packer import Packer
 from sigil_feed.server.streaming.shared_reads import EncodedBlock
 from tests.unit.streaming_fixtures import mix_at
 

@@ -8,8 +8,8 @@ import pytest
 from sigil_feed.client.decode import decode_batch
 from sigil_feed.client.parts import Part, read_response, whole
 from sigil_feed.protos import feed_pb2
-from sigil_feed.server.rpc.wire import CHUNK, batch_response, ids_dtype, join, messages
-from sigil_feed.server.streaming.packer import Rows
+from sigil_feed.server.rows.batch import Rows
+from sigil_feed.server.rpc.wire import CHUNK, PARTS_OVER, batch_response, ids_dtype, join, messages
 
 
 def protobuf_encoded(rows: Rows, *, seq: int, epoch: int, cursor: bytes, row: int, vocab_size: int) -> bytes:
@@ -82,8 +82,8 @@ def protobuf_parts(encoded: bytes) -> list[bytes]:
             .SerializeToString() for i in starts]
 
 
-@pytest.mark.parametrize("sizes", [[CHUNK + 1], [2 * CHUNK], [5, CHUNK - 5, 1], [CHUNK - 1, 2, CHUNK, 7, 3 * CHUNK + 5],
-                                   [200, 0, 2 * CHUNK + 127]])
+@pytest.mark.parametrize("sizes", [[PARTS_OVER + 1], [2 * PARTS_OVER], [5, PARTS_OVER - 5, 1],
+                                   [CHUNK - 1, 2, CHUNK, 7, 3 * CHUNK + 5], [200, 0, 4 * CHUNK + 127]])
 def test_parts_equal_protobufs_encoding_and_join_into_the_response(sizes: list[int]) -> None:
     pieces = random_pieces(sizes)
     parts = messages(pieces, parts=True)
@@ -93,8 +93,8 @@ def test_parts_equal_protobufs_encoding_and_join_into_the_response(sizes: list[i
     assert b"".join(p.data for p in read if isinstance(p, Part)) == b"".join(pieces)
 
 
-@pytest.mark.parametrize("sizes", [[0], [3, 5], [CHUNK], [CHUNK - 1, 1]])
-def test_a_response_of_at_most_chunk_bytes_is_one_message(sizes: list[int]) -> None:
+@pytest.mark.parametrize("sizes", [[0], [3, 5], [CHUNK + 1], [PARTS_OVER], [PARTS_OVER - 1, 1]])
+def test_a_response_of_at_most_parts_over_bytes_is_one_message(sizes: list[int]) -> None:
     pieces = random_pieces(sizes)
     assert messages(pieces, parts=True) == messages(pieces, parts=False) == [b"".join(pieces)]
 
