@@ -77,6 +77,15 @@ def verify_store(fs: StoreFS, path: str, fingerprint: str, *, verify: bool = Tru
     return manifest
 
 
+def _read_parquet(data: bytes, columns: list[str]) -> pa.Table:
+    """A Parquet file held in `data`, read and decoded on the calling thread. Not `pq.read_table`: it scans
+    through Arrow's thread pool, whose workers can drop the last reference to `data` after the call returned;
+    a worker that does so while the interpreter exits (a `cache build` that only opened the store) cannot take
+    the GIL and aborts the process (`terminate called without an active exception`, SIGABRT)."""
+    with pq.ParquetFile(pa.BufferReader(data)) as reader:
+        return reader.read(columns=columns, use_threads=False)
+
+
 def _samples(fs: StoreFS, path: str, facts: ShardFacts) -> pa.Table:
     """A shard's samples table, read whole and checked against its facts."""
     where = shard_paths(path, facts.name)[1]
@@ -86,8 +95,8 @@ def _samples(fs: StoreFS, path: str, facts: ShardFacts) -> pa.Table:
         raise StoreDamaged(f"{fs.uri(where)}: missing") from None
     if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
         raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
-    try:
-        table = pq.read_table(pa.BufferReader(data), columns=list(SAMPLE_COLUMNS))
+    try:  # read on this thread: see _read_parquet
+        table = _read_parquet(data, list(SAMPLE_COLUMNS))
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
     if table.num_rows != facts.samples:
