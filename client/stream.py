@@ -35,6 +35,8 @@ DEFAULT_CHANNEL_OPTIONS: dict[str, Any] = {
 }
 """Channel options used unless overridden: large batches, and a channel that notices a restart fast."""
 
+REPEATED_FAILURES = 2
+"""Failed attempts after which a reconnect is logged as a WARNING (one that resumes at once is INFO)."""
 SERVE_HINT = "is the sidecar running? Start it with `sigil-feed serve --config <config.yaml>`"
 _POLL_S = 0.1
 
@@ -44,7 +46,13 @@ class FeedError(RuntimeError):
 
 
 class FeedConnectionError(FeedError):
-    """The server could not be reached, or the stream could not be resumed, within the deadline."""
+    """The server could not be reached, or the stream could not be resumed, within the deadline. When the server
+    did answer (each attempt refused for now, e.g. UNAVAILABLE while its store builds or while it shuts down),
+    `code` and `details` are its last answer's status and message; otherwise both are None."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, details: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.details = code, details
 
 
 class FeedServerError(FeedError):
@@ -95,7 +103,11 @@ class _Closed(Exception):
 
 
 class _Retry(Exception):
-    """Internal: one open attempt failed in a way worth retrying."""
+    """Internal: one open attempt failed in a way worth retrying; `status` when the server answered it."""
+
+    def __init__(self, message: str, status: tuple[grpc.StatusCode, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Outbox:
@@ -274,20 +286,25 @@ class _Link:
         raise _Closed
 
     def _reconnect(self, error: str) -> None:
-        """Re-open from the last batch received once the consumer has room for a batch."""
-        log.warning("stream to sigil-feed server at %s broke (%s); reconnecting from the last batch received",
-                    self.target, error)
+        """Re-open from the last batch received once the consumer has room for a batch. A reconnect that
+        resumes at its first attempt loses nothing and is normal (e.g. after a pause in training longer than
+        the server's idle timeout): INFO. One whose attempts fail repeatedly is a WARNING."""
+        log.info("stream to sigil-feed server at %s broke (%s); reconnecting from the last batch received",
+                 self.target, error)
         with self._cond:
             self._cond.wait_for(lambda: self._buffered < self._prefetch or self._closed.is_set())
         attempts, elapsed = self._open(self._reconnect_deadline_s, reconnecting=True, first_error=error)
-        log.warning("resumed stream to %s after %d attempt(s) in %.1fs", self.target, attempts, elapsed)
+        log.log(logging.INFO if attempts == 1 else logging.WARNING, "resumed stream to %s after %d attempt(s) "
+                "in %.1fs, from the last batch received", self.target, attempts, elapsed)
 
     def _open(self, budget_s: float, *, reconnecting: bool,
               first_error: str | None = None) -> tuple[int, float]:
-        """Try to open the stream with backoff until `budget_s` runs out; return (attempts, seconds)."""
+        """Try to open the stream with backoff until `budget_s` runs out; return (attempts, seconds). The server's
+        last answer (a refusal for now, e.g. UNAVAILABLE while its store builds) is kept for the error: an attempt
+        the deadline cuts short does not replace it."""
         start = time.monotonic()
         deadline = start + budget_s
-        last = first_error or "none"
+        last, answer, answered = first_error or "none", None, 0
         attempts = 0
         while True:
             if self._closed.is_set():
@@ -298,20 +315,40 @@ class _Link:
                 return attempts, time.monotonic() - start
             except _Retry as exc:
                 last = str(exc)
+                if exc.status is not None:
+                    answer, answered = exc.status, answered + 1
                 log.debug("open attempt %d to %s failed: %s", attempts, self.target, last)
+                if reconnecting and attempts == REPEATED_FAILURES:
+                    log.warning("reconnecting to sigil-feed server at %s: %d attempts failed, the last with %s; "
+                                "retrying until %gs have passed", self.target, attempts, last, budget_s)
             self._end_call()
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._give_up(reconnecting, attempts, time.monotonic() - start, last)
-            self._closed.wait(min(_backoff(attempts), remaining))
+            if remaining > 0:
+                self._closed.wait(min(_backoff(attempts), remaining))
+            if self._closed.is_set():
+                raise _Closed
+            if time.monotonic() >= deadline:  # no attempt the deadline would cut short at once
+                raise self._give_up(reconnecting, attempts, time.monotonic() - start, last, answer, answered)
 
-    def _give_up(self, reconnecting: bool, attempts: int, elapsed: float, last: str) -> FeedConnectionError:
-        """The error raised once the connect or reconnect deadline has passed."""
+    def _give_up(self, reconnecting: bool, attempts: int, elapsed: float, last: str,
+                 answer: tuple[grpc.StatusCode, str] | None, answered: int) -> FeedConnectionError:
+        """The error raised once the connect or reconnect deadline has passed. If the server answered (it runs,
+        but refused the stream for now), its last answer, and no hint that the sidecar is down; else what failed
+        and the hint to start the sidecar."""
+        deadline = self._reconnect_deadline_s if reconnecting else self._connect_deadline_s
+        tried = f"{attempts} attempt(s) over {elapsed:.1f}s (deadline {deadline:g}s)"
+        if answer is not None:
+            code, details = answer
+            what = "did not resume the stream" if reconnecting else "did not open the stream"
+            also = "" if answered == attempts else f"; it answered {answered} of them, the others: {last}"
+            return FeedConnectionError(
+                f"the sigil-feed server at {self.target} answered but {what}: {tried}, its last answer "
+                f"{code.name}: {details}{also} (the server runs but refuses streams for now, e.g. while its token "
+                "store builds or while it shuts down: retry later, or give the client a longer "
+                f"{'reconnect_deadline_s' if reconnecting else 'connect_deadline_s'})", code, details)
         what = "could not resume the stream from" if reconnecting else "could not reach"
-        return FeedConnectionError(
-            f"{what} the sigil-feed server at {self.target}: {attempts} attempt(s) over {elapsed:.1f}s "
-            f"(deadline {(self._reconnect_deadline_s if reconnecting else self._connect_deadline_s):g}s), "
-            f"last error: {last}; {SERVE_HINT}")
+        return FeedConnectionError(f"{what} the sigil-feed server at {self.target}: {tried}, last error: {last}; "
+                                   f"{SERVE_HINT}")
 
     def _attempt(self, deadline: float) -> feed_pb2.Opened:
         """One attempt: send Open from the resume cursor and wait (for the channel too) for Opened."""
@@ -339,8 +376,8 @@ class _Link:
                 raise _Closed from None
             if timed_out.is_set():
                 raise _Retry("no connection, or no answer to Open, before the deadline") from None
-            if exc.code() in TRANSIENT_CODES:
-                raise _Retry(_describe(exc)) from None
+            if exc.code() in TRANSIENT_CODES:  # with wait_for_ready, a status the server answered (or a broken call)
+                raise _Retry(_describe(exc), (exc.code(), exc.details()) if exc.details() else None) from None
             raise FeedServerError(self.target, exc.code(), exc.details()) from None
         finally:
             timer.cancel()

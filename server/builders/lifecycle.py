@@ -38,6 +38,7 @@ class StoreLifecycle:
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self._wait: Progress | None = None  # while another process builds: a line every so often, or a bar
+        self._said: set[str] = set()  # why the store must be rebuilt, logged once per start
 
     @property
     def path(self) -> str:
@@ -158,7 +159,14 @@ class StoreLifecycle:
         try:
             return open_store(self.fs, self.store_dir, self.fingerprint, shard_cache=cache, verify=verify)
         except StoreOutdated as err:
-            log.warning("token store format %s at %s: rebuilding as format 2", err.format, self.path)
+            self._say(f"token store format {err.format} at {self.path}: rebuilding as format 2")
         except StoreDamaged as err:
-            log.warning("token store damaged, rebuilding: %s", err)
+            self._say(f"token store damaged, rebuilding: {err}")
         return None
+
+    def _say(self, why: str) -> None:
+        """Log why the store is rebuilt once per start: each attempt opens the store more than once (before
+        the build lease, again once it holds it, and at each poll while another process rebuilds it)."""
+        if why not in self._said:
+            self._said.add(why)
+            log.warning("%s", why)

@@ -332,6 +332,15 @@ def read_bytes_retrying(fs: StoreFS, where: str) -> bytes:
             log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
 
 
+def read_parquet(data: bytes, columns: list[str]) -> pa.Table:
+    """A Parquet file held in `data`, read and decoded on the calling thread. Not `pq.read_table`: it scans
+    through Arrow's thread pool, whose workers can drop the last reference to `data` after the call returned;
+    a worker that does so while the interpreter exits (a `cache build` that only opened the store) cannot take
+    the GIL and aborts the process (`terminate called without an active exception`, SIGABRT)."""
+    with pq.ParquetFile(pa.BufferReader(data)) as reader:
+        return reader.read(columns=columns, use_threads=False)
+
+
 def read_samples(fs: StoreFS, store: str, facts: ShardFacts) -> pa.Table:
     """A shard's samples table, read whole and checked against its facts; StoreDamaged if it is not there or
     disagrees with them."""
@@ -342,8 +351,8 @@ def read_samples(fs: StoreFS, store: str, facts: ShardFacts) -> pa.Table:
         raise StoreDamaged(f"{fs.uri(where)}: missing") from None
     if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
         raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
-    try:
-        table = pq.read_table(pa.BufferReader(data), columns=list(SAMPLE_COLUMNS))
+    try:  # on this thread: see read_parquet
+        table = read_parquet(data, list(SAMPLE_COLUMNS))
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
     if table.num_rows != facts.samples:

@@ -182,7 +182,8 @@ def _fill_from_index(columns: _Columns, data: bytes, manifest: Manifest) -> bool
     """Fill the arrays from the samples index; False (with a warning) if it cannot be read or disagrees with the
     manifest's counts (the columns are then filled again from the shards' tables)."""
     try:
-        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=list(SAMPLE_COLUMNS)):
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=list(SAMPLE_COLUMNS),
+                                                                          use_threads=False):
             columns.add(batch)
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         log.warning("the samples index is unreadable (%s); reading the shards' samples tables instead", err)

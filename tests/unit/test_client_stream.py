@@ -92,6 +92,24 @@ class FakeFeed(feed_pb2_grpc.DataFeedServicer):
         return credits
 
 
+class RefusingFeed(FakeFeed):
+    """A FakeFeed that answers the Opens numbered in `refuse` (0 = the first) with UNAVAILABLE and a reason, as a
+    server does while its token store builds or while it shuts down."""
+
+    REASON = "dataset 'default': token store building (1,234 samples so far)"
+
+    def __init__(self, refuse: range | set[int], **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.refuse = refuse
+
+    def Stream(self, request_iterator: Iterator[feed_pb2.StreamRequest],
+               context: grpc.ServicerContext) -> Iterator[feed_pb2.StreamResponse]:
+        if len(self.opens) in self.refuse:
+            self.opens.append(next(request_iterator).open)
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.REASON)
+        yield from super().Stream(request_iterator, context)
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., tuple[str, grpc.Server]]]:
     """Start a fake servicer on a real gRPC server (optionally on a given port); stop them all after."""
@@ -174,12 +192,31 @@ def test_reconnect_resumes_from_last_batch_received(serve: Callable[..., tuple[s
     """(b) UNAVAILABLE mid-stream: re-Open from the last batch received; no gap, no duplicate."""
     fake = FakeFeed(fail_at=7)
     target, _ = serve(fake)
-    with caplog.at_level(logging.WARNING), BatchStream(target, batch_size=1, prefetch=4) as stream:
+    with caplog.at_level(logging.INFO), BatchStream(target, batch_size=1, prefetch=4) as stream:
         items = [index_of(item) for item in stream]
     assert items == expected(fake)
     assert [o.cursor for o in fake.opens] == [b"", b"7"]
     assert 1 <= fake.opens[1].credits <= 4
-    assert any("reconnecting" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    # a reconnect that resumes at once loses nothing (a pause longer than the server's idle timeout): INFO only
+    client = [r for r in caplog.records if r.name.startswith("sigil_feed.client")]
+    assert any("reconnecting" in r.getMessage() and r.levelno == logging.INFO for r in client)
+    assert any("resumed" in r.getMessage() and r.levelno == logging.INFO for r in client)
+    assert [r.getMessage() for r in client if r.levelno >= logging.WARNING] == []
+
+
+def test_a_reconnect_whose_attempts_fail_repeatedly_is_a_warning(serve: Callable[..., tuple[str, grpc.Server]],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The server breaks the stream, then refuses two re-Opens: WARNING while it fails and when it resumes."""
+    fake = RefusingFeed({1, 2}, fail_at=3)
+    target, _ = serve(fake)
+    with caplog.at_level(logging.INFO), BatchStream(target, batch_size=1, prefetch=4) as stream:
+        items = [index_of(item) for item in stream]
+    assert items == expected(fake) and [o.cursor for o in fake.opens] == [b"", b"3", b"3", b"3"]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name.startswith("sigil_feed.client") and r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "2 attempts failed" in warnings[0] and RefusingFeed.REASON in warnings[0]
+    assert "resumed" in warnings[1] and "3 attempt(s)" in warnings[1]
 
 
 def test_a_batch_whose_parts_are_cut_off_comes_again_whole_after_the_reconnect(
@@ -236,6 +273,33 @@ def test_reconnect_deadline_names_what_was_tried(serve: Callable[..., tuple[str,
         assert target in str(info.value)
 
 
+def test_a_server_that_answers_unavailable_is_named_as_answering_not_as_unreachable(
+        serve: Callable[..., tuple[str, grpc.Server]]) -> None:
+    """Every Open answered UNAVAILABLE with a reason: past the deadline the error says the server answered, with
+    its last status and message, and does not suggest the sidecar is down."""
+    target, _ = serve(RefusingFeed(range(10**9)))
+    with pytest.raises(FeedConnectionError) as info:
+        BatchStream(target, batch_size=1, connect_deadline_s=0.5)
+    message = str(info.value)
+    assert target in message and "answered" in message and f"UNAVAILABLE: {RefusingFeed.REASON}" in message
+    assert "is the sidecar running" not in message and "could not reach" not in message
+    assert (info.value.code, info.value.details) == (grpc.StatusCode.UNAVAILABLE, RefusingFeed.REASON)
+
+
+def test_a_reconnect_refused_until_the_deadline_names_the_servers_last_answer(
+        serve: Callable[..., tuple[str, grpc.Server]]) -> None:
+    """The stream breaks, then every re-Open is answered UNAVAILABLE (e.g. the server shuts down): the buffered
+    batches, then an error quoting the server's answer, not a hint to start the sidecar."""
+    fake = RefusingFeed(range(1, 10**9), fail_at=3)
+    target, _ = serve(fake)
+    with BatchStream(target, batch_size=1, prefetch=2, reconnect_deadline_s=0.5) as stream:
+        assert [index_of(next(stream)) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(FeedConnectionError, match="answered but did not resume the stream") as info:
+            next(stream)
+    assert RefusingFeed.REASON in str(info.value) and "is the sidecar running" not in str(info.value)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
 def test_not_found_raises_immediately(serve: Callable[..., tuple[str, grpc.Server]]) -> None:
     """(c) A non-transient status on Open raises at once with the server's code and message."""
     target, _ = serve(FakeFeed())
@@ -267,6 +331,7 @@ def test_unreachable_server_fails_fast_with_hint() -> None:
         BatchStream(target, batch_size=1, connect_deadline_s=0.5)
     assert target in str(info.value) and "could not reach" in str(info.value)
     assert time.monotonic() - start < 3
+    assert (info.value.code, info.value.details) == (None, None)
 
 
 def leftover_threads(before: set[threading.Thread]) -> set[str]:
