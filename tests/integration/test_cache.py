@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import TokenStore, open_store
-from tests.conftest import TOKENIZER_DIR, batch_digest, rust_pair, write_config, write_jsonl
+from tests.conftest import TOKENIZER_DIR, batch_digest, running_servers, rust_pair, write_config, write_jsonl
 
 CLI = [sys.executable, "-m", "sigil_feed.server.cli"]
 
@@ -124,15 +125,43 @@ def epoch_rows_packed(target: str) -> list[object]:
     return list(FeedDataset(target, batch_size=4))
 
 
+@dataclass(frozen=True)
+class Built:
+    """The corpus in a folder of its own, its store built by `cache build` (pack: false at 512), and that store's
+    epoch as a server reads it."""
+
+    folder: Path
+    store: Path
+    rows: Counter[tuple[int, ...]]
+
+    def copy(self, tmp_path: Path, name: str) -> tuple[Path, Path]:
+        """A config of this corpus with its own cache_dir in tmp_path holding a copy of the store, and the copy."""
+        copy = tmp_path / "cache" / self.store.name
+        shutil.copytree(self.store, copy)
+        config = write_config(self.folder / f"{name}.yaml", dataset_section(tmp_path, True), max_seq_len=512,
+                              pack=False)
+        return config, copy
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """Built once for the tests that damage or replace a store: each works on a copy in its own cache_dir (the
+    content fingerprint names the corpus's files and settings, not where the store lives)."""
+    folder = tmp_path_factory.mktemp("built")
+    corpus(folder)
+    config = write_config(folder / "c.yaml", dataset_section(folder, True), max_seq_len=512, pack=False)
+    build(config)
+    (store,) = stores(folder)
+    with running_servers() as start:
+        return Built(folder, store, epoch_rows(start(config).target))
+
+
 @pytest.mark.parametrize(("damage", "reason"), [("truncate", "missing or truncated"), ("flip", "checksum mismatch"),
                                                ("no shards", "shards: Field required"),
                                                ("empty shards, flip", "the shards' samples do not sum")])
-def test_damaged_store_is_detected_and_rebuilt(tmp_path: Path, start_server, damage: str, reason: str) -> None:
-    corpus(tmp_path)
-    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True), max_seq_len=512, pack=False)
-    build(config)
-    (store,) = stores(tmp_path)
-    good = epoch_rows(start_server(config).target)
+def test_damaged_store_is_detected_and_rebuilt(tmp_path: Path, start_server, built: Built, damage: str,
+                                               reason: str) -> None:
+    config, store = built.copy(tmp_path, damage.replace(" ", "-").replace(",", ""))
     (tokens, _) = sorted((store / "shards").glob("*.tokens.bin"))
     data = bytearray(tokens.read_bytes())
     if damage == "truncate":
@@ -145,24 +174,22 @@ def test_damaged_store_is_detected_and_rebuilt(tmp_path: Path, start_server, dam
         manifest.pop("shards") if damage == "no shards" else manifest.update(shards=[])
     (store / "manifest.json").write_text(json.dumps(manifest))
     server = start_server(config)
-    assert epoch_rows(server.target) == good
+    assert epoch_rows(server.target) == built.rows
     assert any("damaged, rebuilding" in line and reason in line for line in server.output)
     written = "0 written" if damage == "no shards" else "1 written"  # only the damaged shard is tokenized again
     assert any(f"2 shards: {written}" in line for line in server.output), server.output
     assert stores(tmp_path) == [store] and temporaries(tmp_path) == []
 
 
-def test_a_format_1_store_is_rebuilt_as_format_2_with_a_log_line(tmp_path: Path, start_server) -> None:
-    corpus(tmp_path)
-    config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True), max_seq_len=512, pack=False)
-    good = epoch_rows(start_server(config).target)
-    (store,) = stores(tmp_path)
+def test_a_format_1_store_is_rebuilt_as_format_2_with_a_log_line(tmp_path: Path, start_server, built: Built) -> None:
+    config, store = built.copy(tmp_path, "format-1")
+    assert stores(tmp_path) == [store]
     shutil.rmtree(store)
     store.mkdir()
     (store / "tokens.bin").write_bytes(bytes(64))  # what format 1 kept beside its manifest
     (store / "manifest.json").write_text(json.dumps({"format": 1, "fingerprint": store.name, "files": {}}))
     server = start_server(config)
-    assert epoch_rows(server.target) == good
+    assert epoch_rows(server.target) == built.rows
     assert any(f"token store format 1 at {store}: rebuilding as format 2" in line for line in server.output)
     assert json.loads((store / "manifest.json").read_text())["format"] == 2 and not (store / "tokens.bin").exists()
 
@@ -301,6 +328,6 @@ def test_a_store_on_object_storage_serves_what_a_local_store_serves(tmp_path: Pa
         assert where == "local" or not any("tokenizing" in line for line in server.output)
     assert batches["s3"] == batches["local"] and len(batches["local"]) > 10
     assert "samples=" in cache_cli("ls", "--cache-dir", f"{s3_bucket}/stores")
-    with grpc.insecure_channel(start_server(tmp_path / "s3.yaml").target) as channel:
+    with grpc.insecure_channel(server.target) as channel:  # the server over the s3:// store
         stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=60).datasets[0]
     assert stats.cache.path.startswith(f"{s3_bucket}/stores/")

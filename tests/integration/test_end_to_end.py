@@ -1,4 +1,5 @@
-"""The whole path against a real server on a free port, read through the real client."""
+"""The whole path against a real server on a free port, read through the real client (one server for the module's
+read-only tests, a dataset each where they need their own settings or counters)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,7 +20,7 @@ from transformers import AutoTokenizer
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import TOKENIZER_DIR, rust_pair, write_config, write_jsonl
+from tests.conftest import TOKENIZER_DIR, ServerProcess, running_servers, rust_pair, write_config, write_jsonl
 
 N_PAIRS = 40
 
@@ -27,14 +30,25 @@ def tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
-@pytest.fixture
-def pairs_config(tmp_path: Path) -> Path:
-    records = [rust_pair(i) for i in range(N_PAIRS)]
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the module. `default`: the pairs with two malformed lines, packed into rows of 64; `padded`
+    and `pad_remainder`: the clean pairs for one epoch, unpacked at 128 and packed at 64 with the default
+    remainder; `counted`: the default's corpus again, read by the stats test alone so its counters are its own."""
+    folder = tmp_path_factory.mktemp("end-to-end")
+    records: list[Any] = [rust_pair(i) for i in range(N_PAIRS)]
+    write_jsonl(folder / "clean.jsonl", records)
     records.insert(5, '{"prompt": "truncated')
     records.insert(9, {"prompt": 3, "gen": "x"})
-    write_jsonl(tmp_path / "pairs.jsonl", records)
-    dataset = {"names": ["local:pairs.jsonl"], "use_cache": False, "remainder": "keep"}
-    return write_config(tmp_path / "trainer.yaml", dataset, max_seq_len=64, server={"limits": {"max_seq_len": 1024}})
+    write_jsonl(folder / "pairs.jsonl", records)
+    clean = {"names": ["local:clean.jsonl"], "epochs": 1, "remainder": "pad"}
+    datasets = {"padded": {"max_seq_len": 128, "pack": False, "dataset": clean},
+                "pad_remainder": {"dataset": clean}, "counted": {}}
+    config = write_config(folder / "trainer.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
+                                                    "remainder": "keep"},
+                          max_seq_len=64, server={"limits": {"max_seq_len": 1024}, "datasets": datasets})
+    with running_servers() as start:
+        yield start(config)
 
 
 def split_samples(batches: list[dict[str, torch.Tensor]], eos: int) -> list[np.ndarray]:
@@ -43,22 +57,17 @@ def split_samples(batches: list[dict[str, torch.Tensor]], eos: int) -> list[np.n
     return np.split(ids, np.flatnonzero(ids == eos) + 1)
 
 
-def test_padded_rows_decode_back_to_the_source_text(tmp_path: Path, start_server, tokenizer) -> None:
+def test_padded_rows_decode_back_to_the_source_text(server: ServerProcess, tokenizer) -> None:
     records = [rust_pair(i) for i in range(N_PAIRS)]
-    write_jsonl(tmp_path / "pairs.jsonl", records)
-    config = write_config(tmp_path / "t.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
-                                                "epochs": 1}, max_seq_len=128, pack=False)
-    server = start_server(config)
     rows = []
-    for batch in FeedDataset(server.target, batch_size=8):
+    for batch in FeedDataset(server.target, "padded", batch_size=8):
         assert set(batch) == {"input_ids", "labels", "attention_mask"}
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             rows.append(tokenizer.decode(ids[mask.bool()].tolist()))
     assert rows == [r["prompt"] + "\n\n" + r["gen"] + tokenizer.eos_token for r in records]
 
 
-def test_packed_stream_carries_every_token_once(pairs_config: Path, start_server, tokenizer) -> None:
-    server = start_server(pairs_config)
+def test_packed_stream_carries_every_token_once(server: ServerProcess, tokenizer) -> None:
     ds = FeedDataset(server.target, batch_size=3)
     batches, epochs = [], set()
     for batch in ds:
@@ -78,13 +87,9 @@ def test_packed_stream_carries_every_token_once(pairs_config: Path, start_server
     assert positions[0] == 0 and (positions[1:] - positions[:-1] != 1).sum() >= 1
 
 
-def test_remainder_pad_completes_the_last_batch_from_the_epoch_start(tmp_path: Path, start_server,
-                                                                      tokenizer) -> None:
+def test_remainder_pad_completes_the_last_batch_from_the_epoch_start(server: ServerProcess, tokenizer) -> None:
     records = [rust_pair(i) for i in range(N_PAIRS)]
-    write_jsonl(tmp_path / "pairs.jsonl", records)
-    config = write_config(tmp_path / "t.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False, "epochs": 1},
-                          max_seq_len=64)
-    batches = list(FeedDataset(start_server(config).target, batch_size=3))
+    batches = list(FeedDataset(server.target, "pad_remainder", batch_size=3))
     assert all(b["input_ids"].shape == (3, 64) for b in batches)
     flat = np.concatenate([b["input_ids"].reshape(-1).numpy() for b in batches])
     epoch_tokens = sum(len(tokenizer(r["prompt"] + "\n\n" + r["gen"]).input_ids) + 1 for r in records)
@@ -92,8 +97,7 @@ def test_remainder_pad_completes_the_last_batch_from_the_epoch_start(tmp_path: P
     assert (flat[epoch_tokens:] == flat[: len(flat) - epoch_tokens]).all()
 
 
-def test_two_clients_stream_concurrently_and_errors_leave_others_alone(pairs_config: Path, start_server) -> None:
-    server = start_server(pairs_config)
+def test_two_clients_stream_concurrently_and_errors_leave_others_alone(server: ServerProcess) -> None:
     results: dict[int, list[list[int]]] = {}
 
     def read(k: int) -> None:
@@ -127,23 +131,22 @@ def test_two_clients_stream_concurrently_and_errors_leave_others_alone(pairs_con
     assert len(results[0]) == 12 and results[0] == results[1]
 
 
-def test_stats_account_for_every_record(pairs_config: Path, start_server) -> None:
-    server = start_server(pairs_config)
-    with BatchStream(server.target, batch_size=4) as stream:
+def test_stats_account_for_every_record(server: ServerProcess) -> None:
+    with BatchStream(server.target, "counted", batch_size=4) as stream:
         for item in stream:
             if isinstance(item, EpochEnd):
                 break
     out = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target,
                           "--json"], capture_output=True, text=True, timeout=60, check=True)
-    source = json.loads(out.stdout)["datasets"][0]["sources"][0]
+    (counted,) = [d for d in json.loads(out.stdout)["datasets"] if d["name"] == "counted"]
+    source = counted["sources"][0]
     assert int(source["read"]) == N_PAIRS + 2 and int(source["kept"]) == N_PAIRS
     assert source["malformed"] == {"bad_json": "1", "bad_type": "1"} and source["dropped"] == {}
 
 
-def test_tiny_causal_lm_trains_on_feed_batches(pairs_config: Path, start_server) -> None:
+def test_tiny_causal_lm_trains_on_feed_batches(server: ServerProcess) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    server = start_server(pairs_config)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=8192, n_positions=64, n_embd=32, n_layer=2, n_head=2, use_cache=False)
     model = GPT2LMHeadModel(config)
@@ -162,8 +165,7 @@ def test_tiny_causal_lm_trains_on_feed_batches(pairs_config: Path, start_server)
     assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < losses[0]
 
 
-def test_state_dict_resumes_with_exactly_the_next_batch(pairs_config: Path, start_server) -> None:
-    server = start_server(pairs_config)
+def test_state_dict_resumes_with_exactly_the_next_batch(server: ServerProcess) -> None:
     full = [b["input_ids"].tolist() for _, b in zip(range(10), FeedDataset(server.target, batch_size=2), strict=False)]
     first = FeedDataset(server.target, batch_size=2)
     for _, _batch in zip(range(4), first, strict=False):

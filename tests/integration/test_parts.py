@@ -100,12 +100,12 @@ def free_port() -> int:
 
 
 def test_a_server_killed_between_a_batchs_parts_loses_and_repeats_nothing(
-        start_server: Callable[..., ServerProcess], config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: ServerProcess, start_server: Callable[..., ServerProcess], config: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The server is SIGKILLed right after the client has read the first Part of the fourth batch (watched where
     the client reads each message, which still does the reading): the client drops that Part, resumes from
     the third batch's cursor and gets the fourth batch again, whole and once."""
-    reference = batches_of(feed_pb2.StreamResponse.FromString(m)
-                           for m in raw_messages(start_server(config).target, 8))
+    reference = batches_of(feed_pb2.StreamResponse.FromString(m) for m in raw_messages(server.target, 8))
     expected = [sha(decode_batch(r.batch, pack=True)["input_ids"].tobytes()) for r in reference]
     assert len(set(expected)) == 8  # a lost or repeated batch would show
     port = free_port()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sigil_feed.client import FeedDataset
-from tests.conftest import rust_pair, write_config, write_jsonl
+from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
 
 WORLD = 3
 STEPS = 14
@@ -34,6 +34,19 @@ def config(tmp_path: Path, cached: bool) -> Path:
     return write_config(tmp_path / f"c{cached}.yaml", {
         "names": ["local:pairs.jsonl"], "use_cache": cached, "cache_dir": str(tmp_path / "cache"),
         "shuffle_seed": 3, "shuffle_block": 32}, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    """The streaming (False) and cached (True) configs of one corpus, for the module."""
+    folder = tmp_path_factory.mktemp("resume")
+    return {cached: config(folder, cached) for cached in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def servers(configs: dict[bool, Path], module_server) -> dict[bool, ServerProcess]:
+    """A server for each config (the cached one builds the store), shared by the module's tests that only read."""
+    return {cached: module_server(path) for cached, path in configs.items()}
 
 
 def digest(batch: dict[str, torch.Tensor]) -> str:
@@ -62,9 +75,10 @@ def read_ranks(target: str, steps: int, on_step=None) -> list[list[str]]:  # typ
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["streaming", "cached"])
-def test_sigkill_mid_epoch_loses_and_repeats_nothing(tmp_path: Path, start_server, cached: bool) -> None:
-    cfg = config(tmp_path, cached)
-    reference = read_ranks(start_server(cfg).target, STEPS)
+def test_sigkill_mid_epoch_loses_and_repeats_nothing(configs: dict[bool, Path], servers: dict[bool, ServerProcess],
+                                                    start_server, cached: bool) -> None:
+    cfg = configs[cached]
+    reference = read_ranks(servers[cached].target, STEPS)
     assert len({d for rank in reference for d in rank}) == WORLD * STEPS  # ranks disjoint
 
     port = free_port()
@@ -101,8 +115,8 @@ print(json.dumps(seen))
 """
 
 
-def test_state_dict_resumes_in_a_new_process(tmp_path: Path, start_server) -> None:
-    target = start_server(config(tmp_path, False)).target
+def test_state_dict_resumes_in_a_new_process(tmp_path: Path, servers: dict[bool, ServerProcess]) -> None:
+    target = servers[False].target
     state = tmp_path / "state.pt"
 
     def run(mode: str, steps: int) -> list[str]:
@@ -115,11 +129,11 @@ def test_state_dict_resumes_in_a_new_process(tmp_path: Path, start_server) -> No
     assert run("resume", 7) == full[5:]
 
 
-def test_dataloader_workers_split_the_rank_and_resume_with_stateful_dataloader(tmp_path: Path,
-                                                                               start_server) -> None:
+def test_dataloader_workers_split_the_rank_and_resume_with_stateful_dataloader(
+        servers: dict[bool, ServerProcess]) -> None:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    target = start_server(config(tmp_path, True)).target
+    target = servers[True].target
 
     def loader() -> StatefulDataLoader:
         return StatefulDataLoader(FeedDataset(target, batch_size=2, rank=1, world_size=2), batch_size=None,
