@@ -305,10 +305,10 @@ def test_health_is_live_during_the_build_and_ready_after(tmp_path: Path, start_s
     assert stores(tmp_path)
 
 
-def batch_digests(target: str, world_size: int) -> list[str]:
+def batch_digests(target: str, world_size: int, dataset: str = "default") -> list[str]:
     """Every batch of one epoch of every rank, as hashes of its tensors (packed rows)."""
     return [batch_digest(batch) for rank in range(world_size)
-            for batch in FeedDataset(target, batch_size=4, rank=rank, world_size=world_size)]
+            for batch in FeedDataset(target, dataset, batch_size=4, rank=rank, world_size=world_size)]
 
 
 def test_a_store_on_object_storage_serves_what_a_local_store_serves(tmp_path: Path, start_server,
