@@ -65,8 +65,8 @@ def write_compressed(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_config(path: Path, dataset: dict[str, Any], **top: Any) -> Path:
-    """A trainer-style YAML config using the bundled tokenizer."""
+def write_config(path: Path, dataset: dict[str, Any] | None, **top: Any) -> Path:
+    """A trainer-style YAML config using the bundled tokenizer (dataset None: only `server.datasets`)."""
     body = {"model_name": str(TOKENIZER_DIR), "max_seq_len": 64, "pack": True, **top, "dataset": dataset}
     path.write_text(yaml.safe_dump(body))
     return path

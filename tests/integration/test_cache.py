@@ -56,10 +56,10 @@ def build(config: Path) -> subprocess.CompletedProcess[str]:
                           timeout=300, check=True, cwd=config.parent)
 
 
-def epoch_rows(target: str, batch_size: int = 16) -> Counter[tuple[int, ...]]:
+def epoch_rows(target: str, batch_size: int = 16, dataset: str = "default") -> Counter[tuple[int, ...]]:
     """One epoch read with pack: false, so each row is one whole sample."""
     rows: Counter[tuple[int, ...]] = Counter()
-    for batch in FeedDataset(target, batch_size=batch_size):
+    for batch in FeedDataset(target, dataset, batch_size=batch_size):
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
             rows[tuple(ids[mask.bool()].tolist())] += 1
     return rows
@@ -73,21 +73,23 @@ SERVE_TIME = [{}, {"dataset_weights": {"local:files.jsonl": 3.0}, "task_weights"
 def test_cached_and_streaming_serve_the_same_multiset_and_serve_time_settings_reuse_the_store(
         tmp_path: Path, start_server) -> None:
     """Mixing weights, task weights, stopping and the seed are serve-time decisions: a change of them serves
-    another multiset from the same store (not rebuilt), the same one streaming mode serves."""
+    another multiset from the same store (not rebuilt: a server restarted with each), the same one streaming mode
+    serves (one server, a streaming dataset per setting)."""
     corpus(tmp_path)
+    streaming = write_config(tmp_path / "streaming.yaml", None, max_seq_len=512, pack=False, server={"datasets": {
+        f"s{i}": {"dataset": dataset_section(tmp_path, False, **settings)} for i, settings in enumerate(SERVE_TIME)}})
+    streamed = start_server(streaming)
     multisets, created = [], set()
     for i, settings in enumerate(SERVE_TIME):
-        results = {}
-        for use_cache in (True, False):
-            config = write_config(tmp_path / f"c{i}{use_cache}.yaml", dataset_section(tmp_path, use_cache, **settings),
-                                  max_seq_len=512, pack=False)
-            server = start_server(config)
-            results[use_cache] = epoch_rows(server.target)
-            assert not use_cache or i == 0 or not any("tokenizing" in line for line in server.output)
-        assert results[True] == results[False], settings
+        config = write_config(tmp_path / f"c{i}.yaml", dataset_section(tmp_path, True, **settings), max_seq_len=512,
+                              pack=False)
+        server = start_server(config)
+        rows = epoch_rows(server.target)
+        assert i == 0 or not any("tokenizing" in line for line in server.output)
+        assert rows == epoch_rows(streamed.target, dataset=f"s{i}"), settings
         (store,) = stores(tmp_path)
         created.add(json.loads((store / "manifest.json").read_text())["created"])
-        multisets.append(results[True])
+        multisets.append(rows)
     assert len(created) == 1  # built once
     assert sum(multisets[0].values()) > 300 and max(multisets[0].values()) == 2  # task-weight copies
     assert max(multisets[1].values()) == 3 and max(multisets[2].values()) == 1
@@ -306,10 +308,10 @@ def test_health_is_live_during_the_build_and_ready_after(tmp_path: Path, start_s
     assert stores(tmp_path)
 
 
-def batch_digests(target: str, world_size: int) -> list[str]:
+def batch_digests(target: str, world_size: int, dataset: str = "default") -> list[str]:
     """Every batch of one epoch of every rank, as hashes of its tensors (packed rows)."""
     return [batch_digest(batch) for rank in range(world_size)
-            for batch in FeedDataset(target, batch_size=4, rank=rank, world_size=world_size)]
+            for batch in FeedDataset(target, dataset, batch_size=4, rank=rank, world_size=world_size)]
 
 
 def test_a_store_on_object_storage_serves_what_a_local_store_serves(tmp_path: Path, start_server,

@@ -45,41 +45,52 @@ def only_store(location: str) -> tuple[str, Manifest]:
     return entry.path, verify_store(fs, entry.path, entry.base_name)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+WHERE = ("local", "s3")  # a folder, and s3:// on the local S3-compatible server
+
+
 def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
-        tmp_path: Path, start_server, request: pytest.FixtureRequest, where: str) -> None:
+        tmp_path: Path, start_server, request: pytest.FixtureRequest) -> None:
+    """Each engine builds the corpus's store into a folder and into s3:// (one dataset per location in one config,
+    so one `cache build`, and one Ray cluster, builds both); then each location is checked on its own."""
     pytest.importorskip("ray.data")
-    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    roots = {"local": str(tmp_path), "s3": request.getfixturevalue("s3_bucket")}
     names = three_sources(tmp_path)
     configs, manifests, digests = {}, {}, {}
     for engine in ("local", "ray"):
-        configs[engine] = write_config(tmp_path / f"{engine}.yaml", dataset_section(
+        datasets = {where: {"dataset": dataset_section(
             tmp_path, True, names=names, cache_dir=f"{root}/{engine}", completion_only=True, chat_template=True,
-            shard_records=SHARD_RECORDS),
-            max_seq_len=128)
+            shard_records=SHARD_RECORDS)} for where, root in roots.items()}
+        configs[engine] = write_config(tmp_path / f"{engine}.yaml", None, max_seq_len=128,
+                                       server={"datasets": datasets})
         log = cache_build(configs[engine], "--engine", engine)
-        assert "9 shards" in log and "9 written, 0 complete from before" in log, log[-2000:]
-        _, manifests[engine] = only_store(f"{root}/{engine}")
-    local, ray = manifests["local"], manifests["ray"]
-    assert (ray.engine, local.engine) == ("ray", "local")
-    assert ray.fingerprint == local.fingerprint and ray.samples == local.samples > 300
-    assert ray.shards == local.shards  # same names, counts, accounting and file checksums: the same bytes
-    assert [s.samples == 0 for s in local.shards] == [False] * 3 + [True] + [False] * 5  # pairs' empty last part
-    assert ray.sources == local.sources and ray.tokenizer_backend == local.tokenizer_backend
+        assert log.count("9 shards") == log.count("9 written, 0 complete from before") == len(WHERE), log[-2000:]
+        for where, root in roots.items():
+            _, manifests[engine, where] = only_store(f"{root}/{engine}")
+    for where in WHERE:
+        local, ray = manifests["local", where], manifests["ray", where]
+        assert (ray.engine, local.engine) == ("ray", "local")
+        assert ray.fingerprint == local.fingerprint and ray.samples == local.samples > 300
+        assert ray.shards == local.shards  # same names, counts, accounting and file checksums: the same bytes
+        assert [s.samples == 0 for s in local.shards] == [False] * 3 + [True] + [False] * 5  # pairs' empty last part
+        assert ray.sources == local.sources and ray.tokenizer_backend == local.tokenizer_backend
 
     for engine in ("local", "ray"):
         server = start_server(configs[engine])
-        digests[engine] = batch_digests(server.target, world_size=2)
-        assert not any("tokenizing" in line for line in server.output)  # served the built store
-    assert digests["ray"] == digests["local"] and len(digests["ray"]) > 10
+        for where in WHERE:
+            digests[engine, where] = batch_digests(server.target, world_size=2, dataset=where)
+        assert not any("tokenizing" in line for line in server.output)  # served the built stores
+    for where in WHERE:
+        assert digests["ray", where] == digests["local", where] and len(digests["ray", where]) > 10
 
-    store, _ = only_store(f"{root}/ray")  # a rerun after a lost manifest and a lost shard writes that shard alone
-    fs = resolve(f"{root}/ray")
-    fs.delete(f"{store}/manifest.json")
-    fs.delete(f"{store}/shards/{ray.shards[1].name}.tokens.bin")  # the middle part of a file
+    for where, root in roots.items():  # a rerun after a lost manifest and a lost shard writes that shard alone
+        store, _ = only_store(f"{root}/ray")
+        fs = resolve(f"{root}/ray")
+        fs.delete(f"{store}/manifest.json")
+        fs.delete(f"{store}/shards/{manifests['ray', where].shards[1].name}.tokens.bin")  # the middle part of a file
     log = cache_build(configs["ray"], "--engine", "ray")
-    assert "9 shards on Ray: 1 written, 8 complete from before" in log, log[-2000:]
-    assert only_store(f"{root}/ray")[1].shards == local.shards
+    assert log.count("9 shards on Ray: 1 written, 8 complete from before") == len(WHERE), log[-2000:]
+    for where, root in roots.items():
+        assert only_store(f"{root}/ray")[1].shards == manifests["local", where].shards
 
 
 def test_a_bad_record_stops_a_ray_build_with_its_location(tmp_path: Path) -> None:
