@@ -42,7 +42,7 @@ def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_
         assert len(reference) > 20
 
         digests = []
-        with caplog.at_level(logging.WARNING, logger="sigil_feed.client"):
+        with caplog.at_level(logging.INFO, logger="sigil_feed.client"):
             for batch in FeedDataset(server.target, batch_size=4):
                 digests.append(batch_digest(batch))
                 if len(digests) == 3:

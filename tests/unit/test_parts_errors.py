@@ -82,7 +82,7 @@ def test_a_stream_cut_inside_a_part_sequence_reconnects_and_resumes(serve: Serve
     """Before: the call's OK status mid-Parts ended iteration after batch 6, as if training data were done."""
     fake = CutFeed(fail_at=7, part_bytes=16)
     target, _ = serve(fake)
-    with caplog.at_level(logging.WARNING), BatchStream(target, batch_size=1, prefetch=4) as stream:
+    with caplog.at_level(logging.INFO), BatchStream(target, batch_size=1, prefetch=4) as stream:
         items = [index_of(item) for item in stream]
     assert items == expected(fake)
     assert [o.cursor for o in fake.opens] == [b"", b"7"]
