@@ -245,8 +245,8 @@ def test_torchrun_resumed_on_another_number_of_ranks_trains_on_the_same_global_b
     """2 ranks of 4 rows stop after step 5 and save; 1 rank of 8 rows resumes: every later step trains on exactly
     the rows the 2 ranks would have trained on together."""
     checkpoint = str(tmp_path / "ckpt.pt")
-    cut = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "5", "--save", checkpoint)
     full, full_dump = two_rank_run("torchrun_ddp.py")
+    cut = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "5", "--save", checkpoint)
     assert sorted(full) == sorted(losses(cut)) == [0, 1]
     resumed = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "12", "--batch-size", str(2 * BATCH),
                        "--resume", checkpoint, "--dump", str(tmp_path / "after"), ranks=1)
