@@ -153,7 +153,7 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
             work, lambda name, sources, keys: write_config(work.path(f"{name}.yaml"), work, sources, use_cache=True,
                                                            **keys))) or []:
         r.add(metric)
-    for metric in r.guard("bytes_fetched_per_sidecar_over_share", locality.measure_nodes) or []:
+    for metric in r.guard("bytes_fetched_per_sidecar_over_share", lambda: locality.measure_nodes(work.root)) or []:
         r.add(metric)
     for metric in r.guard("epoch_pad_repeat_fraction", epoch_waste.measure) or []:
         r.add(metric)

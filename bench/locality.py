@@ -7,13 +7,16 @@ into FILES files first; `files=1, shard_records=R` measures one big file cut int
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import yaml
 
 from bench.common import PYTHON, REPO, Metric, Server, Work
 from bench.s3 import aws_environment, make_bucket, moto_server
@@ -21,6 +24,8 @@ from bench.shuffle_quality import shuffle_quality
 from sigil_feed.client.stream import BatchStream, EpochEnd
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.cached.layout import served_sequence
+from sigil_feed.server.default import DEFAULT_TOKENIZER
+from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import list_stores, open_store
 
@@ -106,16 +111,15 @@ def measure(work: Work, write: Callable[[str, list[Path], dict[str, Any]], Path]
 
 
 NODES, LOCAL = 8, 8  # 8 sidecars x 8 ranks, numbered as torchrun does (node k: ranks 8k .. 8k + 7)
-NODE_VIRTUAL = 3072  # auto's choice from 196,608 served items: every power of two up to 1024 divides it
-NODE_SHARDS = 64
+NODE_SHARDS, PER_SHARD = 256, 64  # 16,384 samples: `auto` takes 192 = 2^6 x 3 virtual ranks, 64 a prefix product
+NODE_SEQ_LEN = 256
 
 
-def node_shares(*, virtual: int = NODE_VIRTUAL, worlds: tuple[int, ...] = (8, 16, 32, 64), local: int = LOCAL,
-                shards: int = NODE_SHARDS, samples: int = NODE_VIRTUAL * 16, batch: int = 2, seq_len: int = 512,
-                node_aware: bool = True) -> dict[int, list[float]]:
-    """Per world size, each node's bytes over its share (the store's bytes / nodes): the shards its ranks' rows
-    pin over one epoch (packed rows, `pad`), through the real CachedPacker on a synthetic store (lognormal
-    lengths, `shards` shards), seed 0; `node_aware=False` deals by the plain rule (rank r: start + r, ...)."""
+def node_shares(*, virtual: int, shards: int, samples: int, world: int = NODES * LOCAL, local: int = LOCAL,
+                batch: int = 2, seq_len: int = NODE_SEQ_LEN, node_aware: bool = True) -> list[float]:
+    """Each node's bytes over its share (the store's bytes / nodes): the shards its ranks' rows pin over one epoch
+    (packed rows, `pad`), through the real CachedPacker on a synthetic store (lognormal lengths, `shards` shards),
+    seed 0; `node_aware=False` deals by the plain rule (rank r: start + r, ...). No server: the baseline."""
     from bench.epoch_waste import heavy_tailed_lengths
     from sigil_feed.server.cached.layout import epoch_layout
     from sigil_feed.server.cached.packer import CachedPacker
@@ -125,39 +129,102 @@ def node_shares(*, virtual: int = NODE_VIRTUAL, worlds: tuple[int, ...] = (8, 16
     store = fake_store(heavy_tailed_lengths(samples), per_shard=-(-samples // shards))
     layout = epoch_layout(store, np.arange(samples), virtual=virtual, seed=0, epoch=0, window_shards=WINDOW_SHARDS)
     size = np.bincount(store.shard, weights=store.lengths)
-    out = {}
-    for world in worlds:
-        nodes = world // local
-        shares = []
-        for k in range(nodes):
-            store.shards.pinned_log.clear()
-            for rank in range(k * local, (k + 1) * local):
-                packer = CachedPacker(store, layout, Deal(rank, world, batch, virtual if node_aware else 1),
-                                      seq_len=seq_len, pack=True, completion_only=False, pad_id=0, remainder="pad")
-                while packer.next_batch() is not None:
-                    pass
-            pinned = sorted({s for p in store.shards.pinned_log for s in p})
-            shares.append(float(size[pinned].sum() / (size.sum() / nodes)))
-        out[world] = shares
-    return out
+    nodes, shares = world // local, []
+    for k in range(nodes):
+        store.shards.pinned_log.clear()
+        for rank in range(k * local, (k + 1) * local):
+            packer = CachedPacker(store, layout, Deal(rank, world, batch, virtual if node_aware else 1),
+                                  seq_len=seq_len, pack=True, completion_only=False, pad_id=0, remainder="pad")
+            while packer.next_batch() is not None:
+                pass
+        pinned = sorted({s for p in store.shards.pinned_log for s in p})
+        shares.append(float(size[pinned].sum() / (size.sum() / nodes)))
+    return shares
 
 
-def measure_nodes() -> list[Metric]:
-    """bytes_fetched_per_sidecar_over_share: 8 sidecars x 8 ranks (world 64), the worst node, node-aware deal,
-    against the plain rule's worst node; every world size 8-64 in the details."""
-    after, before = node_shares(), node_shares(node_aware=False)
-    worst = {w: (max(after[w]), max(before[w])) for w in after}
-    world = NODES * LOCAL
+def write_node_corpus(folder: Path, shards: int = NODE_SHARDS, per_shard: int = PER_SHARD) -> Path:
+    """`shards x per_shard` distinct code records of lognormal lengths in one JSONL file (a shard per
+    `per_shard` records when built with that `shard_records`); returns the folder."""
+    rng = np.random.default_rng(0)
+    repeats = np.clip(rng.lognormal(np.log(6), 1.0, shards * per_shard), 1, 400).astype(int)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": f"fn f{i}() -> u64 {{ {'let x = 1; ' * int(n)}{i} }}"}) for i, n in enumerate(repeats)]
+    (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _node_config(path: Path, data: Path, location: str, shard_cache_dir: Path | None = None) -> Path:
+    """A cached, packed config over the corpus with the bundled tokenizer, `virtual_ranks: auto`."""
+    dataset = {"names": [f"local:{data}"], "use_cache": True, "cache_dir": location, "shuffle_seed": 0,
+               "shard_records": PER_SHARD, "virtual_ranks": "auto", "min_length": 1, "epochs": 1,
+               **({"shard_cache_dir": str(shard_cache_dir)} if shard_cache_dir else {})}
+    path.write_text(yaml.safe_dump({"model_name": str(DEFAULT_TOKENIZER), "max_seq_len": NODE_SEQ_LEN,
+                                    "pack": True, "dataset": dataset}))
+    return path
+
+
+def _rank_epoch(target: str, rank: int) -> None:
+    with BatchStream(target, "default", batch_size=2, seq_len=NODE_SEQ_LEN, prefetch=4, rank=rank,
+                     world_size=NODES * LOCAL) as stream:
+        next(item for item in stream if isinstance(item, EpochEnd))
+
+
+def _node(config: Path, log: Path, node: int) -> feed_pb2.DatasetStats:
+    """One sidecar serves one epoch of its node's ranks (all at once) from a cold shard cache; its stats after."""
+    with Server(config, log) as server, ThreadPoolExecutor(LOCAL) as pool:
+        list(pool.map(_rank_epoch, [server.target] * LOCAL, range(node * LOCAL, (node + 1) * LOCAL)))
+        with grpc.insecure_channel(server.target) as channel:
+            return feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=60).datasets[0]
+
+
+def measure_nodes(root: Path) -> list[Metric]:
+    """bytes_fetched_per_sidecar_over_share: a 256-shard store built into a bucket on a local moto_server, then 8
+    sidecars (server processes, one after another, each with its own cold shard cache) each serve one epoch of
+    their node's 8 ranks of 64 (torchrun numbering) at once; the worst sidecar's token-shard bytes fetched over its
+    share (the store's token bytes / 8), against the plain deal's worst node on a synthetic store of the same
+    shards and virtual ranks (no server)."""
+    data = write_node_corpus(root / "node-corpus")
+    with moto_server() as endpoint, aws_environment(endpoint):
+        location = f"{make_bucket(endpoint)}/stores"
+        log = root / "logs" / "nodes-build.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            subprocess.run([PYTHON, "-m", "sigil_feed.server.cli", "cache", "build", "--config",
+                            str(_node_config(root / "nodes-build.yaml", data, location))],
+                           stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO, timeout=3600)
+        fs = resolve(location)
+        entry = next(e for e in list_stores(fs) if e["state"] == "ready")
+        manifest = read_manifest(fs, f"{fs.root}/{entry['fingerprint']}", entry["fingerprint"])
+        stats = [_node(_node_config(root / f"node-{k}.yaml", data, location, root / f"node-shards-{k}"),
+                       root / "logs" / f"node-{k}.log", k) for k in range(NODES)]
+    virtual = stats[0].info.virtual_ranks
+    tokens = sum(s.tokens_file.size for s in manifest.shards)
+    index = manifest.samples_index.file.size if manifest.samples_index else 0
+    share = tokens / NODES
+    over = [s.cache.shard_cache.bytes_fetched / share for s in stats]
+    with_metadata = [s.cache.bytes_fetched / (share + index) for s in stats]
+    plain = node_shares(virtual=virtual, shards=len(manifest.shards), samples=manifest.samples, node_aware=False)
+    aware = node_shares(virtual=virtual, shards=len(manifest.shards), samples=manifest.samples)
     return [Metric(
-        "bytes_fetched_per_sidecar_over_share", worst[world][0], None, "x its share", "<= 1.5", mode="cached",
-        notes=(f"the worst of {NODES} sidecars x {LOCAL} ranks (torchrun numbering), the bytes of the shards its "
-               f"ranks' rows read in one epoch over the store's / {NODES}, from the layout and the deal (the real "
-               f"CachedPacker, no server) of a {NODE_SHARDS}-shard synthetic store, virtual_ranks {NODE_VIRTUAL}; "
-               f"the plain deal (rank r: start + r, ...) gave {worst[world][1]:.2f}; per world size "
-               f"(after, before): " + ", ".join(f"{w}: {a:.2f}, {b:.2f}" for w, (a, b) in worst.items())),
-        details={"node_aware": after, "plain": before})]
+        "bytes_fetched_per_sidecar_over_share", max(over), max(plain), "x its share", "<= 1.5", mode="cached",
+        notes=(f"the worst of {NODES} sidecars (server processes with cold shard caches) x {LOCAL} ranks, torchrun "
+               f"numbering (node k: ranks {LOCAL}k..{LOCAL}k+{LOCAL - 1} of {NODES * LOCAL}), one epoch of packed "
+               f"rows, a {len(manifest.shards)}-shard store ({manifest.samples:,} samples) on a local moto_server, "
+               f"virtual_ranks auto ({virtual}): the token shards it fetched (GetStats shard_cache.bytes_fetched) "
+               f"over the store's token bytes / {NODES}; with the samples index, bytes_fetched over share + index: "
+               f"{max(with_metadata):.2f}; the baseline is the plain deal's worst node (rank r: start + r, ...) "
+               f"computed on a synthetic store of the same shards and virtual ranks (no server; node-aware there: "
+               f"{max(aware):.2f})"),
+        details={"over_share": over, "over_share_with_index": with_metadata, "plain_synthetic": plain,
+                 "node_aware_synthetic": aware, "shards": len(manifest.shards), "samples": manifest.samples,
+                 "virtual_ranks": virtual, "token_bytes": tokens, "index_bytes": index,
+                 "fetches": [s.cache.shard_cache.fetches for s in stats],
+                 "evictions": [s.cache.shard_cache.evictions for s in stats]})]
 
 
 if __name__ == "__main__":
-    for metric in measure_nodes():
-        print(metric.name, metric.value, metric.notes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for metric in measure_nodes(Path(scratch)):
+            print(json.dumps(metric.to_json() | {"name": metric.name}, indent=1))
