@@ -15,14 +15,21 @@ ahead) fetches each about once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from math import gcd
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..rows.deal import Deal
-from .layout import EpochLayout
+
+if TYPE_CHECKING:  # the CLI imports this module to print working sets: it needs no layout code
+    from .layout import EpochLayout
+
+CACHE_HEADROOM = 1.5
+"""The shard cache to suggest for a working set: room for the shards fetched ahead and those pinned in transit."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,24 @@ def working_set(layout: EpochLayout, shard: np.ndarray, shard_bytes: np.ndarray,
     peak = int(np.cumsum(change[order]).max())
     distinct = np.unique(s)
     return WorkingSet(peak, int(shard_bytes[distinct].sum()), len(distinct), len(vs))
+
+
+def cache_gb_to_fit(peak_bytes: int) -> float:
+    """The `shard_cache_gb` to set for a working set of `peak_bytes`: CACHE_HEADROOM times it, in GB (10^9),
+    rounded up to two significant digits."""
+    gb = peak_bytes * CACHE_HEADROOM / 1e9
+    if gb <= 0:
+        return 0.0
+    unit = 10.0 ** (math.floor(math.log10(gb)) - 1)
+    return round(math.ceil(gb / unit - 1e-9) * unit, 12)
+
+
+def rank_ranges(values: Iterable[int]) -> str:
+    """Sorted ranks as runs: 0-3,6."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)

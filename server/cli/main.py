@@ -136,7 +136,22 @@ def _store_text(cache: feed_pb2.CacheState) -> str:
         text += (f"; shard cache {c.dir}: {c.bytes:,} of {c.max_bytes:,} bytes, {c.shards} shards, hit rate "
                  f"{c.hit_rate:.0%} ({c.hits} hits, {c.misses} misses), {c.evictions} evictions, "
                  f"{c.checksum_failures} checksum failures")
+    if cache.HasField("working_set"):
+        text += "; " + _working_set_text(cache)
     return text
+
+
+def _working_set_text(cache: feed_pb2.CacheState) -> str:
+    """The working set of the ranks that opened an epoch last: what they read at once, whether the shard cache
+    holds it, and the `shard_cache_gb` that would."""
+    from ..cached.working_set import cache_gb_to_fit, rank_ranges
+
+    w = cache.working_set
+    fit = cache_gb_to_fit(cache.working_set_bytes)
+    verdict = ("fits" if w.fits else "does NOT fit the shard cache: it refetches shards")
+    return (f"working set of ranks {rank_ranges(w.ranks)} of {w.world_size} (epoch {w.epoch}, {w.virtual_ranks} "
+            f"virtual ranks): {cache.working_set_bytes:,} bytes at once, {verdict}; shard_cache_gb that fits it: "
+            f"{fit:g}; their share of the epoch: {w.shards} shards, {w.epoch_bytes:,} bytes")
 
 
 def _get_stats(channel: grpc.Channel, args: argparse.Namespace) -> feed_pb2.Stats:

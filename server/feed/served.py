@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import weakref
@@ -24,7 +23,7 @@ from ..builders.local_engine import BuildProgress, SourcePlan, StoreBuilder, bui
 from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
-from ..cached.working_set import WorkingSet, working_set
+from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
 from ..errors import ConfigError, SourceError
 from ..observe.throughput import Throughput
@@ -62,8 +61,6 @@ every virtual rank to the longest or shortest, so its rows mean others now) is r
 PROBE_RECORDS = 16  # per source: the first records are part of the tokenizer backend's exactness probe
 WORKING_SETS_KEPT = 32  # working sets remembered per dataset, by (epoch, world size, ranks)
 WARN_AFTER_S = 2.0  # a working set larger than the shard cache is warned once no rank has opened for this long
-CACHE_HEADROOM = 1.5
-"""The shard cache to suggest for a working set: room for the shards fetched ahead and those pinned in transit."""
 
 
 @dataclass(frozen=True)
@@ -309,9 +306,9 @@ class ServedDataset:
         log.warning("dataset %s, epoch %d: ranks %s of %d read up to %s of shards at once (%d shards, %s in the "
                     "epoch), but the shard cache %s holds %s (dataset.shard_cache_gb: %g): it will fetch again shards "
                     "it evicted, many times over, instead of each once (fix: set dataset.shard_cache_gb to at least "
-                    "%g%s)", self.name, epoch, _ranges(report.ranks), world_size, _size(needs.peak_bytes),
+                    "%g%s)", self.name, epoch, rank_ranges(report.ranks), world_size, _size(needs.peak_bytes),
                     needs.shards, _size(needs.epoch_bytes), cache_dir, _size(report.budget), report.budget / 1e9,
-                    _gb_up(needs.peak_bytes * CACHE_HEADROOM), other)
+                    cache_gb_to_fit(needs.peak_bytes), other)
 
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
@@ -358,26 +355,6 @@ def _source_weights(section: DatasetSection, specs: list[str], file: str) -> lis
         raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                           file=file, fix=f"use the exact strings from dataset.names: {specs}")
     return [weights.get(spec, 1.0) for spec in specs]
-
-
-def _ranges(values: tuple[int, ...]) -> str:
-    """Sorted integers as runs: 0-3,6."""
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
-
-
-def _gb_up(size: float) -> float:
-    """Bytes as GB (10^9), rounded up to two significant digits."""
-    gb = size / 1e9
-    if gb <= 0:
-        return 0.0
-    unit = 10.0 ** (math.floor(math.log10(gb)) - 1)
-    return round(math.ceil(gb / unit - 1e-9) * unit, 12)
 
 
 def _size(size: int) -> str:

@@ -23,6 +23,7 @@ from bench.s3 import S3_ENV, make_bucket
 from sigil_feed.client import FeedDataset
 from sigil_feed.client.stream import BatchStream
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from sigil_feed.server.cached.working_set import cache_gb_to_fit
 from sigil_feed.server.store.format import read_manifest
 from sigil_feed.server.store.fs import StoreFS, resolve
 from sigil_feed.server.store.reader import open_store
@@ -163,6 +164,11 @@ def test_a_sidecar_whose_ranks_read_more_at_once_than_its_shard_cache_holds_says
         assert working.virtual_ranks == 2 and working.shards == FILES and working.epoch_bytes == sum(sizes)
         assert max(sizes) < cache.working_set_bytes <= sum(sizes)
         assert working.fits == (server is roomy) == (cache.working_set_bytes <= cache.shard_cache.max_bytes)
+        printed = subprocess.run([*CLI, "stats", "--target", server.target], capture_output=True, text=True,
+                                 check=True, timeout=60).stdout
+        assert (f"working set of ranks 0-1 of 4 (epoch 0, 2 virtual ranks): {cache.working_set_bytes:,} bytes at "
+                f"once, {'fits' if server is roomy else 'does NOT fit the shard cache'}") in " ".join(printed.split())
+        assert f"shard_cache_gb that fits it: {cache_gb_to_fit(cache.working_set_bytes):g};" in printed
         with urllib.request.urlopen(metrics_url(server), timeout=10) as response:
             metrics = response.read().decode()
         assert (f'sigil_feed_shard_cache_working_set_bytes{{dataset="default"}} {float(cache.working_set_bytes)}'
