@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,97 @@ def test_a_replica_that_rejoins_resumes_at_the_global_row_of_its_peers(tmp_path:
         a.step, b.step = a.step + 1, b.step + 1
     a.close()
     b.close()
+
+
+class ReplicaDied(Exception):
+    """The failure injected into a replica group."""
+
+
+def torchft_replica(target: str, replica: int, lighthouse: str, steps: int, die_at: int | None, pause_s: float,
+                    trained: list[tuple[int, str]]) -> None:
+    """One replica group of one rank under a real torchft Manager (gloo, CPU): a tiny model trains on
+    StepFeed's batches until `steps` steps are committed, `pause_s` a step; each committed step it took part in is
+    appended to `trained` as (step, batch digest). With `die_at`, the group raises after committing that many
+    steps."""
+    import torch.distributed as dist
+    from torch import nn
+    from torchft import Manager, ProcessGroupGloo
+    from torchft.ddp import DistributedDataParallel
+    from torchft.optim import OptimizerWrapper
+
+    store = dist.TCPStore(host_name="localhost", port=0, is_master=True, wait_for_workers=False)
+    model = nn.Linear(64, 1)
+    feed_holder: list[StepFeed] = []
+    manager = Manager(pg=ProcessGroupGloo(), min_replica_size=1, replica_id=str(replica),
+                      store_addr="localhost", store_port=store.port, rank=0, world_size=1, lighthouse_addr=lighthouse,
+                      state_dict=lambda: {"model": model.state_dict(), "data": feed_holder[0].state_dict()},
+                      load_state_dict=lambda s: (model.load_state_dict(s["model"]),
+                                                 feed_holder[0].load_state_dict(s["data"])))
+    feed = StepFeed(FeedDataset(target, batch_size=BATCH, rank=replica, world_size=REPLICAS, prefetch=2),
+                    manager.current_step)
+    feed_holder.append(feed)
+    ddp = DistributedDataParallel(manager, model)
+    optimizer = OptimizerWrapper(manager, torch.optim.SGD(model.parameters(), lr=1e-3))
+    try:
+        while manager.current_step() < steps:
+            optimizer.zero_grad()  # the quorum starts; a restarted replica heals
+            batch = feed.batch()
+            step, taking_part = manager.current_step(), manager.is_participating()
+            ddp(batch["input_ids"].float()).mean().backward()
+            optimizer.step()  # commits (or not)
+            if manager.current_step() == step + 1 and taking_part:
+                trained.append((step, digest(batch)))
+            if die_at is not None and manager.current_step() == die_at:
+                raise ReplicaDied
+            time.sleep(pause_s)
+    finally:
+        feed.close()
+        manager.shutdown(wait=False)
+
+
+@pytest.mark.filterwarnings("ignore::sigil_feed.client.PackedAttentionWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_with_torchft_a_restarted_replica_group_trains_on_its_peers_rows(tmp_path: Path, start_server) -> None:
+    """Two replica groups of one rank under torchft's Manager and Lighthouse (in this process, threads); group 1
+    dies after 3 steps and restarts (a fresh Manager at step 0, a fresh FeedDataset at the epoch's start) while
+    group 0 trains on alone (min_replica_size 1), heals from it and trains to step 12: every step either group
+    committed and took part in trained on the uninterrupted run's rows of that step for its rank. Not in the default
+    suite: torchft is no dependency of the project (`pip install torchft` to run it)."""
+    pytest.importorskip("torchft")
+    import threading
+
+    from torchft._torchft import LighthouseServer
+
+    steps = 12
+    server = start_server(config(tmp_path, True))
+    expected = [[digest(b) for b in islice(FeedDataset(server.target, batch_size=BATCH, rank=rank,
+                                                      world_size=REPLICAS, prefetch=2), steps)]
+                for rank in range(REPLICAS)]
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1)
+    trained: list[list[tuple[int, str]]] = [[], [], []]  # group 0; group 1 before it dies, after its restart
+    errors: list[BaseException] = []
+
+    def group(replica: int, die_at: int | None) -> None:
+        pause = 0.3 if replica == 0 else 0.0  # group 0 is still training when group 1 is back
+        try:
+            torchft_replica(server.target, replica, lighthouse.address(), steps, die_at, pause, trained[replica])
+        except ReplicaDied:
+            torchft_replica(server.target, replica, lighthouse.address(), steps, None, pause, trained[2])
+        except BaseException as err:
+            errors.append(err)
+
+    try:
+        threads = [threading.Thread(target=group, args=(0, None)), threading.Thread(target=group, args=(1, 3))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(240)
+        assert not errors, errors
+    finally:
+        lighthouse.shutdown()
+    for run, replica in ((0, 0), (1, 1), (2, 1)):
+        assert [h for _, h in trained[run]] == [expected[replica][s] for s, _ in trained[run]], run
+    assert trained[0][-1][0] == steps - 1  # (a group joining at step 0 may sit it out while the other heals it)
+    assert all(s <= 2 for s, _ in trained[1])  # group 1 died after committing step 2
+    restarted = [s for s, _ in trained[2]]
+    assert restarted[0] > 3 and restarted == list(range(restarted[0], steps))  # it healed mid-run, then kept up
