@@ -11,8 +11,15 @@ from .files import expand_paths
 from .hf import open_hf
 from .jsonl import JsonlSource
 from .parquet import ParquetSource
+from .remote import expand_remote, is_remote
 
 __all__ = ["RawRecord", "Source", "open_source"]
+
+
+def _expand(spec: str, path: str, suffixes: tuple[str, ...], base_dir: Path) -> list[str]:
+    """The files a local or remote (`s3://`, `gs://`, `hf://`) path names."""
+    return expand_remote(spec, path, suffixes) if is_remote(path) else expand_paths(spec, path, suffixes,
+                                                                                       base_dir=base_dir)
 
 
 def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None = None,
@@ -21,11 +28,12 @@ def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None 
     path names now); raise SourceError if it names nothing."""
     prefix, colon, rest = spec.partition(":")
     if not colon:
-        return open_hf(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir)
+        return open_hf(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir, files=files)
     if prefix == "local":
-        return JsonlSource(spec, index, files or expand_paths(spec, rest, jsonl.SUFFIXES, base_dir=base_dir))
+        return JsonlSource(spec, index, files or _expand(spec, rest, jsonl.SUFFIXES, base_dir))
     if prefix == "parquet":
-        return ParquetSource(spec, index, files or expand_paths(spec, rest, parquet.SUFFIXES, base_dir=base_dir))
+        return ParquetSource(spec, index, files or _expand(spec, rest, parquet.SUFFIXES, base_dir))
     if prefix == "hf" and rest:
-        return open_hf(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir)
-    raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH, hf:owner/name or owner/name")
+        return open_hf(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir, files=files)
+    raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH (a path, or s3://, gs://, hf:// URI), "
+                      "hf:owner/name or owner/name")

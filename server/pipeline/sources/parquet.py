@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import RawRecord, RowSource, SourceState, row_starts
+from .remote import RemoteFile, RemoteUnavailable, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,14 @@ def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
     return meta.num_row_groups, start
 
 
+@contextlib.contextmanager
+def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file, local or remote (a remote one is read by ranges: its footer, then the chunks read)."""
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(RemoteFile(path)) if is_remote(path) else path
+        yield stack.enter_context(pq.ParquetFile(source))
+
+
 class ParquetSource(RowSource):
     """Records of Parquet files; row is the 0-based row within the file."""
 
@@ -69,7 +79,10 @@ class ParquetSource(RowSource):
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading
         it then reports bad_file)."""
         try:
-            rows = pq.ParquetFile(self.files[file]).metadata.num_rows
+            with open_parquet(self.files[file]) as reader:
+                rows = reader.metadata.num_rows
+        except RemoteUnavailable:
+            raise
         except (OSError, pa.ArrowException):
             return super().part_starts(file, every)
         return row_starts(file, rows, every)
@@ -81,7 +94,7 @@ class ParquetSource(RowSource):
             path = self.files[file]
             row = first_row if file == first_file else 0
             try:
-                with pq.ParquetFile(path) as reader:
+                with open_parquet(path) as reader:
                     columns = needed_columns(reader.schema_arrow.names)
                     first, start = first_group(reader.metadata, row)
                     for group in range(first, reader.metadata.num_row_groups):
@@ -94,6 +107,8 @@ class ParquetSource(RowSource):
                                 self._pos = (file, row)
                                 location = f"{path} row-group {group} row {row - 1}"
                                 yield RawRecord(index, file, row - 1, location, value)
+            except RemoteUnavailable:
+                raise  # storage that does not answer is no bad file: the stream or build is tried again
             except (OSError, pa.ArrowException) as err:
                 log.warning("%s: cannot read %s at row %d: %s", self.spec, path, row, err)
                 self._pos = (file + 1, 0)
