@@ -64,8 +64,13 @@ def train_files(name: str) -> list[str] | None:
     patterns = get_data_patterns(base, options).get(SPLIT)
     if not patterns:
         return None
-    files = sorted({path for pattern in patterns for path in resolve_pattern(pattern, base, download_config=options)})
-    if all(f.endswith(parquet.SUFFIXES) for f in files) or all(f.endswith(jsonl.SUFFIXES) for f in files):
-        return files
+    files: set[str] = set()
+    for pattern in patterns:  # as `datasets` resolves a split's patterns: one that matches nothing adds nothing
+        try:
+            files.update(resolve_pattern(pattern, base, download_config=options))
+        except FileNotFoundError:
+            continue
+    if files and (all(f.endswith(parquet.SUFFIXES) for f in files) or all(f.endswith(jsonl.SUFFIXES) for f in files)):
+        return sorted(files)
     log.info("%s: its %s files are not all JSONL or all Parquet; loading it through datasets", name, SPLIT)
     return None
