@@ -68,7 +68,8 @@ def write_sources(root: Path, megabytes: int) -> dict[str, int]:
     return sizes
 
 
-SPECS = {"jsonl": "local:{}/corpus/jsonl", "zst": "local:{}/corpus/zst/*.jsonl.zst", "parquet": "parquet:{}/corpus/parquet"}
+SPECS = {"jsonl": "local:{}/corpus/jsonl", "zst": "local:{}/corpus/zst/*.jsonl.zst",
+         "parquet": "parquet:{}/corpus/parquet"}
 
 
 def read_all(spec: str) -> tuple[float, int]:
@@ -106,11 +107,13 @@ def measure(megabytes: int = MB, rounds: int = ROUNDS) -> list[Metric]:
         places = {"local": str(root), "s3": bucket}
         reads: dict[str, dict[str, list[float]]] = {kind: {"local": [], "s3": []} for kind in SPECS}
         starts: dict[str, list[float]] = {"local": [], "s3": []}
+        counts: dict[tuple[str, str], int] = {}
         for r in range(rounds):
             for where, prefix in places.items():
                 for kind, spec in SPECS.items():
-                    seconds, count = read_all(spec.format(prefix))
+                    seconds, counts[kind, where] = read_all(spec.format(prefix))
                     reads[kind][where].append(seconds)
+                    assert counts[kind, where] == counts[kind, "local"], (kind, counts)  # the same records
                 names = [SPECS["jsonl"].format(prefix), SPECS["parquet"].format(prefix)]
                 config = streaming_config(root / f"{where}.yaml", names)
                 starts[where].append(first_batch(config, root / f"{where}-{r}.log"))
