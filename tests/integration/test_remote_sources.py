@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from sigil_feed.client import FeedDataset
-from sigil_feed.server.errors import SourceError
+from sigil_feed.server.errors import SourceError, Unavailable
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import SourceState
-from sigil_feed.server.pipeline.sources.remote import object_identity
+from sigil_feed.server.pipeline.sources.remote import RemoteUnavailable, object_identity
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.retry import STORAGE_RETRY_ENV
 from tests.conftest import batch_digest, rust_pair, write_compressed, write_config
@@ -161,6 +161,24 @@ def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
                 proxy.fault_after(1 << 19, "reset", 3)
         assert proxy.mode == "pass"
     assert got == expected
+
+
+def test_an_outage_longer_than_the_retry_window_ends_the_read_unavailable_never_as_a_bad_file(
+        tmp_path: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream then ends UNAVAILABLE (the client resumes) and a build is tried again (an OSError); no record of
+    the file is counted bad, which would drop the rest of it from the epoch."""
+    put(f"{s3_bucket}/big.jsonl", big_jsonl())
+    with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+        monkeypatch.setenv(STORAGE_RETRY_ENV, "1")
+        source = open_source(f"local:{s3_bucket}/big.jsonl", 0, base_dir=tmp_path)
+        proxy.fault_after(3 << 19, "reset", 8)  # within the second 1 MiB range
+        seen = []
+        with pytest.raises(RemoteUnavailable, match=r"cannot read s3://.*/big.jsonl: .*no progress for") as raised:
+            for record in source:
+                seen.append(record.error)
+    assert isinstance(raised.value, Unavailable) and isinstance(raised.value, OSError)
+    assert 0 < len(seen) < 6000 and set(seen) == {None}
 
 
 # --- served, both modes ---------------------------------------------------------------------------
