@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ..stage import Count, Stage, StageState
-from .remote import is_remote, object_identities
 
 
 @dataclass(slots=True)
@@ -48,10 +47,7 @@ class Source(Stage[RawRecord, SourceState]):
         return [SourceState(file=file, row=0)]
 
     def identity(self) -> list[object]:
-        """What the fingerprint of this source's data is made of: each file's path, size and mtime (a remote
-        file's path, ETag or checksum and size)."""
-        if any(is_remote(f) for f in self.files):
-            return object_identities(self.files)
+        """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
         return [file_identity(f) for f in self.files]
 
 

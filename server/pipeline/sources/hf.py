@@ -1,6 +1,5 @@
-"""Hugging Face source (`owner/name` or `hf:owner/name`): the Hub's data files of the `train` split read in place
-(see hub.py), or else (offline, a local folder, a dataset `datasets` must convert) the memory-mapped split loaded
-by `datasets`, read in slices."""
+"""Hugging Face source (`owner/name` or `hf:owner/name`): the memory-mapped `train` split loaded by `datasets`, read
+in slices, when its Hub files cannot be read in place (`hub_files`; offline, a local folder, other formats)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import SourceError
-from . import parquet
-from .base import RawRecord, RowSource, Source, SourceState, row_starts
+from .base import RawRecord, RowSource, SourceState, row_starts
+from .columns import needed_columns, rows_of
 from .hub import train_files
-from .jsonl import JsonlSource
-from .parquet import ParquetSource, needed_columns, rows_of
-from .remote import is_remote
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -84,16 +80,11 @@ class HfSource(RowSource):
                 yield RawRecord(index, 0, row - 1, f"{name}[{row - 1}]", value)
 
 
-def in_place(spec: str, index: int, files: list[str]) -> Source:
-    """A Hub dataset's data files (all Parquet or all JSONL), read where they are."""
-    if all(f.endswith(parquet.SUFFIXES) for f in files):
-        return ParquetSource(spec, index, files)
-    return JsonlSource(spec, index, files)
-
-
-def hub_files(spec: str, name: str) -> list[str] | None:
-    """The Hub's train files of `name` to read in place, or None to load it through `datasets` (offline, or the
-    Hub cannot list it: `datasets` then finds it in its cache or says why not)."""
+def hub_files(spec: str, name: str, base_dir: Path) -> list[str] | None:
+    """The Hub's train files of `name` to read in place; None for a local folder, or to load it through
+    `datasets` (offline, or the Hub cannot list it: `datasets` then finds it in its cache or says why not)."""
+    if local_dir(name, base_dir) is not None:
+        return None
     try:
         return train_files(name)
     except Exception as err:  # huggingface_hub and datasets raise many types; datasets reports them again
@@ -101,14 +92,6 @@ def hub_files(spec: str, name: str) -> list[str] | None:
         return None
 
 
-def open_hf(spec: str, name: str, index: int, *, base_dir: Path, cache_dir: str | None,
-            files: list[str] | None = None) -> Source:
-    """A Hugging Face dataset as a source, opened now (fail fast): its Hub files in place when online (over
-    `files` when given: the Hub files or the name that a first opening found), else loaded by `datasets`."""
-    if files and is_remote(files[0]):
-        return in_place(spec, index, files)
-    if not files and local_dir(name, base_dir) is None:
-        found = hub_files(spec, name)
-        if found:
-            return in_place(spec, index, found)
+def open_hf(spec: str, name: str, index: int, *, base_dir: Path, cache_dir: str | None) -> HfSource:
+    """Load a Hugging Face dataset now (fail fast) and wrap it as a source."""
     return HfSource(spec, index, name, load_train(spec, name, base_dir=base_dir, cache_dir=cache_dir))

@@ -3,21 +3,18 @@ that they can be read in place instead of through a `datasets.load_dataset` down
 
 The split's files are found as `datasets` finds them for a repository without a loading script: its default data
 file patterns (`data/train-*`, `train/*`, `*train*`, ...), resolved through HfFileSystem (the Hub's tree listing).
-A repository whose README declares `configs:` (custom data files) or whose files are not all JSONL or all Parquet
-is left to `datasets` (None).
+A repository whose README declares `configs:` (custom data files) is left to `datasets` (None).
 """
 
 from __future__ import annotations
 
-import logging
 import os
+from typing import TYPE_CHECKING
 
 import yaml
 
-from . import jsonl, parquet
-from .remote import locate
-
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileSystem
 
 SPLIT = "train"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -31,9 +28,9 @@ def offline() -> bool:
         os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE") for key in OFFLINE_ENV)
 
 
-def _declares_configs(fs: object, readme: str) -> bool:
+def _declares_configs(fs: HfFileSystem, readme: str) -> bool:
     """Whether a dataset card's YAML header declares `configs:` (data files of its own choosing)."""
-    text = fs.handler.fs.cat_file(readme).decode(errors="replace")  # type: ignore[attr-defined]
+    text = fs.cat_file(readme).decode(errors="replace")
     if not text.startswith("---"):
         return False
     header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
@@ -46,19 +43,19 @@ def _declares_configs(fs: object, readme: str) -> bool:
 
 def train_files(name: str) -> list[str] | None:
     """The `hf://` paths of the train split's data files of Hub dataset `name`, pinned to its current commit;
-    None if offline, or if the split is not plain JSONL or Parquet files found by the default patterns."""
+    None if offline, or if the default patterns do not apply (its card declares `configs:`) or find nothing."""
     if offline():
         return None
     from datasets.data_files import get_data_patterns, resolve_pattern
     from datasets.download import DownloadConfig
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, HfFileSystem
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     sha = HfApi(endpoint=endpoint).dataset_info(name).sha
     base = f"hf://datasets/{name}@{sha}"
-    fs, _ = locate(base)
+    fs = HfFileSystem(endpoint=endpoint)
     readme = f"datasets/{name}@{sha}/README.md"
-    if fs.handler.fs.exists(readme) and _declares_configs(fs, readme):  # type: ignore[attr-defined]
+    if fs.exists(readme) and _declares_configs(fs, readme):
         return None
     options = DownloadConfig(storage_options={"hf": {"endpoint": endpoint}} if endpoint else {})
     patterns = get_data_patterns(base, options).get(SPLIT)
@@ -70,7 +67,4 @@ def train_files(name: str) -> list[str] | None:
             files.update(resolve_pattern(pattern, base, download_config=options))
         except FileNotFoundError:
             continue
-    if files and (all(f.endswith(parquet.SUFFIXES) for f in files) or all(f.endswith(jsonl.SUFFIXES) for f in files)):
-        return sorted(files)
-    log.info("%s: its %s files are not all JSONL or all Parquet; loading it through datasets", name, SPLIT)
-    return None
+    return sorted(files) or None

@@ -15,7 +15,7 @@ import zstandard
 
 from ...progress import QUIET_S, Progress, file_bytes
 from .base import RawRecord, Source, SourceState
-from .remote import RemoteFile, RemoteUnavailable, is_remote
+from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,15 @@ class ZstdReader(io.RawIOBase):
 
 def open_lines(path: str) -> io.BufferedIOBase:
     """Open a JSONL file (local or remote) for binary line iteration, decompressing by suffix. A remote file is
-    read in BUFFER_BYTES ranges, whatever the decompressor asks for at a time."""
+    read in BUFFER_BYTES ranges, whatever the decompressor asks for at a time, the next one read ahead."""
     remote = is_remote(path)
     if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=io.BufferedReader(RemoteFile(path), BUFFER_BYTES)) if remote \
+        return gzip.GzipFile(fileobj=io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES)) if remote \
             else gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        raw = io.BufferedReader(RemoteFile(path), BUFFER_BYTES) if remote else io.FileIO(path)
+        raw = io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES) if remote else io.FileIO(path)
         return io.BufferedReader(ZstdReader(raw), BUFFER_BYTES)
-    return io.BufferedReader(RemoteFile(path) if remote else io.FileIO(path), BUFFER_BYTES)
+    return io.BufferedReader(RemoteFile(path, readahead=True) if remote else io.FileIO(path), BUFFER_BYTES)
 
 
 def json_error(err: Exception) -> str:
@@ -136,6 +136,10 @@ class JsonlSource(Source):
         self._it.close()
         self._pos = (state.file, state.row, state.offset)
         self._it = self._read(*self._pos)
+
+    def identity(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
+        return remote_identity(self.files) or super().identity()
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th line of a plain file with its byte offset, found by one pass over its lines. A

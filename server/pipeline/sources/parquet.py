@@ -5,48 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Generator, Iterator
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import RawRecord, RowSource, SourceState, row_starts
-from .remote import RemoteFile, RemoteUnavailable, is_remote
+from .columns import needed_columns, rows_of
+from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet",)
-COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path",
-           "_split", "_task_type", "_source")
-"""The only fields any schema reads; other columns are never read."""
 BATCH_ROWS = 1024
-
-
-def needed_columns(names: list[str]) -> list[str]:
-    """The needed columns a schema has, in schema order."""
-    return [name for name in names if name in COLUMNS]
-
-
-def values_of(column: pa.Array | pa.ChunkedArray) -> list[Any]:
-    """A column's Python values; invalid UTF-8 in a string column becomes lone surrogates (which `normalise`
-    rejects as bad_utf8) instead of failing the whole batch."""
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise
-        raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
-        return [None if v is None else v.decode(errors="surrogateescape") for v in raw.to_pylist()]
-
-
-def rows_of(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
-    """Row dicts of an Arrow batch; nulls are left out, as a missing JSON key would be."""
-    names = batch.schema.names
-    if not names:
-        return [{} for _ in range(batch.num_rows)]
-    columns = [values_of(column) for column in batch.columns]
-    return [{k: v for k, v in zip(names, values, strict=True) if v is not None}
-            for values in zip(*columns, strict=True)]
 
 
 def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
@@ -74,6 +44,10 @@ class ParquetSource(RowSource):
     def __init__(self, spec: str, index: int, files: list[str], batch_rows: int = BATCH_ROWS) -> None:
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
         self._start()
+
+    def identity(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
+        return remote_identity(self.files) or super().identity()
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading

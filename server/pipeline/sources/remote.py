@@ -16,7 +16,7 @@ import io
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "s3a", "gs", "gcs", "hf")
 IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is taken
+READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
 ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
 T = TypeVar("T")
 
@@ -98,14 +99,24 @@ def retrying(what: str, call: Callable[[], T], retries: Retries | None = None) -
             log.warning("reading %s failed (%s: %s); trying again", what, type(err).__name__, err)
 
 
-class RemoteFile(io.RawIOBase):
-    """A remote file as a seekable binary file: each read is one ranged request at the current position."""
+@functools.lru_cache(maxsize=1)
+def _readahead_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READAHEAD_WORKERS, thread_name_prefix="readahead")
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
+
+class RemoteFile(io.RawIOBase):
+    """A remote file as a seekable binary file: each read is one ranged request at the current position. With
+    `readahead` (a file read front to back), from the second of consecutive reads on, the next range of the same
+    size is requested while the caller works on this one (a caller that reads one range, a probe of the first
+    records, costs no second)."""
+
+    def __init__(self, uri: str, *, readahead: bool = False) -> None:
+        self.uri, self.readahead = uri, readahead
         self._fs, self._path = locate(uri)
         self._handle: Any = None
         self._pos = 0
+        self._ahead: tuple[int, int, Future[bytes]] | None = None  # (offset, size, its read)
+        self._last_end = -1  # where the last read ended
         self._retries = storage_retry().start()
         self.size = retrying(uri, self._open, self._retries)
 
@@ -122,7 +133,31 @@ class RemoteFile(io.RawIOBase):
             self._drop()
             raise
 
+    def _fetch(self, size: int, offset: int) -> bytes:
+        """The range, from the read ahead if it asked for it (if that read failed, it is read again here)."""
+        ahead = self._take_ahead()
+        if ahead is not None and ahead[:2] == (offset, size):
+            with contextlib.suppress(Exception):
+                return ahead[2].result()
+        return self._read_at(size, offset)
+
+    def _take_ahead(self) -> tuple[int, int, Future[bytes]] | None:
+        """The pending read ahead, no longer pending (waited for if it is running: it uses the handle)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead[2].cancel():
+            wait([ahead[2]])
+        return ahead
+
+    def _read_next(self, size: int) -> None:
+        """Ask for the range after the current position, if any."""
+        handle, offset = self._handle, self._pos
+        if handle is None or offset >= self.size:
+            return
+        size = min(size, self.size - offset)
+        self._ahead = (offset, size, _readahead_pool().submit(lambda: bytes(handle.read_at(size, offset))))
+
     def _drop(self) -> None:
+        self._take_ahead()
         handle, self._handle = self._handle, None
         if handle is not None:
             with contextlib.suppress(Exception):  # a broken connection may fail to close too; dropped either way
@@ -148,9 +183,13 @@ class RemoteFile(io.RawIOBase):
         size = left if size is None or size < 0 else min(size, left)
         if size == 0:
             return b""
-        data = retrying(self.uri, lambda: self._read_at(size, self._pos), self._retries)
+        consecutive = self._pos == self._last_end
+        data = retrying(self.uri, lambda: self._fetch(size, self._pos), self._retries)
         self._retries.progressed()
         self._pos += len(data)
+        self._last_end = self._pos
+        if self.readahead and consecutive:
+            self._read_next(size)
         return data
 
     def readall(self) -> bytes:
@@ -223,6 +262,11 @@ def object_identity(uri: str) -> list[object]:
         return retrying(uri, head)
     except OSError:
         return [uri]
+
+
+def remote_identity(paths: list[str]) -> list[object] | None:
+    """The identity of a source's remote files (None if they are local: the source's own identity applies)."""
+    return object_identities(paths) if any(is_remote(p) for p in paths) else None
 
 
 def object_identities(uris: list[str]) -> list[object]:
