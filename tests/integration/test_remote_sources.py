@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from sigil_feed.client import FeedDataset
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.errors import SourceError, Unavailable
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import SourceState
@@ -197,10 +199,12 @@ def epoch(target: str, dataset: str) -> Iterator[str]:
 
 
 def test_sources_in_a_bucket_serve_the_epochs_of_the_same_files_on_disk_in_both_modes(
-        corpus: tuple[Path, str], start_server) -> None:
+        corpus: tuple[Path, str], start_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """One server, four datasets: the corpus on disk and in the bucket, streaming and cached. Each mode serves the
-    bucket's sources batch for batch as it serves the disk's."""
+    bucket's sources batch for batch as it serves the disk's; the credentials appear in no log line or stats."""
     root, bucket = corpus
+    secret = "testing-" + hashlib.sha256(str(root).encode()).hexdigest()[:16]  # moto takes any secret key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     names = {"disk": [f"local:{root}/{JSONL_GLOB}", f"parquet:{root}/corpus/p"],
              "bucket": [f"local:{bucket}/{JSONL_GLOB}", f"parquet:{bucket}/corpus/p"]}
     datasets = {f"{where}-{mode}": {"dataset": section(specs, root / "cache", mode == "cached")}
@@ -212,6 +216,9 @@ def test_sources_in_a_bucket_serve_the_epochs_of_the_same_files_on_disk_in_both_
         assert len(disk) >= 30  # 240 samples (and more: all_exhausted), 8 rows a batch
         assert list(epoch(server.target, f"bucket-{mode}")) == disk, mode
     assert not any("bad_file" in line for line in server.output)
+    with grpc.insecure_channel(server.target) as channel:
+        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=30)
+    assert bucket in str(stats) and secret not in str(stats) and not any(secret in line for line in server.output)
 
 
 def test_streaming_serves_its_first_batch_after_reading_a_small_part_of_the_bucket(

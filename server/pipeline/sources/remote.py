@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "s3a", "gs", "gcs", "hf")
 IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is taken
+HF_BLOCK_BYTES = 1 << 16  # what HfFileSystem fetches past a read (its default, 5 MB, would fetch far more)
 READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
 ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
 T = TypeVar("T")
@@ -65,8 +66,9 @@ def _filesystem(scheme: str, netloc: str, env: tuple[tuple[str, str], ...]) -> p
     if scheme == "hf":
         from huggingface_hub import HfFileSystem
 
-        settings = dict(env)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem(endpoint=settings.get("HF_ENDPOINT") or None)))
+        settings = dict(env)  # the token: HF_TOKEN, or the one `hf auth login` saved, as huggingface_hub finds it
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem(endpoint=settings.get("HF_ENDPOINT") or None,
+                                                                 block_size=HF_BLOCK_BYTES)))
     return resolve(f"{scheme}://{netloc}").fs
 
 
