@@ -34,6 +34,7 @@ IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is ta
 HF_BLOCK_BYTES = 1 << 16  # what HfFileSystem fetches past a read (its default, 5 MB, would fetch far more)
 READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
 ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 T = TypeVar("T")
 
 
@@ -54,9 +55,6 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return (OSError,)
     return (OSError, httpx.TransportError)
-
-
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 @functools.lru_cache(maxsize=16)
@@ -260,6 +258,8 @@ def object_identity(uri: str) -> list[object]:
             with fs.open_input_file(path) as f:
                 meta = f.metadata()
                 tag = next((meta[k] for k in ETAG_KEYS if k in meta), None)
+                if tag is None:  # a store that gives no checksum: its modification time instead
+                    tag = str(fs.get_file_info(path).mtime_ns)
                 return [uri, tag.decode() if isinstance(tag, bytes) else tag, f.size()]
         return retrying(uri, head)
     except OSError:
