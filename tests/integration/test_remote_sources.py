@@ -235,3 +235,28 @@ def test_streaming_serves_its_first_batch_after_reading_a_small_part_of_the_buck
         batch = next(iter(FeedDataset(server.target, batch_size=8)))
         assert batch["input_ids"].shape[0] == 8
         assert proxy.bytes_down < total // 4, (proxy.bytes_down, total)
+
+
+def test_a_streaming_epoch_from_the_bucket_rides_out_a_reset_of_the_s3_server(
+        tmp_path: Path, s3_bucket: str, s3_endpoint: str, start_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server streams two files from the bucket through the fault proxy; a few batches in, every connection to
+    S3 is reset for 3 s mid-transfer. The epoch is batch for batch the one the same files on disk give."""
+    for f in range(2):
+        data = lines([code(i, pad=400) for i in range(f * 3000, (f + 1) * 3000)])
+        write_compressed(tmp_path / "disk" / f"part{f}.jsonl", data)
+        put(f"{s3_bucket}/big/part{f}.jsonl", data)
+    with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+        monkeypatch.setenv(STORAGE_RETRY_ENV, "30")
+        datasets = {where: {"dataset": {**section([spec], tmp_path / "cache", False), "shuffle_block": 512}}
+                    for where, spec in (("disk", f"local:{tmp_path}/disk"), ("bucket", f"local:{s3_bucket}/big"))}
+        server = start_server(write_config(tmp_path / "c.yaml", None, max_seq_len=256, pack=False,
+                                           server={"datasets": datasets}))
+        digests = []
+        for batch in FeedDataset(server.target, "bucket", batch_size=64):
+            digests.append(batch_digest(batch))
+            if len(digests) == 3:
+                proxy.fault_after(1 << 19, "reset", 3)
+        assert proxy.mode == "pass"
+    assert digests == [batch_digest(batch) for batch in FeedDataset(server.target, "disk", batch_size=64)]
+    assert any("trying again" in line for line in server.output), "".join(server.output[-20:])
