@@ -31,6 +31,7 @@ from bench import (
     neighbour,
     plot,
     ray_build,
+    remote_sources,
     shard_cache,
     startup,
     store_open,
@@ -51,7 +52,8 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
            "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"),
            "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
-           "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", "")}
+           "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", ""),
+           "remote_first_batch_vs_local": ("s", "<= 2"), "remote_read_vs_local": ("MB/s", "")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -159,6 +161,9 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         r.add(metric)
     for metric in r.guard("store_open_s", lambda: store_open.measure(
             rounds=2 if work.quick else 3, sidecars=0 if work.quick else 8)) or []:
+        r.add(metric)
+    for metric in r.guard("remote_", lambda: remote_sources.measure(
+            megabytes=24 if work.quick else remote_sources.MB, rounds=2 if work.quick else 3)) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

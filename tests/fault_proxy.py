@@ -27,6 +27,7 @@ class FaultProxy:
         self._closing = False
         self._listener: socket.socket | None = self._listen(0)
         self.port = self._listener.getsockname()[1]
+        self.bytes_down = 0  # bytes forwarded from the server to the client, in all
         self._trigger: tuple[int, str, float] | None = None  # after these bytes downstream, this fault
         self._on_request: tuple[re.Pattern[bytes], str, float] | None = None  # a request that matches meets it
         self._thread = threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True)
@@ -140,6 +141,9 @@ class FaultProxy:
                 if link.dead:
                     raise ConnectionResetError
                 dst.sendall(data)
+                if downstream:
+                    with self._lock:
+                        self.bytes_down += len(data)
         except (OSError, ValueError):  # ValueError: select on a socket the other direction closed
             link.dead = True
             _abort(src)

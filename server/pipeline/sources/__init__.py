@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ...errors import SourceError
 from . import jsonl, parquet
 from .base import RawRecord, Source
 from .files import expand_paths
-from .hf import open_hf
+from .hf import hub_files, open_hf
 from .jsonl import JsonlSource
 from .parquet import ParquetSource
+from .remote import expand_remote, is_remote
 
 __all__ = ["RawRecord", "Source", "open_source"]
+
+log = logging.getLogger(__name__)
+
+
+def _expand(spec: str, path: str, suffixes: tuple[str, ...], base_dir: Path) -> list[str]:
+    """The files a local or remote (`s3://`, `gs://`, `hf://`) path names."""
+    return expand_remote(spec, path, suffixes) if is_remote(path) else expand_paths(spec, path, suffixes,
+                                                                                       base_dir=base_dir)
+
+
+def _open_hub(spec: str, name: str, index: int, *, base_dir: Path, cache_dir: str | None,
+              files: list[str] | None) -> Source:
+    """A Hugging Face dataset: its train files on the Hub read in place (`files` when given: what a first opening
+    found), when they are all Parquet or all JSONL; else its split loaded by `datasets`."""
+    found = files or hub_files(spec, name, base_dir)
+    if found and is_remote(found[0]):
+        if all(f.endswith(parquet.SUFFIXES) for f in found):
+            return ParquetSource(spec, index, found)
+        if all(f.endswith(jsonl.SUFFIXES) for f in found):
+            return JsonlSource(spec, index, found)
+        log.info("%s: its train files are not all Parquet or all JSONL; loading it through datasets", spec)
+    return open_hf(spec, name, index, base_dir=base_dir, cache_dir=cache_dir)
 
 
 def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None = None,
@@ -21,11 +45,12 @@ def open_source(spec: str, index: int, *, base_dir: Path, cache_dir: str | None 
     path names now); raise SourceError if it names nothing."""
     prefix, colon, rest = spec.partition(":")
     if not colon:
-        return open_hf(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir)
+        return _open_hub(spec, spec, index, base_dir=base_dir, cache_dir=cache_dir, files=files)
     if prefix == "local":
-        return JsonlSource(spec, index, files or expand_paths(spec, rest, jsonl.SUFFIXES, base_dir=base_dir))
+        return JsonlSource(spec, index, files or _expand(spec, rest, jsonl.SUFFIXES, base_dir))
     if prefix == "parquet":
-        return ParquetSource(spec, index, files or expand_paths(spec, rest, parquet.SUFFIXES, base_dir=base_dir))
+        return ParquetSource(spec, index, files or _expand(spec, rest, parquet.SUFFIXES, base_dir))
     if prefix == "hf" and rest:
-        return open_hf(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir)
-    raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH, hf:owner/name or owner/name")
+        return _open_hub(spec, rest, index, base_dir=base_dir, cache_dir=cache_dir, files=files)
+    raise SourceError(f"{spec}: unknown source; use local:PATH, parquet:PATH (a path, or s3://, gs://, hf:// URI), "
+                      "hf:owner/name or owner/name")

@@ -1,17 +1,22 @@
-"""Hugging Face source (`owner/name` or `hf:owner/name`): the memory-mapped `train` split, read in slices."""
+"""Hugging Face source (`owner/name` or `hf:owner/name`): the memory-mapped `train` split loaded by `datasets`, read
+in slices, when its Hub files cannot be read in place (`hub_files`; offline, a local folder, other formats)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import SourceError
 from .base import RawRecord, RowSource, SourceState, row_starts
-from .parquet import needed_columns, rows_of
+from .columns import needed_columns, rows_of
+from .hub import train_files
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+log = logging.getLogger(__name__)
 
 SPLIT = "train"
 SLICE_ROWS = 1000
@@ -73,6 +78,18 @@ class HfSource(RowSource):
                 row += 1
                 self._pos = (0, row)
                 yield RawRecord(index, 0, row - 1, f"{name}[{row - 1}]", value)
+
+
+def hub_files(spec: str, name: str, base_dir: Path) -> list[str] | None:
+    """The Hub's train files of `name` to read in place; None for a local folder, or to load it through
+    `datasets` (offline, or the Hub cannot list it: `datasets` then finds it in its cache or says why not)."""
+    if local_dir(name, base_dir) is not None:
+        return None
+    try:
+        return train_files(name)
+    except Exception as err:  # huggingface_hub and datasets raise many types; datasets reports them again
+        log.info("%s: cannot list the Hub's files of %s (%r); loading it through datasets", spec, name, err)
+        return None
 
 
 def open_hf(spec: str, name: str, index: int, *, base_dir: Path, cache_dir: str | None) -> HfSource:

@@ -8,13 +8,14 @@ import json
 import logging
 from collections.abc import Generator
 from itertools import islice
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import zstandard
 
 from ...progress import QUIET_S, Progress, file_bytes
 from .base import RawRecord, Source, SourceState
+from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ class ZstdReader(io.RawIOBase):
     """The decompressed bytes of a zstd file, frame after frame; like gzip, it raises EOFError when the file
     ends inside a frame (zstandard's own stream reader ends quietly there, so a cut file lost data silently)."""
 
-    def __init__(self, path: str) -> None:
-        self._file = io.FileIO(path)
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
         self._context = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         self._frame = self._context.decompressobj()
         self._in_frame = False  # part of a frame was read and its end was not
@@ -68,12 +69,16 @@ class ZstdReader(io.RawIOBase):
 
 
 def open_lines(path: str) -> io.BufferedIOBase:
-    """Open a JSONL file for binary line iteration, decompressing by suffix."""
+    """Open a JSONL file (local or remote) for binary line iteration, decompressing by suffix. A remote file is
+    read in BUFFER_BYTES ranges, whatever the decompressor asks for at a time, the next one read ahead."""
+    remote = is_remote(path)
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES)) if remote \
+            else gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        return io.BufferedReader(ZstdReader(path), BUFFER_BYTES)
-    return io.BufferedReader(io.FileIO(path), BUFFER_BYTES)
+        raw = io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES) if remote else io.FileIO(path)
+        return io.BufferedReader(ZstdReader(raw), BUFFER_BYTES)
+    return io.BufferedReader(RemoteFile(path, readahead=True) if remote else io.FileIO(path), BUFFER_BYTES)
 
 
 def json_error(err: Exception) -> str:
@@ -132,6 +137,10 @@ class JsonlSource(Source):
         self._pos = (state.file, state.row, state.offset)
         self._it = self._read(*self._pos)
 
+    def identity(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
+        return remote_identity(self.files) or super().identity()
+
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th line of a plain file with its byte offset, found by one pass over its lines. A
         compressed file is one part: it cannot seek, so part k would decompress everything before it again."""
@@ -151,6 +160,8 @@ class JsonlSource(Source):
                 report.at(offset)
                 if len(starts) > 1 and starts[-1].offset == offset:
                     starts.pop()  # the file ends where that part would begin
+        except RemoteUnavailable:
+            raise
         except OSError:
             return super().part_starts(file, every)  # reading it reports bad_file
         return starts
@@ -182,6 +193,8 @@ class JsonlSource(Source):
                             value, error = failed
                         self._pos = (file, row, offset)
                         yield RawRecord(index, file, row - 1, f"{path}:{row}", value, error)
+            except RemoteUnavailable:
+                raise  # storage that does not answer is no bad file: the stream or build is tried again
             except READ_ERRORS as err:
                 log.warning("%s: cannot read %s after line %d, its last good line (%s); the rest of the file "
                             "is skipped", self.spec, path, row, err)

@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Generator, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .base import RawRecord, RowSource, SourceState, row_starts
+from .columns import needed_columns, rows_of
+from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet",)
-COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path",
-           "_split", "_task_type", "_source")
-"""The only fields any schema reads; other columns are never read."""
 BATCH_ROWS = 1024
-
-
-def needed_columns(names: list[str]) -> list[str]:
-    """The needed columns a schema has, in schema order."""
-    return [name for name in names if name in COLUMNS]
-
-
-def values_of(column: pa.Array | pa.ChunkedArray) -> list[Any]:
-    """A column's Python values; invalid UTF-8 in a string column becomes lone surrogates (which `normalise`
-    rejects as bad_utf8) instead of failing the whole batch."""
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise
-        raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
-        return [None if v is None else v.decode(errors="surrogateescape") for v in raw.to_pylist()]
-
-
-def rows_of(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:
-    """Row dicts of an Arrow batch; nulls are left out, as a missing JSON key would be."""
-    names = batch.schema.names
-    if not names:
-        return [{} for _ in range(batch.num_rows)]
-    columns = [values_of(column) for column in batch.columns]
-    return [{k: v for k, v in zip(names, values, strict=True) if v is not None}
-            for values in zip(*columns, strict=True)]
 
 
 def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
@@ -58,6 +30,14 @@ def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
     return meta.num_row_groups, start
 
 
+@contextlib.contextmanager
+def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file, local or remote (a remote one is read by ranges: its footer, then the chunks read)."""
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(RemoteFile(path)) if is_remote(path) else path
+        yield stack.enter_context(pq.ParquetFile(source))
+
+
 class ParquetSource(RowSource):
     """Records of Parquet files; row is the 0-based row within the file."""
 
@@ -65,11 +45,18 @@ class ParquetSource(RowSource):
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
         self._start()
 
+    def identity(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
+        return remote_identity(self.files) or super().identity()
+
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading
         it then reports bad_file)."""
         try:
-            rows = pq.ParquetFile(self.files[file]).metadata.num_rows
+            with open_parquet(self.files[file]) as reader:
+                rows = reader.metadata.num_rows
+        except RemoteUnavailable:
+            raise
         except (OSError, pa.ArrowException):
             return super().part_starts(file, every)
         return row_starts(file, rows, every)
@@ -81,7 +68,7 @@ class ParquetSource(RowSource):
             path = self.files[file]
             row = first_row if file == first_file else 0
             try:
-                with pq.ParquetFile(path) as reader:
+                with open_parquet(path) as reader:
                     columns = needed_columns(reader.schema_arrow.names)
                     first, start = first_group(reader.metadata, row)
                     for group in range(first, reader.metadata.num_row_groups):
@@ -94,6 +81,8 @@ class ParquetSource(RowSource):
                                 self._pos = (file, row)
                                 location = f"{path} row-group {group} row {row - 1}"
                                 yield RawRecord(index, file, row - 1, location, value)
+            except RemoteUnavailable:
+                raise  # storage that does not answer is no bad file: the stream or build is tried again
             except (OSError, pa.ArrowException) as err:
                 log.warning("%s: cannot read %s at row %d: %s", self.spec, path, row, err)
                 self._pos = (file + 1, 0)

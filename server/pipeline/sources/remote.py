@@ -1,0 +1,279 @@
+"""Source files on object storage (`s3://`, `gs://`) and on the Hugging Face Hub (`hf://`), read in place.
+
+Every remote file is read through pyarrow.fs, the store's filesystem layer (see store/fs.py for the S3
+environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow): `RemoteFile` reads
+ranges at the positions asked for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and
+the column chunks of the row groups read), so nothing is fetched whole. A read that fails for a transient reason
+is tried again within the storage retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
+Credentials come from the standard environment (`AWS_*`, `HF_TOKEN`) and are never part of a path or a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from ...errors import SourceError, Unavailable
+from ...store.fs import resolve
+from ...store.retry import Retries, storage_retry
+from .files import GLOB_CHARS, _matches
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("s3", "s3a", "gs", "gcs", "hf")
+IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is taken
+HF_BLOCK_BYTES = 1 << 16  # what HfFileSystem fetches past a read (its default, 5 MB, would fetch far more)
+READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
+ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+T = TypeVar("T")
+
+
+class RemoteUnavailable(Unavailable, OSError):
+    """Remote storage did not answer within the storage retry window. An Unavailable (a stream ends UNAVAILABLE and
+    the client resumes) and an OSError (a store build is tried again later), never a bad file."""
+
+
+def is_remote(path: str) -> bool:
+    """Whether a source path names a file on object storage or the Hub (`scheme://...`)."""
+    return urlparse(path).scheme in SCHEMES and "://" in path
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """What a transient failure raises: OSError (pyarrow, requests) and httpx's transport errors (the Hub)."""
+    try:
+        import httpx
+    except ImportError:
+        return (OSError,)
+    return (OSError, httpx.TransportError)
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, netloc: str, env: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
+    """One filesystem per scheme, bucket and environment (`env` keys the cache: a changed endpoint or key
+    makes a new one)."""
+    if scheme == "hf":
+        from huggingface_hub import HfFileSystem
+
+        settings = dict(env)  # the token: HF_TOKEN, or the one `hf auth login` saved, as huggingface_hub finds it
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem(endpoint=settings.get("HF_ENDPOINT") or None,
+                                                                 block_size=HF_BLOCK_BYTES)))
+    return resolve(f"{scheme}://{netloc}").fs
+
+
+def _env(scheme: str) -> tuple[tuple[str, str], ...]:
+    prefix = "HF_" if scheme == "hf" else ("AWS_" if scheme.startswith("s3") else "GOOGLE_")
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(prefix)))
+
+
+def locate(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a remote path and the path on it (`bucket/key`, or `datasets/owner/name/...` on the Hub)."""
+    parsed = urlparse(uri)
+    path = uri.split("://", 1)[1]
+    return _filesystem(parsed.scheme, "" if parsed.scheme == "hf" else parsed.netloc, _env(parsed.scheme)), path
+
+
+def retrying(what: str, call: Callable[[], T], retries: Retries | None = None) -> T:
+    """`call()`, tried again after transient failures within the storage retry window (RemoteUnavailable past
+    it); a missing file or a refused permission raises at once."""
+    retries = retries or storage_retry().start()
+    transient = _transient_errors()
+    while True:
+        try:
+            return call()
+        except PERMANENT:
+            raise
+        except transient as err:
+            if not retries.wait():
+                raise RemoteUnavailable(f"cannot read {what}: {type(err).__name__}: {err}; "
+                                        f"{retries.describe()}") from err
+            log.warning("reading %s failed (%s: %s); trying again", what, type(err).__name__, err)
+
+
+@functools.lru_cache(maxsize=1)
+def _readahead_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READAHEAD_WORKERS, thread_name_prefix="readahead")
+
+
+class RemoteFile(io.RawIOBase):
+    """A remote file as a seekable binary file: each read is one ranged request at the current position. With
+    `readahead` (a file read front to back), from the second of consecutive reads on, the next range of the same
+    size is requested while the caller works on this one (a caller that reads one range, a probe of the first
+    records, costs no second)."""
+
+    def __init__(self, uri: str, *, readahead: bool = False) -> None:
+        self.uri, self.readahead = uri, readahead
+        self._fs, self._path = locate(uri)
+        self._handle: Any = None
+        self._pos = 0
+        self._ahead: tuple[int, int, Future[bytes]] | None = None  # (offset, size, its read)
+        self._last_end = -1  # where the last read ended
+        self._retries = storage_retry().start()
+        self.size = retrying(uri, self._open, self._retries)
+
+    def _open(self) -> int:
+        self._handle = self._fs.open_input_file(self._path)
+        return int(self._handle.size())
+
+    def _read_at(self, size: int, offset: int) -> bytes:
+        if self._handle is None:
+            self._open()
+        try:
+            return bytes(self._handle.read_at(size, offset))
+        except BaseException:
+            self._drop()
+            raise
+
+    def _fetch(self, size: int, offset: int) -> bytes:
+        """The range, from the read ahead if it asked for it (if that read failed, it is read again here)."""
+        ahead = self._take_ahead()
+        if ahead is not None and ahead[:2] == (offset, size):
+            with contextlib.suppress(Exception):
+                return ahead[2].result()
+        return self._read_at(size, offset)
+
+    def _take_ahead(self) -> tuple[int, int, Future[bytes]] | None:
+        """The pending read ahead, no longer pending (waited for if it is running: it uses the handle)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead[2].cancel():
+            wait([ahead[2]])
+        return ahead
+
+    def _read_next(self, size: int) -> None:
+        """Ask for the range after the current position, if any."""
+        handle, offset = self._handle, self._pos
+        if handle is None or offset >= self.size:
+            return
+        size = min(size, self.size - offset)
+        self._ahead = (offset, size, _readahead_pool().submit(lambda: bytes(handle.read_at(size, offset))))
+
+    def _drop(self) -> None:
+        self._take_ahead()
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close too; dropped either way
+                handle.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes from the current position (all that is left if size is None or negative)."""
+        left = max(self.size - self._pos, 0)
+        size = left if size is None or size < 0 else min(size, left)
+        if size == 0:
+            return b""
+        consecutive = self._pos == self._last_end
+        data = retrying(self.uri, lambda: self._fetch(size, self._pos), self._retries)
+        self._retries.progressed()
+        self._pos += len(data)
+        self._last_end = self._pos
+        if self.readahead and consecutive:
+            self._read_next(size)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def _uri(scheme: str, path: str) -> str:
+    return f"{scheme}://{path}"
+
+
+def _infos(fs: pafs.FileSystem, uri: str, selector: pafs.FileSelector | str) -> Any:
+    return retrying(uri, lambda: fs.get_file_info(selector))
+
+
+def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The sorted files a remote path names, by the rules of local paths: a file; a folder (prefix): its files
+    ending with a suffix; a glob (`**` for any number of non-hidden folders): the files it matches and the files
+    ending with a suffix in the folders it matches. SourceError if none."""
+    scheme = urlparse(uri).scheme
+    fs, path = locate(uri)
+    found: list[str] = []
+    if not any(c in path for c in GLOB_CHARS):
+        info = _infos(fs, uri, path)
+        if info.type == pafs.FileType.File:
+            found = [uri]
+        elif info.type == pafs.FileType.Directory:
+            found = [_uri(scheme, f.path) for f in _infos(fs, uri, pafs.FileSelector(path, allow_not_found=True))
+                     if f.type == pafs.FileType.File and f.base_name.endswith(suffixes)]
+    else:
+        parts = path.split("/")
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+        root, wanted = "/".join(parts[:fixed]), tuple(parts[fixed:])
+        listing = _infos(fs, uri, pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        for info in listing:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = tuple(info.path[len(root):].strip("/").split("/"))
+            if _matches(rel, wanted) or (info.base_name.endswith(suffixes) and _matches(rel[:-1], wanted)):
+                found.append(_uri(scheme, info.path))
+    if not found:
+        wanted_names = ", ".join(f"*{s}" for s in suffixes)
+        raise SourceError(f"{spec}: no files found at {uri} (an object, a prefix holding {wanted_names}, or a glob)")
+    return sorted(set(found))
+
+
+def object_identity(uri: str) -> list[object]:
+    """What identifies a remote file's content: its path, its ETag or checksum (the Hub's LFS sha256 or git blob
+    id) and its size; the path alone if it cannot be reached."""
+    fs, path = locate(uri)
+    try:
+        if uri.startswith("hf://"):
+            info = retrying(uri, lambda: fs.handler.fs.info(path))
+            lfs = info.get("lfs") or {}
+            return [uri, lfs.get("sha256") or info.get("blob_id"), info.get("size")]
+
+        def head() -> list[object]:
+            with fs.open_input_file(path) as f:
+                meta = f.metadata()
+                tag = next((meta[k] for k in ETAG_KEYS if k in meta), None)
+                if tag is None:  # a store that gives no checksum: its modification time instead
+                    tag = str(fs.get_file_info(path).mtime_ns)
+                return [uri, tag.decode() if isinstance(tag, bytes) else tag, f.size()]
+        return retrying(uri, head)
+    except OSError:
+        return [uri]
+
+
+def remote_identity(paths: list[str]) -> list[object] | None:
+    """The identity of a source's remote files (None if they are local: the source's own identity applies)."""
+    return object_identities(paths) if any(is_remote(p) for p in paths) else None
+
+
+def object_identities(uris: list[str]) -> list[object]:
+    """object_identity of many files, a few requests at a time."""
+    if len(uris) <= 1:
+        return [object_identity(u) for u in uris]
+    with ThreadPoolExecutor(min(IDENTITY_WORKERS, len(uris)), thread_name_prefix="identity") as pool:
+        return list(pool.map(object_identity, uris))
