@@ -48,8 +48,8 @@ from .local_engine import (
 log = logging.getLogger(__name__)
 
 ACTOR_CPUS = 0.5  # fractional: an actor pool holding every CPU starves the read tasks forever
-SAMPLE_COLUMNS = {"text": pa.large_string(), "kind": pa.string(), "prompt_chars": pa.int64(), "row": pa.int64(),
-                  "task_type": pa.string()}
+SAMPLE_COLUMNS = {"text": pa.large_string(), "kind": pa.string(), "masked": pa.list_(pa.int64()),
+                  "row": pa.int64(), "task_type": pa.string()}
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class ShardWriter:
         part = self.job.shards[row["item"]]
         source = part.source
         counters = SourceCounters.restore(json.loads(row["accounting"]))
-        samples = [Sample(source, part.file, r, text, kind, prompt_chars=p, task_type=t) for text, kind, p, r, t in
+        samples = [Sample(source, part.file, r, text, kind, masked=tuple(m), task_type=t) for text, kind, m, r, t in
                    zip(*(row[key] for key in SAMPLE_COLUMNS), strict=True)]
         facts = write_shard(self.fs, self.job.store, part.name, self._chunks(samples, counters), source=source,
                             dtype=self.job.dtype, accounting=counters.snapshot)
