@@ -1,0 +1,157 @@
+"""`messages` records: rendered with real chat templates on the shipped tokenizer, masked to the token.
+
+The reference is computed apart from the server's code: for a template with `{% generation %}` markers, TRL's own
+tokenization for assistant-only loss (`trl.data_utils._tokenize` with `return_assistant_tokens_mask`, what
+`SFTTrainer(assistant_only_loss=True)` runs); for a template without, the whole conversation tokenized once with
+HF offsets and each token assigned to the assistant turn whose characters (from `apply_chat_template` on the
+conversation's prefixes) hold it, checking that no token straddles a turn boundary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sigil_feed.server.pipeline.chat import ChatRenderer
+from sigil_feed.server.pipeline.samples import Sample, normalise
+from sigil_feed.server.pipeline.sources.base import RawRecord
+from sigil_feed.server.pipeline.tokenize import Encoder
+from sigil_feed.server.rows.spans import MaskedSpans, loss_mask
+from tests.chat_templates import LLAMA3, LLAMA3_MARKED, MALFORMED, TEMPLATES, chat_tokenizer, conversations
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {name: chat_tokenizer(tmp_path_factory.mktemp(name), template) for name, template in TEMPLATES.items()}
+
+
+def raw(value: dict[str, Any], row: int = 0) -> RawRecord:
+    return RawRecord(source=0, file=0, row=row, location=f"chat.jsonl:{row + 1}", value=value)
+
+
+def by_offsets(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
+    """Ids and each token's mask from the assistant turns' characters (apply_chat_template on the prefixes), and
+    whether a token of the whole rendering straddles a turn's edge: then the ids are the pieces between the edges
+    tokenized one by one (what the model sees at inference, where the prompt ends at the edge)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    turns = []
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True)
+            turn = tokenizer.apply_chat_template(messages[:k + 1], tools=tools, tokenize=False)
+            assert text.startswith(turn) and turn.startswith(head)
+            turns.append((len(head), len(turn.rstrip())))
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    edges = sorted({0, len(text), *(edge for turn in turns for edge in turn)})
+    if not any(a < edge < b for a, b in whole["offset_mapping"] for edge in edges):
+        return whole["input_ids"], [int(any(s <= a and b <= e for s, e in turns))
+                                    for a, b in whole["offset_mapping"]], False
+    ids, mask = [], []
+    for a, b in zip(edges, edges[1:], strict=False):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(any(s <= a and b <= e for s, e in turns))] * len(piece)
+    return ids, mask, True
+
+
+def trl_reference(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
+    """What TRL's SFTTrainer trains on with assistant_only_loss (generation-marked templates only)."""
+    from trl.data_utils import _tokenize
+
+    out = _tokenize(tokenizer, messages, tools=tools, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"]), False
+
+
+def served(encoder: Encoder, records: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """Ids and loss mask of each record as the server encodes it for completion_only (EOS last)."""
+    samples = [normalise(raw(r, i), encoder.chat_format, encoder.render_messages) for i, r in enumerate(records)]
+    assert all(isinstance(s, Sample) for s in samples), samples
+    batch = encoder.encode(samples, with_prompts=True)  # type: ignore[arg-type]
+    mask, bounds = batch.loss_mask(), batch.offsets.tolist()
+    return [(batch.ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_masks_equal_the_reference_token_by_token(folders: dict[str, Path], name: str) -> None:
+    encoder = Encoder(str(folders[name]), backend="hf")
+    reference = trl_reference if name == "llama3_marked" else by_offsets
+    records = conversations()
+    straddled = []
+    for i, (record, (ids, mask)) in enumerate(zip(records, served(encoder, records), strict=True)):
+        want_ids, want_mask, straddles = reference(encoder.tokenizer, record["messages"], record.get("tools"))
+        assert ids[:-1] == want_ids and ids[-1] == encoder.eos_id
+        assert mask[:-1] == want_mask, encoder.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        assert mask[-1] == want_mask[-1]  # the EOS is trained when the text ends trained
+        assert 0 < sum(want_mask) < len(want_mask)
+        straddled += [i] * straddles
+    # Qwen-style ChatML renders a tool call with no content as "assistant\n" + "\n<tool_call>": tokenized whole,
+    # one "\n\n" token would straddle the turn's start; the server cuts it there, as inference does
+    assert straddled == ([2] if name == "chatml" else [])
+
+
+def test_turn_by_turn_masks_equal_trl_on_the_marked_template(folders: dict[str, Path]) -> None:
+    """Llama 3 without markers, masked from its renderings, trains on exactly what TRL does with the markers."""
+    plain = Encoder(str(folders["llama3"]), backend="hf")
+    marked = Encoder(str(folders["llama3_marked"]), backend="hf")
+    for record, (ids, mask) in zip(conversations(), served(plain, conversations()), strict=True):
+        assert (ids[:-1], mask[:-1], False) == trl_reference(marked.tokenizer, record["messages"], record.get("tools"))
+
+
+def test_assistant_text_and_masks_in_characters(folders: dict[str, Path]) -> None:
+    encoder = Encoder(str(folders["chatml"]), backend="hf")
+    sample = normalise(raw(conversations()[1]), encoder.chat_format, encoder.render_messages)
+    assert isinstance(sample, Sample) and sample.kind == "messages" and sample.task_type == "review"
+    cuts = [0, *sample.masked, len(sample.text)]
+    trained = [sample.text[a:b] for a, b in zip(cuts[::2], cuts[1::2], strict=False) if b > a]
+    assert trained == ["No: `x` is immutable. Declare it `let mut x`.<|im_end|>",
+                       "`let x = 6;` shadows it, which is fine.<|im_end|>"]
+    assert sample.text.startswith("<|im_start|>system\nYou are a careful Rust reviewer.<|im_end|>\n")
+
+
+@pytest.mark.parametrize(("value", "reason"), MALFORMED)
+def test_malformed_conversations_have_reasons(folders: dict[str, Path], value: dict[str, Any], reason: str) -> None:
+    encoder = Encoder(str(folders["chatml"]), backend="hf")
+    assert normalise(raw(value), encoder.chat_format, encoder.render_messages) == reason
+
+
+def test_template_failures_are_reasons() -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    strict = "{% if messages[0].role != 'system' %}{{ raise_exception('a system turn first') }}{% endif %}x"
+    last_differs = "{% for m in messages %}{{ m.content }}{% if loop.last %}!{% endif %}{% endfor %}"
+    assert normalise(raw(good), messages_format=ChatRenderer(strict)) == "chat_template_error"
+    assert normalise(raw(good), messages_format=ChatRenderer(last_differs)) == "chat_template_not_incremental"
+    assert normalise(raw(good), messages_format=ChatRenderer(None)) == "no_chat_template"
+    assert normalise(raw(good)) == "no_chat_template"
+    drops_assistant = "{% for m in messages if m.role != 'assistant' %}{{ m.content }}{% endfor %}"
+    assert normalise(raw(good), messages_format=ChatRenderer(drops_assistant)) == "chat_no_assistant"
+
+
+def test_generation_markers_are_detected() -> None:
+    assert ChatRenderer(LLAMA3_MARKED).marked and not ChatRenderer(LLAMA3).marked
+
+
+def test_spans_split_join_and_mask_of_runs() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, 200)
+    per_sample = []
+    for n in lengths.tolist():
+        cuts = sorted(set(rng.integers(0, n + 1, rng.integers(0, 7)).tolist()))
+        per_sample.append(cuts[:len(cuts) // 2 * 2])
+    spans = MaskedSpans.of([[b for pair in zip(c[::2], c[1::2], strict=True) if pair[0] < pair[1] for b in pair]
+                            for c in per_sample])
+    prefix, rest = spans.split_prefix()
+    joined = MaskedSpans.join_prefix(prefix, rest)
+    assert np.array_equal(joined.bounds, spans.bounds) and np.array_equal(joined.offsets, spans.offsets)
+    truth = [np.ones(n, dtype=np.uint8) for n in lengths.tolist()]
+    for i, mask in enumerate(truth):
+        for a, b in spans.sample(i).tolist():
+            mask[a:b] = 0
+    sample = rng.integers(0, len(lengths), 300)
+    offset = np.array([rng.integers(0, lengths[s]) for s in sample])
+    count = np.array([rng.integers(0, lengths[s] - o + 1) for s, o in zip(sample, offset, strict=True)])
+    want = np.concatenate([truth[s][o:o + c] for s, o, c in zip(sample, offset, count, strict=True)])
+    assert np.array_equal(loss_mask(spans, sample, offset, count), want)
+    assert np.array_equal(loss_mask(spans.take(sample), np.arange(len(sample)), offset, count), want)
