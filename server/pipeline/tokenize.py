@@ -181,7 +181,7 @@ class Encoder:
         With with_prompts (completion_only), each sample is cut at its masked character ranges (a pair's prompt
         and separator; a conversation's turns other than the assistant's) and the pieces are encoded as separate
         texts, side by side in one call, so no token straddles a boundary and the loss mask is exact. The EOS
-        appended is masked when the text's end is.
+        appended to a conversation is masked when its text ends masked.
         """
         if not with_prompts:
             ids, bounds = self.flat.encode_flat([s.text for s in samples])
@@ -212,14 +212,16 @@ def _pieces(sample: Sample) -> list[str]:
 
 def _token_spans(cuts: np.ndarray, bounds: np.ndarray, per: np.ndarray, samples: Sequence[Sample]) -> MaskedSpans:
     """The masked token ranges of samples encoded as pieces (`cuts`: the pieces' token bounds, `bounds`: the
-    samples', `per`: pieces per sample), each range relative to its sample's first token. A text that ends
-    masked masks its EOS too."""
+    samples', `per`: pieces per sample), each range relative to its sample's first token. A conversation that
+    ends masked (a template's separator after its last turn, a user turn last) masks its EOS too; a pair's EOS is
+    trained, as it always was."""
     piece_start = cuts[:-1] - np.repeat(bounds[:-1], per)  # every piece's first token within its sample
     odd = np.concatenate([np.arange(1, n, 2, dtype=np.int64) + first
                           for n, first in zip(per.tolist(), (np.cumsum(per) - per).tolist(), strict=True)]
                          or [np.zeros(0, dtype=np.int64)])
     ends = piece_start[odd] + (cuts[odd + 1] - cuts[odd])
-    ends_text = np.array([bool(s.masked) and s.masked[-1] == len(s.text) for s in samples], dtype=bool)
+    ends_text = np.array([s.kind == "messages" and bool(s.masked) and s.masked[-1] == len(s.text) for s in samples],
+                         dtype=bool)
     last = np.cumsum(per // 2) - 1  # each sample's last masked range (per is odd: 2 * ranges + 1)
     ends[last[ends_text]] += 1  # the EOS
     flat = np.empty(2 * len(odd), dtype=np.int32)
