@@ -9,6 +9,7 @@ needs.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ def _llama3(marked: bool) -> str:
         "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}" + start +
         "{{- message.content or '' }}"
         "{%- for call in message.tool_calls or [] %}"
-        "{{- '{\"name\": \"' + call.function.name + '\", \"parameters\": ' + (call.function.arguments | tojson) + '}' }}"
+        "{{- '{\"name\": \"' + call.function.name + '\", \"parameters\": ' }}"
+        "{{- (call.function.arguments | tojson) + '}' }}"
         "{%- endfor %}{{- '<|eot_id|>' }}" + end +
         "{%- elif message.role == 'tool' %}"
         "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}"
@@ -66,6 +68,45 @@ def _llama3(marked: bool) -> str:
 LLAMA3 = _llama3(marked=False)
 LLAMA3_MARKED = _llama3(marked=True)
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama3_marked": LLAMA3_MARKED}
+
+
+def by_offsets(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
+    """Ids and each token's mask from the assistant turns' characters (apply_chat_template on the prefixes), and
+    whether a token of the whole rendering straddles a turn's edge: then the ids are the pieces between the edges
+    tokenized one by one (what the model sees at inference, where the prompt ends at the edge)."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    turns = []
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True)
+            turn = tokenizer.apply_chat_template(messages[:k + 1], tools=tools, tokenize=False)
+            assert text.startswith(turn) and turn.startswith(head)
+            turns.append((len(head), len(turn.rstrip())))
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    edges = sorted({0, len(text), *(edge for turn in turns for edge in turn)})
+    if not any(a < edge < b for a, b in whole["offset_mapping"] for edge in edges):
+        return whole["input_ids"], [int(any(s <= a and b <= e for s, e in turns))
+                                    for a, b in whole["offset_mapping"]], False
+    ids, mask = [], []
+    for a, b in itertools.pairwise(edges):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(any(s <= a and b <= e for s, e in turns))] * len(piece)
+    return ids, mask, True
+
+
+def trl_reference(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
+    """What TRL's SFTTrainer trains on with assistant_only_loss (generation-marked templates only)."""
+    from trl.data_utils import _tokenize
+
+    out = _tokenize(tokenizer, messages, tools=tools, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"]), False
+
+
+def reference(template: str, tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int], bool]:
+    """A record's ids and mask by `template`'s reference (TRL for the marked template, else by_offsets)."""
+    return (trl_reference if template == "llama3_marked" else by_offsets)(tokenizer, record["messages"],
+                                                                         record.get("tools"))
 
 
 def chat_tokenizer(folder: Path, template: str) -> Path:
@@ -109,7 +150,8 @@ def conversations() -> list[dict[str, Any]]:
                       {"role": "user", "content": "Thanks!"}]},
         {"messages": [{"role": "user", "content": "Call two tools."},
                       {"role": "assistant", "content": "Calling both.", "tool_calls": [
-                          {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}},
+                          {"type": "function",
+                           "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}},
                           {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
                       {"role": "tool", "content": "cold"},
                       {"role": "tool", "content": "warm"},

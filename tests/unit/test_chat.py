@@ -9,6 +9,7 @@ conversation's prefixes) hold it, checking that no token straddles a turn bounda
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from sigil_feed.server.pipeline.samples import Sample, normalise
 from sigil_feed.server.pipeline.sources.base import RawRecord
 from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.rows.spans import MaskedSpans, loss_mask
-from tests.chat_templates import LLAMA3, LLAMA3_MARKED, MALFORMED, TEMPLATES, chat_tokenizer, conversations
+from tests.chat_templates import (
+    LLAMA3,
+    LLAMA3_MARKED,
+    MALFORMED,
+    TEMPLATES,
+    by_offsets,
+    chat_tokenizer,
+    conversations,
+    trl_reference,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,46 +42,13 @@ def raw(value: dict[str, Any], row: int = 0) -> RawRecord:
     return RawRecord(source=0, file=0, row=row, location=f"chat.jsonl:{row + 1}", value=value)
 
 
-def by_offsets(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
-    """Ids and each token's mask from the assistant turns' characters (apply_chat_template on the prefixes), and
-    whether a token of the whole rendering straddles a turn's edge: then the ids are the pieces between the edges
-    tokenized one by one (what the model sees at inference, where the prompt ends at the edge)."""
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    turns = []
-    for k, message in enumerate(messages):
-        if message["role"] == "assistant":
-            head = tokenizer.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True)
-            turn = tokenizer.apply_chat_template(messages[:k + 1], tools=tools, tokenize=False)
-            assert text.startswith(turn) and turn.startswith(head)
-            turns.append((len(head), len(turn.rstrip())))
-    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    edges = sorted({0, len(text), *(edge for turn in turns for edge in turn)})
-    if not any(a < edge < b for a, b in whole["offset_mapping"] for edge in edges):
-        return whole["input_ids"], [int(any(s <= a and b <= e for s, e in turns))
-                                    for a, b in whole["offset_mapping"]], False
-    ids, mask = [], []
-    for a, b in zip(edges, edges[1:], strict=False):
-        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
-        ids += piece
-        mask += [int(any(s <= a and b <= e for s, e in turns))] * len(piece)
-    return ids, mask, True
-
-
-def trl_reference(tokenizer: Any, messages: list[Any], tools: Any) -> tuple[list[int], list[int], bool]:
-    """What TRL's SFTTrainer trains on with assistant_only_loss (generation-marked templates only)."""
-    from trl.data_utils import _tokenize
-
-    out = _tokenize(tokenizer, messages, tools=tools, return_assistant_tokens_mask=True)
-    return list(out["input_ids"]), list(out["assistant_masks"]), False
-
-
 def served(encoder: Encoder, records: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
     """Ids and loss mask of each record as the server encodes it for completion_only (EOS last)."""
     samples = [normalise(raw(r, i), encoder.chat_format, encoder.render_messages) for i, r in enumerate(records)]
     assert all(isinstance(s, Sample) for s in samples), samples
     batch = encoder.encode(samples, with_prompts=True)  # type: ignore[arg-type]
     mask, bounds = batch.loss_mask(), batch.offsets.tolist()
-    return [(batch.ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [(batch.ids[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
