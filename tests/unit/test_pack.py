@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.pipeline.tokenize import Encoded, EncodedBatch
-from sigil_feed.server.rows.spans import MaskedSpans
 from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.rows.spans import MaskedSpans
 from sigil_feed.server.streaming.block_order import BlockState
 from sigil_feed.server.streaming.encoding import TokenStream
 from sigil_feed.server.streaming.packer import Packer
@@ -149,7 +149,6 @@ def test_completion_only_masks_every_turn_of_a_conversation_across_rows(pack: bo
     masks = [r.loss_mask.reshape(-1)[: r.tokens].tolist() for r in rows]
     want = [[0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1], [0, 0, 0, 0, 1, 1]]
     if pack:
-        flat = sum(want, [])
-        assert sum(masks, []) == flat
+        assert [m for row in masks for m in row] == [m for sample in want for m in sample]
     else:
         assert masks == [w[:5] for w in want]
