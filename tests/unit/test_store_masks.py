@@ -83,15 +83,20 @@ def test_prefix_only_stores_stay_format_2(tmp_path: Path) -> None:
     assert spans_of(open_store(fs, store, FP).masked) == [s for shard in prefixes for s in shard]
 
 
-def drop_masked_column(fs: StoreFS, store: str, facts: ShardFacts) -> ShardFacts:
-    """The shard's samples table as a version before `masked_spans` wrote it, and its facts to match."""
-    path = shard_paths(store, facts.name)[1]
-    table = pq.read_table(pa.BufferReader(fs.read_bytes(path))).drop_columns(["masked_spans"])
+def rewrite(fs: StoreFS, path: str, table: pa.Table) -> FileFacts:
+    """Write a Parquet file; its facts."""
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     data = buffer.getvalue().to_pybytes()
     fs.write_bytes(path, data)
-    old = facts.model_copy(update={"samples_file": FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data))})
+    return FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data))
+
+
+def drop_masked_column(fs: StoreFS, store: str, facts: ShardFacts) -> ShardFacts:
+    """The shard's samples table as a version before `masked_spans` wrote it, and its facts to match."""
+    path = shard_paths(store, facts.name)[1]
+    old = facts.model_copy(update={"samples_file": rewrite(
+        fs, path, pq.read_table(pa.BufferReader(fs.read_bytes(path))).drop_columns(["masked_spans"]))})
     fs.write_bytes(shard_paths(store, facts.name)[2], old.model_dump_json(exclude={"masked_spans"}).encode())
     return old
 
@@ -104,6 +109,14 @@ def test_a_store_written_before_the_column_reads_its_prefixes(tmp_path: Path, in
     fs.delete(f"{store}/{MANIFEST}")
     fs.delete(f"{store}/index.samples.parquet")
     commit(fs, store, [drop_masked_column(fs, store, s) for s in shards], index=index)
+    if index:  # the index as that version wrote it: without the column
+        manifest = read_manifest(fs, store, FP)
+        assert manifest.samples_index is not None
+        where = f"{store}/index.samples.parquet"
+        data = rewrite(fs, where, pq.read_table(pa.BufferReader(fs.read_bytes(where))).drop_columns(["masked_spans"]))
+        entry = manifest.samples_index.model_copy(update={"file": data})
+        fs.write_bytes(f"{store}/{MANIFEST}", manifest.model_copy(update={"samples_index": entry}).model_dump_json()
+                       .encode())
     with caplog.at_level(logging.WARNING):
         opened = open_store(fs, store, FP)
     assert spans_of(opened.masked) == [s for shard in prefixes for s in shard]
