@@ -105,7 +105,6 @@ def loss_mask(spans: MaskedSpans, sample: np.ndarray, offset: np.ndarray, count:
     lo = np.clip(spans.bounds[2 * pair] - offset[run], 0, count[run])
     hi = np.clip(spans.bounds[2 * pair + 1] - offset[run], 0, count[run])
     real = lo < hi
-    edges = np.zeros(int(count.sum()) + 1, dtype=np.int32)
-    np.add.at(edges, (starts[run] + lo)[real], 1)
-    np.add.at(edges, (starts[run] + hi)[real], -1)
+    size = int(count.sum()) + 1
+    edges = np.bincount((starts[run] + lo)[real], minlength=size) - np.bincount((starts[run] + hi)[real], minlength=size)
     return (np.cumsum(edges[:-1]) == 0).astype(np.uint8)
