@@ -105,6 +105,6 @@ def loss_mask(spans: MaskedSpans, sample: np.ndarray, offset: np.ndarray, count:
     lo = np.clip(spans.bounds[2 * pair] - offset[run], 0, count[run])
     hi = np.clip(spans.bounds[2 * pair + 1] - offset[run], 0, count[run])
     real = lo < hi
-    size = int(count.sum()) + 1
-    edges = np.bincount((starts[run] + lo)[real], minlength=size) - np.bincount((starts[run] + hi)[real], minlength=size)
+    size, first = int(count.sum()) + 1, starts[run]
+    edges = np.bincount((first + lo)[real], minlength=size) - np.bincount((first + hi)[real], minlength=size)
     return (np.cumsum(edges[:-1]) == 0).astype(np.uint8)
