@@ -107,10 +107,13 @@ class Job:
 
 
 def portable(plans: list[SourcePlan], encoder: Encoder) -> list[SourcePlan]:
-    """The plans with the encoder's chat template (a bound method of a loaded tokenizer) made picklable."""
+    """The plans with the encoder's chat template for pairs and conversations (bound methods of a loaded tokenizer)
+    made picklable."""
     spec = EncoderSpec.of(encoder)
-    return [replace(p, rules=replace(p.rules, pair_format=ChatFormat(spec)))
-            if p.rules.pair_format == encoder.chat_format else p for p in plans]
+    out = [replace(p, rules=replace(p.rules, pair_format=ChatFormat(spec)))
+           if p.rules.pair_format == encoder.chat_format else p for p in plans]
+    return [replace(p, rules=replace(p.rules, messages_format=encoder.render_messages))  # a template: picklable
+            if p.rules.messages_format == encoder.format_messages else p for p in out]
 
 
 def _read(batch: pa.Table, job: Job) -> pa.Table:

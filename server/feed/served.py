@@ -130,7 +130,7 @@ class ServedDataset:
         stored = self.lifecycle.stored_facts() if self.cached else None
         self.facts: TokenFacts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
         if stored is None:  # this dataset will encode: choose the backend now, so a forced one fails at start
-            self.encoder.choose_backend(_first_samples(probes, self._pair_format(), self.encoder.render_messages),
+            self.encoder.choose_backend(_first_samples(probes, self._pair_format(), self.encoder.format_messages),
                                         chat=self.section.chat_template)
         if not self.cached:
             self.lifecycle.progress.state = "ready"
@@ -214,7 +214,7 @@ class ServedDataset:
         for index, spec in enumerate(self.section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
-                                pair_format=self._pair_format(), messages_format=self.encoder.render_messages)
+                                pair_format=self._pair_format(), messages_format=self.encoder.format_messages)
             plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules,
                                     self.section.shard_records))
         return plans
@@ -228,7 +228,7 @@ class ServedDataset:
         for index, spec in enumerate(section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
-                                pair_format=pair_format, messages_format=self.encoder.render_messages)
+                                pair_format=pair_format, messages_format=self.encoder.format_messages)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
 

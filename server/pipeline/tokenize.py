@@ -168,6 +168,11 @@ class Encoder:
             self._chat = ChatRenderer(self.tokenizer.chat_template, **self.tokenizer.special_tokens_map)
         return self._chat
 
+    def format_messages(self, messages: list[Any], tools: Any = None) -> tuple[str, tuple[int, ...]] | str:
+        """A conversation's text and masked characters, or its malformed reason (loads the tokenizer on first use:
+        a server that serves from a token store never does)."""
+        return self.render_messages(messages, tools)
+
     def chat_format(self, prompt: str, gen: str) -> tuple[str, int]:
         """Format a pair with the tokenizer's chat template: (text, characters of the prompt turn)."""
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": gen}]
