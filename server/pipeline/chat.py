@@ -92,6 +92,10 @@ def complement(spans: list[tuple[int, int]], length: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+class NotIncremental(Exception):
+    """A template rendered a conversation's prefix as something other than the start of the whole."""
+
+
 class ChatRenderer:
     """Renders checked conversations with one chat template (see the module's rules)."""
 
@@ -122,8 +126,8 @@ class ChatRenderer:
                 text, trained = self._render(messages, tools, marks=True)
             else:
                 text, trained = self._by_turns(messages, tools)
-        except ValueError as err:
-            return str(err) if str(err) == "chat_template_not_incremental" else "chat_template_error"
+        except NotIncremental:
+            return "chat_template_not_incremental"
         except Exception:  # the template's own checks (raise_exception) and jinja errors
             return "chat_template_error"
         if not any(end > start for start, end in trained):
@@ -137,9 +141,9 @@ class ChatRenderer:
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            head = self._render(messages[:k], tools, generation_prompt=True)[0] if k else ""
+            head = self._render(messages[:k], tools, generation_prompt=True)[0]
             turn = self._render(messages[:k + 1], tools)[0]
             if not (turn.startswith(head) and text.startswith(turn)):
-                raise ValueError("chat_template_not_incremental")
+                raise NotIncremental
             trained.append((len(head), len(turn.rstrip())))
         return text, trained

@@ -49,15 +49,6 @@ class MaskedSpans:
         """Sample i's spans as a (k, 2) array."""
         return self.bounds[2 * int(self.offsets[i]):2 * int(self.offsets[i + 1])].reshape(-1, 2)
 
-    def take(self, samples: np.ndarray) -> MaskedSpans:
-        """The spans of these samples, in this order."""
-        counts = self.counts()[samples]
-        owner, within = _expand(counts)
-        pair = self.offsets[samples][owner] + within
-        bounds = np.empty(2 * len(pair), dtype=np.int32)
-        bounds[0::2], bounds[1::2] = self.bounds[2 * pair], self.bounds[2 * pair + 1]
-        return MaskedSpans(bounds, np.concatenate(([0], np.cumsum(counts))))
-
     @staticmethod
     def concat(parts: list[MaskedSpans]) -> MaskedSpans:
         """Several runs of samples' spans, one after another."""

@@ -131,4 +131,3 @@ def test_spans_split_join_and_mask_of_runs() -> None:
     count = np.array([rng.integers(0, lengths[s] - o + 1) for s, o in zip(sample, offset, strict=True)])
     want = np.concatenate([truth[s][o:o + c] for s, o, c in zip(sample, offset, count, strict=True)])
     assert np.array_equal(loss_mask(spans, sample, offset, count), want)
-    assert np.array_equal(loss_mask(spans.take(sample), np.arange(len(sample)), offset, count), want)
