@@ -10,6 +10,7 @@ a conversation's turns as prefixes of the whole makes that record malformed (`ch
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -115,7 +116,13 @@ class ChatRenderer:
         return texts[0], ([(int(a), int(b)) for a, b in indices[0]] if marks else [])
 
     def __call__(self, messages: list[Any], tools: Any = None) -> tuple[str, tuple[int, ...]] | str:
-        """(text, masked character ranges) of a conversation, or the malformed reason."""
+        """(text, masked character ranges) of a conversation, or the malformed reason. `tools` may be a JSON
+        string (as datasets often store it in a string column)."""
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except ValueError:
+                return "chat_bad_tools"
         error = conversation_error(messages, tools)
         if error:
             return error

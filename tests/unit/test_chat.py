@@ -10,6 +10,7 @@ conversation's prefixes) hold it, checking that no token straddles a turn bounda
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,14 @@ def test_assistant_text_and_masks_in_characters(folders: dict[str, Path]) -> Non
     assert trained == ["No: `x` is immutable. Declare it `let mut x`.<|im_end|>",
                        "`let x = 6;` shadows it, which is fine.<|im_end|>"]
     assert sample.text.startswith("<|im_start|>system\nYou are a careful Rust reviewer.<|im_end|>\n")
+
+
+def test_tools_may_come_as_a_json_string(folders: dict[str, Path]) -> None:
+    encoder = Encoder(str(folders["chatml"]), backend="hf")
+    record = conversations()[2]
+    as_string = {**record, "tools": json.dumps(record["tools"])}
+    assert normalise(raw(as_string), messages_format=encoder.render_messages) == \
+        normalise(raw(record), messages_format=encoder.render_messages)
 
 
 @pytest.mark.parametrize(("value", "reason"), MALFORMED)
