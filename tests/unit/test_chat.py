@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sigil_feed.server.pipeline.chat import ChatRenderer
 from sigil_feed.server.pipeline.samples import Sample, normalise
+from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import RawRecord
 from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.rows.spans import MaskedSpans, loss_mask
@@ -32,6 +35,7 @@ from tests.chat_templates import (
     conversations,
     trl_reference,
 )
+from tests.conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +99,20 @@ def test_tools_may_come_as_a_json_string(folders: dict[str, Path]) -> None:
     as_string = {**record, "tools": json.dumps(record["tools"])}
     assert normalise(raw(as_string), messages_format=encoder.render_messages) == \
         normalise(raw(record), messages_format=encoder.render_messages)
+
+
+def test_conversations_read_from_parquet_as_from_jsonl(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A `messages` column of structs (missing keys come back as nulls) and `tools` as a JSON string column."""
+    encoder = Encoder(str(folders["llama3"]), backend="hf")
+    records = [{**r, "tools": None} for r in conversations() if "tools" not in r] + [
+        {**conversations()[2], "tools": json.dumps(conversations()[2]["tools"])}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "chat.parquet")
+    write_jsonl(tmp_path / "chat.jsonl", records)
+    read = {kind: [normalise(r, messages_format=encoder.render_messages) for r in
+                   open_source(f"{kind}:{tmp_path}/chat.{ext}", 0, base_dir=tmp_path)]
+            for kind, ext in (("parquet", "parquet"), ("local", "jsonl"))}
+    assert all(isinstance(s, Sample) for s in read["local"]) and len(read["local"]) == len(records)
+    assert [(s.text, s.masked) for s in read["parquet"]] == [(s.text, s.masked) for s in read["local"]]
 
 
 @pytest.mark.parametrize(("value", "reason"), MALFORMED)

@@ -14,7 +14,7 @@ from .base import RawRecord, RowSource, SourceState, row_starts
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".parquet",)
-COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path",
+COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path", "messages", "tools",
            "_split", "_task_type", "_source")
 """The only fields any schema reads; other columns are never read."""
 BATCH_ROWS = 1024
