@@ -33,9 +33,9 @@ def main() -> None:
             a, b = hf.encode(chunk, with_prompts), fast.encode(chunk, with_prompts)
             tokens += len(a.ids)
             same = np.array_equal(a.ids, b.ids) and np.array_equal(a.offsets, b.offsets) and \
-                np.array_equal(a.prompt_tokens, b.prompt_tokens)
+                np.array_equal(a.masked.bounds, b.masked.bounds)
             if not same:
-                mismatches[mode] += sum(not np.array_equal(x.ids, y.ids) or x.prompt_tokens != y.prompt_tokens
+                mismatches[mode] += sum(not np.array_equal(x.ids, y.ids) or not np.array_equal(x.masked, y.masked)
                                         for x, y in zip(a.samples(), b.samples(), strict=True))
     emit({"samples": len(samples), "tokens": tokens, "mismatches": mismatches,
           "mismatching": sum(mismatches.values()), "seconds": time.perf_counter() - t0})

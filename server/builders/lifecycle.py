@@ -159,7 +159,7 @@ class StoreLifecycle:
         try:
             return open_store(self.fs, self.store_dir, self.fingerprint, shard_cache=cache, verify=verify)
         except StoreOutdated as err:
-            self._say(f"token store format {err.format} at {self.path}: rebuilding as format 2")
+            self._say(f"token store format {err.format} at {self.path}: rebuilding")
         except StoreDamaged as err:
             self._say(f"token store damaged, rebuilding: {err}")
         return None

@@ -25,11 +25,11 @@ from ..pipeline.stage import Stage
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..progress import PartMeter, Progress
 from ..store.format import (
-    FORMAT_VERSION,
     Manifest,
     ShardFacts,
     ShardRows,
     ids_dtype,
+    manifest_format,
     read_shard_facts,
     shard_complete,
     shard_name,
@@ -128,10 +128,10 @@ def _chunks(samples: Iterator[Sample]) -> Iterator[list[Sample]]:
 
 def shard_rows(samples: list[Sample], encoded: EncodedBatch) -> ShardRows:
     """A run of a shard's samples from the samples and their encoding."""
-    return ShardRows(ids=encoded.ids, lengths=encoded.lengths, prompt_tokens=encoded.prompt_tokens,
-                     file=np.fromiter((s.file for s in samples), np.int32, len(samples)),
-                     row=np.fromiter((s.row for s in samples), np.int64, len(samples)),
-                     task_type=[s.task_type for s in samples])
+    return ShardRows.of(ids=encoded.ids, lengths=encoded.lengths, masked=encoded.masked,
+                        file=np.fromiter((s.file for s in samples), np.int32, len(samples)),
+                        row=np.fromiter((s.row for s in samples), np.int64, len(samples)),
+                        task_type=[s.task_type for s in samples])
 
 
 def complete_shard(fs: StoreFS, store: str, name: str, dtype: np.dtype) -> ShardFacts | None:
@@ -146,7 +146,8 @@ def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], s
            encoder: Encoder, *, dataset: str, engine: str) -> Manifest:
     """Write the manifest of every shard in store order (the commit point), then drop a format-1 store's files."""
     manifest = Manifest(
-        format=FORMAT_VERSION, fingerprint=fingerprint, dtype=ids_dtype(encoder.vocab_size).str,  # type: ignore[arg-type]
+        format=manifest_format(shards), fingerprint=fingerprint,
+        dtype=ids_dtype(encoder.vocab_size).str,  # type: ignore[arg-type]
         samples=sum(s.samples for s in shards), tokens=sum(s.tokens for s in shards), created=time.time(),
         dataset=dataset, shards=shards,
         sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],

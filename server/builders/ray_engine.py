@@ -48,8 +48,8 @@ from .local_engine import (
 log = logging.getLogger(__name__)
 
 ACTOR_CPUS = 0.5  # fractional: an actor pool holding every CPU starves the read tasks forever
-SAMPLE_COLUMNS = {"text": pa.large_string(), "kind": pa.string(), "prompt_chars": pa.int64(), "row": pa.int64(),
-                  "task_type": pa.string()}
+SAMPLE_COLUMNS = {"text": pa.large_string(), "kind": pa.string(), "masked": pa.list_(pa.int64()),
+                  "row": pa.int64(), "task_type": pa.string()}
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,13 @@ class Job:
 
 
 def portable(plans: list[SourcePlan], encoder: Encoder) -> list[SourcePlan]:
-    """The plans with the encoder's chat template (a bound method of a loaded tokenizer) made picklable."""
+    """The plans with the encoder's chat template for pairs and conversations (bound methods of a loaded tokenizer)
+    made picklable."""
     spec = EncoderSpec.of(encoder)
-    return [replace(p, rules=replace(p.rules, pair_format=ChatFormat(spec)))
-            if p.rules.pair_format == encoder.chat_format else p for p in plans]
+    out = [replace(p, rules=replace(p.rules, pair_format=ChatFormat(spec)))
+           if p.rules.pair_format == encoder.chat_format else p for p in plans]
+    return [replace(p, rules=replace(p.rules, messages_format=encoder.render_messages))  # a template: picklable
+            if p.rules.messages_format == encoder.format_messages else p for p in out]
 
 
 def _read(batch: pa.Table, job: Job) -> pa.Table:
@@ -153,7 +156,7 @@ class ShardWriter:
         part = self.job.shards[row["item"]]
         source = part.source
         counters = SourceCounters.restore(json.loads(row["accounting"]))
-        samples = [Sample(source, part.file, r, text, kind, prompt_chars=p, task_type=t) for text, kind, p, r, t in
+        samples = [Sample(source, part.file, r, text, kind, masked=tuple(m), task_type=t) for text, kind, m, r, t in
                    zip(*(row[key] for key in SAMPLE_COLUMNS), strict=True)]
         facts = write_shard(self.fs, self.job.store, part.name, self._chunks(samples, counters), source=source,
                             dtype=self.job.dtype, accounting=counters.snapshot)

@@ -29,6 +29,7 @@ from pydantic import Field, StrictInt
 from ..pipeline.stage import Count, Stage, StageState
 from ..rows.batch import Rows
 from ..rows.deal import Deal
+from ..rows.spans import loss_mask
 from ..store.reader import TokenStore
 from .layout import EpochLayout, blocks
 
@@ -133,10 +134,8 @@ class CachedPacker(Stage[Rows, CachedState]):
         ids[where] = real
         mask = None
         if self.completion_only:
-            run_start = np.cumsum(count) - count
-            within = np.arange(len(real)) - np.repeat(run_start - offset, count)
             mask = np.ones((len(v), self.seq_len), dtype=np.uint8)
-            mask[where] = within >= np.repeat(self.store.prompt_tokens[sample], count)
+            mask[where] = loss_mask(self.store.masked, sample, offset, count)
         segments = np.bincount(row, minlength=len(v)).astype(np.int32)
         return Rows(ids, count.astype(np.int32), segments, mask, len(real)), shard
 
@@ -151,7 +150,9 @@ class CachedPacker(Stage[Rows, CachedState]):
                 ids[row, :count] = tokens[s][start:start + count]
         mask = None
         if self.completion_only:
-            mask = (np.arange(self.seq_len)[None, :] >= self.store.prompt_tokens[sample][:, None]).astype(np.uint8)
+            mask = np.ones((len(v), self.seq_len), dtype=np.uint8)
+            mask[np.arange(self.seq_len)[None, :] < kept[:, None]] = loss_mask(
+                self.store.masked, sample, np.zeros(len(sample), dtype=np.int64), kept)
         return Rows(ids, kept.astype(np.int32), None, mask, int(kept.sum())), shard
 
     def _prefetch(self, current: np.ndarray) -> None:

@@ -28,6 +28,7 @@ from ..config import DatasetConfig, DatasetSection, FeedConfig
 from ..errors import ConfigError, SourceError
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
+from ..pipeline.chat import MessagesFormat
 from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.filters import make_filter
 from ..pipeline.mixing import Mixer
@@ -126,7 +127,8 @@ class ServedDataset:
         stored = self.lifecycle.stored_facts() if self.cached else None
         self.facts: TokenFacts = stored or self.encoder.facts()  # loads the tokenizer unless a store has them
         if stored is None:  # this dataset will encode: choose the backend now, so a forced one fails at start
-            self.encoder.choose_backend(_first_samples(probes, self._pair_format()), chat=self.section.chat_template)
+            self.encoder.choose_backend(_first_samples(probes, self._pair_format(), self.encoder.format_messages),
+                                        chat=self.section.chat_template)
         if not self.cached:
             self.lifecycle.progress.state = "ready"
             self.lifecycle.ready.set()
@@ -209,7 +211,7 @@ class ServedDataset:
         for index, spec in enumerate(self.section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
-                                pair_format=self._pair_format())
+                                pair_format=self._pair_format(), messages_format=self.encoder.format_messages)
             plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules,
                                     self.section.shard_records))
         return plans
@@ -223,7 +225,7 @@ class ServedDataset:
         for index, spec in enumerate(section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
-                                pair_format=pair_format)
+                                pair_format=pair_format, messages_format=self.encoder.format_messages)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
 
@@ -334,13 +336,13 @@ def _ignore(samples: list[Sample], encoded: EncodedBatch) -> None:
     """Lengths are recorded in epoch 0 only."""
 
 
-def _first_samples(sources: list[Source], pair_format: ChatFormat) -> list[Sample]:
+def _first_samples(sources: list[Source], pair_format: ChatFormat, messages_format: MessagesFormat) -> list[Sample]:
     """The first PROBE_RECORDS records of every source as samples (unfiltered, uncounted; bad ones left out)."""
     samples = []
     for source in sources:
         try:
             for record in islice(source, PROBE_RECORDS):
-                sample = normalise(record, pair_format)
+                sample = normalise(record, pair_format, messages_format)
                 if not isinstance(sample, str):
                     samples.append(sample)
         except SourceError:

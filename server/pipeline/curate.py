@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import SourceError
 from .accounting import SourceCounters
+from .chat import MessagesFormat
 from .samples import ChatFormat, Sample, normalise
 from .sources.base import RawRecord, Source, SourceState
 from .stage import Count, Stage, StageState
@@ -33,6 +34,7 @@ class CurateRules:
     seed: int
     strict: bool  # on_bad_record: fail
     pair_format: ChatFormat
+    messages_format: MessagesFormat | None = None  # the tokenizer's chat template, for `messages` records
 
 
 def copies(weight: float, seed: int, sample_id: tuple[int, int, int]) -> int:
@@ -106,7 +108,7 @@ class CuratedSource(Stage[Sample, CurateState]):
     def _accept(self, record: RawRecord) -> Sample | None:
         """The sample if the record is kept; counts the outcome once per record position."""
         counted = self.counters.claim(record.file, record.row)
-        sample = normalise(record, self.rules.pair_format)
+        sample = normalise(record, self.rules.pair_format, self.rules.messages_format)
         if isinstance(sample, str):
             if counted:  # before _bad, which raises in fail mode: the fatal record is read, so it is counted
                 self.counters.outcome(False, sample, malformed=True)
@@ -124,7 +126,7 @@ class CuratedSource(Stage[Sample, CurateState]):
             return "other_split"
         apply = self.rules.filter_override
         if apply is None:
-            apply = sample.kind != "pair"
+            apply = sample.kind not in ("pair", "messages")
         return self.rules.filter(sample.path, sample.text) if apply else None
 
     def _bad(self, record: RawRecord, reason: str) -> None:

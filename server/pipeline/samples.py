@@ -1,4 +1,4 @@
-"""Normalise raw records of the three schemas (pipeline pair, plain text, code file) into samples."""
+"""Normalise raw records of the four schemas (pipeline pair, chat messages, plain text, code file) into samples."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .chat import MessagesFormat
 from .sources.base import RawRecord
 
 PAIR_SEPARATOR = "\n\n"
@@ -16,15 +17,17 @@ ChatFormat = Callable[[str, str], tuple[str, int]]
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """A training sample: text, optional prompt split, path, metadata, and its stable id."""
+    """A training sample: text, the ranges of it not trained on, path, metadata, and its stable id."""
 
     source: int
     file: int
     row: int
     text: str
-    kind: str  # "pair", "text" or "content"
+    kind: str  # "pair", "messages", "text" or "content"
     path: str | None = None
-    prompt_chars: int = 0  # leading characters of text that belong to the prompt (and separator)
+    # with completion_only, the characters of text not trained on (a pair's prompt and separator, a conversation's
+    # turns other than the assistant's), as flat sorted [start, end) pairs
+    masked: tuple[int, ...] = ()
     task_type: str | None = None
     split: str | None = None
 
@@ -58,11 +61,15 @@ def _text_error(item: object) -> str | None:
     return None
 
 
-def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair) -> Sample | str:
-    """Turn a raw record into a Sample, or return the malformed reason (missing_fields, bad_type, bad_utf8, ...).
+def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair,
+              messages_format: MessagesFormat | None = None) -> Sample | str:
+    """Turn a raw record into a Sample, or return the malformed reason (missing_fields, bad_type, bad_utf8, the
+    `chat_*` reasons of chat.py, ...).
 
-    A null field counts as missing, as a null column in Parquet or Arrow does. Every string that reaches the
-    tokenizer (prompt and gen before any chat template, text, content) is checked here.
+    Detection order: pair, messages, text, content. A null field counts as missing, as a null column in Parquet
+    or Arrow does. Every string that reaches the tokenizer (prompt and gen before any chat template, every turn of
+    a conversation, text, content) is checked here. `messages` are rendered by `messages_format` (the
+    tokenizer's chat template); without one they are malformed (`no_chat_template`).
     """
     value = record.value
     if value is None:
@@ -74,8 +81,17 @@ def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair) -> Sample
         if error:
             return error
         text, prompt_chars = pair_format(prompt, gen)
-        return Sample(*ids, text=text, kind="pair", prompt_chars=prompt_chars,
+        return Sample(*ids, text=text, kind="pair", masked=(0, prompt_chars) if prompt_chars else (),
                       task_type=_meta(value, "_task_type"), split=_meta(value, "_split"))
+    if value.get("messages") is not None:
+        if messages_format is None:
+            return "no_chat_template"
+        rendered = messages_format(value["messages"], value.get("tools"))
+        if isinstance(rendered, str):
+            return rendered
+        text, masked = rendered
+        return Sample(*ids, text=text, kind="messages", masked=masked, task_type=_meta(value, "_task_type"),
+                      split=_meta(value, "_split"))
     for field, kind in (("text", "text"), ("content", "content")):
         body = value.get(field)
         if body is not None:

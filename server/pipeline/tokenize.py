@@ -6,13 +6,16 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..rows.spans import MaskedSpans, loss_mask
 from ..store.format import TokenFacts
+from .chat import ChatRenderer
 from .encode_backends import FlatEncoder, HfFlat, first_difference, load_fast, probe_texts
 from .samples import Sample
 
@@ -20,11 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class Encoded(NamedTuple):
-    """Token ids of one sample, EOS appended, and how many leading tokens belong to its prompt (a tuple: one is
-    made per sample, so it must be cheap)."""
+    """Token ids of one sample, EOS appended, and its masked token ranges (a tuple: one is made per sample, so it
+    must be cheap)."""
 
     ids: np.ndarray  # int32
-    prompt_tokens: int
+    masked: np.ndarray  # (k, 2) int32: [start, end) token ranges not trained on
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,10 @@ class EncodedBatch:
 
     ids: np.ndarray  # int32
     offsets: np.ndarray  # int64, len(samples) + 1
-    prompt_tokens: np.ndarray  # int32: leading tokens of each sample that belong to its prompt
+    masked: MaskedSpans  # each sample's token ranges not trained on (none unless encoded with_prompts)
 
     def __len__(self) -> int:
-        return len(self.prompt_tokens)
+        return len(self.offsets) - 1
 
     @property
     def lengths(self) -> np.ndarray:
@@ -45,8 +48,13 @@ class EncodedBatch:
 
     def samples(self) -> list[Encoded]:
         """Every sample as a view into the buffer."""
-        bounds, prompts, ids = self.offsets.tolist(), self.prompt_tokens.tolist(), self.ids
-        return [Encoded(ids[bounds[i]:bounds[i + 1]], prompts[i]) for i in range(len(prompts))]
+        bounds, ids = self.offsets.tolist(), self.ids
+        return [Encoded(ids[bounds[i]:bounds[i + 1]], self.masked.sample(i)) for i in range(len(self))]
+
+    def loss_mask(self) -> np.ndarray:
+        """The uint8 loss mask of every token of `ids` (1 = trained)."""
+        lengths = self.lengths
+        return loss_mask(self.masked, np.arange(len(lengths)), np.zeros(len(lengths), dtype=np.int64), lengths)
 
 
 class Encoder:
@@ -64,6 +72,7 @@ class Encoder:
         self.fingerprint = files_fingerprint(self.path)
         self._tokenizer: Any = None
         self._flat: FlatEncoder | None = None  # the encode backend, once chosen
+        self._chat: ChatRenderer | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -125,7 +134,7 @@ class Encoder:
     def _probes(self, data: Sequence[Sample], chat: bool) -> list[str]:
         """The probe strings: fixed, added tokens, chat template output, and what `data` is encoded as."""
         added = [token.content for token in self.tokenizer.added_tokens_decoder.values()]
-        extra = [text for s in data for text in ((s.text, *_pieces(s)) if s.prompt_chars else (s.text,))]
+        extra = [text for s in data for text in (s.text, *(_pieces(s) if s.masked else ()))]
         if chat:
             for prompt, gen in CHAT_PROBES:
                 text, head = self.chat_format(prompt, gen)
@@ -152,6 +161,18 @@ class Encoder:
         """Vocabulary size, EOS and padding ids (loads the tokenizer)."""
         return TokenFacts(self.vocab_size, self.eos_id, self.pad_id)
 
+    @property
+    def render_messages(self) -> ChatRenderer:
+        """A conversation's text and masked characters, with the tokenizer's chat template (chat.py)."""
+        if self._chat is None:
+            self._chat = ChatRenderer(self.tokenizer.chat_template, **self.tokenizer.special_tokens_map)
+        return self._chat
+
+    def format_messages(self, messages: list[Any], tools: Any = None) -> tuple[str, tuple[int, ...]] | str:
+        """A conversation's text and masked characters, or its malformed reason (loads the tokenizer on first use:
+        a server that serves from a token store never does)."""
+        return self.render_messages(messages, tools)
+
     def chat_format(self, prompt: str, gen: str) -> tuple[str, int]:
         """Format a pair with the tokenizer's chat template: (text, characters of the prompt turn)."""
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": gen}]
@@ -162,20 +183,23 @@ class Encoder:
     def encode(self, samples: Sequence[Sample], with_prompts: bool) -> EncodedBatch:
         """Encode a batch of samples into one flat buffer, EOS appended to each (no per-token Python).
 
-        With with_prompts (completion_only), a pair's prompt (and separator) and its completion are
-        encoded as separate texts, side by side in one call, so no token straddles the boundary and the
-        loss mask is exact.
+        With with_prompts (completion_only), each sample is cut at its masked character ranges (a pair's prompt
+        and separator; a conversation's turns other than the assistant's) and the pieces are encoded as separate
+        texts, side by side in one call, so no token straddles a boundary and the loss mask is exact. The EOS
+        appended to a conversation is masked when its text ends masked.
         """
         if not with_prompts:
             ids, bounds = self.flat.encode_flat([s.text for s in samples])
-            prompts = np.zeros(len(samples), dtype=np.int32)
+            masked = MaskedSpans.none(len(samples))
         else:
-            ids, bounds = self.flat.encode_flat([piece for s in samples for piece in _pieces(s)])
-            prompts = (bounds[1::2] - bounds[:-1:2]).astype(np.int32)
-            bounds = bounds[::2]
+            pieces = [_pieces(s) for s in samples]
+            ids, cuts = self.flat.encode_flat([piece for p in pieces for piece in p])
+            per = np.fromiter(map(len, pieces), np.int64, len(pieces))
+            bounds = cuts[np.concatenate(([0], np.cumsum(per)))]
+            masked = _token_spans(cuts, bounds, per, samples)
         # EOS goes in front of the next sample's first token; the int32 view is exact (ids < 2**31)
         return EncodedBatch(np.insert(ids.view(np.int32), bounds[1:], self.eos_id),
-                            bounds + np.arange(len(bounds)), prompts)
+                            bounds + np.arange(len(bounds)), masked)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids back to text (special tokens kept, so sample boundaries show)."""
@@ -185,9 +209,29 @@ class Encoder:
 CHAT_PROBES = (("Write a function.", "fn f() {}"), ("  <|endoftext|> \r\n中文 😀", "\n\n"), ("", "x"))
 
 
-def _pieces(sample: Sample) -> tuple[str, str]:
-    """A sample's prompt (and separator) and the rest: what completion_only encodes."""
-    return sample.text[:sample.prompt_chars], sample.text[sample.prompt_chars:]
+def _pieces(sample: Sample) -> list[str]:
+    """A sample's text cut at its masked ranges: what completion_only encodes (odd pieces are masked)."""
+    cuts = [0, *sample.masked, len(sample.text)]
+    return [sample.text[a:b] for a, b in pairwise(cuts)]
+
+
+def _token_spans(cuts: np.ndarray, bounds: np.ndarray, per: np.ndarray, samples: Sequence[Sample]) -> MaskedSpans:
+    """The masked token ranges of samples encoded as pieces (`cuts`: the pieces' token bounds, `bounds`: the
+    samples', `per`: pieces per sample), each range relative to its sample's first token. A conversation that
+    ends masked (a template's separator after its last turn, a user turn last) masks its EOS too; a pair's EOS is
+    trained, as it always was."""
+    piece_start = cuts[:-1] - np.repeat(bounds[:-1], per)  # every piece's first token within its sample
+    odd = np.concatenate([np.arange(1, n, 2, dtype=np.int64) + first
+                          for n, first in zip(per.tolist(), (np.cumsum(per) - per).tolist(), strict=True)]
+                         or [np.zeros(0, dtype=np.int64)])
+    ends = piece_start[odd] + (cuts[odd + 1] - cuts[odd])
+    ends_text = np.array([s.kind == "messages" and bool(s.masked) and s.masked[-1] == len(s.text) for s in samples],
+                         dtype=bool)
+    last = np.cumsum(per // 2) - 1  # each sample's last masked range (per is odd: 2 * ranges + 1)
+    ends[last[ends_text]] += 1  # the EOS
+    flat = np.empty(2 * len(odd), dtype=np.int32)
+    flat[0::2], flat[1::2] = piece_start[odd], ends
+    return MaskedSpans(flat, np.concatenate(([0], np.cumsum(per // 2))))
 
 
 def resolve_tokenizer(name: str, *, base_dir: Path | None = None, file: str | None = None) -> Path:

@@ -1,11 +1,13 @@
-"""Token store format 2: shards plus a manifest, on any filesystem pyarrow understands (see fs.py).
+"""Token store formats 2 and 3: shards plus a manifest, on any filesystem pyarrow understands (see fs.py).
 
 A store is `<root>/<fingerprint>/`:
 - `shards/<shard>.tokens.bin`: the shard's token ids (EOS included), concatenated, little-endian `uint16`
   when the vocabulary fits, else `int32` (the dtype is in the manifest);
 - `shards/<shard>.samples.parquet`: one row per sample, in shard order: `length` (int32), `prompt_tokens`
   (int32, the loss-masked prefix), `source` (int32), `file` (int32), `row` (int64; (source, file, row) is the
-  stable sample id), `task_type` (string, null if none);
+  stable sample id), `task_type` (string, null if none), `masked_spans` (list of int32: the sample's further
+  masked token ranges after the `prompt_tokens` prefix, as flat [start, end) pairs; a conversation's turns other
+  than the assistant's; empty for other samples; absent from stores written before it existed);
 - `shards/<shard>.json`: the shard's facts, written after its two files: a rerun skips a shard whose facts
   are there and whose files match them;
 - `index.samples.parquet`: every shard's samples table in store order, in one file, written at commit (stores
@@ -15,6 +17,10 @@ A store is `<root>/<fingerprint>/`:
 - `manifest.json`: format, fingerprint, dtype, counts, every shard's facts in store order, per-source
   accounting, the tokenizer's facts. It is written last and is the commit point: a folder without it is not
   a store (object stores cannot rename a folder atomically).
+
+A store whose samples have `masked_spans` is written as format 3, any other as format 2 (as before the column
+existed), so that a server of an older version, which would ignore the column and train on those tokens,
+refuses the store instead ("format 3, this server reads format 2"); this version reads both.
 
 Shard names derive from their inputs (`shard_name`), so every engine and every rerun names a shard alike.
 The store's sample sequence is the shards in manifest order, each shard's samples in order: per source, per
@@ -39,18 +45,20 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..rows.spans import MaskedSpans
 from .fs import StoreFS
 from .retry import storage_retry
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION: Literal[2] = 2
+FORMAT_VERSION: Literal[2] = 2  # the oldest format read; a store with masked spans is written as MASKED_FORMAT
+MASKED_FORMAT: Literal[3] = 3
 MANIFEST = "manifest.json"
 SAMPLES_INDEX = "index.samples.parquet"
 INDEX_ROW_GROUP = 1 << 20  # samples per row group of the samples index
 SHARDS = "shards"
 TOKENS_SUFFIX, SAMPLES_SUFFIX, FACTS_SUFFIX = ".tokens.bin", ".samples.parquet", ".json"
-SAMPLE_COLUMNS = ("length", "prompt_tokens", "source", "file", "row", "task_type")
+SAMPLE_COLUMNS = ("length", "prompt_tokens", "source", "file", "row", "task_type", "masked_spans")
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -127,6 +135,7 @@ class ShardFacts(BaseModel):
     tokens_file: FileFacts
     samples_file: FileFacts
     accounting: SourceSnapshot | None = None  # the records of this shard's input: read, kept, dropped, ...
+    masked_spans: Count = 0  # masked token ranges in its `masked_spans` column (a store with any is format 3)
 
     @model_validator(mode="after")
     def _sizes_agree(self) -> ShardFacts:
@@ -165,7 +174,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="allow")
 
-    format: Literal[2]
+    format: Literal[2, 3]  # see manifest_format
     fingerprint: str
     dtype: Literal["<u2", "<i4"]
     samples: Count
@@ -183,6 +192,8 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _counts_agree(self) -> Manifest:
+        if self.format != manifest_format(self.shards):
+            raise ValueError(f"format {self.format}, but its shards make it format {manifest_format(self.shards)}")
         names = [s.name for s in self.shards]
         if len(set(names)) != len(names):
             raise ValueError("shard names repeat")
@@ -206,16 +217,33 @@ class Manifest(BaseModel):
         return index if index is not None and index.shards == samples_index_key(self.shards) else None
 
 
+def manifest_format(shards: Iterable[ShardFacts]) -> Literal[2, 3]:
+    """3 for a store with masked spans (which older servers must refuse), else 2."""
+    return MASKED_FORMAT if any(s.masked_spans for s in shards) else FORMAT_VERSION
+
+
 @dataclass
 class ShardRows:
     """A run of one shard's samples, in order: flat token ids and one entry per sample."""
 
     ids: np.ndarray  # every sample's ids, concatenated
     lengths: np.ndarray  # tokens per sample; sums to len(ids)
-    prompt_tokens: np.ndarray
+    prompt_tokens: np.ndarray  # the masked prefix of each sample
     file: np.ndarray
     row: np.ndarray
     task_type: list[str | None]
+    later_masked: MaskedSpans | None = None  # the masked ranges after the prefix; None: none
+
+    @classmethod
+    def of(cls, ids: np.ndarray, lengths: np.ndarray, masked: MaskedSpans, file: np.ndarray, row: np.ndarray,
+           task_type: list[str | None]) -> ShardRows:
+        """From every masked range of each sample (the leading one goes to prompt_tokens)."""
+        prefix, later = masked.split_prefix()
+        return cls(ids, lengths, prefix, file, row, task_type, later)
+
+    def later(self) -> MaskedSpans:
+        """The masked ranges after the prefix."""
+        return self.later_masked or MaskedSpans.none(len(self.lengths))
 
 
 class _Checksummed:
@@ -240,10 +268,13 @@ def samples_table(rows: list[ShardRows], source: int) -> pa.Table:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
     lengths = column("lengths", np.int32)
+    later = MaskedSpans.concat([r.later() for r in rows])
+    spans = pa.ListArray.from_arrays(pa.array(2 * later.offsets, pa.int32()), pa.array(later.bounds, pa.int32()))
     return pa.table({"length": lengths, "prompt_tokens": column("prompt_tokens", np.int32),
                      "source": np.full(len(lengths), source, dtype=np.int32), "file": column("file", np.int32),
                      "row": column("row", np.int64),
-                     "task_type": pa.array([t for r in rows for t in r.task_type], type=pa.string())})
+                     "task_type": pa.array([t for r in rows for t in r.task_type], type=pa.string()),
+                     "masked_spans": spans})
 
 
 def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows], *, source: int,
@@ -266,7 +297,7 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
             tokens.write(ids.data.cast("B"))
             n_tokens += len(ids)
             kept.append(ShardRows(np.zeros(0, dtype=dtype), lengths, chunk.prompt_tokens, chunk.file, chunk.row,
-                                  list(chunk.task_type)))
+                                  list(chunk.task_type), chunk.later_masked))
     table = samples_table(kept, source)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
@@ -278,6 +309,7 @@ def write_shard(fs: StoreFS, store: str, name: str, chunks: Iterable[ShardRows],
                        dtype=dtype.str,  # type: ignore[arg-type]
                        tokens_file=tokens.facts(),
                        samples_file=FileFacts(size=len(data), xxh3=xxhash.xxh3_64_hexdigest(data)),
+                       masked_spans=sum(len(r.later().bounds) // 2 for r in kept),
                        accounting=SourceSnapshot.model_validate(accounting) if accounting is not None else None)
     fs.write_bytes(facts_path, facts.model_dump_json().encode())
     return facts
@@ -332,7 +364,15 @@ def read_bytes_retrying(fs: StoreFS, where: str) -> bytes:
             log.warning("reading %s failed (%s: %s); trying again", fs.uri(where), type(err).__name__, err)
 
 
-def read_parquet(data: bytes, columns: list[str]) -> pa.Table:
+def with_masked_spans(table: pa.Table) -> pa.Table:
+    """A samples table with the columns this version writes, in order: one written before `masked_spans` existed
+    gets it, empty."""
+    if "masked_spans" not in table.column_names:
+        table = table.append_column("masked_spans", pa.array([[]] * table.num_rows, pa.list_(pa.int32())))
+    return table.select(list(SAMPLE_COLUMNS))
+
+
+def read_parquet(data: bytes, columns: list[str] | None) -> pa.Table:
     """A Parquet file held in `data`, read and decoded on the calling thread. Not `pq.read_table`: it scans
     through Arrow's thread pool, whose workers can drop the last reference to `data` after the call returned;
     a worker that does so while the interpreter exits (a `cache build` that only opened the store) cannot take
@@ -352,7 +392,7 @@ def read_samples(fs: StoreFS, store: str, facts: ShardFacts) -> pa.Table:
     if len(data) != facts.samples_file.size or xxhash.xxh3_64_hexdigest(data) != facts.samples_file.xxh3:
         raise StoreDamaged(f"{fs.uri(where)}: checksum mismatch (corrupted)")
     try:  # on this thread: see read_parquet
-        table = read_parquet(data, list(SAMPLE_COLUMNS))
+        table = with_masked_spans(read_parquet(data, None))
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise StoreDamaged(f"{fs.uri(where)}: unreadable ({err})") from None
     if table.num_rows != facts.samples:
@@ -430,10 +470,11 @@ def read_manifest(fs: StoreFS, store: str, fingerprint: str | None = None) -> Ma
     if not isinstance(data, dict):
         raise StoreDamaged(f"{where}: not a JSON object")
     if isinstance(data.get("format"), int) and data["format"] < FORMAT_VERSION:
-        raise StoreOutdated(f"{where}: format {data['format']}, this server reads format {FORMAT_VERSION}",
-                            data["format"])
-    if data.get("format") != FORMAT_VERSION:
-        raise StoreDamaged(f"{where}: format {data.get('format')!r}, this server reads format {FORMAT_VERSION}")
+        raise StoreOutdated(f"{where}: format {data['format']}, this server reads formats {FORMAT_VERSION} and "
+                            f"{MASKED_FORMAT}", data["format"])
+    if data.get("format") not in (FORMAT_VERSION, MASKED_FORMAT):
+        raise StoreDamaged(f"{where}: format {data.get('format')!r}, this server reads formats {FORMAT_VERSION} "
+                           f"and {MASKED_FORMAT}")
     try:
         manifest = Manifest.model_validate_json(text)
     except ValidationError as err:

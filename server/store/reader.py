@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from ..rows.spans import MaskedSpans
 from .format import (
     MANIFEST,
     SAMPLE_COLUMNS,
@@ -63,7 +65,8 @@ class TokenStore:
     shard: np.ndarray  # per sample: index of its shard in manifest.shards
     offsets: np.ndarray  # per sample: where its ids start in its shard's tokens
     lengths: np.ndarray
-    prompt_tokens: np.ndarray
+    prompt_tokens: np.ndarray  # per sample: its masked prefix, as stored
+    masked: MaskedSpans  # per sample: every masked token range (prefix included)
     source: np.ndarray
     file: np.ndarray
     row: np.ndarray
@@ -108,6 +111,7 @@ class _Columns:
         self.row = np.empty(n, dtype=np.int64)
         self.task = np.empty(n, dtype=np.int32)
         self.task_ids: dict[str, int] = {}  # in order of first appearance
+        self.later: list[tuple[int, pa.Array]] = []  # (first sample, its masked_spans lists) where any
         self.filled = 0
 
     def add(self, table: pa.Table | pa.RecordBatch) -> None:
@@ -122,7 +126,21 @@ class _Columns:
         ids = np.array([-1 if t is None else self.task_ids.setdefault(t, len(self.task_ids))
                         for t in encoded.dictionary.to_pylist()], dtype=np.int32)
         self.task[lo:hi] = ids[_ints(encoded.indices)]
+        if "masked_spans" in table.column_names:
+            spans = _array(table.column("masked_spans"))
+            if len(spans.flatten()):
+                self.later.append((lo, spans))
         self.filled = hi
+
+    def masked(self) -> MaskedSpans:
+        """Every sample's masked token ranges: its prefix, then its `masked_spans`."""
+        counts = np.zeros(len(self.lengths), dtype=np.int64)
+        for lo, spans in self.later:
+            counts[lo:lo + len(spans)] = _ints(pc.list_value_length(spans).fill_null(0)) // 2
+        values = [_ints(spans.flatten()).astype(np.int32) for _, spans in self.later]
+        later = MaskedSpans(np.concatenate(values) if values else np.zeros(0, dtype=np.int32),
+                            np.concatenate(([0], np.cumsum(counts))))
+        return MaskedSpans.join_prefix(self.prompt_tokens, later)
 
 
 def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -182,8 +200,9 @@ def _fill_from_index(columns: _Columns, data: bytes, manifest: Manifest) -> bool
     """Fill the arrays from the samples index; False (with a warning) if it cannot be read or disagrees with the
     manifest's counts (the columns are then filled again from the shards' tables)."""
     try:
-        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(columns=list(SAMPLE_COLUMNS),
-                                                                          use_threads=False):
+        index = pq.ParquetFile(pa.BufferReader(data))
+        present = [c for c in SAMPLE_COLUMNS if c in index.schema_arrow.names]  # masked_spans: not in older ones
+        for batch in index.iter_batches(columns=present, use_threads=False):
             columns.add(batch)
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         log.warning("the samples index is unreadable (%s); reading the shards' samples tables instead", err)
@@ -229,7 +248,8 @@ def open_store(fs: StoreFS, path: str, fingerprint: str, *, shard_cache: ShardCa
     cum = np.concatenate(([0], np.cumsum(columns.lengths)))
     offsets = cum[:-1] - np.repeat(cum[np.cumsum(counts) - counts], counts)
     del cum
-    return TokenStore(fs, path, manifest, shard, offsets, columns.lengths, columns.prompt_tokens, columns.source,
+    return TokenStore(fs, path, manifest, shard, offsets, columns.lengths, columns.prompt_tokens, columns.masked(),
+                      columns.source,
                       columns.file, columns.row, columns.task, list(columns.task_ids),
                       ShardMaps(fs, path, manifest, shard_cache), 0 if fs.is_local else read)
 

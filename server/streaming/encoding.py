@@ -21,6 +21,7 @@ from ..pipeline.mixing import MixState
 from ..pipeline.samples import Sample
 from ..pipeline.stage import Count, Stage, StageState
 from ..pipeline.tokenize import EncodedBatch, Encoder
+from ..rows.spans import loss_mask
 from .block_order import Block, BlockShuffle, BlockState, OrderState
 from .shared_reads import BlockCache, EncodedBlock, block_key
 
@@ -130,7 +131,7 @@ class TokenStreamState(StageState):
     offset: Count
 
 
-class TokenStream(Stage[tuple[np.ndarray, int], TokenStreamState]):
+class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
     """The epoch's encoded samples as one stream: skip or copy tokens (or whole samples), wrap to the start,
     and the order's position (block, its start, samples taken, tokens of the next one passed) at any point.
     Iterating it yields whole samples (`take_sample`)."""
@@ -175,7 +176,7 @@ class TokenStream(Stage[tuple[np.ndarray, int], TokenStreamState]):
         return done
 
     def copy_tokens(self, out: np.ndarray, mask: np.ndarray | None) -> tuple[int, list[int]]:
-        """Fill `out` with the next tokens (fewer at the epoch's end), zeroing `mask` over prompt tokens; returns
+        """Fill `out` with the next tokens (fewer at the epoch's end), and `mask` with their loss mask; returns
         how many and where in `out` samples start."""
         filled, starts = 0, []
         while filled < len(out) and self.more():
@@ -188,11 +189,9 @@ class TokenStream(Stage[tuple[np.ndarray, int], TokenStreamState]):
             begins = chunk.offsets[first:last]
             starts += (begins[begins >= self.pos] - self.pos + filled).tolist()
             if mask is not None:
-                prompt_ends = begins + chunk.prompt_tokens[first:last]
-                for a, b in zip(np.maximum(begins, self.pos).tolist(),
-                                np.minimum(prompt_ends, self.pos + step).tolist(), strict=True):
-                    if a < b:
-                        mask[filled + a - self.pos:filled + b - self.pos] = 0
+                lo = np.maximum(begins, self.pos)
+                hi = np.minimum(chunk.offsets[first + 1:last + 1], self.pos + step)
+                mask[filled:filled + step] = loss_mask(chunk.masked, np.arange(first, last), lo - begins, hi - lo)
             filled += step
             self.pos += step
         return filled, starts
@@ -208,21 +207,22 @@ class TokenStream(Stage[tuple[np.ndarray, int], TokenStreamState]):
             done += step
         return done
 
-    def __next__(self) -> tuple[np.ndarray, int]:
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
         sample = self.take_sample()
         if sample is None:
             raise StopIteration
         return sample
 
-    def take_sample(self) -> tuple[np.ndarray, int] | None:
-        """The next sample's token ids and prompt tokens (from a sample's start), or None at the epoch's end."""
+    def take_sample(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next sample's token ids and loss mask (from a sample's start), or None at the epoch's end."""
         if not self.more():
             return None
         assert self.chunk is not None
         index = self._sample()
         begin, end = self.chunk.offsets[index:index + 2].tolist()
         self.pos = end
-        return self.chunk.ids[begin:end], int(self.chunk.prompt_tokens[index])
+        return self.chunk.ids[begin:end], loss_mask(self.chunk.masked, np.array([index]), np.zeros(1, dtype=np.int64),
+                                                    np.array([end - begin]))
 
     def restart(self) -> None:
         """Go back to the epoch's start."""

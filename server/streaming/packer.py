@@ -142,11 +142,11 @@ class Packer(Stage[Rows, StreamState]):
         if sample is None:
             return 0, []
         self.at += 1
-        ids, prompt = sample
+        ids, loss = sample
         n = min(len(ids), len(out))
         out[:n] = ids[:n]
         if mask is not None:
-            mask[:min(prompt, n)] = 0
+            mask[:n] = loss[:n]
         return n, [0]
 
     def get_state(self) -> StreamState:

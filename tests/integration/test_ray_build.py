@@ -23,10 +23,11 @@ SHARD_RECORDS = 100
 def three_sources(tmp_path: Path) -> list[str]:
     """test_cache's two sources plus one of three files: cut in parts of SHARD_RECORDS raw records, pairs.jsonl
     (301 lines, the last one malformed: an empty last part) is four shards, files.jsonl (150) two, the three
-    small files one each: nine shards in all."""
+    small files one each: nine shards in all. The last small file holds two-turn conversations (`messages`)."""
     corpus(tmp_path)
     for f in range(3):
-        write_jsonl(tmp_path / "more" / f"part{f}.jsonl", [rust_pair(i, task="review") for i in range(f, 90, 3)])
+        write_jsonl(tmp_path / "more" / f"part{f}.jsonl",
+                    [(conversation if f == 2 else dict)(rust_pair(i, task="review")) for i in range(f, 90, 3)])
     return ["local:pairs.jsonl", "local:files.jsonl", "local:more/*.jsonl"]
 
 
@@ -43,6 +44,13 @@ def only_store(location: str) -> tuple[str, Manifest]:
     fs = resolve(location)
     (entry,) = [e for e in fs.listdir(fs.root) if fs.exists(f"{e.path}/manifest.json")]
     return entry.path, verify_store(fs, entry.path, entry.base_name)
+
+
+def conversation(pair: dict[str, str]) -> dict[str, object]:
+    """A pair as the first of two user-assistant exchanges."""
+    return {"messages": [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair["gen"]},
+                         {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "It cannot overflow."}],
+            "_task_type": pair["_task_type"]}
 
 
 WHERE = ("local", "s3")  # a folder, and s3:// on the local S3-compatible server
@@ -73,6 +81,8 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
         assert ray.shards == local.shards  # same names, counts, accounting and file checksums: the same bytes
         assert [s.samples == 0 for s in local.shards] == [False] * 3 + [True] + [False] * 5  # pairs' empty last part
         assert ray.sources == local.sources and ray.tokenizer_backend == local.tokenizer_backend
+        # per conversation: its second user turn, and the template's newline after its last answer
+        assert ray.format == local.format == 3 and local.shards[-1].masked_spans == 2 * 30
 
     for engine in ("local", "ray"):
         server = start_server(configs[engine])

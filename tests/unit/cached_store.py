@@ -14,6 +14,7 @@ from sigil_feed.server.cached.layout import EpochLayout, epoch_layout
 from sigil_feed.server.cached.packer import CachedPacker, CachedState
 from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.rows.spans import MaskedSpans
 
 PAD = 0
 
@@ -32,9 +33,11 @@ class Shards:
         yield {i: self.tokens[i] for i in indices}
 
 
-def fake_store(lengths: list[int], per_shard: int, prompts: list[int] | None = None) -> Any:
+def fake_store(lengths: list[int], per_shard: int, prompts: list[int] | None = None,
+               later: list[list[int]] | None = None) -> Any:
     """A store of samples with these lengths, `per_shard` consecutive samples per shard (one source file each);
-    every token id is unique (1, 2, 3, ...), so each token is traceable."""
+    every token id is unique (1, 2, 3, ...), so each token is traceable. `prompts`: each sample's masked prefix,
+    `later`: its further masked ranges (flat [start, end) pairs, as a conversation's turns)."""
     lengths_a = np.array(lengths, dtype=np.int64)
     shard = np.arange(len(lengths)) // per_shard
     starts = np.cumsum(lengths_a) - lengths_a
@@ -45,6 +48,8 @@ def fake_store(lengths: list[int], per_shard: int, prompts: list[int] | None = N
     tokens = [ids[base[k]:base[k + 1]] for k in range(count)]
     return SimpleNamespace(shard=shard, offsets=starts - base[shard], lengths=lengths_a,
                            prompt_tokens=np.array(prompts or [0] * len(lengths), dtype=np.int64),
+                           masked=MaskedSpans.join_prefix(np.array(prompts or [0] * len(lengths)),
+                                                          MaskedSpans.of(later or [[]] * len(lengths))),
                            source=np.zeros(len(lengths), dtype=np.int64), file=shard.copy(),
                            manifest=SimpleNamespace(dtype="<i4", shards=[None] * count), shards=Shards(tokens),
                            ids=[ids[s:s + n] for s, n in zip(starts.tolist(), lengths, strict=True)])
@@ -148,6 +153,7 @@ def reference(store: Any, layout: EpochLayout, seq: int, pack: bool, remainder: 
         return (*map(tuple, segments), mask(pairs))
 
     def mask(pairs: list[tuple[int, int]]) -> tuple[int, ...]:
-        return tuple(int(k >= store.prompt_tokens[s]) for s, k in pairs) if completion else ()
+        return tuple(int(not any(a <= k < b for a, b in store.masked.sample(s).tolist()))
+                     for s, k in pairs) if completion else ()
 
     return [row(e) for e in range(total + (past if remainder == "pad" else 0))], total

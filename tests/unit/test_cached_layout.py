@@ -95,7 +95,8 @@ def test_rho_is_a_permutation_and_prefix_products_read_contiguous_regions() -> N
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("remainder", ["pad", "drop", "keep"])
 def test_global_rows_are_the_same_for_every_world_size(pack: bool, remainder: str) -> None:
-    store = fake_store(LENGTHS, per_shard=10, prompts=[n // 3 for n in LENGTHS])
+    store = fake_store(LENGTHS, per_shard=10, prompts=[n // 3 for n in LENGTHS],
+                       later=[[n // 2, n // 2 + 2] if n // 2 + 2 < n else [] for n in LENGTHS])  # a chat's turns
     layout = layout_of(store, 12, pack=pack)
     expected, total = reference(store, layout, 16, pack, remainder, completion=True, past=12)
     digests = set()

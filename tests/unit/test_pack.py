@@ -5,12 +5,14 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.pipeline.tokenize import Encoded, EncodedBatch
 from sigil_feed.server.rows.batch import Rows
 from sigil_feed.server.rows.deal import Deal
+from sigil_feed.server.rows.spans import MaskedSpans
 from sigil_feed.server.streaming.block_order import BlockState
 from sigil_feed.server.streaming.encoding import TokenStream
 from sigil_feed.server.streaming.packer import Packer
@@ -37,7 +39,7 @@ class ListBlocks:
             samples = encoded[first:first + 5]
             chunks = [samples[i:i + 3] for i in range(0, len(samples), 3)]
             batches = [EncodedBatch(np.concatenate([e.ids for e in c]), np.cumsum([0, *[len(e.ids) for e in c]]),
-                                    np.array([e.prompt_tokens for e in c], dtype=np.int32)) for c in chunks]
+                                    MaskedSpans.of([e.masked.reshape(-1).tolist() for e in c])) for c in chunks]
             self.blocks.append(EncodedBlock(k, mix_at(first), mix_at(first + 5), first + 5 >= len(encoded),
                                             len(samples), 0, list(range(0, len(samples), 3)),
                                             [done(b) for b in batches]))
@@ -54,11 +56,14 @@ class ListBlocks:
         return block
 
 
-def make_samples(lengths: list[int], prompts: list[int] | None = None) -> list[Encoded]:
-    """Samples with globally unique token ids (1, 2, 3, ...) so every token is traceable."""
+def make_samples(lengths: list[int], prompts: list[int] | None = None,
+                 masked: list[list[int]] | None = None) -> list[Encoded]:
+    """Samples with globally unique token ids (1, 2, 3, ...) so every token is traceable; each masked over its
+    `prompts` leading tokens or its `masked` (start, end) pairs."""
     out, next_id = [], 1
     for i, n in enumerate(lengths):
-        out.append(Encoded(np.arange(next_id, next_id + n, dtype=np.int32), (prompts or [0] * len(lengths))[i]))
+        spans = masked[i] if masked else [0, prompts[i]] if prompts and prompts[i] else []
+        out.append(Encoded(np.arange(next_id, next_id + n, dtype=np.int32), np.array(spans, dtype=np.int32)))
         next_id += n
     return out
 
@@ -134,3 +139,16 @@ def test_completion_only_masks_prompt_tokens_even_across_rows() -> None:
     rows = drain(packer(make_samples([6, 4], prompts=[5, 2]), batch=1, seq=4, completion=True))
     masks = np.concatenate([r.loss_mask.reshape(-1)[: r.tokens] for r in rows]).tolist()
     assert masks == [0, 0, 0, 0, 0, 1, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_completion_only_masks_every_turn_of_a_conversation_across_rows(pack: bool) -> None:
+    """Several masked ranges per sample (a conversation's turns other than the assistant's), cut anywhere."""
+    masked = [[0, 3, 5, 7, 9, 11], [1, 2], [], [0, 4]]
+    rows = drain(packer(make_samples([11, 4, 3, 6], masked=masked), batch=1, seq=5, completion=True, pack=pack))
+    masks = [r.loss_mask.reshape(-1)[: r.tokens].tolist() for r in rows]
+    want = [[0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1], [0, 0, 0, 0, 1, 1]]
+    if pack:
+        assert [m for row in masks for m in row] == [m for sample in want for m in sample]
+    else:
+        assert masks == [w[:5] for w in want]

@@ -21,22 +21,22 @@ def test_pipeline_pair() -> None:
              "_source": "synthetic", "_split": "train", "_task_type": "completion"}
     sample = normalise(raw(value))
     assert sample == Sample(2, 3, 4, text=value["prompt"] + "\n\n" + value["gen"], kind="pair", path=None,
-                            prompt_chars=len(value["prompt"]) + 2, task_type="completion", split="train")
+                            masked=(0, len(value["prompt"]) + 2), task_type="completion", split="train")
     assert sample.id == (2, 3, 4)
-    assert sample.text[:sample.prompt_chars] == value["prompt"] + "\n\n"
+    assert sample.text[:sample.masked[1]] == value["prompt"] + "\n\n"
 
 
 def test_pair_metadata_is_optional_and_must_be_strings() -> None:
     sample = normalise(raw({"prompt": "p", "gen": "g", "_split": 1, "path": "a.rs"}))
     assert isinstance(sample, Sample)
     assert (sample.task_type, sample.split, sample.path) == (None, None, None)
-    assert sample.prompt_chars == 3
+    assert sample.masked == (0, 3)
 
 
 def test_pair_custom_format() -> None:
     sample = normalise(raw({"prompt": "p", "gen": "g"}), lambda p, g: (f"<u>{p}</u>{g}", 8))
     assert isinstance(sample, Sample)
-    assert (sample.text, sample.prompt_chars) == ("<u>p</u>g", 8)
+    assert (sample.text, sample.masked) == ("<u>p</u>g", (0, 8))
 
 
 def test_plain_text() -> None:
@@ -59,7 +59,7 @@ def test_code_file() -> None:
 def test_code_file_falls_back_to_max_stars_repo_path() -> None:
     sample = normalise(raw({"content": "fn main() {}", "max_stars_repo_path": "src/lib.rs"}))
     assert isinstance(sample, Sample)
-    assert (sample.kind, sample.path, sample.prompt_chars) == ("content", "src/lib.rs", 0)
+    assert (sample.kind, sample.path, sample.masked) == ("content", "src/lib.rs", ())
 
 
 def test_non_string_path_is_dropped() -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,8 @@ def fuzz_strings(added: list[str], n: int = FUZZ_STRINGS, seed: int = 13) -> lis
 
 def assert_same(a: tokenize.EncodedBatch, b: tokenize.EncodedBatch) -> None:
     np.testing.assert_array_equal(a.offsets, b.offsets)
-    np.testing.assert_array_equal(a.prompt_tokens, b.prompt_tokens)
+    np.testing.assert_array_equal(a.masked.bounds, b.masked.bounds)
+    np.testing.assert_array_equal(a.masked.offsets, b.masked.offsets)
     np.testing.assert_array_equal(a.ids, b.ids)
 
 
@@ -103,18 +105,22 @@ def test_flat_batch_equals_per_text_hf_encoding(with_prompts: bool) -> None:
     """EOS after every sample, completion_only's prompt and completion encoded apart: checked text by text."""
     hf, fast = encoders(TOKENIZER_DIR)
     samples = [*corpus_samples()[:50], Sample(0, 0, 99, text="", kind="text"),
-               Sample(0, 0, 98, text="x\n\n", kind="pair", prompt_chars=3)]
+               Sample(0, 0, 98, text="x\n\n", kind="pair", masked=(0, 3)),
+               Sample(0, 0, 97, text="ab cd ef", kind="messages", masked=(0, 2, 5, 8))]
     backend, eos = hf.backend, hf.eos_id
-    expected, prompts = [], []
+    expected, masks = [], []
     for s in samples:
-        head = backend.encode(s.text[:s.prompt_chars] if with_prompts else "", add_special_tokens=False).ids
-        tail = backend.encode(s.text[s.prompt_chars:] if with_prompts else s.text, add_special_tokens=False).ids
-        expected.append([*head, *tail, eos])
-        prompts.append(len(head))
+        cuts = [0, *(s.masked if with_prompts else ()), len(s.text)]
+        pieces = [backend.encode(s.text[a:b], add_special_tokens=False).ids for a, b in pairwise(cuts)]
+        expected.append([*(i for p in pieces for i in p), eos])
+        eos_trained = not (s.kind == "messages" and with_prompts)  # that conversation ends masked
+        masks.append([int(k % 2 == 0) for k, p in enumerate(pieces) for _ in p] + [int(eos_trained)])
     for encoder in (hf, fast):
         batch = encoder.encode(samples, with_prompts)
         assert [sample.ids.tolist() for sample in batch.samples()] == expected
-        assert batch.prompt_tokens.tolist() == prompts and batch.ids.dtype == np.int32
+        bounds = batch.offsets.tolist()
+        assert [batch.loss_mask()[a:b].tolist() for a, b in pairwise(bounds)] == masks
+        assert batch.ids.dtype == np.int32
 
 
 class Skewed:

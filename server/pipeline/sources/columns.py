@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
-COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path",
+COLUMNS = ("prompt", "gen", "text", "content", "path", "max_stars_repo_path", "messages", "tools",
            "_split", "_task_type", "_source")
 """The only fields any schema reads; other columns are never read."""
 
