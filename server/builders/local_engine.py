@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..progress import PartMeter, Progress
 from ..store.format import (
     FORMAT_VERSION,
+    InputFile,
     Manifest,
     ShardFacts,
     ShardRows,
@@ -65,6 +66,7 @@ class SourcePlan:
     open: Callable[[], Source]
     rules: CurateRules  # without task weights: copies are a serve-time decision
     shard_records: int  # raw records per part (the dataset setting)
+    identities: list[object] = field(default_factory=list)  # each file's content identity (Source.file_identities)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,15 @@ class Part:
 
 
 def source_parts(index: int, plan: SourcePlan, source: Source, fingerprint: str) -> list[Part]:
-    """A source's parts in store order (file, then part). A file of one part keeps the name of a whole-file
-    shard; the names of a file cut in several parts include `shard_records`, so a rerun with another size
-    never mistakes one part for another."""
+    """A source's parts in store order (file, then part). A shard's name derives from its file's index and content
+    identity, never its path, so data that moved keeps its shards. A file of one part keeps the name of a
+    whole-file shard; the names of a file cut in several parts include `shard_records`, so a rerun with another
+    size never mistakes one part for another."""
     parts = []
-    for file, path in enumerate(plan.files):
+    contents = source.file_identities()
+    for file, content in enumerate(contents):
         starts = source.part_starts(file, plan.shard_records)
-        identity = path if len(starts) == 1 else [path, plan.shard_records]
+        identity = [file, content] if len(starts) == 1 else [file, content, plan.shard_records]
         for k, start in enumerate(starts):
             end = starts[k + 1].row if k + 1 < len(starts) else None
             parts.append(Part(index, file, k, start, end, shard_name(fingerprint, index, identity, k)))
@@ -142,6 +146,14 @@ def complete_shard(fs: StoreFS, store: str, name: str, dtype: np.dtype) -> Shard
     return None
 
 
+def store_inputs(plans: list[SourcePlan]) -> list[list[InputFile]] | None:
+    """Per source, its files' paths and content identities (None if a plan does not know its identities)."""
+    if any(len(plan.identities) != len(plan.files) for plan in plans):
+        return None
+    return [[InputFile(path=path, identity=list(identity) if isinstance(identity, list) else [identity])
+             for path, identity in zip(plan.files, plan.identities, strict=True)] for plan in plans]
+
+
 def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], shards: list[ShardFacts],
            encoder: Encoder, *, dataset: str, engine: str) -> Manifest:
     """Write the manifest of every shard in store order (the commit point), then drop a format-1 store's files."""
@@ -151,7 +163,8 @@ def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], s
         dataset=dataset, shards=shards,
         sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
         tokenizer_fingerprint=encoder.fingerprint, tokenizer_backend=encoder.backend_name,  # type: ignore[arg-type]
-        token_facts=encoder.facts(), engine=engine, built_by=new_owner().label)
+        token_facts=encoder.facts(), engine=engine, built_by=new_owner().label,
+        inputs=store_inputs(plans))
     write_manifest(fs, store, manifest)
     for name in LEGACY_FILES:
         fs.delete(f"{store}/{name}")

@@ -106,10 +106,10 @@ class ServedDataset:
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
-        self.content_fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(CONTENT_SETTINGS)),
+        self.content_fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights),
                                                 [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
-        self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
+        self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS, self.weights),
                                         self.config.pack, self.content_fingerprint, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.store_dir = store_dir(fs, self.content_fingerprint)
@@ -183,7 +183,8 @@ class ServedDataset:
     def _serve_store(self, store: TokenStore) -> None:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
         section = self.section
-        self.counters = [SourceCounters.restore(s.model_dump()) for s in store.manifest.sources]
+        self.counters = [SourceCounters.restore({**s.model_dump(), "spec": spec})  # data that moved: its spec now
+                         for s, spec in zip(store.manifest.sources, self.specs, strict=True)]
         sequence = served_sequence(store, sources=len(self.specs), mode=section.interleave_mode,
                                    stopping=section.stopping_strategy, weights=self.weights,
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
@@ -213,8 +214,9 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format())
-            plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules,
-                                    self.section.shard_records))
+            source = self._open(index)
+            plans.append(SourcePlan(spec.name, list(source.files), self._opener(index), rules,
+                                    self.section.shard_records, source.file_identities()))
         return plans
 
     def mix(self) -> Mixer:
@@ -349,6 +351,24 @@ def _first_samples(sources: list[Source], pair_format: ChatFormat) -> list[Sampl
         except SourceError:
             continue  # reading it for real reports the error where it belongs
     return samples
+
+
+def _without_paths(section: DatasetSection, settings: tuple[str, ...], weights: list[float]) -> dict[str, Any]:
+    """The settings as a fingerprint holds them, free of where local data lies (data that moves keeps its store and
+    cursors): a source is its kind and filter override (its files' content is in the fingerprint beside), and
+    dataset weights are by source index (their keys name the sources by path)."""
+    values = section.model_dump(mode="json", include=set(settings))
+    if "names" in values:
+        values["names"] = [[_source_kind(s.name), s.filter] for s in section.names]
+    if values.get("dataset_weights") is not None:
+        values["dataset_weights"] = weights
+    return values
+
+
+def _source_kind(spec: str) -> str:
+    """A source spec without a local path: `local`, `parquet`, or the spec itself (a Hub dataset is its name)."""
+    prefix, colon, _ = spec.partition(":")
+    return prefix if colon and prefix in ("local", "parquet") else spec
 
 
 def _source_weights(section: DatasetSection, specs: list[str], file: str) -> list[float]:
