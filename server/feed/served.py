@@ -26,7 +26,7 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, Refused, SourceError
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource, CurateRules
@@ -37,9 +37,9 @@ from ..pipeline.sources import Source, open_source
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
 from ..runtime import Runtime
-from ..store.format import TokenFacts, store_dir
+from ..store.format import StoreDamaged, TokenFacts, store_dir
 from ..store.fs import is_uri, resolve
-from ..store.reader import TokenStore
+from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
 from ..streaming.block_order import BlockShuffle
 from ..streaming.encoding import TokenizedBlocks, TokenStream
@@ -106,17 +106,23 @@ class ServedDataset:
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
+        # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
+        samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), self.encoder.fingerprint)
         self.content_fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights),
                                                 [p.identity() for p in probes],
                                                 self.encoder.fingerprint)
+        # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
+        # at its start (its membership, in the cursor): data that grows keeps every cursor
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS, self.weights),
-                                        self.config.pack, self.content_fingerprint, ORDER_REVISION)
+                                        self.config.pack, samples, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.store_dir = store_dir(fs, self.content_fingerprint)
         self.lifecycle = StoreLifecycle(self.name, fs, self.store_dir, self.content_fingerprint,
                                         encoder=self.encoder, plans=self._source_plans,
                                         with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
         self.layouts: EpochLayouts | None = None  # cached mode, once the store is open
+        self._members: dict[str, EpochLayouts] = {}  # epochs begun over earlier memberships (members_layouts)
+        self._members_lock = threading.Lock()
         self.working_set: RanksWorkingSet | None = None  # a remote store: the latest ranks' working set
         self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
             weakref.WeakKeyDictionary()  # each open epoch's (epoch, world size, rank)
@@ -182,15 +188,40 @@ class ServedDataset:
 
     def _serve_store(self, store: TokenStore) -> None:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
-        section = self.section
         self.counters = [SourceCounters.restore({**s.model_dump(), "spec": spec})  # data that moved: its spec now
                          for s, spec in zip(store.manifest.sources, self.specs, strict=True)]
+        self.layouts = self._layouts(store)
+
+    def _layouts(self, store: TokenStore) -> EpochLayouts:
+        """The epoch layouts of a store's samples, mixed."""
+        section = self.section
         sequence = served_sequence(store, sources=len(self.specs), mode=section.interleave_mode,
                                    stopping=section.stopping_strategy, weights=self.weights,
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
-        self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
-                                    seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                                    pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
+        return EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
+                            seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
+                            pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
+
+    def members_layouts(self, members: str) -> EpochLayouts:
+        """The epoch layouts of an epoch that began over another membership of the sources' files (files added or
+        changed since): the store of that membership, which must still be in the cache folder, else Refused."""
+        assert self.layouts is not None
+        if members == self.content_fingerprint:
+            return self.layouts
+        with self._members_lock:
+            if members not in self._members:
+                fs = self.lifecycle.fs
+                cache = self._shard_cache() if not fs.is_local else None
+                try:
+                    store = open_store(fs, store_dir(fs, members), members, shard_cache=cache, verify=False)
+                except StoreDamaged as err:
+                    raise Refused(f"cursor: its epoch began over the sources' files as they were then (token store "
+                                  f"{members}), which changed since, and that store cannot be opened ({err}): "
+                                  "resume from the epoch's end, or restore that store in the cache folder") from None
+                log.info("dataset %s: serving an epoch begun over an earlier membership of the sources' files from "
+                         "its token store %s", self.name, store.location)
+                self._members[members] = self._layouts(store)
+            return self._members[members]
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
@@ -216,8 +247,16 @@ class ServedDataset:
                                 pair_format=self._pair_format())
             source = self._open(index)
             plans.append(SourcePlan(spec.name, list(source.files), self._opener(index), rules,
-                                    self.section.shard_records, source.file_identities()))
+                                    self.section.shard_records, source.file_identities(), self._shard_key(index)))
         return plans
+
+    def _shard_key(self, index: int) -> str:
+        """What names a source's shards beside their input (local_engine.source_parts): the settings that decide its
+        samples and tokens, not the other sources nor the store's membership, so a store of more data takes the
+        shards it shares with the dataset's other stores."""
+        settings = _without_paths(self.section, CONTENT_SETTINGS, self.weights)
+        settings["names"] = settings["names"][index]
+        return _fingerprint(settings, self.encoder.fingerprint)
 
     def mix(self) -> Mixer:
         """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
@@ -235,12 +274,19 @@ class ServedDataset:
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
-    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
-        """One rank's epoch as a stage chain ending in a packer."""
+    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+               members: str | None = None) -> Packer | CachedPacker:
+        """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (an epoch's
+        membership, from its cursor; None: the current one)."""
         section = self.section
+        if members not in (None, self.content_fingerprint) and self.layouts is None:
+            raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
+                          "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
+                          "taken at an epoch end), or restore the files")
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layout = self.layouts[epoch]
-            cached = CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
+            layouts = self.members_layouts(members or self.content_fingerprint)
+            layout = layouts[epoch]
+            cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)

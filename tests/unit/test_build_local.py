@@ -129,7 +129,7 @@ def test_a_file_of_n_records_is_ceil_n_over_r_shards_holding_its_rows_and_nothin
     small = split.store.manifest.shards[4]
     assert small == whole.store.manifest.shards[1]
     small_file = str(tmp_path / "data" / "small.jsonl")
-    assert small.name == shard_name(split.content_fingerprint, 0, [1, local_file_identities([small_file])[0]])
+    assert small.name == shard_name(split._shard_key(0), 0, [local_file_identities([small_file])[0], 0])
     assert not {s.name for s in shards[:4]} & {s.name for s in whole.store.manifest.shards}
 
 
