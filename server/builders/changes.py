@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 from ..store.format import InputFile, Manifest, StoreDamaged, read_manifest
@@ -45,8 +46,9 @@ def _names(paths: list[str]) -> str:
 
 
 def file_changes(old: list[list[InputFile]], new: list[list[InputFile]], specs: list[str]) -> list[str]:
-    """Per source, what changed between two stores' inputs: files whose content changed (same path, another
-    identity), files added and files removed; [] if only paths changed (data that moved)."""
+    """Per source, what changed between two stores' inputs: files whose content changed (at the same path, or of
+    the same name where the data moved), files added and files removed; [] if only paths changed (data that
+    moved)."""
     said = []
     for index, spec in enumerate(specs):
         before = old[index] if index < len(old) else []
@@ -54,10 +56,17 @@ def file_changes(old: list[list[InputFile]], new: list[list[InputFile]], specs: 
         unmatched = {_key(f) for f in before}
         fresh = [f for f in after if _key(f) not in unmatched]
         kept = {_key(f) for f in after}
-        gone = {f.path: f for f in before if _key(f) not in kept}
-        changed = [f.path for f in fresh if f.path in gone]
-        added = [f.path for f in fresh if f.path not in gone]
-        removed = [path for path in gone if path not in changed]
+        gone = [f.path for f in before if _key(f) not in kept]
+        changed, added = [], []
+        for file in fresh:  # the same file, changed: at the same path, or (data that moved) of the same name
+            was = next((p for p in gone if p == file.path), None) or next(
+                (p for p in gone if os.path.basename(p) == os.path.basename(file.path)), None)
+            if was is None:
+                added.append(file.path)
+            else:
+                changed.append(file.path)
+                gone.remove(was)
+        removed = gone
         for what, paths in (("content changed", changed), ("added", added), ("removed", removed)):
             if paths:
                 said.append(f"{spec}: {what}: {_names(paths)}")

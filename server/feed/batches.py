@@ -53,10 +53,10 @@ class Feed:
                               "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
-        packer = self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                     batch_size=self.batch_size, seq_len=self.seq_len, members=self.members)
-        self.members = self.members or self.dataset.content_fingerprint
-        return packer
+        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server."""
+        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
+        return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                                   batch_size=self.batch_size, seq_len=self.seq_len, members=self.members)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = None if packer is None else packer.get_state()

@@ -38,13 +38,14 @@ from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
 from ..runtime import Runtime
 from ..store.format import StoreDamaged, TokenFacts, store_dir
-from ..store.fs import is_uri, resolve
+from ..store.fs import StoreFS, is_uri, resolve
 from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
 from ..streaming.block_order import BlockShuffle
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
+from .membership import Membership, Memberships
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ class ServedDataset:
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
                                           backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
-        self.files: list[list[str] | None] = [None] * len(self.specs)
-        probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
-        self.files = [list(p.files) for p in probes]  # fixed from here on (a Hub source ignores them)
+        probes = [self._opener(i, None)() for i in range(len(self.specs))]  # fails fast on missing sources
         self.weights = _source_weights(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
@@ -108,20 +107,16 @@ class ServedDataset:
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
         samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), self.encoder.fingerprint)
-        self.content_fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights),
-                                                [p.identity() for p in probes],
-                                                self.encoder.fingerprint)
+        first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
+        self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name)
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS, self.weights),
                                         self.config.pack, samples, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
-        self.store_dir = store_dir(fs, self.content_fingerprint)
-        self.lifecycle = StoreLifecycle(self.name, fs, self.store_dir, self.content_fingerprint,
-                                        encoder=self.encoder, plans=self._source_plans,
-                                        with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
-        self.layouts: EpochLayouts | None = None  # cached mode, once the store is open
-        self._members: dict[str, EpochLayouts] = {}  # epochs begun over earlier memberships (members_layouts)
+        self.lifecycle = self._lifecycle(fs, self.memberships.current)
+        self.layouts: EpochLayouts | None = None  # cached mode, once the store is open: the current membership's
+        self._members: dict[str, EpochLayouts] = {}  # every membership's layouts opened here (members_layouts)
         self._members_lock = threading.Lock()
         self.working_set: RanksWorkingSet | None = None  # a remote store: the latest ranks' working set
         self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
@@ -139,6 +134,55 @@ class ServedDataset:
         if not self.cached:
             self.lifecycle.progress.state = "ready"
             self.lifecycle.ready.set()
+
+    @property
+    def content_fingerprint(self) -> str:
+        """The current membership's content fingerprint: its token store's name."""
+        return self.memberships.current.fingerprint
+
+    @property
+    def files(self) -> list[list[str]]:
+        """The current membership's files, per source."""
+        return self.memberships.current.files
+
+    @property
+    def store_dir(self) -> str:
+        """The current membership's token store folder."""
+        return self.lifecycle.store_dir
+
+    def _lifecycle(self, fs: StoreFS, members: Membership) -> StoreLifecycle:
+        return StoreLifecycle(self.name, fs, store_dir(fs, members.fingerprint), members.fingerprint,
+                              encoder=self.encoder, plans=partial(self._source_plans, members.files),
+                              with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
+
+    def _membership(self, files: list[list[str]], identities: list[list[object]]) -> Membership:
+        """Files and their identities as a membership, named by the content fingerprint of their token store."""
+        fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), identities,
+                                   self.encoder.fingerprint)
+        return Membership(fingerprint, files, identities)
+
+    def _look(self) -> Membership:
+        """What the sources hold now: local and Parquet sources' paths expanded again and their files' identities
+        taken (a Hub source, or one whose path names nothing now, keeps its files)."""
+        current = self.memberships.current
+        files, identities = list(current.files), list(current.identities)
+        for index, spec in enumerate(self.specs):
+            if _source_kind(spec) not in ("local", "parquet"):
+                continue
+            try:
+                source = self._opener(index, None)()
+            except SourceError as err:
+                log.warning("dataset %s: %s; the source keeps the files it had", self.name, err)
+                continue
+            files[index], identities[index] = list(source.files), source.identity()
+        return self._membership(files, identities)
+
+    def _adopt(self, members: Membership) -> None:
+        """Ready a new membership to serve: cached mode, its token store opened, or built (only its new shards)."""
+        if self.cached:
+            lifecycle = self._lifecycle(self.lifecycle.fs, members)
+            lifecycle.prepare(self._serve_store, show_bar=False)
+            self.lifecycle = lifecycle
 
     @property
     def progress(self) -> BuildProgress:
@@ -170,16 +214,13 @@ class ServedDataset:
         return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
                                         any_slot=self.section.shard_cache_dir is None)
 
-    def _open(self, index: int) -> Source:
-        return self._opener(index)()
-
-    def _opener(self, index: int) -> Callable[[], Source]:
+    def _opener(self, index: int, files: list[str] | None) -> Callable[[], Source]:
         """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
-        files found at start: a file deleted or added since is no reason for the others to change their index
-        (a deleted one reads as a bad file, counted)."""
+        files of a membership (None: those its path names now): a file deleted or added since is no reason for the
+        others to change their index (a deleted one reads as a bad file, counted)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
         return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
-                       files=self.files[index])
+                       files=files)
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
         """Cached mode: open (or build, or wait for) the token store, then lay out its served sequence."""
@@ -190,7 +231,7 @@ class ServedDataset:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
         self.counters = [SourceCounters.restore({**s.model_dump(), "spec": spec})  # data that moved: its spec now
                          for s, spec in zip(store.manifest.sources, self.specs, strict=True)]
-        self.layouts = self._layouts(store)
+        self.layouts = self._members[store.manifest.fingerprint] = self._layouts(store)
 
     def _layouts(self, store: TokenStore) -> EpochLayouts:
         """The epoch layouts of a store's samples, mixed."""
@@ -205,9 +246,6 @@ class ServedDataset:
     def members_layouts(self, members: str) -> EpochLayouts:
         """The epoch layouts of an epoch that began over another membership of the sources' files (files added or
         changed since): the store of that membership, which must still be in the cache folder, else Refused."""
-        assert self.layouts is not None
-        if members == self.content_fingerprint:
-            return self.layouts
         with self._members_lock:
             if members not in self._members:
                 fs = self.lifecycle.fs
@@ -238,15 +276,16 @@ class ServedDataset:
         """Block until the dataset can serve (see StoreLifecycle.wait_ready)."""
         self.lifecycle.wait_ready()
 
-    def _source_plans(self) -> list[SourcePlan]:
-        """What the store builder reads: every source with its rules, task weights left to serve time."""
+    def _source_plans(self, files: list[list[str]]) -> list[SourcePlan]:
+        """What the store builder reads: every source over a membership's files with its rules, task weights left to
+        serve time."""
         plans = []
         for index, spec in enumerate(self.section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format())
-            source = self._open(index)
-            plans.append(SourcePlan(spec.name, list(source.files), self._opener(index), rules,
+            source = self._opener(index, files[index])()
+            plans.append(SourcePlan(spec.name, list(source.files), self._opener(index, files[index]), rules,
                                     self.section.shard_records, source.file_identities(), self._shard_key(index)))
         return plans
 
@@ -258,8 +297,10 @@ class ServedDataset:
         settings["names"] = settings["names"][index]
         return _fingerprint(settings, self.encoder.fingerprint)
 
-    def mix(self) -> Mixer:
-        """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
+    def mix(self, files: list[list[str]] | None = None) -> Mixer:
+        """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's), counting into
+        this dataset's counters."""
+        files = files or self.files
         section = self.section
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
@@ -268,7 +309,7 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format)
-            children.append(CuratedSource(self._open(index), rules, self.counters[index]))
+            children.append(CuratedSource(self._opener(index, files[index])(), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
 
     def _pair_format(self) -> ChatFormat:
@@ -276,23 +317,25 @@ class ServedDataset:
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
                members: str | None = None) -> Packer | CachedPacker:
-        """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (an epoch's
-        membership, from its cursor; None: the current one)."""
+        """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
+        membership, from its cursor; None: the one fixed for the epoch here, see membership.py)."""
         section = self.section
-        if members not in (None, self.content_fingerprint) and self.layouts is None:
-            raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
-                          "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
-                          "taken at an epoch end), or restore the files")
+        members = members or self.memberships.of_epoch(epoch).fingerprint
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layouts = self.members_layouts(members or self.content_fingerprint)
+            layouts = self.members_layouts(members)
             layout = layouts[epoch]
             cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
+        membership = self.memberships.of(members)
+        if membership is None:
+            raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
+                          "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
+                          "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
+        blocks_order = BlockShuffle(self.mix(membership.files), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
