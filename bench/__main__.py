@@ -24,6 +24,7 @@ from bench import (
     cached,
     epoch_waste,
     exact,
+    incremental_build,
     local_ranks,
     locality,
     memory,
@@ -51,7 +52,8 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "shuffle_same_file_distance_p10": ("fraction of the epoch", ""),
            "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"),
            "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
-           "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", "")}
+           "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", ""),
+           "incremental_build_10pct_vs_full": ("s", "<= 0.2"), "identity_warm_vs_cold_s": ("s", "")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -159,6 +161,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         r.add(metric)
     for metric in r.guard("store_open_s", lambda: store_open.measure(
             rounds=2 if work.quick else 3, sidecars=0 if work.quick else 8)) or []:
+        r.add(metric)
+    for metric in r.guard("incremental_build_10pct_vs_full", lambda: incremental_build.measure(work)) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

@@ -69,6 +69,11 @@ class Memberships:
                 del self.epochs[old]
             return self.current
 
+    def fixed(self) -> list[tuple[int, Membership]]:
+        """The recent epochs' memberships, by epoch."""
+        with self._lock:
+            return [(epoch, self.known[self.epochs[epoch]]) for epoch in sorted(self.epochs)]
+
     def of(self, fingerprint: str) -> Membership | None:
         """A membership this server served, by its fingerprint."""
         with self._lock:

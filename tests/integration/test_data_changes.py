@@ -7,14 +7,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from sigil_feed.client import FeedDataset
-from tests.conftest import rust_pair, write_config, write_jsonl
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
+
+CLI = [sys.executable, "-m", "sigil_feed.server.cli"]
 
 PAIRS = 12  # per file
 
@@ -94,6 +100,12 @@ def test_data_moved_or_touched_keeps_store_and_cursor_and_changed_content_makes_
     server.stop()
 
 
+def stores_of(server: ServerProcess) -> list[str]:
+    """The token stores the server logged as ready, in order."""
+    return [line.split("token store ready: ")[1].split(" ")[0].rsplit("/", 1)[1] for line in server.output
+            if "token store ready: " in line]
+
+
 def epochs(target: str, *, grow: Any = None, after: int = 0, state: dict[str, Any] | None = None
            ) -> tuple[dict[int, list[str]], dict[int, Counter[tuple[int, ...]]], dict[str, Any] | None]:
     """Every batch's digest and every row, by epoch, to the end of the run; `grow()` is called after `after` batches
@@ -129,6 +141,13 @@ def test_files_added_to_a_glob_are_served_from_the_next_epoch_building_only_thei
     assert grown[0] == whole[0]  # the current epoch is unaffected, batch for batch
     assert sum(grown_rows[1].values()) == 5 * PAIRS and set(grown_rows[1].values()) == {1}
     assert set(grown_rows[0]) < set(grown_rows[1])  # the next epoch serves every file, each sample once
+    with grpc.insecure_channel(server.target) as channel:
+        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=10)
+    members = [(m.epoch, list(m.files), m.content) for m in stats.datasets[0].epoch_members]
+    assert [m[:2] for m in members] == [(0, [3]), (1, [5])] and members[1][2] == stores_of(server)[-1]
+    printed = subprocess.run([*CLI, "stats", "--target", server.target], capture_output=True, text=True, timeout=60)
+    assert f"epochs' files: 0: 3 files (content {members[0][2]}); 1: 5 files (content {members[1][2]})" in \
+        printed.stdout, printed.stdout
     log = "".join(server.output)
     assert "2 written, 0 complete from before, 3 taken from the dataset's other stores" in log
     assert "epoch 1 serves the sources' files as they are now ([5] files per source" in log
