@@ -18,6 +18,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 KEPT = 64  # epochs whose membership is remembered (for GetStats and for ranks that lag)
+SERVED = 3  # the memberships of this many latest epochs are kept ready to serve (see `recent`)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Memberships:
         self.current, self.look, self.adopt, self.dataset = first, look, adopt, dataset
         self.known: dict[str, Membership] = {first.fingerprint: first}
         self.epochs: dict[int, str] = {}  # epoch -> membership fingerprint, as fixed here
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `adopt` may ask for `recent`
 
     def of_epoch(self, epoch: int) -> Membership:
         """The epoch's membership: the one fixed when it first opened here, else the sources as they are now."""
@@ -67,7 +68,15 @@ class Memberships:
             self.epochs[epoch] = self.current.fingerprint
             for old in sorted(self.epochs)[:-KEPT]:
                 del self.epochs[old]
+            kept = {*self.epochs.values(), self.current.fingerprint}
+            self.known = {fingerprint: m for fingerprint, m in self.known.items() if fingerprint in kept}
             return self.current
+
+    def recent(self) -> set[str]:
+        """The memberships of the SERVED latest epochs and the current one: what a server keeps ready to serve (an
+        older one is opened again if a cursor asks for it)."""
+        with self._lock:
+            return {*(self.epochs[e] for e in sorted(self.epochs)[-SERVED:]), self.current.fingerprint}
 
     def fixed(self) -> list[tuple[int, Membership]]:
         """The recent epochs' memberships, by epoch."""

@@ -183,6 +183,10 @@ class ServedDataset:
             lifecycle = self._lifecycle(self.lifecycle.fs, members)
             lifecycle.prepare(self._serve_store, show_bar=False)
             self.lifecycle = lifecycle
+            keep = self.memberships.recent() | {members.fingerprint}
+            with self._members_lock:  # memberships no recent epoch serves: opened again if a cursor asks
+                self._members = {fingerprint: layouts for fingerprint, layouts in self._members.items()
+                                 if fingerprint in keep}
 
     @property
     def progress(self) -> BuildProgress:
@@ -231,7 +235,10 @@ class ServedDataset:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
         self.counters = [SourceCounters.restore({**s.model_dump(), "spec": spec})  # data that moved: its spec now
                          for s, spec in zip(store.manifest.sources, self.specs, strict=True)]
-        self.layouts = self._members[store.manifest.fingerprint] = self._layouts(store)
+        layouts = self._layouts(store)
+        with self._members_lock:
+            self._members[store.manifest.fingerprint] = layouts
+        self.layouts = layouts
 
     def _layouts(self, store: TokenStore) -> EpochLayouts:
         """The epoch layouts of a store's samples, mixed."""
