@@ -84,6 +84,14 @@ def test_data_moved_or_touched_keeps_store_and_cursor_and_changed_content_makes_
     assert moved == reference[3:8]  # the cursor was accepted and continues exactly
     assert stores(tmp_path) == built and not any("tokenizing" in line for line in server.output)
 
+    for path in (tmp_path / "mnt" / "b").iterdir():  # touched where they lie
+        path.touch()
+    server = start_server(config(tmp_path, "mnt/b", cached=cached))
+    touched, _ = read(server.target, 5, state)
+    server.stop()
+    assert touched == reference[3:8]
+    assert stores(tmp_path) == built and not any("tokenizing" in line for line in server.output)
+
     changed = tmp_path / "mnt" / "b" / "p1.jsonl"
     changed.write_text(changed.read_text().replace("item_13(", "item_99("))
     server = start_server(config(tmp_path, "mnt/b", cached=cached))
