@@ -134,17 +134,18 @@ def epochs(target: str, *, grow: Any = None, after: int = 0, state: dict[str, An
     return digests, seen, saved
 
 
-def test_files_added_to_a_glob_are_served_from_the_next_epoch_building_only_their_shards(tmp_path: Path,
-                                                                                         start_server) -> None:
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
+def test_files_added_to_a_glob_are_served_from_the_next_epoch_building_only_their_shards(
+        tmp_path: Path, start_server, cached: bool) -> None:
     data = tmp_path / "data"
     pairs(data, 0, 2, 4)
-    server = start_server(config(tmp_path, "data", epochs=2))
+    server = start_server(config(tmp_path, "data", cached=cached, epochs=2))
     whole, whole_rows, _ = epochs(server.target)  # an uninterrupted run over the three files
     assert sum(whole_rows[0].values()) == 3 * PAIRS and whole_rows[0] == whole_rows[1]
     server.stop()  # (a server fixes each epoch's files when the epoch first opens there: a new run, a new server)
 
     # a run that sees files land in the middle of its first epoch (p1 sorts before the others: their indices move)
-    server = start_server(config(tmp_path, "data", epochs=2))
+    server = start_server(config(tmp_path, "data", cached=cached, epochs=2))
     grown, grown_rows, state = epochs(server.target, grow=lambda: pairs(data, 1, 6), after=3)
     assert grown[0] == whole[0]  # the current epoch is unaffected, batch for batch
     assert sum(grown_rows[1].values()) == 5 * PAIRS and set(grown_rows[1].values()) == {1}
@@ -152,20 +153,26 @@ def test_files_added_to_a_glob_are_served_from_the_next_epoch_building_only_thei
     with grpc.insecure_channel(server.target) as channel:
         stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=10)
     members = [(m.epoch, list(m.files), m.content) for m in stats.datasets[0].epoch_members]
-    assert [m[:2] for m in members] == [(0, [3]), (1, [5])] and members[1][2] == stores_of(server)[-1]
+    assert [m[:2] for m in members] == [(0, [3]), (1, [5])] and members[0][2] != members[1][2]
     printed = subprocess.run([*CLI, "stats", "--target", server.target], capture_output=True, text=True, timeout=60)
     assert f"epochs' files: 0: 3 files (content {members[0][2]}); 1: 5 files (content {members[1][2]})" in \
         printed.stdout, printed.stdout
     log = "".join(server.output)
-    assert "2 written, 0 complete from before, 3 taken from the dataset's other stores" in log
     assert "epoch 1 serves the sources' files as they are now ([5] files per source" in log
+    if cached:
+        assert members[1][2] == stores_of(server)[-1]
+        assert "2 written, 0 complete from before, 3 taken from the dataset's other stores" in log
     server.stop()
-    assert len(stores(tmp_path)) == 2
+    assert len(stores(tmp_path)) == (2 if cached else 0)
 
     # a checkpoint of the first epoch, taken before the files landed, resumes on a new server over the data it began
-    # with, then serves the grown data from the next epoch on, exactly as the live run did
-    server = start_server(config(tmp_path, "data", epochs=2))
-    resumed, _, _ = epochs(server.target, state=state)
-    assert resumed[0] == grown[0][3:] and resumed[1] == grown[1]
-    assert not any("tokenizing" in line for line in server.output)
+    # with (cached mode: from its store), then serves the grown data from the next epoch on, as the live run did
+    server = start_server(config(tmp_path, "data", cached=cached, epochs=2))
+    if cached:
+        resumed, _, _ = epochs(server.target, state=state)
+        assert resumed[0] == grown[0][3:] and resumed[1] == grown[1]
+        assert not any("tokenizing" in line for line in server.output)
+    else:  # streaming reads the files as they are now: that epoch cannot be continued, and says so
+        with pytest.raises(Exception, match="changed since"):
+            epochs(server.target, state=state)
     server.stop()
