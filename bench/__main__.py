@@ -24,6 +24,7 @@ from bench import (
     cached,
     epoch_waste,
     exact,
+    incremental_build,
     local_ranks,
     locality,
     memory,
@@ -53,7 +54,8 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "streaming_cpu_8_vs_1_ranks": ("server CPU s per epoch", "<= 1.1"),
            "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
            "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", ""),
-           "remote_first_batch_vs_local": ("s", "<= 2"), "remote_read_vs_local": ("MB/s", "")}
+           "remote_first_batch_vs_local": ("s", "<= 2"), "remote_read_vs_local": ("MB/s", ""),
+           "incremental_build_10pct_vs_full": ("s", "<= 0.2"), "identity_warm_vs_cold_s": ("s", "")}
 STALL_DATASETS = ["default", "stream"]
 
 
@@ -164,6 +166,8 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         r.add(metric)
     for metric in r.guard("remote_", lambda: remote_sources.measure(
             megabytes=24 if work.quick else remote_sources.MB, rounds=2 if work.quick else 3)) or []:
+        r.add(metric)
+    for metric in r.guard("incremental_build_10pct_vs_full", lambda: incremental_build.measure(work)) or []:
         r.add(metric)
     for name, (unit, target) in TARGETS.items():
         r.metrics.setdefault(name, skipped(name, unit, target, "its step did not run"))

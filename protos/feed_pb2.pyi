@@ -164,7 +164,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs", "streams_opened", "streams_closed", "shared_reads"]
+    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs", "streams_opened", "streams_closed", "shared_reads", "epoch_members"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class DatasetStats(_message.Message):
     STREAMS_OPENED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     SHARED_READS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     info: DatasetInfo
     sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
@@ -191,7 +192,18 @@ class DatasetStats(_message.Message):
     streams_opened: int
     streams_closed: int
     shared_reads: SharedReads
-    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ...) -> None: ...
+    epoch_members: _containers.RepeatedCompositeFieldContainer[EpochMembers]
+    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ..., epoch_members: _Optional[_Iterable[_Union[EpochMembers, _Mapping]]] = ...) -> None: ...
+
+class EpochMembers(_message.Message):
+    __slots__ = ["epoch", "content", "files"]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    content: str
+    files: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., content: _Optional[str] = ..., files: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SharedReads(_message.Message):
     __slots__ = ["blocks_read", "blocks_shared", "samples_read"]

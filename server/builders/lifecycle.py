@@ -20,7 +20,8 @@ from ..store.owner import reclaim
 from ..store.reader import TokenStore, open_store
 from ..store.retry import BUILD_BACKOFF
 from ..store.shard_cache import ShardCache
-from .local_engine import BuildProgress, SourcePlan, StoreBuilder, build_store
+from .changes import say_why_new
+from .local_engine import BuildProgress, SourcePlan, StoreBuilder, build_store, store_inputs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class StoreLifecycle:
         self.ready = threading.Event()
         self._wait: Progress | None = None  # while another process builds: a line every so often, or a bar
         self._said: set[str] = set()  # why the store must be rebuilt, logged once per start
+        self._told_why = False  # which files changed since the dataset's previous store: logged once per start
 
     @property
     def path(self) -> str:
@@ -125,7 +127,11 @@ class StoreLifecycle:
         """Build (or finish) the store, stopping if the lease is taken over; then open it."""
         self._waited()
         self.progress.samples = self.progress.tokens = 0  # a retry counts from zero again
-        build(self.plans(), self.encoder, fs=self.fs, store=self.store_dir, fingerprint=self.fingerprint,
+        plans = self.plans()
+        if not self._told_why:
+            self._told_why = True
+            say_why_new(self.fs, self.dataset, self.fingerprint, store_inputs(plans), [p.spec for p in plans])
+        build(plans, self.encoder, fs=self.fs, store=self.store_dir, fingerprint=self.fingerprint,
               dataset=self.dataset, with_prompts=self.with_prompts, progress=self.progress, show_bar=show_bar,
               check=lease.check if lease is not None else lambda: None)
         self.store = self._open(serve=serve, verify=False)

@@ -8,11 +8,12 @@ chunk (Python) overlaps with encoding the current one (Rust, no GIL).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..pipeline.stage import Stage
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..progress import PartMeter, Progress
 from ..store.format import (
+    InputFile,
     Manifest,
     ShardFacts,
     ShardRows,
@@ -38,6 +40,7 @@ from ..store.format import (
 )
 from ..store.fs import StoreFS
 from ..store.owner import new_owner
+from .reuse import Donor, adopt_shard, donor_shards
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class SourcePlan:
     open: Callable[[], Source]
     rules: CurateRules  # without task weights: copies are a serve-time decision
     shard_records: int  # raw records per part (the dataset setting)
+    identities: list[object] = field(default_factory=list)  # each file's content identity (Source.file_identities)
+    shard_key: str = ""  # what names its shards beside their input: the sample settings (default: the store's)
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,23 @@ class Part:
 
 
 def source_parts(index: int, plan: SourcePlan, source: Source, fingerprint: str) -> list[Part]:
-    """A source's parts in store order (file, then part). A file of one part keeps the name of a whole-file
-    shard; the names of a file cut in several parts include `shard_records`, so a rerun with another size
-    never mistakes one part for another."""
+    """A source's parts in store order (file, then part). A shard's name derives from `plan.shard_key` (else the
+    store's fingerprint), the source's index and its file's content identity (with how many files before it in the
+    source have the same content), never its path or index: data that moved keeps its shards, and a store of more
+    files takes the shards of those it shares with another store (reuse.py). A file of one part keeps the name of a
+    whole-file shard; the names of a file cut in several parts include `shard_records`, so a rerun with another
+    size never mistakes one part for another."""
     parts = []
-    for file, path in enumerate(plan.files):
+    seen: dict[str, int] = {}
+    for file, content in enumerate(source.file_identities()):
+        key = json.dumps(content, default=str)
+        same = seen[key] = seen.get(key, -1) + 1
         starts = source.part_starts(file, plan.shard_records)
-        identity = path if len(starts) == 1 else [path, plan.shard_records]
+        identity = [content, same] if len(starts) == 1 else [content, same, plan.shard_records]
         for k, start in enumerate(starts):
             end = starts[k + 1].row if k + 1 < len(starts) else None
-            parts.append(Part(index, file, k, start, end, shard_name(fingerprint, index, identity, k)))
+            parts.append(Part(index, file, k, start, end, shard_name(plan.shard_key or fingerprint, index, identity,
+                                                                     k)))
     return parts
 
 
@@ -142,6 +154,14 @@ def complete_shard(fs: StoreFS, store: str, name: str, dtype: np.dtype) -> Shard
     return None
 
 
+def store_inputs(plans: list[SourcePlan]) -> list[list[InputFile]] | None:
+    """Per source, its files' paths and content identities (None if a plan does not know its identities)."""
+    if any(len(plan.identities) != len(plan.files) for plan in plans):
+        return None
+    return [[InputFile(path=path, identity=list(identity) if isinstance(identity, list) else [identity])
+             for path, identity in zip(plan.files, plan.identities, strict=True)] for plan in plans]
+
+
 def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], shards: list[ShardFacts],
            encoder: Encoder, *, dataset: str, engine: str) -> Manifest:
     """Write the manifest of every shard in store order (the commit point), then drop a format-1 store's files."""
@@ -152,7 +172,8 @@ def commit(fs: StoreFS, store: str, fingerprint: str, plans: list[SourcePlan], s
         dataset=dataset, shards=shards,
         sources=[merge_accounting(plan.spec, [s for s in shards if s.source == i]) for i, plan in enumerate(plans)],
         tokenizer_fingerprint=encoder.fingerprint, tokenizer_backend=encoder.backend_name,  # type: ignore[arg-type]
-        token_facts=encoder.facts(), engine=engine, built_by=new_owner().label)
+        token_facts=encoder.facts(), engine=engine, built_by=new_owner().label,
+        inputs=store_inputs(plans))
     write_manifest(fs, store, manifest)
     for name in LEGACY_FILES:
         fs.delete(f"{store}/{name}")
@@ -168,7 +189,8 @@ class LocalBuilder:
         self.with_prompts, self.progress = with_prompts, progress
         self.dtype = ids_dtype(encoder.vocab_size)
         self.show_bar = show_bar
-        self.written = self.skipped = 0
+        self.written = self.skipped = self.reused = 0  # skipped: complete already or reused (of them: reused)
+        self.donors: dict[str, Donor] = {}  # shards of the dataset's other stores, by name
 
     def _rows(self, samples: list[Sample], encoded: EncodedBatch, counters: SourceCounters) -> ShardRows:
         counters.add_lengths(encoded.lengths)
@@ -190,6 +212,9 @@ class LocalBuilder:
     def shard(self, plan: SourcePlan, source: Source, part: Part, pool: ThreadPoolExecutor) -> ShardFacts:
         """One part's shard: the complete one already there (not read again), or a new one."""
         done = complete_shard(self.fs, self.store, part.name, self.dtype)
+        if done is None and part.name in self.donors and self.donors[part.name].facts.dtype == self.dtype.str:
+            done = adopt_shard(self.fs, self.store, self.donors[part.name], source=part.source, file=part.file)
+            self.reused += done is not None
         if done is not None:
             self.skipped += 1
             self.progress.samples += done.samples
@@ -207,6 +232,7 @@ class LocalBuilder:
         shard and before the commit, and raises to stop (a build lease that was taken over)."""
         self.progress.state = "building"
         started = time.monotonic()
+        self.donors = donor_shards(self.fs, self.store, dataset)
         shards = []
         meter = PartMeter(f for plan in plans for f in plan.files)
         with Progress(f"dataset {dataset}: tokenizing into {self.fs.uri(self.store)}", label=f"tokenizing {dataset}",
@@ -222,9 +248,10 @@ class LocalBuilder:
         check()
         manifest = commit(self.fs, self.store, self.fingerprint, plans, shards, self.encoder, dataset=dataset,
                           engine="local")
-        log.info("token store ready: %s (%d samples, %d tokens, %d shards: %d written, %d complete from before; "
-                 "%.1f s)", self.fs.uri(self.store), manifest.samples, manifest.tokens, len(shards), self.written,
-                 self.skipped, time.monotonic() - started)
+        log.info("token store ready: %s (%d samples, %d tokens, %d shards: %d written, %d complete from before, "
+                 "%d taken from the dataset's other stores; %.1f s)", self.fs.uri(self.store), manifest.samples,
+                 manifest.tokens, len(shards), self.written, self.skipped - self.reused, self.reused,
+                 time.monotonic() - started)
         return manifest
 
 

@@ -44,6 +44,7 @@ from .local_engine import (
     shard_rows,
     source_parts,
 )
+from .reuse import adopt_shard, donor_shards
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,17 @@ def build_store(plans: list[SourcePlan], encoder: Encoder, *, fs: StoreFS, store
 
     started = time.monotonic()
     shards = [part for i, plan in enumerate(plans) for part in source_parts(i, plan, plan.open(), fingerprint)]
+    dtype = ids_dtype(encoder.vocab_size)
+    donors = donor_shards(fs, store, dataset)  # data that grew: shards the dataset's other stores hold, taken here
+    for part in shards:
+        donor = donors.get(part.name)
+        if donor is not None and donor.facts.dtype == dtype.str and complete_shard(fs, store, part.name, dtype) is None:
+            adopt_shard(fs, store, donor, source=part.source, file=part.file)
     meter = PartMeter(f for plan in plans for f in plan.files)
     shares = [share for i, plan in enumerate(plans)
               for share in meter.shares(plan.files, [p.file for p in shards if p.source == i])]
     job = Job(portable(plans, encoder), shards, EncoderSpec.of(encoder), fs.root if fs.is_local else fs.location,
-              store, ids_dtype(encoder.vocab_size).str, with_prompts)
+              store, dtype.str, with_prompts)
     progress.state = "building"
     found: dict[int, ShardFacts] = {}
     written = 0

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -111,6 +113,8 @@ def _stats(args: argparse.Namespace) -> int:
         console.print(sources)
         if ds.info.mode == "cached":
             console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
+        if ds.epoch_members:
+            console.print("epochs' files: " + _members_text(ds.epoch_members))
         if ds.clients:
             clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
                             "credits", "lag s", "input-bound", "connected s")
@@ -120,6 +124,18 @@ def _stats(args: argparse.Namespace) -> int:
                                 input_bound_text(c.input_bound), f"{c.connected_s:.0f}")
             console.print(clients)
     return 0
+
+
+def _members_text(members: Iterable[feed_pb2.EpochMembers]) -> str:
+    """Runs of epochs over the same files: `0-2: 18 files (content 5f0e...); 3: 20 files (content 9a1c...)`."""
+    runs: list[list[Any]] = []
+    for m in members:
+        if runs and runs[-1][2] == m.content and runs[-1][1] + 1 == m.epoch:
+            runs[-1][1] = m.epoch
+        else:
+            runs.append([m.epoch, m.epoch, m.content, list(m.files)])
+    return "; ".join(f"{a if a == b else f'{a}-{b}'}: {'+'.join(map(str, files))} files (content {content})"
+                     for a, b, content, files in runs)
 
 
 def _store_text(cache: feed_pb2.CacheState) -> str:

@@ -34,7 +34,9 @@ class Feed:
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
+        self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
         if start is not None and start.state is not None:
+            self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
             self.packer = packer = self._open_epoch()
             state = start.state
             try:
@@ -51,12 +53,15 @@ class Feed:
                               "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
+        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server."""
+        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                   batch_size=self.batch_size, seq_len=self.seq_len)
+                                   batch_size=self.batch_size, seq_len=self.seq_len, members=self.members)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = None if packer is None else packer.get_state()
-        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state).encode(self.secret)
+        members = self.members or "" if packer is not None else ""
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -78,5 +83,5 @@ class Feed:
         if self.packer.row == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
         ended, end_row = self.epoch, self.packer.row
-        self.epoch, self.packer = self.epoch + 1, None
+        self.epoch, self.packer, self.members = self.epoch + 1, None, None  # the next epoch: the data as it is then
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

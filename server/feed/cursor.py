@@ -1,12 +1,13 @@
 """Stream cursors: small, versioned, signed bytes that say where an epoch's stream resumes.
 
-Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch",
-"seq_len", "state": the packer's composed stage state}. The tag is an HMAC-SHA256 keyed by the server's cursor
-secret (`server.cursor_secret_env`; empty when unset) over the version and the body, which holds the
-fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on any server
-with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state schema
-(`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the schemas of the stages
-before them, each defined beside its stage), checked as a whole before any stage sees it; its JSON is each
+Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch", "seq_len",
+"state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
+fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py)}. The tag is an HMAC-SHA256
+keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version and the body,
+which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on
+any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state
+schema (`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the schemas of the
+stages before them, each defined beside its stage), checked as a whole before any stage sees it; its JSON is each
 schema's fields in order, a source's `offset` left out when it has none.
 
 The position is global (see deal.py): the global row where the next window of the epoch starts, with, in
@@ -47,6 +48,7 @@ class _Body(BaseModel):
     epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
     seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
     state: PackerState | None
+    members: Annotated[str, Field(max_length=64)] = ""
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,14 @@ class Cursor:
     epoch: int
     seq_len: int
     state: PackerState | None  # None: the start of `epoch`
+    members: str = ""  # the epoch's membership (the content fingerprint of its sources' files); "" before it starts
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
         state = None if self.state is None else self.state.model_dump(mode="json", exclude_none=True)
-        body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
+        body: dict[str, Any] = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
+        if self.members:
+            body["members"] = self.members
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 
@@ -110,4 +115,4 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     if body.seq_len != seq_len:
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
-    return Cursor(body.fp, body.epoch, body.seq_len, body.state)
+    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members)

@@ -25,7 +25,7 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, Refused, SourceError
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.chat import MessagesFormat
@@ -37,14 +37,15 @@ from ..pipeline.sources import Source, open_source
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
 from ..runtime import Runtime
-from ..store.format import TokenFacts, store_dir
-from ..store.fs import is_uri, resolve
-from ..store.reader import TokenStore
+from ..store.format import StoreDamaged, TokenFacts, store_dir
+from ..store.fs import StoreFS, is_uri, resolve
+from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
 from ..streaming.block_order import BlockShuffle
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
+from .membership import Membership, Memberships
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,25 @@ class ServedDataset:
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
                                           backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
-        self.files: list[list[str] | None] = [None] * len(self.specs)
-        probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
-        self.files = [list(p.files) for p in probes]  # fixed from here on (a Hub source ignores them)
+        probes = [self._opener(i, None)() for i in range(len(self.specs))]  # fails fast on missing sources
         self.weights = _source_weights(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
-        self.content_fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(CONTENT_SETTINGS)),
-                                                [p.identity() for p in probes],
-                                                self.encoder.fingerprint)
-        self.fingerprint = _fingerprint(self.section.model_dump(mode="json", include=set(ORDER_SETTINGS)),
-                                        self.config.pack, self.content_fingerprint, ORDER_REVISION)
+        # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
+        samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), self.encoder.fingerprint)
+        first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
+        self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name)
+        # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
+        # at its start (its membership, in the cursor): data that grows keeps every cursor
+        self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS, self.weights),
+                                        self.config.pack, samples, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
-        self.store_dir = store_dir(fs, self.content_fingerprint)
-        self.lifecycle = StoreLifecycle(self.name, fs, self.store_dir, self.content_fingerprint,
-                                        encoder=self.encoder, plans=self._source_plans,
-                                        with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
-        self.layouts: EpochLayouts | None = None  # cached mode, once the store is open
+        self.lifecycle = self._lifecycle(fs, self.memberships.current)
+        self.layouts: EpochLayouts | None = None  # cached mode, once the store is open: the current membership's
+        self._members: dict[str, EpochLayouts] = {}  # every membership's layouts opened here (members_layouts)
+        self._members_lock = threading.Lock()
         self.working_set: RanksWorkingSet | None = None  # a remote store: the latest ranks' working set
         self._open_epochs: weakref.WeakKeyDictionary[CachedPacker, tuple[int, int, int]] = \
             weakref.WeakKeyDictionary()  # each open epoch's (epoch, world size, rank)
@@ -132,6 +133,59 @@ class ServedDataset:
         if not self.cached:
             self.lifecycle.progress.state = "ready"
             self.lifecycle.ready.set()
+
+    @property
+    def content_fingerprint(self) -> str:
+        """The current membership's content fingerprint: its token store's name."""
+        return self.memberships.current.fingerprint
+
+    @property
+    def files(self) -> list[list[str]]:
+        """The current membership's files, per source."""
+        return self.memberships.current.files
+
+    @property
+    def store_dir(self) -> str:
+        """The current membership's token store folder."""
+        return self.lifecycle.store_dir
+
+    def _lifecycle(self, fs: StoreFS, members: Membership) -> StoreLifecycle:
+        return StoreLifecycle(self.name, fs, store_dir(fs, members.fingerprint), members.fingerprint,
+                              encoder=self.encoder, plans=partial(self._source_plans, members.files),
+                              with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
+
+    def _membership(self, files: list[list[str]], identities: list[list[object]]) -> Membership:
+        """Files and their identities as a membership, named by the content fingerprint of their token store."""
+        fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), identities,
+                                   self.encoder.fingerprint)
+        return Membership(fingerprint, files, identities)
+
+    def _look(self) -> Membership:
+        """What the sources hold now: local and Parquet sources' paths expanded again and their files' identities
+        taken (a Hub source, or one whose path names nothing now, keeps its files)."""
+        current = self.memberships.current
+        files, identities = list(current.files), list(current.identities)
+        for index, spec in enumerate(self.specs):
+            if _source_kind(spec) not in ("local", "parquet"):
+                continue
+            try:
+                source = self._opener(index, None)()
+            except SourceError as err:
+                log.warning("dataset %s: %s; the source keeps the files it had", self.name, err)
+                continue
+            files[index], identities[index] = list(source.files), source.identity()
+        return self._membership(files, identities)
+
+    def _adopt(self, members: Membership) -> None:
+        """Ready a new membership to serve: cached mode, its token store opened, or built (only its new shards)."""
+        if self.cached:
+            lifecycle = self._lifecycle(self.lifecycle.fs, members)
+            lifecycle.prepare(self._serve_store, show_bar=False)
+            self.lifecycle = lifecycle
+            keep = self.memberships.recent() | {members.fingerprint}
+            with self._members_lock:  # memberships no recent epoch serves: opened again if a cursor asks
+                self._members = {fingerprint: layouts for fingerprint, layouts in self._members.items()
+                                 if fingerprint in keep}
 
     @property
     def progress(self) -> BuildProgress:
@@ -163,16 +217,13 @@ class ServedDataset:
         return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
                                         any_slot=self.section.shard_cache_dir is None)
 
-    def _open(self, index: int) -> Source:
-        return self._opener(index)()
-
-    def _opener(self, index: int) -> Callable[[], Source]:
+    def _opener(self, index: int, files: list[str] | None) -> Callable[[], Source]:
         """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
-        files found at start: a file deleted or added since is no reason for the others to change their index
-        (a deleted one reads as a bad file, counted)."""
+        files of a membership (None: those its path names now): a file deleted or added since is no reason for the
+        others to change their index (a deleted one reads as a bad file, counted)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
         return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
-                       files=self.files[index])
+                       files=files)
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
         """Cached mode: open (or build, or wait for) the token store, then lay out its served sequence."""
@@ -181,14 +232,40 @@ class ServedDataset:
 
     def _serve_store(self, store: TokenStore) -> None:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
+        self.counters = [SourceCounters.restore({**s.model_dump(), "spec": spec})  # data that moved: its spec now
+                         for s, spec in zip(store.manifest.sources, self.specs, strict=True)]
+        layouts = self._layouts(store)
+        with self._members_lock:
+            self._members[store.manifest.fingerprint] = layouts
+        self.layouts = layouts
+
+    def _layouts(self, store: TokenStore) -> EpochLayouts:
+        """The epoch layouts of a store's samples, mixed."""
         section = self.section
-        self.counters = [SourceCounters.restore(s.model_dump()) for s in store.manifest.sources]
         sequence = served_sequence(store, sources=len(self.specs), mode=section.interleave_mode,
                                    stopping=section.stopping_strategy, weights=self.weights,
                                    task_weights=section.task_weights, seed=section.shuffle_seed or 0)
-        self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
-                                    seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                                    pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
+        return EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
+                            seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
+                            pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
+
+    def members_layouts(self, members: str) -> EpochLayouts:
+        """The epoch layouts of an epoch that began over another membership of the sources' files (files added or
+        changed since): the store of that membership, which must still be in the cache folder, else Refused."""
+        with self._members_lock:
+            if members not in self._members:
+                fs = self.lifecycle.fs
+                cache = self._shard_cache() if not fs.is_local else None
+                try:
+                    store = open_store(fs, store_dir(fs, members), members, shard_cache=cache, verify=False)
+                except StoreDamaged as err:
+                    raise Refused(f"cursor: its epoch began over the sources' files as they were then (token store "
+                                  f"{members}), which changed since, and that store cannot be opened ({err}): "
+                                  "resume from the epoch's end, or restore that store in the cache folder") from None
+                log.info("dataset %s: serving an epoch begun over an earlier membership of the sources' files from "
+                         "its token store %s", self.name, store.location)
+                self._members[members] = self._layouts(store)
+            return self._members[members]
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
@@ -205,19 +282,31 @@ class ServedDataset:
         """Block until the dataset can serve (see StoreLifecycle.wait_ready)."""
         self.lifecycle.wait_ready()
 
-    def _source_plans(self) -> list[SourcePlan]:
-        """What the store builder reads: every source with its rules, task weights left to serve time."""
+    def _source_plans(self, files: list[list[str]]) -> list[SourcePlan]:
+        """What the store builder reads: every source over a membership's files with its rules, task weights left to
+        serve time."""
         plans = []
         for index, spec in enumerate(self.section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format(), messages_format=self.encoder.format_messages)
-            plans.append(SourcePlan(spec.name, list(self._open(index).files), self._opener(index), rules,
-                                    self.section.shard_records))
+            source = self._opener(index, files[index])()
+            plans.append(SourcePlan(spec.name, list(source.files), self._opener(index, files[index]), rules,
+                                    self.section.shard_records, source.file_identities(), self._shard_key(index)))
         return plans
 
-    def mix(self) -> Mixer:
-        """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
+    def _shard_key(self, index: int) -> str:
+        """What names a source's shards beside their input (local_engine.source_parts): the settings that decide its
+        samples and tokens, not the other sources nor the store's membership, so a store of more data takes the
+        shards it shares with the dataset's other stores."""
+        settings = _without_paths(self.section, CONTENT_SETTINGS, self.weights)
+        settings["names"] = settings["names"][index]
+        return _fingerprint(settings, self.encoder.fingerprint)
+
+    def mix(self, files: list[list[str]] | None = None) -> Mixer:
+        """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's), counting into
+        this dataset's counters."""
+        files = files or self.files
         section = self.section
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
@@ -226,24 +315,33 @@ class ServedDataset:
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format, messages_format=self.encoder.format_messages)
-            children.append(CuratedSource(self._open(index), rules, self.counters[index]))
+            children.append(CuratedSource(self._opener(index, files[index])(), rules, self.counters[index]))
         return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
 
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
-    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
-        """One rank's epoch as a stage chain ending in a packer."""
+    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+               members: str | None = None) -> Packer | CachedPacker:
+        """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
+        membership, from its cursor; None: the one fixed for the epoch here, see membership.py)."""
         section = self.section
+        members = members or self.memberships.of_epoch(epoch).fingerprint
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layout = self.layouts[epoch]
-            cached = CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
+            layouts = self.members_layouts(members)
+            layout = layouts[epoch]
+            cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
+        membership = self.memberships.of(members)
+        if membership is None:
+            raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
+                          "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
+                          "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
+        blocks_order = BlockShuffle(self.mix(membership.files), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
@@ -348,6 +446,24 @@ def _first_samples(sources: list[Source], pair_format: ChatFormat, messages_form
         except SourceError:
             continue  # reading it for real reports the error where it belongs
     return samples
+
+
+def _without_paths(section: DatasetSection, settings: tuple[str, ...], weights: list[float]) -> dict[str, Any]:
+    """The settings as a fingerprint holds them, free of where local data lies (data that moves keeps its store and
+    cursors): a source is its kind and filter override (its files' content is in the fingerprint beside), and
+    dataset weights are by source index (their keys name the sources by path)."""
+    values = section.model_dump(mode="json", include=set(settings))
+    if "names" in values:
+        values["names"] = [[_source_kind(s.name), s.filter] for s in section.names]
+    if values.get("dataset_weights") is not None:
+        values["dataset_weights"] = weights
+    return values
+
+
+def _source_kind(spec: str) -> str:
+    """A source spec without a local path: `local`, `parquet`, or the spec itself (a Hub dataset is its name)."""
+    prefix, colon, _ = spec.partition(":")
+    return prefix if colon and prefix in ("local", "parquet") else spec
 
 
 def _source_weights(section: DatasetSection, specs: list[str], file: str) -> list[float]:

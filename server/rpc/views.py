@@ -7,6 +7,7 @@ from typing import Any
 
 from ...protos import feed_pb2
 from ...protos.constants import WAIT_BUCKETS_S
+from ..feed.membership import Memberships
 from ..feed.served import ServedDataset
 from ..observe.input_bound import InputBoundView, JobView, input_bound
 from ..observe.streams import OpenStream
@@ -25,6 +26,13 @@ def dataset_info(dataset: ServedDataset) -> feed_pb2.DatasetInfo:
         pad_id=facts.pad_id, max_seq_len=dataset.config.max_seq_len, pack=dataset.config.pack,
         completion_only=section.completion_only, mode="cached" if dataset.cached else "streaming",
         fingerprint=dataset.fingerprint, sources=dataset.specs, virtual_ranks=dataset.virtual)
+
+
+def epoch_members(memberships: Memberships) -> list[feed_pb2.EpochMembers]:
+    """The files each recent epoch serves, as fixed when it first opened here (oldest first)."""
+    fixed = memberships.fixed()
+    return [feed_pb2.EpochMembers(epoch=epoch, content=members.fingerprint, files=members.counts)
+            for epoch, members in fixed]
 
 
 def source_stats(counters: SourceCounters) -> feed_pb2.SourceStats:

@@ -82,7 +82,7 @@ def ids_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(content_fingerprint: str, source: int, identity: Any, part: int = 0) -> str:
     """A shard's name, derived from its inputs: the store's content fingerprint, the source's index, the
-    identity of what it reads (a file's path, size and mtime, or a Hugging Face dataset's fingerprint) and
+    identity of what it reads (a file's index and content identity, or a Hugging Face dataset's fingerprint) and
     the part of that input. `s{source:03d}-{hash16}`: names sort by source."""
     key = json.dumps([content_fingerprint, source, identity, part], sort_keys=True, default=str).encode()
     return f"s{source:03d}-{xxhash.xxh3_64_hexdigest(key)}"
@@ -169,6 +169,15 @@ class TokenFacts:
     pad_id: int
 
 
+class InputFile(BaseModel):
+    """One file a store was built from: where it was then (for people), and its content identity (what counts)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    path: str
+    identity: list[Any]
+
+
 class Manifest(BaseModel):
     """`manifest.json`: the commit point of a store, and everything the server needs to serve it."""
 
@@ -189,6 +198,7 @@ class Manifest(BaseModel):
     engine: str = "local"
     built_by: str = ""
     samples_index: SamplesIndex | None = None  # written at commit; None in stores committed before
+    inputs: list[list[InputFile]] | None = None  # per source, its files in order; None in stores committed before
 
     @model_validator(mode="after")
     def _counts_agree(self) -> Manifest:

@@ -18,6 +18,7 @@ from sigil_feed.server.config import load_config
 from sigil_feed.server.feed.served import ServedDataset, open_datasets
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.hf import HfSource
+from sigil_feed.server.pipeline.sources.identity import local_file_identities
 from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.format import MANIFEST, shard_name, shard_paths
@@ -25,7 +26,7 @@ from tests.conftest import rust_pair, write_config, write_jsonl
 
 
 def dataset(tmp_path: Path, location: str, runtime: Runtime) -> ServedDataset:
-    """A cached dataset of three files of ten pairs (written once: their mtimes are part of the fingerprint)."""
+    """A cached dataset of three files of ten pairs."""
     config = tmp_path / "c.yaml"
     if not config.exists():
         for f in range(3):
@@ -72,7 +73,7 @@ def test_a_rerun_writes_only_the_shards_that_are_not_complete(tmp_path: Path, lo
 def split_corpus(tmp_path: Path) -> None:
     """`data/big.jsonl` of 35 lines (a blank line, a malformed line, a record of another split, and ten blank
     lines: the second part of ten has no record), `data/small.jsonl` of 3 pairs, and `grid.parquet` of 25 rows
-    in row groups of 7 (written once: their mtimes are part of the fingerprint)."""
+    in row groups of 7."""
     if (tmp_path / "data").exists():
         return
     big: list = [rust_pair(i) for i in range(35)]
@@ -127,7 +128,8 @@ def test_a_file_of_n_records_is_ceil_n_over_r_shards_holding_its_rows_and_nothin
     # a file of one part keeps the name of a whole-file shard: stores built before parts stay valid
     small = split.store.manifest.shards[4]
     assert small == whole.store.manifest.shards[1]
-    assert small.name == shard_name(split.content_fingerprint, 0, str(tmp_path / "data" / "small.jsonl"))
+    small_file = str(tmp_path / "data" / "small.jsonl")
+    assert small.name == shard_name(split._shard_key(0), 0, [local_file_identities([small_file])[0], 0])
     assert not {s.name for s in shards[:4]} & {s.name for s in whole.store.manifest.shards}
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..stage import Count, Stage, StageState
+from .identity import local_file_identities
 
 
 @dataclass(slots=True)
@@ -47,8 +46,13 @@ class Source(Stage[RawRecord, SourceState]):
         return [SourceState(file=file, row=0)]
 
     def identity(self) -> list[object]:
-        """What the fingerprint of this source's data is made of: each file's path, size and mtime."""
-        return [file_identity(f) for f in self.files]
+        """What the fingerprint of this source's data is made of: its files' identities, in order."""
+        return list(self.file_identities())
+
+    def file_identities(self) -> list[object]:
+        """What each file's data is, independent of where it lies (see identity.py): a local file's size and
+        content digest, never its path or mtime."""
+        return list(local_file_identities(self.files))
 
 
 class RowSource(Source):
@@ -80,12 +84,3 @@ class RowSource(Source):
 def row_starts(file: int, rows: int, every: int) -> list[SourceState]:
     """The states of rows 0, every, 2*every, ... of a file of `rows` rows (row 0 even if it has none)."""
     return [SourceState(file=file, row=row) for row in range(0, max(rows, 1), every)]
-
-
-def file_identity(path: str) -> list[object]:
-    """A file's resolved path, size and modification time (just the path if it cannot be read)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return [path]
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]

@@ -66,6 +66,10 @@ class HfSource(RowSource):
         """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
         return [self.files[0], getattr(self._data, "_fingerprint", None)]
 
+    def file_identities(self) -> list[object]:
+        """Its one "file": the dataset's name and fingerprint."""
+        return [self.identity()]
+
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the split."""
         return row_starts(file, len(self._data), every)

@@ -137,9 +137,9 @@ class JsonlSource(Source):
         self._pos = (state.file, state.row, state.offset)
         self._it = self._read(*self._pos)
 
-    def identity(self) -> list[object]:
-        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
-        return remote_identity(self.files) or super().identity()
+    def file_identities(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by size and ETag or checksum."""
+        return remote_identity(self.files) or super().file_identities()
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th line of a plain file with its byte offset, found by one pass over its lines. A

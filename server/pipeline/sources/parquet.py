@@ -45,9 +45,9 @@ class ParquetSource(RowSource):
         self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
         self._start()
 
-    def identity(self) -> list[object]:
-        """Local files as every source identifies them; remote objects by path, ETag or checksum, and size."""
-        return remote_identity(self.files) or super().identity()
+    def file_identities(self) -> list[object]:
+        """Local files as every source identifies them; remote objects by size and ETag or checksum."""
+        return remote_identity(self.files) or super().file_identities()
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading

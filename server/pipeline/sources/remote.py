@@ -245,14 +245,14 @@ def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def object_identity(uri: str) -> list[object]:
-    """What identifies a remote file's content: its path, its ETag or checksum (the Hub's LFS sha256 or git blob
-    id) and its size; the path alone if it cannot be reached."""
+    """What identifies a remote file's content wherever it lies, as `[size, digest]` does a local file's: its size
+    and its ETag or checksum (the Hub's LFS sha256 or git blob id); the path alone if it cannot be reached."""
     fs, path = locate(uri)
     try:
         if uri.startswith("hf://"):
             info = retrying(uri, lambda: fs.handler.fs.info(path))
             lfs = info.get("lfs") or {}
-            return [uri, lfs.get("sha256") or info.get("blob_id"), info.get("size")]
+            return [info.get("size"), lfs.get("sha256") or info.get("blob_id")]
 
         def head() -> list[object]:
             with fs.open_input_file(path) as f:
@@ -260,7 +260,7 @@ def object_identity(uri: str) -> list[object]:
                 tag = next((meta[k] for k in ETAG_KEYS if k in meta), None)
                 if tag is None:  # a store that gives no checksum: its modification time instead
                     tag = str(fs.get_file_info(path).mtime_ns)
-                return [uri, tag.decode() if isinstance(tag, bytes) else tag, f.size()]
+                return [f.size(), tag.decode() if isinstance(tag, bytes) else tag]
         return retrying(uri, head)
     except OSError:
         return [uri]
