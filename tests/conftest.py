@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 import zstandard
+from hypothesis import settings
 
 from sigil_feed.server.runtime import Runtime
 
@@ -26,6 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = REPO / "server" / "default"
 TOKENIZER_DIR = DEFAULT_DIR / "tokenizer"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+# Property tests check values, not speed: on 2 busy cores an example may take longer than hypothesis's 200 ms
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 
 def rust_pair(i: int, split: str = "train", task: str = "completion") -> dict[str, Any]:

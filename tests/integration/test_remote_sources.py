@@ -227,7 +227,7 @@ def test_sources_in_a_bucket_serve_the_epochs_of_the_same_files_on_disk_in_both_
 def test_streaming_serves_its_first_batch_after_reading_a_small_part_of_the_bucket(
         tmp_path: Path, s3_bucket: str, s3_endpoint: str, start_server, monkeypatch: pytest.MonkeyPatch) -> None:
     total = 0
-    for f in range(3):
+    for f in range(4):  # 11 MB; the first batch needs the first two 1 MiB ranges of one file
         data = lines([code(i, pad=400) for i in range(f * 6000, (f + 1) * 6000)])
         total += len(data)
         put(f"{s3_bucket}/big/part{f}.jsonl", data)
