@@ -34,7 +34,9 @@ class Feed:
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
+        self.mixture = dataset.mixtures.at(self.epoch)  # the open epoch's (a resumed epoch: its cursor's)
         if start is not None and start.state is not None:
+            self.mixture = dataset.mixtures.resumed(self.epoch, start.mixture)
             self.packer = packer = self._open_epoch()
             state = start.state
             try:
@@ -52,11 +54,13 @@ class Feed:
 
     def _open_epoch(self) -> Packer | CachedPacker:
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                   batch_size=self.batch_size, seq_len=self.seq_len)
+                                   batch_size=self.batch_size, seq_len=self.seq_len, mixture=self.mixture)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
-        state = None if packer is None else packer.get_state()
-        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state).encode(self.secret)
+        state = mixture = None
+        if packer is not None:
+            state, mixture = packer.get_state(), self.mixture.body(self.dataset.specs)
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, mixture).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -79,4 +83,5 @@ class Feed:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
         ended, end_row = self.epoch, self.packer.row
         self.epoch, self.packer = self.epoch + 1, None
+        self.mixture = self.dataset.mixtures.at(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -1,7 +1,8 @@
 """Stream cursors: small, versioned, signed bytes that say where an epoch's stream resumes.
 
 Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch",
-"seq_len", "state": the packer's composed stage state}. The tag is an HMAC-SHA256 keyed by the server's cursor
+"seq_len", "state": the packer's composed stage state, "mix": the mixture the epoch is served under (inside an
+epoch; mixtures.py)}. The tag is an HMAC-SHA256 keyed by the server's cursor
 secret (`server.cursor_secret_env`; empty when unset) over the version and the body, which holds the
 fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on any server
 with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state schema
@@ -40,6 +41,15 @@ PackerState = CachedState | StreamState
 """A whole chain's position: its packer's state (cached or streaming mode)."""
 
 
+class MixBody(BaseModel):
+    """The mixture an epoch is served under: source weights by source name, task weights (None: one copy each)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    w: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]]
+    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -47,6 +57,7 @@ class _Body(BaseModel):
     epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
     seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
     state: PackerState | None
+    mix: MixBody | None = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,14 @@ class Cursor:
     epoch: int
     seq_len: int
     state: PackerState | None  # None: the start of `epoch`
+    mixture: MixBody | None = None  # the mixture `epoch` is served under (None at its start: the configured one)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
         state = None if self.state is None else self.state.model_dump(mode="json", exclude_none=True)
         body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
+        if self.mixture is not None:
+            body["mix"] = self.mixture.model_dump(mode="json", exclude_none=True)
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 
@@ -110,4 +124,4 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     if body.seq_len != seq_len:
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
-    return Cursor(body.fp, body.epoch, body.seq_len, body.state)
+    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.mix)

@@ -26,7 +26,7 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
-from ..errors import ConfigError, SourceError
+from ..errors import SourceError
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.curate import CuratedSource, CurateRules
@@ -45,6 +45,7 @@ from ..streaming.block_order import BlockShuffle
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
+from .mixtures import Mixture, Mixtures
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
                     "legacy_filters", "chat_template", "completion_only")
 """What decides which samples exist and their tokens: part of the token store's fingerprint."""
 ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder", "shuffle_seed",
-                  "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
-                  "shuffle_window_shards", "shard_records")
-"""Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
+                  "interleave_mode", "stopping_strategy", "virtual_ranks", "shuffle_window_shards", "shard_records")
+"""Serve-time decisions (order, mixing): in the served fingerprint, not the store's. The mixture (dataset_weights,
+task_weights) is not: a cursor carries its epoch's, so a resume under another one continues (mixtures.py)."""
 ORDER_REVISION = 2
 """The epoch order's definition, in the served fingerprint: a cursor of another revision (revision 1 padded or cut
 every virtual rank to the longest or shortest, so its rows mean others now) is refused, never resumed wrongly."""
@@ -101,7 +102,7 @@ class ServedDataset:
         self.files: list[list[str] | None] = [None] * len(self.specs)
         probes = [self._open(i) for i in range(len(self.specs))]  # fails fast on missing sources
         self.files = [list(p.files) for p in probes]  # fixed from here on (a Hub source ignores them)
-        self.weights = _source_weights(self.section, self.specs, config_file)
+        self.mixtures = Mixtures(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
@@ -184,10 +185,10 @@ class ServedDataset:
         """The store's accounting becomes the counters; its samples, mixed, the sequence epochs lay out."""
         section = self.section
         self.counters = [SourceCounters.restore(s.model_dump()) for s in store.manifest.sources]
-        sequence = served_sequence(store, sources=len(self.specs), mode=section.interleave_mode,
-                                   stopping=section.stopping_strategy, weights=self.weights,
-                                   task_weights=section.task_weights, seed=section.shuffle_seed or 0)
-        self.layouts = EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
+        sequences = partial(_served_sequence, store, self.specs, section)
+        items = len(sequences(self.mixtures.at(0)))  # V is fixed by epoch 0's mixture, for the run's life
+        self.layouts = EpochLayouts(store, sequences, self.mixtures.at,
+                                    virtual=virtual_ranks(section.virtual_ranks, items),
                                     seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
                                     pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
 
@@ -217,39 +218,43 @@ class ServedDataset:
                                     self.section.shard_records))
         return plans
 
-    def mix(self) -> Mixer:
-        """A fresh chain sources -> curate -> mix, counting into this dataset's counters."""
-        section = self.section
+    def mix(self, mixture: Mixture | None = None) -> Mixer:
+        """A fresh chain sources -> curate -> mix under `mixture` (None: epoch 0's), counting into this dataset's
+        counters."""
+        section, mixture = self.section, mixture or self.mixtures.at(0)
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
         children = []
         for index, spec in enumerate(section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
-                                task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
+                                task_weights=mixture.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format)
             children.append(CuratedSource(self._open(index), rules, self.counters[index]))
-        return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
+        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed)
 
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
-    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int) -> Packer | CachedPacker:
-        """One rank's epoch as a stage chain ending in a packer."""
+    def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+               mixture: Mixture | None = None) -> Packer | CachedPacker:
+        """One rank's epoch under `mixture` (None: the configured one) as a stage chain ending in a packer."""
         section = self.section
+        mixture = mixture or self.mixtures.at(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layout = self.layouts[epoch]
+            layout = self.layouts.get(epoch, mixture)
             cached = CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(), block_size=section.shuffle_block,
+        blocks_order = BlockShuffle(self.mix(mixture), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
                                  encode_pool=self.runtime.encode_pool, read_pool=self.runtime.read_pool,
-                                 shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
+                                 shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars,
+                                                                mixture=mixture))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
@@ -351,13 +356,10 @@ def _first_samples(sources: list[Source], pair_format: ChatFormat) -> list[Sampl
     return samples
 
 
-def _source_weights(section: DatasetSection, specs: list[str], file: str) -> list[float]:
-    weights = section.dataset_weights or {}
-    unknown = sorted(set(weights) - set(specs))
-    if unknown:
-        raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
-                          file=file, fix=f"use the exact strings from dataset.names: {specs}")
-    return [weights.get(spec, 1.0) for spec in specs]
+def _served_sequence(store: TokenStore, specs: list[str], section: DatasetSection, mixture: Mixture) -> np.ndarray:
+    """The store's served sequence under `mixture` (cached/layout.served_sequence)."""
+    return served_sequence(store, sources=len(specs), mode=section.interleave_mode, stopping=section.stopping_strategy,
+                           weights=mixture.weights, task_weights=mixture.task_weights, seed=section.shuffle_seed or 0)
 
 
 def _ranges(values: tuple[int, ...]) -> str:
