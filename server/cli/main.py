@@ -109,6 +109,7 @@ def _stats(args: argparse.Namespace) -> int:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
+        console.print(_mixture_text(ds.mixture))
         if ds.info.mode == "cached":
             console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
         if ds.clients:
@@ -120,6 +121,15 @@ def _stats(args: argparse.Namespace) -> int:
                                 input_bound_text(c.input_bound), f"{c.connected_s:.0f}")
             console.print(clients)
     return 0
+
+
+def _mixture_text(mix: feed_pb2.MixtureStats) -> str:
+    """The mixture's line: epoch, weights, the schedule's next change, and changes accepted on resume."""
+    weights = " ".join(f"{k}={v:g}" for k, v in mix.dataset_weights.items())
+    tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
+    change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
+    text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}; next change: {change}"
+    return "\n".join([text, *(f"  accepted on resume: {c}" for c in mix.accepted_changes)])
 
 
 def _store_text(cache: feed_pb2.CacheState) -> str:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from ..cached.packer import CachedState
 from ..errors import Refused
 from ..streaming.packer import StreamState
+from .mixtures import MixBody
 
 VERSION = 3
 OLD_ORDER = (1, 2)  # cursors of the order before virtual ranks
@@ -39,15 +40,6 @@ MAX_EPOCH = (1 << 31) - 1  # epochs travel as uint32 on the wire, with room for 
 
 PackerState = CachedState | StreamState
 """A whole chain's position: its packer's state (cached or streaming mode)."""
-
-
-class MixBody(BaseModel):
-    """The mixture an epoch is served under: source weights by source name, task weights (None: one copy each)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    w: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]]
-    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
 
 
 class _Body(BaseModel):

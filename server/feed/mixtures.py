@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSection
-from ..errors import ConfigError
+from ..errors import ConfigError, Refused
 from ..pipeline.schedule import DEFAULT_WEIGHT, Weights, keys, next_change, weights_at
-from .cursor import MixBody, refused
 
 log = logging.getLogger(__name__)
 
 CHANGES_KEPT = 8  # accepted mixture changes remembered for GetStats
+
+
+class MixBody(BaseModel):
+    """The mixture an epoch is served under: source weights by source name, task weights (None: one copy each)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    w: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]]
+    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,13 +87,14 @@ class Mixtures:
         if carried is None:
             return configured
         if set(carried.w) != set(self.specs):
-            raise refused(f"made under a mixture of the sources {sorted(carried.w)}, but this dataset's are "
+            raise Refused(f"cursor: made under a mixture of the sources {sorted(carried.w)}, but this dataset's are "
                           f"{self.specs}: sources cannot change inside an epoch")
         mixture = Mixture(tuple(carried.w[spec] for spec in self.specs),
                           None if carried.t is None else tuple(sorted(carried.t.items())))
         if mixture != configured:
-            change = (f"epoch {epoch} continues under its checkpoint's mixture ({mixture.describe(self.specs)}); the "
-                      f"configured one ({configured.describe(self.specs)}) applies from epoch {epoch + 1}")
+            change = (f"epoch {epoch} continues under its checkpoint's mixture ({mixture.describe(self.specs)}), "
+                      f"not the configured one ({configured.describe(self.specs)}); the configuration's mixtures "
+                      f"apply from epoch {epoch + 1} ({self.at(epoch + 1).describe(self.specs)})")
             if change not in self.changes:
                 log.info("mixture changed on resume: %s", change)
                 self.changes = [*self.changes, change][-CHANGES_KEPT:]

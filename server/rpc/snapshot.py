@@ -10,7 +10,16 @@ from ...protos import feed_pb2
 from ..feed.served import ServedDataset
 from ..observe.input_bound import job_views
 from ..observe.streams import Streams, StreamsNow
-from .views import client_stats, dataset_info, input_bound_view, job_stats, shared_reads, source_stats, store_state
+from .views import (
+    client_stats,
+    dataset_info,
+    input_bound_view,
+    job_stats,
+    mixture_stats,
+    shared_reads,
+    source_stats,
+    store_state,
+)
 
 
 def snapshot(datasets: Mapping[str, ServedDataset], streams: Streams[Any], uptime_s: float,
@@ -31,4 +40,5 @@ def dataset_stats(name: str, dataset: ServedDataset, now: StreamsNow[Any]) -> fe
         clients=[client_stats(s) for s in streams], input_bound=input_bound_view(overall),
         jobs=[job_stats(j) for j in jobs], cache=store_state(dataset), batches_served=throughput.batches,
         tokens_served=throughput.tokens, tokens_per_s=throughput.rate(), streams_opened=now.opened.get(name, 0),
-        streams_closed=now.closed.get(name, 0), shared_reads=shared_reads(dataset.shared_reads.counts))
+        streams_closed=now.closed.get(name, 0), shared_reads=shared_reads(dataset.shared_reads.counts),
+        mixture=mixture_stats(dataset, max((s.client.epoch for s in streams), default=0)))
