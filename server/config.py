@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .pipeline.schedule import Weights, check_phases
+from .pipeline.schedule import Weights, as_phases, check_phases
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,11 @@ class DatasetSection(BaseModel):
         if isinstance(value, list) and any(not phase.weights for phase in value):
             raise ValueError("a phase's weights must not be empty (give a task 1.0 for one copy)")
         return value
+
+    @field_validator("dataset_weights", "task_weights", mode="before")
+    @classmethod
+    def _schedule_parsed(cls, value: Any) -> Any:
+        return as_phases(value)
 
     @field_validator("dataset_weights", "task_weights")
     @classmethod

@@ -10,8 +10,9 @@ rank, layout and resume sees the same one (see served.Mixtures).
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, TypeAdapter, ValidationError
 
 DEFAULT_WEIGHT = 1.0
 
@@ -28,6 +29,22 @@ class Phase(BaseModel):
 
 Weights = dict[str, PositiveFloat] | list[Phase]
 """A weights setting: a constant mapping, or a schedule (phases ordered by from_epoch, the first from epoch 0)."""
+
+
+_PHASES = TypeAdapter(list[Phase])
+
+
+def as_phases(value: Any) -> Any:
+    """A list given for a weights setting as phases, its first error as a ValueError naming where (a mapping or
+    anything else passes through unchanged)."""
+    if not isinstance(value, list):
+        return value
+    try:
+        return _PHASES.validate_python(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "phase " + ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{where}: {first['msg']} (a phase is {{from_epoch, weights, ramp_epochs}})") from None
 
 
 def check_phases(phases: list[Phase]) -> list[Phase]:
