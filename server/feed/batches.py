@@ -53,6 +53,7 @@ class Feed:
                               "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
+        self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, mixture=self.mixture)
 

@@ -66,6 +66,11 @@ class Mixtures:
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
         self.changes: list[str] = []  # accepted on resume, the latest last
+        self.latest_epoch = 0  # the latest epoch a stream opened (GetStats shows its mixture)
+
+    def opened(self, epoch: int) -> None:
+        """A stream opened `epoch`."""
+        self.latest_epoch = max(self.latest_epoch, epoch)
 
     def at(self, epoch: int) -> Mixture:
         """The configured mixture of `epoch`."""

@@ -41,4 +41,4 @@ def dataset_stats(name: str, dataset: ServedDataset, now: StreamsNow[Any]) -> fe
         jobs=[job_stats(j) for j in jobs], cache=store_state(dataset), batches_served=throughput.batches,
         tokens_served=throughput.tokens, tokens_per_s=throughput.rate(), streams_opened=now.opened.get(name, 0),
         streams_closed=now.closed.get(name, 0), shared_reads=shared_reads(dataset.shared_reads.counts),
-        mixture=mixture_stats(dataset, max((s.client.epoch for s in streams), default=0)))
+        mixture=mixture_stats(dataset, dataset.mixtures.latest_epoch))
