@@ -1,6 +1,7 @@
 """Cached mode's epoch layouts for one dataset: computed once for all the ranks that open an epoch, the next
 epoch's in the background meanwhile, so that an epoch's start does not wait for it. An epoch is laid out from the
-served sequence of its mixture (each mixture's sequence computed once and kept while a layout of it is)."""
+served sequence of its mixture (each mixture's sequence computed once and kept while a layout of it is); an epoch
+resumed under another mixture, from its plan's segments (segments.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..store.reader import TokenStore
 from .layout import EpochLayout, epoch_layout
+from .segments import segment
 
 M = TypeVar("M", bound=Hashable)
 """A mixture: what decides an epoch's served sequence."""
@@ -24,13 +26,16 @@ LAYOUTS_KEPT = 3
 class EpochLayouts(Generic[M]):
     """The layouts of a token store's served sequences over `virtual` virtual ranks, by epoch and mixture."""
 
-    def __init__(self, store: TokenStore, sequences: Callable[[M], np.ndarray], configured: Callable[[int], M], *,
+    def __init__(self, store: TokenStore, sequences: Callable[[M, np.ndarray | None], np.ndarray],
+                 configured: Callable[[int], M], *,
                  virtual: int, seed: int | None, window_shards: int, pack: bool, epochs: int | None,
                  pool: Executor) -> None:
         self.store, self.sequences, self.configured, self.virtual = store, sequences, configured, virtual
         self.seed, self.window_shards, self.pack, self.epochs, self.pool = seed, window_shards, pack, epochs, pool
         self.jobs: OrderedDict[tuple[int, M], Future[EpochLayout]] = OrderedDict()
         self.kept: OrderedDict[M, np.ndarray] = OrderedDict()  # served sequences by mixture
+        self.segments: OrderedDict[tuple[int, tuple[tuple[int, M], ...], int], tuple[int, EpochLayout]] = \
+            OrderedDict()  # by (epoch, plan, seq_len)
         self.lock = threading.Lock()
 
     def __getitem__(self, epoch: int) -> EpochLayout:
@@ -57,12 +62,28 @@ class EpochLayouts(Generic[M]):
         self.jobs.move_to_end(key)
         return job
 
+    def segment(self, epoch: int, plan: tuple[tuple[int, M], ...], seq_len: int) -> tuple[int, EpochLayout]:
+        """The last segment of an epoch's plan ((start row, mixture) pairs, more than one): its first global row and
+        its layout (computed on the calling thread, once per epoch, plan and row length)."""
+        key = (epoch, plan, seq_len)
+        with self.lock:
+            done = self.segments.get(key)
+        if done is None:
+            done = segment(self.store, self.get(epoch, plan[0][1]), list(plan), self.sequences, virtual=self.virtual,
+                           seed=self.seed, epoch=epoch, window_shards=self.window_shards, seq_len=seq_len,
+                           pack=self.pack)
+            with self.lock:
+                self.segments[key] = done
+                while len(self.segments) > LAYOUTS_KEPT:
+                    self.segments.popitem(last=False)
+        return done
+
     def _sequence(self, mixture: M) -> np.ndarray:
         """The mixture's served sequence, kept for the next epochs (two threads may both compute it: it is pure)."""
         with self.lock:
             sequence = self.kept.get(mixture)
         if sequence is None:
-            sequence = self.sequences(mixture)
+            sequence = self.sequences(mixture, None)
             with self.lock:
                 self.kept[mixture] = sequence
                 while len(self.kept) > LAYOUTS_KEPT:

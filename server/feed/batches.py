@@ -34,11 +34,15 @@ class Feed:
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
-        self.mixture = dataset.mixtures.at(self.epoch)  # the open epoch's (a resumed epoch: its cursor's)
+        self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
         if start is not None and start.state is not None:
-            self.mixture = dataset.mixtures.resumed(self.epoch, start.mixture)
-            self.packer = packer = self._open_epoch()
             state = start.state
+            if isinstance(state, CachedState):
+                at, unit = state.row, "row"
+            else:  # the next shuffle block none of which is served
+                at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
+            self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
+            self.packer = packer = self._open_epoch()
             try:
                 if isinstance(packer, CachedPacker):
                     if not isinstance(state, CachedState):
@@ -55,12 +59,12 @@ class Feed:
     def _open_epoch(self) -> Packer | CachedPacker:
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                   batch_size=self.batch_size, seq_len=self.seq_len, mixture=self.mixture)
+                                   batch_size=self.batch_size, seq_len=self.seq_len, plan=self.plan)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = mixture = None
         if packer is not None:
-            state, mixture = packer.get_state(), self.mixture.body(self.dataset.specs)
+            state, mixture = packer.get_state(), self.dataset.mixtures.body(self.plan)
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, mixture).encode(self.secret)
 
     @property
@@ -84,5 +88,5 @@ class Feed:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
         ended, end_row = self.epoch, self.packer.row
         self.epoch, self.packer = self.epoch + 1, None
-        self.mixture = self.dataset.mixtures.at(self.epoch)
+        self.plan = self.dataset.mixtures.plan(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -49,7 +49,7 @@ class _Body(BaseModel):
     epoch: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH)]
     seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
     state: PackerState | None
-    mix: MixBody | None = None
+    mix: list[MixBody] | None = Field(default=None, min_length=1, max_length=1024)
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,14 @@ class Cursor:
     epoch: int
     seq_len: int
     state: PackerState | None  # None: the start of `epoch`
-    mixture: MixBody | None = None  # the mixture `epoch` is served under (None at its start: the configured one)
+    mixture: list[MixBody] | None = None  # `epoch`'s plan (mixtures.py; None at its start: the configured one)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
         state = None if self.state is None else self.state.model_dump(mode="json", exclude_none=True)
         body = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
         if self.mixture is not None:
-            body["mix"] = self.mixture.model_dump(mode="json", exclude_none=True)
+            body["mix"] = [part.model_dump(mode="json", exclude_none=True) for part in self.mixture]
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 

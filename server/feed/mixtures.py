@@ -1,14 +1,18 @@
-"""A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, or the
-one a resume cursor carries for the epoch it continues.
+"""A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, and the
+plan of an epoch resumed under another mixture than it started with.
 
-An epoch is served under one mixture from its first row to its last, so a resumed epoch continues under the
-mixture it started with (the cursor carries it) even when the configuration changed since: nothing of the epoch
-is served twice or skipped. A changed mixture takes effect at the next epoch.
+An epoch starts under its configured mixture. A cursor carries its epoch's plan: the mixtures the epoch was
+served under, each with the position it applies from (a global row in cached mode, a shuffle block in streaming
+mode). A resume under a configuration whose mixture for the epoch differs appends that mixture to the plan, from
+the resumed position (cached: the resumed row; streaming: the next shuffle block not yet begun), so the epoch's
+rows before it are the ones already served and the rest follows the new mixture; the packers make sure nothing
+served is served again while unserved samples of its source remain (cached/segments.py, streaming/block_order.py).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -30,6 +34,7 @@ class MixBody(BaseModel):
 
     w: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]]
     t: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    at: Annotated[int, Field(ge=0)] = 0  # the position it applies from (plan)
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,23 @@ class Mixture:
         """The task weights as the curate stage takes them."""
         return None if self.tasks is None else dict(self.tasks)
 
-    def body(self, specs: list[str]) -> MixBody:
-        """The mixture as a cursor carries it (sources by name)."""
-        return MixBody(w=dict(zip(specs, self.weights, strict=True)), t=self.task_weights)
+    def body(self, specs: list[str], at: int) -> MixBody:
+        """The mixture as a cursor carries it (sources by name), applying from position `at`."""
+        return MixBody(w=dict(zip(specs, self.weights, strict=True)), t=self.task_weights, at=at)
 
     def describe(self, specs: list[str]) -> str:
         """The mixture for people: `a=1 b=0.5; tasks: explain=2`."""
         text = " ".join(f"{spec}={weight:g}" for spec, weight in zip(specs, self.weights, strict=True))
         return text + ("" if self.tasks is None else "; tasks: " + " ".join(f"{k}={v:g}" for k, v in self.tasks))
+
+
+Plan = tuple[tuple[int, Mixture], ...]
+"""An epoch's mixtures, each with the position it applies from: the first from 0, the positions rising."""
+
+
+def plan_at(plan: Plan, position: int) -> Mixture:
+    """The mixture in force at `position`."""
+    return next(mixture for start, mixture in reversed(plan) if start <= position)
 
 
 class Mixtures:
@@ -66,6 +80,7 @@ class Mixtures:
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
         self.changes: list[str] = []  # accepted on resume, the latest last
+        self._lock = threading.Lock()
         self.latest_epoch = 0  # the latest epoch a stream opened (GetStats shows its mixture)
 
     def opened(self, epoch: int) -> None:
@@ -85,22 +100,39 @@ class Mixtures:
                    if e is not None]
         return min(changes) if changes else None
 
-    def resumed(self, epoch: int, carried: MixBody | None) -> Mixture:
-        """The mixture a cursor inside `epoch` continues under: the one it carries (logged and kept for GetStats
-        when the configuration's differs); FAILED_PRECONDITION when it names a source this dataset lacks."""
+    def plan(self, epoch: int) -> Plan:
+        """The plan of `epoch` from its start: its configured mixture throughout."""
+        return ((0, self.at(epoch)),)
+
+    def body(self, plan: Plan) -> list[MixBody]:
+        """The plan as a cursor carries it."""
+        return [mixture.body(self.specs, start) for start, mixture in plan]
+
+    def resumed(self, epoch: int, carried: list[MixBody] | None, at: int, unit: str) -> Plan:
+        """The plan of a cursor inside `epoch` resumed at position `at`: the one it carries, and the configured
+        mixture from `at` on when it differs (logged and kept for GetStats); FAILED_PRECONDITION when it names
+        a source this dataset lacks or its positions do not rise from 0."""
         configured = self.at(epoch)
-        if carried is None:
-            return configured
-        if set(carried.w) != set(self.specs):
-            raise Refused(f"cursor: made under a mixture of the sources {sorted(carried.w)}, but this dataset's are "
-                          f"{self.specs}: sources cannot change inside an epoch")
-        mixture = Mixture(tuple(carried.w[spec] for spec in self.specs),
-                          None if carried.t is None else tuple(sorted(carried.t.items())))
-        if mixture != configured:
-            change = (f"epoch {epoch} continues under its checkpoint's mixture ({mixture.describe(self.specs)}), "
-                      f"not the configured one ({configured.describe(self.specs)}); the configuration's mixtures "
-                      f"apply from epoch {epoch + 1} ({self.at(epoch + 1).describe(self.specs)})")
-            if change not in self.changes:
-                log.info("mixture changed on resume: %s", change)
-                self.changes = [*self.changes, change][-CHANGES_KEPT:]
-        return mixture
+        if not carried:
+            return self.plan(epoch)
+        plan: Plan = ()
+        for body in carried:
+            if set(body.w) != set(self.specs):
+                raise Refused(f"cursor: made under a mixture of the sources {sorted(body.w)}, but this dataset's "
+                              f"are {self.specs}: sources cannot change inside an epoch")
+            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
+                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
+            plan += ((body.at, Mixture(tuple(body.w[spec] for spec in self.specs),
+                                       None if body.t is None else tuple(sorted(body.t.items())))),)
+        if plan[-1][1] == configured:
+            return plan
+        old = plan[-1][1]
+        plan = (*plan[:-1], (at, configured)) if plan[-1][0] == at else (*plan, (at, configured))
+        change = (f"epoch {epoch} from {unit} {at}: {old.describe(self.specs)} -> {configured.describe(self.specs)}"
+                  f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
+        with self._lock:  # the ranks of a job resume at once, each with this change
+            if change in self.changes:
+                return plan
+            self.changes = [*self.changes, change][-CHANGES_KEPT:]
+        log.info("mixture changed on resume: %s", change)
+        return plan

@@ -41,11 +41,11 @@ from ..store.format import TokenFacts, store_dir
 from ..store.fs import is_uri, resolve
 from ..store.reader import TokenStore
 from ..store.shard_cache import ShardCache
-from ..streaming.block_order import BlockShuffle
+from ..streaming.block_order import BlockShuffle, Mix
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
-from .mixtures import Mixture, Mixtures
+from .mixtures import Mixture, Mixtures, Plan, plan_at
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ServedDataset:
         section = self.section
         self.counters = [SourceCounters.restore(s.model_dump()) for s in store.manifest.sources]
         sequences = partial(_served_sequence, store, self.specs, section)
-        items = len(sequences(self.mixtures.at(0)))  # V is fixed by epoch 0's mixture, for the run's life
+        items = len(sequences(self.mixtures.at(0), None))  # V is fixed by epoch 0's mixture, for the run's life
         self.layouts = EpochLayouts(store, sequences, self.mixtures.at,
                                     virtual=virtual_ranks(section.virtual_ranks, items),
                                     seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
@@ -236,25 +236,28 @@ class ServedDataset:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-               mixture: Mixture | None = None) -> Packer | CachedPacker:
-        """One rank's epoch under `mixture` (None: the configured one) as a stage chain ending in a packer."""
+               plan: Plan | None = None) -> Packer | CachedPacker:
+        """One rank's epoch under its plan (None: the configured mixture throughout) as a stage chain ending in a
+        packer."""
         section = self.section
-        mixture = mixture or self.mixtures.at(epoch)
+        plan = plan or self.mixtures.plan(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layout = self.layouts.get(epoch, mixture)
+            offset, layout = (0, self.layouts.get(epoch, plan[0][1])) if len(plan) == 1 else \
+                self.layouts.segment(epoch, plan, seq_len)
             cached = CachedPacker(self.layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
-                                  pad_id=self.facts.pad_id, remainder=section.remainder)
+                                  pad_id=self.facts.pad_id, remainder=section.remainder, offset=offset)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(mixture), block_size=section.shuffle_block,
-                                    block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
+        blocks_order = BlockShuffle(self.mix(plan[0][1]), block_size=section.shuffle_block,
+                                    block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch,
+                                    plan=None if len(plan) == 1 else partial(_block_mix, plan))
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
                                  encode_pool=self.runtime.encode_pool, read_pool=self.runtime.read_pool,
                                  shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars,
-                                                                mixture=mixture))
+                                                                mixture=plan))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
@@ -356,10 +359,18 @@ def _first_samples(sources: list[Source], pair_format: ChatFormat) -> list[Sampl
     return samples
 
 
-def _served_sequence(store: TokenStore, specs: list[str], section: DatasetSection, mixture: Mixture) -> np.ndarray:
-    """The store's served sequence under `mixture` (cached/layout.served_sequence)."""
+def _block_mix(plan: Plan, block: int) -> Mix:
+    """The mixture in force at shuffle block `block`, as the mix takes it."""
+    mixture = plan_at(plan, block)
+    return mixture.weights, mixture.task_weights
+
+
+def _served_sequence(store: TokenStore, specs: list[str], section: DatasetSection, mixture: Mixture,
+                     served: np.ndarray | None) -> np.ndarray:
+    """The store's served sequence under `mixture`, less `served` (cached/layout.served_sequence)."""
     return served_sequence(store, sources=len(specs), mode=section.interleave_mode, stopping=section.stopping_strategy,
-                           weights=mixture.weights, task_weights=mixture.task_weights, seed=section.shuffle_seed or 0)
+                           weights=mixture.weights, task_weights=mixture.task_weights, seed=section.shuffle_seed or 0,
+                           served=served)
 
 
 def _ranges(values: tuple[int, ...]) -> str:

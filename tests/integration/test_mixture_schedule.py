@@ -1,8 +1,8 @@
 """A two-phase run (ADR-002: broad data, then curated data) as one schedule, through the real server and client:
 stopped in phase 2 on 4 ranks, resumed on 3 ranks, it trains on exactly the global batches of the uninterrupted
 4-rank run; GetStats shows the phase and the next change. Resumed instead by a server whose configuration
-changed the mixture, the epoch it stopped in continues under its checkpoint's mixture, exactly as before, and the
-server says so in its log and in GetStats."""
+changed the mixture, the new mixture applies from the resumed row (cached; streaming: the next shuffle block),
+a later resume continues that plan exactly, and the server says so in its log and in GetStats."""
 
 from __future__ import annotations
 
@@ -70,9 +70,12 @@ def test_a_two_phase_schedule_resumed_mid_phase_two_on_another_world_size(tmp_pa
     assert first + second == uninterrupted
 
     server.stop()
-    changed = start_server(config(tmp_path, cached, {BROAD: 1.0, CURATED: 1.0}, "changed.yaml"))
-    third, _ = read(changed.target, 3, None, four)
-    assert first + third == uninterrupted  # the rest of the epoch as its checkpoint's mixture serves it
+    changed = start_server(config(tmp_path, cached, {BROAD: 1.0, CURATED: 0.25}, "changed.yaml"))
+    rest, _ = read(changed.target, 3, None, four)
+    assert rest and rest != uninterrupted[len(first):]  # the new mixture from the resumed row (block) on
+    part, three = read(changed.target, 3, 2, four)
+    more, _ = read(changed.target, 2, None, three)
+    assert part + more == rest  # the epoch's plan travels in the cursor: a second resume continues it exactly
     (accepted,) = mixture(changed.target).accepted_changes
-    assert "epoch 1 continues under its checkpoint's mixture" in accepted
+    assert f"epoch 1 from {'row' if cached else 'shuffle block'} " in accepted
     assert any("mixture changed on resume" in line for line in changed.output)

@@ -46,7 +46,7 @@ def make_dataset(root: Path, names: list[str], runtime: Runtime, *, cached: bool
                  dataset_weights: Any, task_weights: Any, **more: Any) -> ServedDataset:
     section: dict[str, Any] = {
         "names": names, "use_cache": cached, "cache_dir": str(root / "cache"), "shuffle_seed": 5, "shuffle_block": 7,
-        "remainder": "pad", "epochs": EPOCHS, "interleave_mode": "weighted", "stopping_strategy": "all_exhausted",
+        "remainder": "keep", "epochs": EPOCHS, "interleave_mode": "weighted", "stopping_strategy": "all_exhausted",
         "virtual_ranks": 2, "shuffle_window_shards": 2, "dataset_weights": dataset_weights,
         "task_weights": task_weights, **more}
     raw = {"model_name": str(TOKENIZER_DIR), "max_seq_len": SEQ_LEN, "pack": pack, "dataset": section}
@@ -86,18 +86,19 @@ task_settings = st.sampled_from([None, {"explain": 2.0}, [{"from_epoch": 0, "wei
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files=st.lists(st.lists(st.integers(3, 25), min_size=1, max_size=2).map(tuple), min_size=2, max_size=3)
-       .map(tuple), cached=st.booleans(), pack=st.booleans(), before=st.data(), w1=st.sampled_from(WORLDS),
-       w2=st.sampled_from(WORLDS), stop=st.integers(0, 60))
-def test_a_scheduled_run_resumed_under_a_new_mixture_continues_its_epoch_and_then_serves_the_new_one(
-        runtime: Runtime, files: tuple[tuple[int, ...], ...], cached: bool, pack: bool, before: st.DataObject,
-        w1: int, w2: int, stop: int) -> None:
+       .map(tuple), cached=st.booleans(), pack=st.booleans(), drawn=st.data(), w1=st.sampled_from(WORLDS),
+       w2=st.sampled_from(WORLDS), stop=st.integers(0, 60), again=st.integers(0, 60),
+       stopping=st.sampled_from(["first_exhausted", "all_exhausted"]))
+def test_a_scheduled_run_resumed_under_a_new_mixture_serves_nothing_twice_and_resumes_exactly(
+        runtime: Runtime, files: tuple[tuple[int, ...], ...], cached: bool, pack: bool, drawn: st.DataObject,
+        w1: int, w2: int, stop: int, again: int, stopping: str) -> None:
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_sources(root, files)
-        old = {"dataset_weights": weights_setting(before.draw(schedules(len(names))), names),
-               "task_weights": before.draw(task_settings)}
-        new = {"dataset_weights": weights_setting(before.draw(schedules(len(names))), names),
-               "task_weights": before.draw(task_settings)}
+        old = {"dataset_weights": weights_setting(drawn.draw(schedules(len(names))), names),
+               "task_weights": drawn.draw(task_settings), "stopping_strategy": stopping}
+        new = {"dataset_weights": weights_setting(drawn.draw(schedules(len(names))), names),
+               "task_weights": drawn.draw(task_settings), "stopping_strategy": stopping}
         dataset = make_dataset(root, names, runtime, cached=cached, pack=pack, **old)
         full, cursors = global_steps(dataset, w1)
         assert full
@@ -107,20 +108,47 @@ def test_a_scheduled_run_resumed_under_a_new_mixture_continues_its_epoch_and_the
         # every epoch is what a constant mixture of that epoch's scheduled weights serves
         for e in range(EPOCHS):
             mixture = dataset.mixtures.at(e)
-            constant = make_dataset(root, names, runtime, cached=cached, pack=pack,
+            constant = make_dataset(root, names, runtime, cached=cached, pack=pack, stopping_strategy=stopping,
                                     dataset_weights=dict(zip(names, mixture.weights, strict=True)),
                                     task_weights=mixture.task_weights)
             assert _epoch(global_steps(constant, w1)[0], e) == _epoch(full, e)
 
         # stopped after step `stop` and resumed on w2 ranks under the new configuration
         changed = make_dataset(root, names, runtime, cached=cached, pack=pack, **new)
-        resumed, _ = global_steps(changed, w2, cursors[stop])
+        resumed, later_cursors = global_steps(changed, w2, cursors[stop])
         new_run, _ = global_steps(changed, w2)
-        after = [step for step in full[stop + 1:] if step[0] == epoch]
-        assert [step for step in resumed if step[0] == epoch] == after  # the epoch as it was: nothing twice
+        if changed.mixtures.at(epoch) == dataset.mixtures.at(epoch):  # the same mixture: the same epoch
+            assert _epoch(resumed, epoch) == _epoch(full[stop + 1:], epoch)
+        elif _epoch(full[stop + 1:], epoch):
+            assert any(f"epoch {epoch} from " in change for change in changed.mixtures.changes)
         assert [step for step in resumed if step[0] > epoch] == [step for step in new_run if step[0] > epoch]
-        if changed.mixtures.at(epoch) != dataset.mixtures.at(epoch) and after:
-            assert any(f"epoch {epoch} continues under its checkpoint's mixture" in c for c in changed.mixtures.changes)
+        if resumed:  # the epoch's plan travels in the cursor: resumed again, on w1 ranks, it continues exactly
+            again %= len(resumed)
+            assert global_steps(changed, w1, later_cursors[again])[0] == resumed[again + 1:]
+
+        # within the epoch, no sample twice (one sample per row, no task weight copies, no source restarted)
+        tasks = [m.task_weights or {} for m in (dataset.mixtures.at(epoch), changed.mixtures.at(epoch))]
+        if not pack and stopping == "first_exhausted" and all(w <= 1 for t in tasks for w in t.values()):
+            served = [row for step in _epoch(full[:stop + 1], epoch) + _epoch(resumed, epoch) for row in step[2]]
+            assert len(served) == len(set(served))
+
+
+def test_rows_after_a_resume_follow_the_new_mixture(tmp_path: Path, runtime: Runtime) -> None:
+    """Both modes: resumed mid-epoch with source 0 weighed down to almost nothing, the rest of the epoch is
+    (almost) all source 1, and none of it was served before the resume."""
+    names = write_sources(tmp_path, ((40,), (40,)))
+    for cached in (True, False):
+        common = {"cached": cached, "pack": False, "task_weights": None, "stopping_strategy": "first_exhausted",
+                  "remainder": "keep"}
+        only0 = make_dataset(tmp_path, names[:1], runtime, dataset_weights=None, **common)
+        source0 = {row for step in global_steps(only0, 1)[0] if step[0] == 0 for row in step[2]}
+        even = make_dataset(tmp_path, names, runtime, dataset_weights=None, **common)
+        full, cursors = global_steps(even, 2)
+        before = [row for step in full[:2] for row in step[2]]
+        assert 6 < sum(row in source0 for row in before) < 18
+        skewed = make_dataset(tmp_path, names, runtime, dataset_weights={names[0]: 0.001, names[1]: 3.0}, **common)
+        after = [row for step in global_steps(skewed, 3, cursors[1])[0] if step[0] == 0 for row in step[2]]
+        assert len(after) > 15 and sum(row in source0 for row in after) <= 2 and not set(after) & set(before)
 
 
 def _epoch(steps: list[Step], epoch: int) -> list[Step]:
