@@ -21,6 +21,7 @@ this rank's next windows are fetched ahead.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
@@ -83,6 +84,8 @@ class CachedPacker(Stage[Rows, CachedState]):
         """This rank's batch of the window at `row`, or None when the epoch has ended for this rank."""
         rows = self.deal.batch(self.row, self.total, self.remainder)
         if not len(rows):
+            if len(replace(self.deal, rank=0).batch(self.row, self.total, self.remainder)):
+                self.row += self.deal.window  # `keep`'s ragged last window has no row for this rank: it is over
             return None
         self.row += self.deal.window
         v, i = self._locate(rows)
