@@ -41,7 +41,7 @@ def served_counts(store: TokenStore, layout: EpochLayout, rows: int, *, seq_len:
         start, stop = first, first + taken
     picked = np.concatenate([np.arange(a, b) for a, b in zip(start.tolist(), stop.tolist(), strict=True)] or
                             [np.zeros(0, dtype=np.int64)])
-    return np.bincount(layout.items[picked], minlength=len(store.lengths))
+    return np.bincount(layout.items[np.unique(picked)], minlength=len(store.lengths))  # an item two blocks cut: once
 
 
 def segment(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],

@@ -9,20 +9,25 @@ schedule's weights for that epoch serves, so every row follows the mixture in fo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sigil_feed.server.cached.packer import CachedPacker
+from sigil_feed.server.cached.segments import served_counts
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.errors import ConfigError, Refused
 from sigil_feed.server.feed.batches import Feed
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.pipeline.schedule import Phase, next_change, weights_at
+from sigil_feed.server.rows.deal import Deal
 from sigil_feed.server.runtime import Runtime
 from tests.conftest import TOKENIZER_DIR, write_jsonl
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
@@ -207,10 +212,10 @@ def test_a_new_mixture_is_accepted_on_resume_but_other_filters_are_refused(tmp_p
                               dataset_weights={names[1]: 3.0})
     assert reweighted.fingerprint == dataset.fingerprint
     start = decode_cursor(item.cursor, fingerprint=reweighted.fingerprint, seq_len=SEQ_LEN)
-    assert start.mixture is not None and start.mixture.w == {names[0]: 1.0, names[1]: 1.0}
+    assert start.mixture is not None and [(m.at, m.w) for m in start.mixture] == [(0, {names[0]: 1.0, names[1]: 1.0})]
     Feed(reweighted, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
     (change,) = reweighted.mixtures.changes
-    assert "epoch 0 continues under its checkpoint's mixture" in change and "from epoch 1" in change
+    assert re.match(r"epoch 0 from shuffle block \d+: ", change) and f"{names[1]}=3; tasks: explain=2" in change
     filtered = make_dataset(tmp_path, names, runtime, cached=False, pack=True, dataset_weights=None,
                             task_weights=None, min_length=80)
     with pytest.raises(Refused, match="another dataset configuration"):
@@ -219,3 +224,23 @@ def test_a_new_mixture_is_accepted_on_resume_but_other_filters_are_refused(tmp_p
                          task_weights=None)
     with pytest.raises(Refused, match="another dataset configuration"):
         decode_cursor(item.cursor, fingerprint=fewer.fingerprint, seq_len=SEQ_LEN)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_served_counts_are_the_samples_the_rows_before_a_segment_hold(tmp_path: Path, runtime: Runtime,
+                                                                      pack: bool) -> None:
+    """What a new segment leaves out is exactly what the rows before it hold, in whole or in part: the samples
+    the packer cuts those rows from."""
+    names = write_sources(tmp_path, ((17, 9), (23,)))
+    dataset = make_dataset(tmp_path, names, runtime, cached=True, pack=pack, dataset_weights=None,
+                           task_weights={"explain": 2.0}, virtual_ranks=4)
+    assert dataset.layouts is not None and dataset.store is not None
+    layout = dataset.layouts[0]
+    packer = CachedPacker(dataset.store, layout, Deal(0, 1, 1, layout.virtual), seq_len=SEQ_LEN, pack=pack,
+                          completion_only=False, pad_id=0, remainder="keep")
+    for rows in range(packer.total + 1):
+        v, i = packer._locate(np.arange(rows))
+        items = np.unique(packer._runs(v, i)[1]) if pack else packer.first[v] + i  # an item cut across rows: once
+        expected = np.bincount(layout.items[items], minlength=len(dataset.store.lengths))
+        got = served_counts(dataset.store, layout, rows, seq_len=SEQ_LEN, pack=pack)
+        assert got.tolist() == expected.tolist(), rows
