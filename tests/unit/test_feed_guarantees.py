@@ -212,6 +212,6 @@ def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: P
     assert dataset.layouts is not None and dataset.store is not None
     mixture = dataset.mixtures.at(1)
     assert sorted(dataset.layouts.jobs) == [(0, mixture), (1, mixture)]
-    alone = epoch_layout(dataset.store, dataset.layouts.sequences(mixture), virtual=dataset.virtual, seed=11, epoch=1,
-                         window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
+    alone = epoch_layout(dataset.store, dataset.layouts.sequences(mixture, None), virtual=dataset.virtual, seed=11,
+                         epoch=1, window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
     assert dataset.layouts.jobs[1, mixture].result().items.tolist() == alone.items.tolist()
