@@ -109,7 +109,8 @@ def _stats(args: argparse.Namespace) -> int:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
-        console.print(_mixture_text(ds.mixture))
+        mixture = _mixture_text(ds.mixture, list(ds.info.sources))
+        console.print(mixture, markup=False, highlight=False)  # a spec may hold [ and ]
         if ds.info.mode == "cached":
             console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
         if ds.clients:
@@ -123,9 +124,10 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mixture_text(mix: feed_pb2.MixtureStats) -> str:
-    """The mixture's line: epoch, weights, the schedule's next change, and changes accepted on resume."""
-    weights = " ".join(f"{k}={v:g}" for k, v in mix.dataset_weights.items())
+def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str]) -> str:
+    """The mixture's line: epoch, weights (in source order), the schedule's next change, and changes accepted on
+    resume."""
+    weights = " ".join(f"{k}={mix.dataset_weights[k]:g}" for k in sources if k in mix.dataset_weights)
     tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
     change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
     text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}; next change: {change}"

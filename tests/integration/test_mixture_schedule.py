@@ -6,6 +6,8 @@ a later resume continues that plan exactly, and the server says so in its log an
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,4 +80,10 @@ def test_a_two_phase_schedule_resumed_mid_phase_two_on_another_world_size(tmp_pa
     assert part + more == rest  # the epoch's plan travels in the cursor: a second resume continues it exactly
     (accepted,) = mixture(changed.target).accepted_changes
     assert f"epoch 1 from {'row' if cached else 'shuffle block'} " in accepted
+    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", changed.target],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())  # as printed, wrapped at 200 columns
+    assert f"mixture of epoch 1: {BROAD}=1 {CURATED}=0.25; tasks: each once; next change: none" in text
+    assert f"accepted on resume: {accepted}" in text
     assert any("mixture changed on resume" in line for line in changed.output)
