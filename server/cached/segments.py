@@ -7,8 +7,9 @@ weights) less the times rows before s_i served it (wholly or in part: a sample c
 its rest is left out), mixed by segment i's source weights; its row r is the epoch's global row s_i + r. So rows
 after s_i follow the new mixture, and a sample served before s_i comes again only when its source has nothing
 unserved left (`all_exhausted` restarting it), as in any epoch. Every rank of any world size computes the same
-segments from the plan alone. A segment left with fewer samples than V ends the epoch at its first row (those
-few samples are not served this epoch).
+segments from the plan alone. A segment left with fewer samples than V, or starting past the rows of the one
+before (a cursor after the epoch's last step), ends the epoch at its first row: the new mixture takes effect
+with the next epoch.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ M = TypeVar("M")
 """A mixture."""
 
 
+def layout_rows(layout: EpochLayout, *, seq_len: int, pack: bool) -> int:
+    """The layout's rows (packed: its tokens cut into rows; padded: one item each)."""
+    return -(-int(layout.cum[-1]) // seq_len) if pack else len(layout.items)
+
+
 def served_counts(store: TokenStore, layout: EpochLayout, rows: int, *, seq_len: int, pack: bool) -> np.ndarray:
     """How many times the layout's first `rows` global rows serve each store sample, wholly or in part."""
     virtual = layout.virtual
     units = int(layout.cum[-1]) if pack else len(layout.items)
-    total = -(-units // seq_len) if pack else units
+    total = layout_rows(layout, seq_len=seq_len, pack=pack)
     first, sizes = blocks(total, layout.region)
     v = np.arange(virtual)
     taken = np.clip((min(rows, total) - v + virtual - 1) // virtual, 0, sizes)  # rows of v's block below `rows`
@@ -53,9 +59,10 @@ def segment(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
     served = np.zeros(len(store.lengths), dtype=np.int64)
     layout, offset = first, 0
     for index, (start, mixture) in enumerate(plan[1:], start=1):
+        over = start - offset >= layout_rows(layout, seq_len=seq_len, pack=pack)  # a resume past the epoch's end
         served += served_counts(store, layout, start - offset, seq_len=seq_len, pack=pack)
         items = sequence(mixture, served)
-        if len(items) < virtual:
+        if over or len(items) < virtual:
             items = items[:0]
         layout = epoch_layout(store, items, virtual=virtual, seed=seed, epoch=epoch + (index << 32),
                               window_shards=window_shards, pack=pack)

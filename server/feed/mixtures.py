@@ -28,13 +28,14 @@ CHANGES_KEPT = 8  # accepted mixture changes remembered for GetStats
 
 
 class MixBody(BaseModel):
-    """The mixture an epoch is served under: source weights by source name, task weights (None: one copy each)."""
+    """One mixture of an epoch's plan, as a cursor carries it: source weights by source name, task weights (None:
+    one copy each), and the position it applies from."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     w: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(gt=0)]]
     t: dict[str, Annotated[float, Field(gt=0)]] | None = None
-    at: Annotated[int, Field(ge=0)] = 0  # the position it applies from (plan)
+    at: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(frozen=True)

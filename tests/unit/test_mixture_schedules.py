@@ -126,6 +126,8 @@ def test_a_scheduled_run_resumed_under_a_new_mixture_serves_nothing_twice_and_re
             assert _epoch(resumed, epoch) == _epoch(full[stop + 1:], epoch)
         elif _epoch(full[stop + 1:], epoch):
             assert any(f"epoch {epoch} from " in change for change in changed.mixtures.changes)
+        else:  # stopped after the epoch's last step: the new mixture does not lengthen it
+            assert not _epoch(resumed, epoch)
         assert [step for step in resumed if step[0] > epoch] == [step for step in new_run if step[0] > epoch]
         if resumed:  # the epoch's plan travels in the cursor: resumed again, on w1 ranks, it continues exactly
             again %= len(resumed)
