@@ -164,7 +164,7 @@ class Stats(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DatasetStats(_message.Message):
-    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs", "streams_opened", "streams_closed", "shared_reads", "epoch_members"]
+    __slots__ = ["name", "info", "sources", "clients", "batches_served", "tokens_served", "tokens_per_s", "cache", "input_bound", "jobs", "streams_opened", "streams_closed", "shared_reads", "epoch_members", "mixture"]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class DatasetStats(_message.Message):
     STREAMS_CLOSED_FIELD_NUMBER: _ClassVar[int]
     SHARED_READS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MIXTURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     info: DatasetInfo
     sources: _containers.RepeatedCompositeFieldContainer[SourceStats]
@@ -193,7 +194,36 @@ class DatasetStats(_message.Message):
     streams_closed: int
     shared_reads: SharedReads
     epoch_members: _containers.RepeatedCompositeFieldContainer[EpochMembers]
-    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ..., epoch_members: _Optional[_Iterable[_Union[EpochMembers, _Mapping]]] = ...) -> None: ...
+    mixture: MixtureStats
+    def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ..., epoch_members: _Optional[_Iterable[_Union[EpochMembers, _Mapping]]] = ..., mixture: _Optional[_Union[MixtureStats, _Mapping]] = ...) -> None: ...
+
+class MixtureStats(_message.Message):
+    __slots__ = ["epoch", "dataset_weights", "task_weights", "next_change_epoch", "accepted_changes"]
+    class DatasetWeightsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TaskWeightsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CHANGE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    dataset_weights: _containers.ScalarMap[str, float]
+    task_weights: _containers.ScalarMap[str, float]
+    next_change_epoch: int
+    accepted_changes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., dataset_weights: _Optional[_Mapping[str, float]] = ..., task_weights: _Optional[_Mapping[str, float]] = ..., next_change_epoch: _Optional[int] = ..., accepted_changes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EpochMembers(_message.Message):
     __slots__ = ["epoch", "content", "files"]

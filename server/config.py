@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .pipeline.schedule import Weights, as_phases, check_phases
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class DatasetSection(BaseModel):
     shuffle_seed: int | None = None
     interleave_mode: Literal["sequential", "round_robin", "weighted"] = "sequential"
     stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
-    dataset_weights: dict[str, PositiveFloat] | None = None
-    task_weights: dict[str, PositiveFloat] | None = None
+    dataset_weights: Weights | None = None  # a mapping, or a schedule of phases (pipeline/schedule.py)
+    task_weights: Weights | None = None
     # sigil-feed additions
     splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
     legacy_filters: bool = False
@@ -89,10 +90,22 @@ class DatasetSection(BaseModel):
 
     @field_validator("task_weights")
     @classmethod
-    def _task_weights_not_empty(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _task_weights_not_empty(cls, value: Weights | None) -> Weights | None:
         if value is not None and not value:
             raise ValueError("must not be empty when given (omit the key instead)")
+        if isinstance(value, list) and any(not phase.weights for phase in value):
+            raise ValueError("a phase's weights must not be empty (give a task 1.0 for one copy)")
         return value
+
+    @field_validator("dataset_weights", "task_weights", mode="before")
+    @classmethod
+    def _schedule_parsed(cls, value: Any) -> Any:
+        return as_phases(value)
+
+    @field_validator("dataset_weights", "task_weights")
+    @classmethod
+    def _schedule_ordered(cls, value: Weights | None) -> Weights | None:
+        return check_phases(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> DatasetSection:

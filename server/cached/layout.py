@@ -44,10 +44,13 @@ ITEMS_PER_VIRTUAL = 64
 
 
 def served_sequence(store: TokenStore, *, sources: int, mode: str, stopping: str, weights: Sequence[float],
-                    task_weights: dict[str, float] | None, seed: int) -> np.ndarray:
+                    task_weights: dict[str, float] | None, seed: int, served: np.ndarray | None = None) -> np.ndarray:
     """Store sample indices in mix order: each source's samples in store order, each repeated by its task
-    weight's copies, interleaved as the streaming Mixer does; the same multiset streaming mode serves."""
+    weight's copies (less the times `served` counts, for an epoch's later segment: segments.py), interleaved as
+    the streaming Mixer does; the same multiset streaming mode serves."""
     repeats = task_copies(store.task, store.task_types, task_weights, seed, (store.source, store.file, store.row))
+    if served is not None:
+        repeats = np.maximum(repeats - served, 0)
     per_source = [np.repeat(picked, repeats[picked]) for picked in (np.flatnonzero(store.source == k)
                                                                      for k in range(sources))]
     child, position = interleave([len(s) for s in per_source], mode, stopping, weights, seed)

@@ -21,6 +21,7 @@ this rank's next windows are fetched ahead.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
@@ -49,15 +50,17 @@ class CachedPacker(Stage[Rows, CachedState]):
     """One rank's batches for one epoch of a token store's layout."""
 
     def __init__(self, store: TokenStore, layout: EpochLayout, deal: Deal, *, seq_len: int, pack: bool,
-                 completion_only: bool, pad_id: int, remainder: str) -> None:
+                 completion_only: bool, pad_id: int, remainder: str, offset: int = 0) -> None:
         self.store, self.layout, self.deal = store, layout, deal
         self.seq_len, self.pack, self.completion_only, self.pad_id = seq_len, pack, completion_only, pad_id
         self.remainder = remainder
         self.dtype = np.dtype(store.manifest.dtype)
         self.units = int(layout.cum[-1]) if pack else len(layout.items)  # the stream's tokens, or items
-        self.total = -(-self.units // seq_len) if pack else self.units  # the epoch's rows
-        self.first, self.rows = blocks(self.total, layout.region)  # per virtual rank: its block's first row, rows
-        self.row = 0
+        self.local = -(-self.units // seq_len) if pack else self.units  # the layout's rows
+        self.offset = offset  # the epoch's global row of the layout's row 0 (an epoch's later segment: segments.py)
+        self.total = offset + self.local  # the epoch's rows
+        self.first, self.rows = blocks(self.local, layout.region)  # per virtual rank: its block's first row, rows
+        self.row = offset
 
     @property
     def virtual(self) -> int:
@@ -73,13 +76,17 @@ class CachedPacker(Stage[Rows, CachedState]):
         """Global rows -> (virtual rank, row of its block). `pad`'s rows past the epoch's end are rows past the
         end of their virtual rank's block, which wrap around to its start (see `_runs`), or, when the epoch
         has fewer rows than V, the epoch's first rows again."""
-        e = rows % self.total if self.remainder == "pad" and self.total < self.virtual else rows
+        e = rows - self.offset
+        if self.remainder == "pad" and self.local < self.virtual:
+            e %= max(self.local, 1)
         return e % self.virtual, e // self.virtual
 
     def next_batch(self) -> Rows | None:
         """This rank's batch of the window at `row`, or None when the epoch has ended for this rank."""
         rows = self.deal.batch(self.row, self.total, self.remainder)
         if not len(rows):
+            if len(replace(self.deal, rank=0).batch(self.row, self.total, self.remainder)):
+                self.row += self.deal.window  # `keep`'s ragged last window has no row for this rank: it is over
             return None
         self.row += self.deal.window
         v, i = self._locate(rows)
@@ -179,6 +186,8 @@ class CachedPacker(Stage[Rows, CachedState]):
         if state.virtual != self.virtual:
             raise ValueError(f"the position was taken with {state.virtual} virtual ranks, but this dataset has "
                              f"{self.virtual} (dataset.virtual_ranks must stay the same for the life of a run)")
+        if state.row < self.offset:
+            raise ValueError(f"row {state.row} is before the segment its plan starts at row {self.offset}")
         self.row = state.row
 
     def __next__(self) -> Rows:

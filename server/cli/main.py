@@ -111,6 +111,8 @@ def _stats(args: argparse.Namespace) -> int:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
+        mixture = _mixture_text(ds.mixture, list(ds.info.sources))
+        console.print(mixture, markup=False, highlight=False)  # a spec may hold [ and ]
         if ds.info.mode == "cached":
             console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
         if ds.epoch_members:
@@ -136,6 +138,16 @@ def _members_text(members: Iterable[feed_pb2.EpochMembers]) -> str:
             runs.append([m.epoch, m.epoch, m.content, list(m.files)])
     return "; ".join(f"{a if a == b else f'{a}-{b}'}: {'+'.join(map(str, files))} files (content {content})"
                      for a, b, content, files in runs)
+
+
+def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str]) -> str:
+    """The mixture's line: epoch, weights (in source order), the schedule's next change, and changes accepted on
+    resume."""
+    weights = " ".join(f"{k}={mix.dataset_weights[k]:g}" for k in sources if k in mix.dataset_weights)
+    tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
+    change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
+    text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}; next change: {change}"
+    return "\n".join([text, *(f"  accepted on resume: {c}" for c in mix.accepted_changes)])
 
 
 def _store_text(cache: feed_pb2.CacheState) -> str:

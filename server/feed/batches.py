@@ -35,10 +35,16 @@ class Feed:
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
+        self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
         if start is not None and start.state is not None:
             self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
-            self.packer = packer = self._open_epoch()
             state = start.state
+            if isinstance(state, CachedState):
+                at, unit = state.row, "row"
+            else:  # the next shuffle block none of which is served
+                at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
+            self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
+            self.packer = packer = self._open_epoch()
             try:
                 if isinstance(packer, CachedPacker):
                     if not isinstance(state, CachedState):
@@ -53,15 +59,20 @@ class Feed:
                               "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
-        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server."""
+        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server, and
+        under the epoch's mixture plan."""
         self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
+        self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                   batch_size=self.batch_size, seq_len=self.seq_len, members=self.members)
+                                   batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
+                                   plan=self.plan)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
-        state = None if packer is None else packer.get_state()
-        members = self.members or "" if packer is not None else ""
-        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members).encode(self.secret)
+        state = mixture = None
+        members = ""
+        if packer is not None:
+            state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -84,4 +95,5 @@ class Feed:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
         ended, end_row = self.epoch, self.packer.row
         self.epoch, self.packer, self.members = self.epoch + 1, None, None  # the next epoch: the data as it is then
+        self.plan = self.dataset.mixtures.plan(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

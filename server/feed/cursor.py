@@ -2,7 +2,8 @@
 
 Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch", "seq_len",
 "state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
-fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py)}. The tag is an HMAC-SHA256
+fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py), "mix": the mixture the
+epoch is served under (inside an epoch; mixtures.py)}. The tag is an HMAC-SHA256
 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version and the body,
 which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on
 any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from ..cached.packer import CachedState
 from ..errors import Refused
 from ..streaming.packer import StreamState
+from .mixtures import MixBody
 
 VERSION = 3
 OLD_ORDER = (1, 2)  # cursors of the order before virtual ranks
@@ -49,6 +51,7 @@ class _Body(BaseModel):
     seq_len: Annotated[StrictInt, Field(ge=1, lt=1 << 32)]
     state: PackerState | None
     members: Annotated[str, Field(max_length=64)] = ""
+    mix: list[MixBody] | None = Field(default=None, min_length=1, max_length=1024)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Cursor:
     seq_len: int
     state: PackerState | None  # None: the start of `epoch`
     members: str = ""  # the epoch's membership (the content fingerprint of its sources' files); "" before it starts
+    mixture: list[MixBody] | None = None  # `epoch`'s plan (mixtures.py; None at its start: the configured one)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
@@ -67,6 +71,8 @@ class Cursor:
         body: dict[str, Any] = {"fp": self.fingerprint, "epoch": self.epoch, "seq_len": self.seq_len, "state": state}
         if self.members:
             body["members"] = self.members
+        if self.mixture is not None:
+            body["mix"] = [part.model_dump(mode="json", exclude_none=True) for part in self.mixture]
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 
@@ -115,4 +121,4 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     if body.seq_len != seq_len:
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
-    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members)
+    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members, body.mix)

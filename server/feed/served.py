@@ -25,7 +25,7 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
-from ..errors import ConfigError, Refused, SourceError
+from ..errors import Refused, SourceError
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.chat import MessagesFormat
@@ -41,11 +41,12 @@ from ..store.format import StoreDamaged, TokenFacts, store_dir
 from ..store.fs import StoreFS, is_uri, resolve
 from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
-from ..streaming.block_order import BlockShuffle
+from ..streaming.block_order import BlockShuffle, Mix
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
+from .mixtures import Mixture, Mixtures, Plan, plan_at
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,9 @@ CONTENT_SETTINGS = ("names", "min_length", "max_length", "exclude_tests", "exclu
                     "legacy_filters", "chat_template", "completion_only")
 """What decides which samples exist and their tokens: part of the token store's fingerprint."""
 ORDER_SETTINGS = ("use_cache", "shuffle_block", "shuffle_block_chars", "remainder", "shuffle_seed",
-                  "interleave_mode", "stopping_strategy", "dataset_weights", "task_weights", "virtual_ranks",
-                  "shuffle_window_shards", "shard_records")
-"""Serve-time decisions (order, mixing, task-weight copies): in the served fingerprint, not the store's."""
+                  "interleave_mode", "stopping_strategy", "virtual_ranks", "shuffle_window_shards", "shard_records")
+"""Serve-time decisions (order, mixing): in the served fingerprint, not the store's. The mixture (dataset_weights,
+task_weights) is not: a cursor carries its epoch's, so a resume under another one continues (mixtures.py)."""
 ORDER_REVISION = 2
 """The epoch order's definition, in the served fingerprint: a cursor of another revision (revision 1 padded or cut
 every virtual rank to the longest or shortest, so its rows mean others now) is refused, never resumed wrongly."""
@@ -98,18 +99,18 @@ class ServedDataset:
                                           backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
         probes = [self._opener(i, None)() for i in range(len(self.specs))]  # fails fast on missing sources
-        self.weights = _source_weights(self.section, self.specs, config_file)
+        self.mixtures = Mixtures(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
         self.counters = [SourceCounters(spec) for spec in self.specs]
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
-        samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), self.encoder.fingerprint)
+        samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS), self.encoder.fingerprint)
         first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
         self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name)
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor
-        self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS, self.weights),
+        self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
                                         self.config.pack, samples, ORDER_REVISION)
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.lifecycle = self._lifecycle(fs, self.memberships.current)
@@ -156,7 +157,7 @@ class ServedDataset:
 
     def _membership(self, files: list[list[str]], identities: list[list[object]]) -> Membership:
         """Files and their identities as a membership, named by the content fingerprint of their token store."""
-        fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS, self.weights), identities,
+        fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS), identities,
                                    self.encoder.fingerprint)
         return Membership(fingerprint, files, identities)
 
@@ -242,10 +243,9 @@ class ServedDataset:
     def _layouts(self, store: TokenStore) -> EpochLayouts:
         """The epoch layouts of a store's samples, mixed."""
         section = self.section
-        sequence = served_sequence(store, sources=len(self.specs), mode=section.interleave_mode,
-                                   stopping=section.stopping_strategy, weights=self.weights,
-                                   task_weights=section.task_weights, seed=section.shuffle_seed or 0)
-        return EpochLayouts(store, sequence, virtual=virtual_ranks(section.virtual_ranks, len(sequence)),
+        sequences = partial(_served_sequence, store, self.specs, section)
+        items = len(sequences(self.mixtures.at(0), None))  # V is fixed by epoch 0's mixture, for the run's life
+        return EpochLayouts(store, sequences, self.mixtures.at, virtual=virtual_ranks(section.virtual_ranks, items),
                             seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
                             pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
 
@@ -299,40 +299,43 @@ class ServedDataset:
         """What names a source's shards beside their input (local_engine.source_parts): the settings that decide its
         samples and tokens, not the other sources nor the store's membership, so a store of more data takes the
         shards it shares with the dataset's other stores."""
-        settings = _without_paths(self.section, CONTENT_SETTINGS, self.weights)
+        settings = _without_paths(self.section, CONTENT_SETTINGS)
         settings["names"] = settings["names"][index]
         return _fingerprint(settings, self.encoder.fingerprint)
 
-    def mix(self, files: list[list[str]] | None = None) -> Mixer:
-        """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's), counting into
-        this dataset's counters."""
+    def mix(self, files: list[list[str]] | None = None, mixture: Mixture | None = None) -> Mixer:
+        """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's) under `mixture`
+        (None: epoch 0's), counting into this dataset's counters."""
         files = files or self.files
-        section = self.section
+        section, mixture = self.section, mixture or self.mixtures.at(0)
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
         children = []
         for index, spec in enumerate(section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
-                                task_weights=section.task_weights, seed=seed, strict=section.on_bad_record == "fail",
+                                task_weights=mixture.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format, messages_format=self.encoder.format_messages)
             children.append(CuratedSource(self._opener(index, files[index])(), rules, self.counters[index]))
-        return Mixer(children, section.interleave_mode, section.stopping_strategy, self.weights, seed)
+        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed)
 
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-               members: str | None = None) -> Packer | CachedPacker:
+               members: str | None = None, plan: Plan | None = None) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
-        membership, from its cursor; None: the one fixed for the epoch here, see membership.py)."""
+        membership, from its cursor; None: the one fixed for the epoch here, see membership.py) and under `plan` (the
+        epoch's mixtures; None: the configured mixture throughout)."""
         section = self.section
         members = members or self.memberships.of_epoch(epoch).fingerprint
+        plan = plan or self.mixtures.plan(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
             layouts = self.members_layouts(members)
-            layout = layouts[epoch]
+            offset, layout = (0, layouts.get(epoch, plan[0][1])) if len(plan) == 1 else \
+                layouts.segment(epoch, plan, seq_len)
             cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
-                                  pad_id=self.facts.pad_id, remainder=section.remainder)
+                                  pad_id=self.facts.pad_id, remainder=section.remainder, offset=offset)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
         membership = self.memberships.of(members)
@@ -341,12 +344,14 @@ class ServedDataset:
                           "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
                           "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(membership.files), block_size=section.shuffle_block,
-                                    block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch)
+        blocks_order = BlockShuffle(self.mix(membership.files, plan[0][1]), block_size=section.shuffle_block,
+                                    block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch,
+                                    plan=None if len(plan) == 1 else partial(_block_mix, plan))
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
                                  encode_pool=self.runtime.encode_pool, read_pool=self.runtime.read_pool,
-                                 shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars))
+                                 shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars,
+                                                                mixture=plan))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
@@ -448,15 +453,12 @@ def _first_samples(sources: list[Source], pair_format: ChatFormat, messages_form
     return samples
 
 
-def _without_paths(section: DatasetSection, settings: tuple[str, ...], weights: list[float]) -> dict[str, Any]:
+def _without_paths(section: DatasetSection, settings: tuple[str, ...]) -> dict[str, Any]:
     """The settings as a fingerprint holds them, free of where local data lies (data that moves keeps its store and
-    cursors): a source is its kind and filter override (its files' content is in the fingerprint beside), and
-    dataset weights are by source index (their keys name the sources by path)."""
+    cursors): a source is its kind and filter override (its files' content is in the fingerprint beside)."""
     values = section.model_dump(mode="json", include=set(settings))
     if "names" in values:
         values["names"] = [[_source_kind(s.name), s.filter] for s in section.names]
-    if values.get("dataset_weights") is not None:
-        values["dataset_weights"] = weights
     return values
 
 
@@ -466,13 +468,18 @@ def _source_kind(spec: str) -> str:
     return prefix if colon and prefix in ("local", "parquet") else spec
 
 
-def _source_weights(section: DatasetSection, specs: list[str], file: str) -> list[float]:
-    weights = section.dataset_weights or {}
-    unknown = sorted(set(weights) - set(specs))
-    if unknown:
-        raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
-                          file=file, fix=f"use the exact strings from dataset.names: {specs}")
-    return [weights.get(spec, 1.0) for spec in specs]
+def _block_mix(plan: Plan, block: int) -> Mix:
+    """The mixture in force at shuffle block `block`, as the mix takes it."""
+    mixture = plan_at(plan, block)
+    return mixture.weights, mixture.task_weights
+
+
+def _served_sequence(store: TokenStore, specs: list[str], section: DatasetSection, mixture: Mixture,
+                     served: np.ndarray | None) -> np.ndarray:
+    """The store's served sequence under `mixture`, less `served` (cached/layout.served_sequence)."""
+    return served_sequence(store, sources=len(specs), mode=section.interleave_mode, stopping=section.stopping_strategy,
+                           weights=mixture.weights, task_weights=mixture.task_weights, seed=section.shuffle_seed or 0,
+                           served=served)
 
 
 def _size(size: int) -> str:

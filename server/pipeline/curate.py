@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -142,6 +142,10 @@ class CuratedSource(Stage[Sample, CurateState]):
             return CurateState(at=self.source.get_state(), skip=0)
         assert self._state_before is not None
         return CurateState(at=self._state_before, skip=self._emitted)
+
+    def retask(self, task_weights: dict[str, float] | None) -> None:
+        """Copy the samples of the records read from here on by `task_weights`."""
+        self.rules = replace(self.rules, task_weights=task_weights)
 
     def restart(self) -> None:
         """Read the source again from its first record (for `all_exhausted` mixing)."""

@@ -66,7 +66,7 @@ class Mixer(Stage[Sample, MixState]):
 
     def __init__(self, children: list[CuratedSource], mode: str, stopping: str,
                  weights: Sequence[float], seed: int) -> None:
-        self.children, self.mode, self.stopping = children, mode, stopping
+        self.children, self.mode, self.stopping, self.seed = children, mode, stopping, seed
         self.draws = WeightedDraws(weights, seed) if mode == "weighted" else None
         self.turn = 0  # sequential: current child; otherwise: number of draws made
         self.exhausted = [False] * len(children)
@@ -97,6 +97,14 @@ class Mixer(Stage[Sample, MixState]):
             self.turn += 1
             return sample
         raise StopIteration
+
+    def reweight(self, weights: Sequence[float], task_weights: dict[str, float] | None) -> None:
+        """Draw from here on with `weights` (draw t of the mix still comes from (seed, t // DRAW_CHUNK)), and copy
+        the samples of the records read from here on by `task_weights` (a mixture changed on resume)."""
+        if self.draws is not None:
+            self.draws = WeightedDraws(weights, self.seed)
+        for child in self.children:
+            child.retask(task_weights)
 
     def _next_sequential(self) -> Sample:
         while self.turn < len(self.children):

@@ -16,6 +16,7 @@ from .views import (
     epoch_members,
     input_bound_view,
     job_stats,
+    mixture_stats,
     shared_reads,
     source_stats,
     store_state,
@@ -41,4 +42,5 @@ def dataset_stats(name: str, dataset: ServedDataset, now: StreamsNow[Any]) -> fe
         jobs=[job_stats(j) for j in jobs], cache=store_state(dataset), batches_served=throughput.batches,
         tokens_served=throughput.tokens, tokens_per_s=throughput.rate(), streams_opened=now.opened.get(name, 0),
         streams_closed=now.closed.get(name, 0), shared_reads=shared_reads(dataset.shared_reads.counts),
-        epoch_members=epoch_members(dataset.memberships))
+        epoch_members=epoch_members(dataset.memberships),
+        mixture=mixture_stats(dataset, dataset.mixtures.latest_epoch))

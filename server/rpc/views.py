@@ -35,6 +35,16 @@ def epoch_members(memberships: Memberships) -> list[feed_pb2.EpochMembers]:
             for epoch, members in fixed]
 
 
+def mixture_stats(dataset: ServedDataset, epoch: int) -> feed_pb2.MixtureStats:
+    """The configured mixture of `epoch`, the schedule's next change, and the changes accepted on resume."""
+    mixtures = dataset.mixtures
+    mixture, change = mixtures.at(epoch), mixtures.next_change(epoch)
+    return feed_pb2.MixtureStats(epoch=epoch, dataset_weights=dict(zip(dataset.specs, mixture.weights, strict=True)),
+                                 task_weights=mixture.task_weights or {},
+                                 next_change_epoch=-1 if change is None else change,
+                                 accepted_changes=mixtures.changes)
+
+
 def source_stats(counters: SourceCounters) -> feed_pb2.SourceStats:
     """One source's accounting."""
     with counters.lock:

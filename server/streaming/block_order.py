@@ -6,10 +6,15 @@ when a seed is set. The epoch's order is every sample of every block in turn, th
 layout: ranks keep rows of the packed stream (pack.py, deal.py), never samples. A block's position is (block
 index, the mix's state at the block's start), and a sample's position in the order adds the samples of its
 block taken before it: resuming re-reads one block, never a shuffle buffer.
+
+An epoch resumed under another mixture (feed/mixtures.py) has a plan: block k is drawn under the mixture in force
+at k. The mix continues from where the block before left every source, so a new mixture from block k serves each
+source's samples from the first one not yet drawn: nothing drawn before is drawn again while the source has more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +22,9 @@ import numpy as np
 from ..pipeline.mixing import Mixer, MixState
 from ..pipeline.samples import Sample
 from ..pipeline.stage import Count, Stage, StageState
+
+Mix = tuple[Sequence[float], dict[str, float] | None]
+"""A mixture as the mix takes it: source weights and task weights."""
 
 
 class BlockState(StageState):
@@ -49,8 +57,8 @@ class BlockShuffle(Stage[Block, BlockState]):
     """The epoch's blocks, read from this chain's mix and permuted, from a block position on."""
 
     def __init__(self, upstream: Mixer, *, block_size: int, block_chars: int, seed: int | None,
-                 epoch: int) -> None:
-        self.upstream, self.block_size, self.block_chars = upstream, block_size, block_chars
+                 epoch: int, plan: Callable[[int], Mix] | None = None) -> None:
+        self.upstream, self.block_size, self.block_chars, self.plan = upstream, block_size, block_chars, plan
         self.seed, self.epoch = seed, epoch
         self.epoch_start = upstream.get_state()
         self.upstream_at: MixState | None = self.epoch_start  # where `upstream` stands (compared by identity)
@@ -63,7 +71,11 @@ class BlockShuffle(Stage[Block, BlockState]):
             raise StopIteration
         index, start = self.next.block, self.next.start
         if self.upstream_at is not start:
+            if self.plan is not None:  # the state the block before left, under that block's mixture
+                self.upstream.reweight(*self.plan(max(index - 1, 0)))
             self.upstream.set_state(start)  # checks the position: a bad cursor fails here
+        if self.plan is not None:
+            self.upstream.reweight(*self.plan(index))
         self.upstream_at = None  # unknown until the read completes
         samples, chars, last = [], 0, True
         for sample in self.upstream:

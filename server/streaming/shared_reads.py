@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -157,19 +157,21 @@ class BlockCache:
 
 
 class SharedReads:
-    """A dataset's block caches, one per world size, each alive while a stream of that layout holds it."""
+    """A dataset's block caches, one per world size and mixture, each alive while a stream of that layout holds
+    it."""
 
     def __init__(self, blocks: int = SHARED_BLOCKS) -> None:
         self.blocks = blocks
         self.counts = ReadCounts()
-        self._caches: weakref.WeakValueDictionary[int, BlockCache] = weakref.WeakValueDictionary()
+        self._caches: weakref.WeakValueDictionary[tuple[int, Hashable], BlockCache] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
-    def cache(self, world_size: int, *, block_chars: int) -> BlockCache:
-        """The block cache of this world size (made on first use), bounded to `blocks` blocks and their text."""
+    def cache(self, world_size: int, *, block_chars: int, mixture: Hashable = None) -> BlockCache:
+        """The block cache of this world size and mixture (made on first use; a block's samples depend on the
+        mixture), bounded to `blocks` blocks and their text."""
         with self._lock:
-            cache = self._caches.get(world_size)
+            cache = self._caches.get((world_size, mixture))
             if cache is None:
-                cache = self._caches[world_size] = BlockCache(
+                cache = self._caches[world_size, mixture] = BlockCache(
                     world_size, max_blocks=self.blocks, max_chars=self.blocks * block_chars, counts=self.counts)
             return cache

@@ -210,7 +210,8 @@ def test_the_next_epochs_layout_is_computed_while_this_one_is_served(tmp_path: P
     dataset = make_dataset(tmp_path, runtime, 40, cached=True)
     assert next(feed(dataset, 0, 1, 2)).rows is not None
     assert dataset.layouts is not None and dataset.store is not None
-    assert sorted(dataset.layouts.jobs) == [0, 1]
-    alone = epoch_layout(dataset.store, dataset.layouts.sequence, virtual=dataset.virtual, seed=11, epoch=1,
-                         window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
-    assert dataset.layouts.jobs[1].result().items.tolist() == alone.items.tolist()
+    mixture = dataset.mixtures.at(1)
+    assert sorted(dataset.layouts.jobs) == [(0, mixture), (1, mixture)]
+    alone = epoch_layout(dataset.store, dataset.layouts.sequences(mixture, None), virtual=dataset.virtual, seed=11,
+                         epoch=1, window_shards=dataset.section.shuffle_window_shards, pack=dataset.config.pack)
+    assert dataset.layouts.jobs[1, mixture].result().items.tolist() == alone.items.tolist()

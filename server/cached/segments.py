@@ -1,0 +1,70 @@
+"""Cached mode: an epoch resumed under another mixture, as segments of global rows.
+
+An epoch's plan (feed/mixtures.py) lists mixtures with the global row each applies from. Segment 0 is the epoch's
+layout under its first mixture. Segment i, from row s_i on, is laid out (like any epoch, over the same V virtual
+ranks) from what segments before it left unserved: each store sample's copies under segment i's mixture (task
+weights) less the times rows before s_i served it (wholly or in part: a sample cut by s_i is not served again,
+its rest is left out), mixed by segment i's source weights; its row r is the epoch's global row s_i + r. So rows
+after s_i follow the new mixture, and a sample served before s_i comes again only when its source has nothing
+unserved left (`all_exhausted` restarting it), as in any epoch. Every rank of any world size computes the same
+segments from the plan alone. A segment left with fewer samples than V, or starting past the rows of the one
+before (a cursor after the epoch's last step), ends the epoch at its first row: the new mixture takes effect
+with the next epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+
+from ..store.reader import TokenStore
+from .layout import EpochLayout, blocks, epoch_layout
+
+M = TypeVar("M")
+"""A mixture."""
+
+
+def layout_rows(layout: EpochLayout, *, seq_len: int, pack: bool) -> int:
+    """The layout's rows (packed: its tokens cut into rows; padded: one item each)."""
+    return -(-int(layout.cum[-1]) // seq_len) if pack else len(layout.items)
+
+
+def served_counts(store: TokenStore, layout: EpochLayout, rows: int, *, seq_len: int, pack: bool) -> np.ndarray:
+    """How many times the layout's first `rows` global rows serve each store sample, wholly or in part."""
+    virtual = layout.virtual
+    units = int(layout.cum[-1]) if pack else len(layout.items)
+    total = layout_rows(layout, seq_len=seq_len, pack=pack)
+    first, sizes = blocks(total, layout.region)
+    v = np.arange(virtual)
+    taken = np.clip((min(rows, total) - v + virtual - 1) // virtual, 0, sizes)  # rows of v's block below `rows`
+    if pack:
+        lo, hi = first * seq_len, np.minimum((first + taken) * seq_len, units)
+        start = np.searchsorted(layout.cum, lo, side="right") - 1
+        stop = np.where(hi > lo, np.searchsorted(layout.cum, hi, side="left"), start)
+    else:
+        start, stop = first, first + taken
+    picked = np.concatenate([np.arange(a, b) for a, b in zip(start.tolist(), stop.tolist(), strict=True)] or
+                            [np.zeros(0, dtype=np.int64)])
+    return np.bincount(layout.items[np.unique(picked)], minlength=len(store.lengths))  # an item two blocks cut: once
+
+
+def segment(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
+            sequence: Callable[[M, np.ndarray | None], np.ndarray], *, virtual: int, seed: int | None, epoch: int,
+            window_shards: int, seq_len: int, pack: bool) -> tuple[int, EpochLayout]:
+    """The last segment of `plan` ((start row, mixture) pairs; `first` is segment 0's layout): its first global
+    row and its layout. `sequence(mixture, served)` is the served sequence of a mixture less `served` (counts per
+    store sample)."""
+    served = np.zeros(len(store.lengths), dtype=np.int64)
+    layout, offset = first, 0
+    for index, (start, mixture) in enumerate(plan[1:], start=1):
+        over = start - offset >= layout_rows(layout, seq_len=seq_len, pack=pack)  # a resume past the epoch's end
+        served += served_counts(store, layout, start - offset, seq_len=seq_len, pack=pack)
+        items = sequence(mixture, served)
+        if over or len(items) < virtual:
+            items = items[:0]
+        layout = epoch_layout(store, items, virtual=virtual, seed=seed, epoch=epoch + (index << 32),
+                              window_shards=window_shards, pack=pack)
+        offset = start
+    return offset, layout

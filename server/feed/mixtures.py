@@ -1,0 +1,139 @@
+"""A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, and the
+plan of an epoch resumed under another mixture than it started with.
+
+An epoch starts under its configured mixture. A cursor carries its epoch's plan: the mixtures the epoch was
+served under, each with the position it applies from (a global row in cached mode, a shuffle block in streaming
+mode). A resume under a configuration whose mixture for the epoch differs appends that mixture to the plan, from
+the resumed position (cached: the resumed row; streaming: the next shuffle block not yet begun), so the epoch's
+rows before it are the ones already served and the rest follows the new mixture; the packers make sure nothing
+served is served again while unserved samples of its source remain (cached/segments.py, streaming/block_order.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import DatasetSection
+from ..errors import ConfigError, Refused
+from ..pipeline.schedule import DEFAULT_WEIGHT, Weights, keys, next_change, weights_at
+
+log = logging.getLogger(__name__)
+
+CHANGES_KEPT = 8  # accepted mixture changes remembered for GetStats
+
+
+class MixBody(BaseModel):
+    """One mixture of an epoch's plan, as a cursor carries it: source weights in `names` order (by position, not
+    path: data that moves keeps its cursors), task weights (None: one copy each), and the position it applies from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    w: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, max_length=4096)
+    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    at: Annotated[int, Field(ge=0)] = 0
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """The weights one epoch is served under: a weight per source (in `names` order) and the task weights."""
+
+    weights: tuple[float, ...]
+    tasks: tuple[tuple[str, float], ...] | None  # sorted by task; None: every task once
+
+    @property
+    def task_weights(self) -> dict[str, float] | None:
+        """The task weights as the curate stage takes them."""
+        return None if self.tasks is None else dict(self.tasks)
+
+    def body(self, at: int) -> MixBody:
+        """The mixture as a cursor carries it, applying from position `at`."""
+        return MixBody(w=list(self.weights), t=self.task_weights, at=at)
+
+    def describe(self, specs: list[str]) -> str:
+        """The mixture for people: `a=1 b=0.5; tasks: explain=2`."""
+        text = " ".join(f"{spec}={weight:g}" for spec, weight in zip(specs, self.weights, strict=True))
+        return text + ("" if self.tasks is None else "; tasks: " + " ".join(f"{k}={v:g}" for k, v in self.tasks))
+
+
+Plan = tuple[tuple[int, Mixture], ...]
+"""An epoch's mixtures, each with the position it applies from: the first from 0, the positions rising."""
+
+
+def plan_at(plan: Plan, position: int) -> Mixture:
+    """The mixture in force at `position`."""
+    return next(mixture for start, mixture in reversed(plan) if start <= position)
+
+
+class Mixtures:
+    """The configured mixture of every epoch, and the changes accepted on resume."""
+
+    def __init__(self, section: DatasetSection, specs: list[str], file: str) -> None:
+        unknown = sorted(keys(section.dataset_weights) - set(specs))
+        if unknown:
+            raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
+                              file=file, fix=f"use the exact strings from dataset.names: {specs}")
+        self.specs = specs
+        self.dataset_weights: Weights | None = section.dataset_weights
+        self.task_weights: Weights | None = section.task_weights
+        self.changes: list[str] = []  # accepted on resume, the latest last
+        self._lock = threading.Lock()
+        self.latest_epoch = 0  # the latest epoch a stream opened (GetStats shows its mixture)
+
+    def opened(self, epoch: int) -> None:
+        """A stream opened `epoch`."""
+        self.latest_epoch = max(self.latest_epoch, epoch)
+
+    def at(self, epoch: int) -> Mixture:
+        """The configured mixture of `epoch`."""
+        weights = weights_at(self.dataset_weights, epoch) or {}
+        tasks = weights_at(self.task_weights, epoch)
+        return Mixture(tuple(weights.get(spec, DEFAULT_WEIGHT) for spec in self.specs),
+                       None if tasks is None else tuple(sorted(tasks.items())))
+
+    def next_change(self, epoch: int) -> int | None:
+        """The first epoch after `epoch` whose configured mixture differs (None: none)."""
+        changes = [e for e in (next_change(self.dataset_weights, epoch), next_change(self.task_weights, epoch))
+                   if e is not None]
+        return min(changes) if changes else None
+
+    def plan(self, epoch: int) -> Plan:
+        """The plan of `epoch` from its start: its configured mixture throughout."""
+        return ((0, self.at(epoch)),)
+
+    def body(self, plan: Plan) -> list[MixBody]:
+        """The plan as a cursor carries it."""
+        return [mixture.body(start) for start, mixture in plan]
+
+    def resumed(self, epoch: int, carried: list[MixBody] | None, at: int, unit: str) -> Plan:
+        """The plan of a cursor inside `epoch` resumed at position `at`: the one it carries, and the configured
+        mixture from `at` on when it differs (logged and kept for GetStats); FAILED_PRECONDITION when it names
+        a source this dataset lacks or its positions do not rise from 0."""
+        configured = self.at(epoch)
+        if not carried:
+            return self.plan(epoch)
+        plan: Plan = ()
+        for body in carried:
+            if len(body.w) != len(self.specs):
+                raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
+                              f"{len(self.specs)}: sources cannot change inside an epoch")
+            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
+                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
+            plan += ((body.at, Mixture(tuple(body.w),
+                                       None if body.t is None else tuple(sorted(body.t.items())))),)
+        if plan[-1][1] == configured:
+            return plan
+        old = plan[-1][1]
+        plan = (*plan[:-1], (at, configured)) if plan[-1][0] == at else (*plan, (at, configured))
+        change = (f"epoch {epoch} from {unit} {at}: {old.describe(self.specs)} -> {configured.describe(self.specs)}"
+                  f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
+        with self._lock:  # the ranks of a job resume at once, each with this change
+            if change in self.changes:
+                return plan
+            self.changes = [*self.changes, change][-CHANGES_KEPT:]
+        log.info("mixture changed on resume: %s", change)
+        return plan

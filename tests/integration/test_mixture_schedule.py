@@ -1,0 +1,89 @@
+"""A two-phase run (ADR-002: broad data, then curated data) as one schedule, through the real server and client:
+stopped in phase 2 on 4 ranks, resumed on 3 ranks, it trains on exactly the global batches of the uninterrupted
+4-rank run; GetStats shows the phase and the next change. Resumed instead by a server whose configuration
+changed the mixture, the new mixture applies from the resumed row (cached; streaming: the next shuffle block),
+a later resume continues that plan exactly, and the server says so in its log and in GetStats."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from sigil_feed.client import FeedDataset
+from sigil_feed.protos import feed_pb2, feed_pb2_grpc
+from tests.conftest import rust_pair, write_config, write_jsonl
+from tests.integration.test_elastic import STEP_ROWS, read
+
+BROAD, CURATED = "local:broad/*.jsonl", "local:curated.jsonl"
+TWO_PHASES = [{"from_epoch": 0, "weights": {BROAD: 3.0, CURATED: 1.0}},
+              {"from_epoch": 1, "weights": {BROAD: 0.5, CURATED: 4.0}}]
+
+
+def config(tmp_path: Path, cached: bool, weights: Any, name: str) -> Path:
+    if not (tmp_path / "curated.jsonl").exists():
+        for part in range(3):
+            write_jsonl(tmp_path / "broad" / f"part{part}.jsonl",
+                        [{**rust_pair(i), "gen": rust_pair(i)["gen"] + "    // more\n" * (i % 4)}
+                         for i in range(100 * part, 100 * part + 100)])
+        write_jsonl(tmp_path / "curated.jsonl", [{**rust_pair(i, task="explain"), "gen": rust_pair(i)["gen"]
+                                                  + "    // curated\n" * (1 + i % 3)} for i in range(500, 620)])
+    return write_config(tmp_path / name, {
+        "names": [BROAD, CURATED], "use_cache": cached, "cache_dir": str(tmp_path / "cache"), "shuffle_seed": 3,
+        "shuffle_block": 32, "virtual_ranks": 12, "remainder": "keep", "epochs": 2, "interleave_mode": "weighted",
+        "stopping_strategy": "all_exhausted", "dataset_weights": weights}, max_seq_len=64)
+
+
+def phase_one_steps(target: str) -> int:
+    """The number of global steps of epoch 0 (phase 1), read by one rank taking whole global batches."""
+    ds = FeedDataset(target, batch_size=STEP_ROWS, prefetch=2)
+    steps = 0
+    for _ in ds:
+        if ds.state_dict()["epoch"] != 0:
+            break
+        steps += 1
+    return steps
+
+
+def mixture(target: str) -> feed_pb2.MixtureStats:
+    with grpc.insecure_channel(target) as channel:
+        (stats,) = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest()).datasets
+    return stats.mixture
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["streaming", "cached"])
+def test_a_two_phase_schedule_resumed_mid_phase_two_on_another_world_size(tmp_path: Path, start_server,
+                                                                          cached: bool) -> None:
+    server = start_server(config(tmp_path, cached, TWO_PHASES, "two_phases.yaml"))
+    before = mixture(server.target)
+    assert (before.epoch, before.next_change_epoch, dict(before.dataset_weights)) == (0, 1, {BROAD: 3.0, CURATED: 1.0})
+    uninterrupted, _ = read(server.target, 4, None)
+    ones = phase_one_steps(server.target)
+    assert 4 < ones < len(uninterrupted) - 4
+    first, four = read(server.target, 4, ones + 2)
+    assert {state["epoch"] for state in four} == {1}  # stopped in phase 2
+    now = mixture(server.target)
+    assert (now.epoch, now.next_change_epoch, dict(now.dataset_weights)) == (1, -1, {BROAD: 0.5, CURATED: 4.0})
+    second, _ = read(server.target, 3, None, four)
+    assert first + second == uninterrupted
+
+    server.stop()
+    changed = start_server(config(tmp_path, cached, {BROAD: 1.0, CURATED: 0.25}, "changed.yaml"))
+    rest, _ = read(changed.target, 3, None, four)
+    assert rest and rest != uninterrupted[len(first):]  # the new mixture from the resumed row (block) on
+    part, three = read(changed.target, 3, 2, four)
+    more, _ = read(changed.target, 2, None, three)
+    assert part + more == rest  # the epoch's plan travels in the cursor: a second resume continues it exactly
+    (accepted,) = mixture(changed.target).accepted_changes
+    assert f"epoch 1 from {'row' if cached else 'shuffle block'} " in accepted
+    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", changed.target],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())  # as printed, wrapped at 200 columns
+    assert f"mixture of epoch 1: {BROAD}=1 {CURATED}=0.25; tasks: each once; next change: none" in text
+    assert f"accepted on resume: {accepted}" in text
+    assert any("mixture changed on resume" in line for line in changed.output)
