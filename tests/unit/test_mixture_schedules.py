@@ -214,7 +214,7 @@ def test_a_new_mixture_is_accepted_on_resume_but_other_filters_are_refused(tmp_p
                               dataset_weights={names[1]: 3.0})
     assert reweighted.fingerprint == dataset.fingerprint
     start = decode_cursor(item.cursor, fingerprint=reweighted.fingerprint, seq_len=SEQ_LEN)
-    assert start.mixture is not None and [(m.at, m.w) for m in start.mixture] == [(0, {names[0]: 1.0, names[1]: 1.0})]
+    assert start.mixture is not None and [(m.at, m.w) for m in start.mixture] == [(0, [1.0, 1.0])]  # by position
     Feed(reweighted, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
     (change,) = reweighted.mixtures.changes
     assert re.match(r"epoch 0 from shuffle block \d+: ", change) and f"{names[1]}=3; tasks: explain=2" in change
