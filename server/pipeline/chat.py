@@ -51,11 +51,7 @@ def _message_error(message: object) -> str | None:
             return None
     if not isinstance(content, str):
         return "chat_bad_content"
-    try:
-        content.encode()
-    except UnicodeEncodeError:
-        return "bad_utf8"
-    return None
+    return None if _encodable(content) else "bad_utf8"
 
 
 def conversation_error(messages: object, tools: object) -> str | None:
@@ -91,6 +87,17 @@ def complement(spans: list[tuple[int, int]], length: int) -> tuple[int, ...]:
     if at < length:
         out += [at, length]
     return tuple(out)
+
+
+def _encodable(text: str) -> bool:
+    """Whether text is valid UTF-8 once encoded (no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class NotIncremental(Exception):
@@ -139,6 +146,8 @@ class ChatRenderer:
             return "chat_template_error"
         if not any(end > start for start, end in trained):
             return "chat_no_assistant"
+        if not _encodable(text):  # a lone surrogate in what content does not hold: a tool call, `tools`
+            return "bad_utf8"
         return text, complement(sorted(trained), len(text))
 
     def _by_turns(self, messages: list[Any], tools: Any) -> tuple[str, list[tuple[int, int]]]:

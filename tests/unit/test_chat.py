@@ -115,6 +115,23 @@ def test_conversations_read_from_parquet_as_from_jsonl(folders: dict[str, Path],
     assert [(s.text, s.masked) for s in read["parquet"]] == [(s.text, s.masked) for s in read["local"]]
 
 
+def test_invalid_utf8_inside_a_parquet_conversation_is_one_bad_utf8_record(folders: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Arrow does not check UTF-8 on write: bytes that are not UTF-8 in one turn's content (nested in the `messages`
+    column's list of structs) make that record bad_utf8, and the records of the same batch around it are read."""
+    encoder = Encoder(str(folders["chatml"]), backend="hf")
+    contents = [b"hi", b"fine", b"caf\xe9", b"yo", b"again", b"ok"]
+    content = pa.Array.from_buffers(pa.string(), len(contents), [
+        None, pa.array(np.cumsum([0, *map(len, contents)]), pa.int32()).buffers()[1], pa.py_buffer(b"".join(contents))])
+    roles = pa.array(["user", "assistant"] * 3)
+    turns = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+    messages = pa.ListArray.from_arrays(pa.array([0, 2, 4, 6], pa.int32()), turns)
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "chat.parquet")
+    read = [normalise(r, messages_format=encoder.render_messages)
+            for r in open_source(f"parquet:{tmp_path}/chat.parquet", 0, base_dir=tmp_path)]
+    assert [s if isinstance(s, str) else s.kind for s in read] == ["messages", "bad_utf8", "messages"]
+
+
 @pytest.mark.parametrize(("value", "reason"), MALFORMED)
 def test_malformed_conversations_have_reasons(folders: dict[str, Path], value: dict[str, Any], reason: str) -> None:
     encoder = Encoder(str(folders["chatml"]), backend="hf")
