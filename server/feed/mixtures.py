@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSection
 from ..errors import ConfigError, Refused
-from ..pipeline.schedule import DEFAULT_WEIGHT, Weights, keys, next_change, weights_at
+from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, weights_at
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class MixBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    w: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, max_length=4096)
-    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    w: list[Weight] = Field(min_length=1, max_length=4096)
+    t: dict[str, Weight] | None = None
     at: Annotated[int, Field(ge=0)] = 0
 
 
