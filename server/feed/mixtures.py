@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSection
 from ..errors import ConfigError, Refused
 from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, weights_at
+from ..pipeline.stage import Count
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class MixBody(BaseModel):
 
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
-    at: Annotated[int, Field(ge=0)] = 0
+    at: Count = 0
 
 
 @dataclass(frozen=True)

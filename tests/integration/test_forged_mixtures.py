@@ -1,5 +1,6 @@
 """A client without the cursor secret can compute a cursor's tag (README, Security), so the mixtures a cursor carries
-are untrusted input: weights that are infinite, overflow their sum, or copy each sample without bound are refused
+are untrusted input: weights that are infinite, overflow their sum, or copy each sample without bound, and a position
+past any integer a layout holds, are refused
 FAILED_PRECONDITION in plain words, at once, in both modes, and the server goes on serving."""
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from tests.unit.test_cursor import signed
 SOURCES = ["local:a.jsonl", "local:b.jsonl"]
 
 
-def forged(cursor: bytes, **mix: Any) -> bytes:
-    """The cursor with its epoch plan's last mixture changed, signed as a client without the secret can."""
+def forged(cursor: bytes, then: dict[str, Any] | None = None, **mix: Any) -> bytes:
+    """The cursor with its epoch plan's last mixture changed (and `then` appended to the plan), signed as a client
+    without the secret can."""
     body = json.loads(zlib.decompress(cursor[1 + TAG_BYTES:]))
     body["mix"][-1] = {**body["mix"][-1], **mix}
+    body["mix"] += [{**body["mix"][-1], **then}] if then else []
     return signed(body)
 
 
@@ -46,7 +49,8 @@ def test_forged_mixture_weights_are_refused_and_the_server_keeps_serving(tmp_pat
     cursor = decode_cursor(ds.state_dict()["cursor"])
     assert json.loads(zlib.decompress(cursor[1 + TAG_BYTES:]))["mix"]  # a mid-epoch cursor carries its plan
     bad = [forged(cursor, w=[float("inf"), 1.0]), forged(cursor, w=[1e308, 1e308]),
-           forged(cursor, t={"explain": float("inf")}), forged(cursor, t={"explain": 1e12})]
+           forged(cursor, t={"explain": float("inf")}), forged(cursor, t={"explain": 1e12}),
+           forged(cursor, then={"w": [1.0, 3.0], "at": 2**70})]
     with grpc.insecure_channel(server.target) as channel:
         stub = feed_pb2_grpc.DataFeedStub(channel)
         for data in bad:
