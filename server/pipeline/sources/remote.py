@@ -15,11 +15,13 @@ import functools
 import io
 import logging
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ...errors import SourceError, Unavailable
@@ -213,10 +215,33 @@ def _infos(fs: pafs.FileSystem, uri: str, selector: pafs.FileSelector | str) -> 
     return retrying(uri, lambda: fs.get_file_info(selector))
 
 
+def redacted(text: str) -> str:
+    """Text with the user and password of any URI in it left out (`s3://***@bucket/...`)."""
+    return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1***@", text)
+
+
+def _check_uri(spec: str, uri: str) -> None:
+    """SourceError (the URI's secret left out) for credentials written into a URI: they would show wherever the
+    source is named (logs, stats, errors), and the standard environment is where they are read from."""
+    parsed = urlparse(uri)
+    if parsed.password is not None or (parsed.username is not None and parsed.username != "anonymous"):
+        raise SourceError(f"{redacted(spec)}: credentials in a source's URI are not read (they would appear in logs "
+                          "and stats); remove them and give them through the environment: AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (S3), the default credentials (GCS), HF_TOKEN (the Hub)")
+
+
 def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """The sorted files a remote path names, by the rules of local paths: a file; a folder (prefix): its files
     ending with a suffix; a glob (`**` for any number of non-hidden folders): the files it matches and the files
-    ending with a suffix in the folders it matches. SourceError if none."""
+    ending with a suffix in the folders it matches. SourceError if none, or if the URI is not one storage takes."""
+    _check_uri(spec, uri)
+    try:
+        return _expand_remote(spec, uri, suffixes)
+    except pa.ArrowInvalid as err:
+        raise SourceError(f"{spec}: {uri} is not a path this storage takes: {err}") from None
+
+
+def _expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
     scheme = urlparse(uri).scheme
     fs, path = locate(uri)
     found: list[str] = []
