@@ -45,6 +45,18 @@ class RemoteUnavailable(Unavailable, OSError):
     the client resumes) and an OSError (a store build is tried again later), never a bad file."""
 
 
+class RemoteChanged(RemoteUnavailable):
+    """An object was replaced while it was read by ranges (its ETag changed), so the ranges read may mix two
+    versions: the read ends as storage that did not answer does (a stream ends UNAVAILABLE, a build is tried again
+    later), never with records of both versions passed on as one file."""
+
+
+def _tag(meta: Any) -> str | None:
+    """The ETag or checksum in an object's metadata (None if the store gives none)."""
+    tag = next((meta[k] for k in ETAG_KEYS if k in meta), None) if meta else None
+    return tag.decode() if isinstance(tag, bytes) else tag
+
+
 def is_remote(path: str) -> bool:
     """Whether a source path names a file on object storage or the Hub (`scheme://...`)."""
     return urlparse(path).scheme in SCHEMES and "://" in path
@@ -92,7 +104,7 @@ def retrying(what: str, call: Callable[[], T], retries: Retries | None = None) -
     while True:
         try:
             return call()
-        except PERMANENT:
+        except (*PERMANENT, RemoteUnavailable):  # RemoteUnavailable: a verdict already (RemoteChanged)
             raise
         except transient as err:
             if not retries.wait():
@@ -119,12 +131,33 @@ class RemoteFile(io.RawIOBase):
         self._pos = 0
         self._ahead: tuple[int, int, Future[bytes]] | None = None  # (offset, size, its read)
         self._last_end = -1  # where the last read ended
+        self._reads = 0  # ranges read: an object read in one range cannot mix versions
         self._retries = storage_retry().start()
+        self.tag: str | None = None  # the ETag at the first open: every later open and the end must agree
         self.size = retrying(uri, self._open, self._retries)
 
     def _open(self) -> int:
-        self._handle = self._fs.open_input_file(self._path)
-        return int(self._handle.size())
+        handle = self._fs.open_input_file(self._path)
+        tag, size = _tag(handle.metadata()), int(handle.size())
+        if self._handle is None and self.tag is not None and (tag, size) != (self.tag, self.size):
+            handle.close()
+            raise self._changed(tag)
+        self._handle, self.tag = handle, self.tag or tag
+        return size
+
+    def _changed(self, tag: str | None) -> RemoteChanged:
+        return RemoteChanged(f"{self.uri} was replaced while it was read (ETag {self.tag} -> {tag}); it is read "
+                             "again from its new content")
+
+    def check_unchanged(self) -> None:
+        """RemoteChanged if the object is no longer the one opened (at the end of a read in several ranges, and
+        where its bytes failed to parse: a replaced object is no bad file)."""
+        def tag_now() -> str | None:
+            with self._fs.open_input_file(self._path) as handle:
+                return _tag(handle.metadata())
+        tag = retrying(self.uri, tag_now, self._retries)
+        if tag != self.tag:
+            raise self._changed(tag)
 
     def _read_at(self, size: int, offset: int) -> bytes:
         if self._handle is None:
@@ -190,6 +223,9 @@ class RemoteFile(io.RawIOBase):
         self._retries.progressed()
         self._pos += len(data)
         self._last_end = self._pos
+        self._reads += 1
+        if self._pos >= self.size and self._reads > 1 and self.tag is not None:
+            self.check_unchanged()
         if self.readahead and consecutive:
             self._read_next(size)
         return data
@@ -281,11 +317,10 @@ def object_identity(uri: str) -> list[object]:
 
         def head() -> list[object]:
             with fs.open_input_file(path) as f:
-                meta = f.metadata()
-                tag = next((meta[k] for k in ETAG_KEYS if k in meta), None)
+                tag = _tag(f.metadata())
                 if tag is None:  # a store that gives no checksum: its modification time instead
                     tag = str(fs.get_file_info(path).mtime_ns)
-                return [f.size(), tag.decode() if isinstance(tag, bytes) else tag]
+                return [f.size(), tag]
         return retrying(uri, head)
     except OSError:
         return [uri]
