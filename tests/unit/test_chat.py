@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sigil_feed.server.pipeline.chat import ChatRenderer
+from sigil_feed.server.pipeline.chat import MAX_TURNS_BY_PREFIX, ChatRenderer
 from sigil_feed.server.pipeline.samples import Sample, normalise
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import RawRecord
@@ -148,6 +148,17 @@ def test_template_failures_are_reasons() -> None:
     assert normalise(raw(good)) == "no_chat_template"
     drops_assistant = "{% for m in messages if m.role != 'assistant' %}{{ m.content }}{% endfor %}"
     assert normalise(raw(good), messages_format=ChatRenderer(drops_assistant)) == "chat_no_assistant"
+
+
+def test_a_conversation_too_long_to_render_by_prefixes_is_counted_not_rendered(folders: dict[str, Path]) -> None:
+    """Without markers the cost is the square of the turns (1,200 short turns: about 5 s here, holding every stream
+    behind the record); with markers one rendering suffices, whatever the length."""
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(1200)]
+    unmarked, marked = (Encoder(str(folders[name]), backend="hf").render_messages
+                        for name in ("llama3", "llama3_marked"))
+    assert unmarked(turns, None) == "chat_too_many_turns"
+    assert not isinstance(unmarked(turns[:MAX_TURNS_BY_PREFIX], None), str)
+    assert not isinstance(marked(turns, None), str)
 
 
 def test_generation_markers_are_detected() -> None:
