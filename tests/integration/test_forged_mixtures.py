@@ -1,6 +1,7 @@
 """A client without the cursor secret can compute a cursor's tag (README, Security), so the mixtures a cursor carries
 are untrusted input: weights that are infinite, overflow their sum, or copy each sample without bound, and a position
-past any integer a layout holds, are refused
+past any integer a layout holds, or (cached mode) a source so rarely drawn that the layout would never end, are
+refused
 FAILED_PRECONDITION in plain words, at once, in both modes, and the server goes on serving."""
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ def test_forged_mixture_weights_are_refused_and_the_server_keeps_serving(tmp_pat
     bad = [forged(cursor, w=[float("inf"), 1.0]), forged(cursor, w=[1e308, 1e308]),
            forged(cursor, t={"explain": float("inf")}), forged(cursor, t={"explain": 1e12}),
            forged(cursor, then={"w": [1.0, 3.0], "at": 2**70})]
+    if cached:  # all_exhausted waiting for a source drawn with p = 1e-300: the layout would be drawn for ever
+        bad.append(forged(cursor, w=[1e-300, 1.0]))
     with grpc.insecure_channel(server.target) as channel:
         stub = feed_pb2_grpc.DataFeedStub(channel)
         for data in bad:
             code, details, _ = stream_status(stub, [open_request(batch_size=2, seq_len=64, credits=2, cursor=data)],
                                              timeout=30)
-            assert (code, details[:8]) == (grpc.StatusCode.FAILED_PRECONDITION, "cursor: "), (code, details)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+            assert details.startswith("cursor: ") or "use stopping_strategy: first_exhausted" in details, details
         code, _, responses = stream_status(stub, [open_request(batch_size=2, seq_len=64, credits=2, cursor=cursor)])
     assert sum(r.HasField("batch") for r in responses) == 2  # the real cursor still resumes
