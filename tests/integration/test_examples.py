@@ -1,100 +1,48 @@
-"""The examples/ training loops, run as their users run them, and the client behaviour they rely on.
+"""The examples/ single-process training loops, run as their users run them, and the client behaviour they rely on.
 
 One real server for the module, on a small repetitive corpus; every example trains a tiny GPT-2 on the CPU.
+Lightning's and the multi-rank examples' tests are in test_examples_lightning.py and test_examples_ranks.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from sigil_feed.client import FeedConnectionError, FeedDataset
-from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
-
-EXAMPLES = REPO / "examples"
-sys.path.insert(0, str(EXAMPLES))
-from common import tiny_causal_lm  # noqa: E402  (examples/common.py: the examples' tiny model)
-
-SEQ_LEN, BATCH = 64, 4
-COMMON = ("--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH))
+from tests.conftest import REPO, ServerProcess
+from tests.integration.examples_support import (
+    BATCH,
+    SEQ_LEN,
+    assert_closed,
+    assert_learns,
+    example,
+    feed_server,
+    feed_threads,
+    losses,
+    steps,
+    stream_clients,
+    tiny_causal_lm,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """400 near-identical Rust pairs, packed into rows of 64, shuffled, endless; plus an unpacked copy."""
-    folder = tmp_path_factory.mktemp("feed")
-    write_jsonl(folder / "pairs.jsonl", [rust_pair(i) for i in range(400)])
-    config = write_config(folder / "feed.yaml", {"names": ["local:pairs.jsonl"], "use_cache": False,
-                                                 "shuffle_seed": 1},
-                          max_seq_len=SEQ_LEN, server={"datasets": {"padded": {"pack": False}}})
-    server = ServerProcess(config)
-    yield server
-    server.stop()
-
-
-def launch(*cmd: str) -> subprocess.Popen[str]:
-    """Start an example (one torch thread each, so two can share the CPUs)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def losses(proc: subprocess.Popen[str]) -> dict[int, list[float]]:
-    """Wait for an example to succeed; the losses each rank printed on its RESULT line."""
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    results = [json.loads(line.removeprefix("RESULT ")) for line in stdout.splitlines()
-               if line.startswith("RESULT ")]
-    return {r["rank"]: r["losses"] for r in results}
-
-
-def example(name: str, *args: str) -> subprocess.Popen[str]:
-    """python examples/<name> ARGS."""
-    return launch(sys.executable, str(EXAMPLES / name), *COMMON, *args)
-
-
-def torchrun(name: str, *args: str, ranks: int = 2) -> subprocess.Popen[str]:
-    """torchrun --nproc-per-node RANKS examples/<name> ARGS, on a free rendezvous port."""
-    return launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-                  str(EXAMPLES / name), *COMMON, *args)
-
-
-def steps(folder: Path, rank: int = 0) -> dict[int, list[str]]:
-    """The row hashes an example logged with --dump, by training step."""
-    lines = (folder / f"rank{rank}.jsonl").read_text().splitlines()
-    return {entry["step"]: entry["rows"] for entry in map(json.loads, lines)}
-
-
-def row_hashes(input_ids: torch.Tensor) -> list[str]:
-    """The hashes examples/common.py BatchLog writes for a batch."""
-    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in input_ids.numpy()]
-
-
-def assert_learns(losses: list[float]) -> None:
-    """Finite throughout, and clearly lower at the end than at the start."""
-    assert len(losses) >= 20 and all(math.isfinite(x) for x in losses), losses
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    """The module's server (examples_support.feed_server)."""
+    yield from feed_server(tmp_path_factory)
 
 
 def test_plain_loop_learns_and_resumes_with_exactly_the_next_batch(server: ServerProcess, tmp_path: Path) -> None:
@@ -137,28 +85,6 @@ def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_
     assert resumed == pytest.approx(full_losses, rel=1e-4)  # its log_history carries the first 10 over
 
 
-@pytest.mark.parametrize("devices", [1, 2], ids=["single", "ddp"])
-def test_lightning_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
-        server: ServerProcess, tmp_path: Path, devices: int) -> None:
-    """fit(ckpt_path=...) after a run stopped at step 10: every rank trains on exactly the batches it would
-    have (Lightning has already fetched step 11's batch when it writes the checkpoint)."""
-    def fit(out: str, dump: str, *args: str) -> dict[int, list[float]]:
-        return losses(example("lightning_fit.py", "--target", server.target, "--devices", str(devices),
-                              "--save-steps", "10", "--output-dir", str(tmp_path / out),
-                              "--dump", str(tmp_path / dump), *args))
-
-    full = fit("full", "full-log", "--steps", "24")
-    fit("cut", "before", "--steps", "10")
-    resumed = fit("cut", "after", "--steps", "24", "--resume", str(tmp_path / "cut" / "last.ckpt"))
-    assert sorted(full) == sorted(resumed) == list(range(devices))
-    for rank in range(devices):
-        assert_learns(full[rank])
-        uninterrupted = steps(tmp_path / "full-log", rank)
-        assert steps(tmp_path / "before", rank) == {s: rows for s, rows in uninterrupted.items() if s < 10}
-        assert steps(tmp_path / "after", rank) == {s: rows for s, rows in uninterrupted.items() if s >= 10}
-        assert resumed[rank] == pytest.approx(full[rank][10:], rel=1e-4)
-
-
 def test_trl_batches_reach_the_model_padding_free(server: ServerProcess, tmp_path: Path) -> None:
     """FeedSFTTrainer hands the model the feed's packed rows: position_ids kept, no attention_mask."""
     from transformers import AutoTokenizer
@@ -193,108 +119,6 @@ def test_stock_trainer_and_a_prepared_loader_fail_naming_the_fix(server: ServerP
     with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
         next(iter(loader))
     assert_closed(server.target)
-
-
-TWO_RANK_STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def two_rank_run(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Callable[[str], tuple[dict[int, list[float]], Path]]:
-    """An example's uninterrupted run of TWO_RANK_STEPS steps on 2 ranks under torchrun: each rank's losses and the
-    folder of its --dump. Made once per example, for the test that checks it and the test that resumes against it
-    (neither example's learning rate depends on --steps, so its first steps are those of a shorter run)."""
-    runs: dict[str, tuple[dict[int, list[float]], Path]] = {}
-
-    def run(name: str) -> tuple[dict[int, list[float]], Path]:
-        if name not in runs:
-            folder = tmp_path_factory.mktemp(name.removesuffix(".py"))
-            runs[name] = losses(torchrun(name, "--target", server.target, "--steps", str(TWO_RANK_STEPS),
-                                         "--dump", str(folder))), folder
-        return runs[name]
-
-    return run
-
-
-@pytest.mark.parametrize("name", ["torchrun_ddp.py", "accelerate_loop.py"])
-def test_two_ranks_learn_on_disjoint_shares_picked_up_from_torch_distributed(
-        server: ServerProcess, two_rank_run: Callable[[str], tuple[dict[int, list[float]], Path]], name: str) -> None:
-    per_rank, folder = two_rank_run(name)
-    assert sorted(per_rank) == [0, 1]
-    seen = []
-    for rank in (0, 1):
-        assert_learns(per_rank[rank])
-        logged = steps(folder, rank)
-        direct = FeedDataset(server.target, batch_size=BATCH, seq_len=SEQ_LEN, rank=rank, world_size=2)
-        assert logged == {step: row_hashes(batch["input_ids"])
-                          for step, batch in zip(range(TWO_RANK_STEPS), direct, strict=False)}
-        seen.append({row for rows in logged.values() for row in rows})
-    assert len(seen[0]) == len(seen[1]) == TWO_RANK_STEPS * BATCH and not seen[0] & seen[1]
-
-
-def global_batches(folder: Path, ranks: int) -> dict[int, list[str]]:
-    """Each logged step's global batch: the ranks' rows in global row order (rank r's row i is row r + ranks*i)."""
-    per_rank = [steps(folder, rank) for rank in range(ranks)]
-    return {step: [rows[i] for i in range(len(per_rank[0][step])) for rows in (r[step] for r in per_rank)]
-            for step in per_rank[0]}
-
-
-def test_torchrun_resumed_on_another_number_of_ranks_trains_on_the_same_global_batches(
-        server: ServerProcess, two_rank_run: Callable[[str], tuple[dict[int, list[float]], Path]],
-        tmp_path: Path) -> None:
-    """2 ranks of 4 rows stop after step 5 and save; 1 rank of 8 rows resumes: every later step trains on exactly
-    the rows the 2 ranks would have trained on together."""
-    checkpoint = str(tmp_path / "ckpt.pt")
-    full, full_dump = two_rank_run("torchrun_ddp.py")
-    cut = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "5", "--save", checkpoint)
-    assert sorted(full) == sorted(losses(cut)) == [0, 1]
-    resumed = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "12", "--batch-size", str(2 * BATCH),
-                       "--resume", checkpoint, "--dump", str(tmp_path / "after"), ranks=1)
-    assert sorted(losses(resumed)) == [0]
-    uninterrupted = global_batches(full_dump, 2)
-    assert global_batches(tmp_path / "after", 1) == {s: rows for s, rows in uninterrupted.items() if 5 <= s < 12}
-
-
-@pytest.mark.parametrize("ranks", [1, 2], ids=["single", "torchrun"])
-def test_accelerate_resumed_from_save_state_gets_the_batches_of_an_uninterrupted_run(
-        server: ServerProcess, two_rank_run: Callable[[str], tuple[dict[int, list[float]], Path]], tmp_path: Path,
-        ranks: int) -> None:
-    """save_state() at step 8 holds every rank's position; load_state() in new processes continues each rank
-    with exactly its next batch."""
-    def run(dump: str, *args: str) -> dict[int, list[float]]:
-        launcher = example if ranks == 1 else torchrun
-        return losses(launcher("accelerate_loop.py", "--target", server.target, "--dump", str(tmp_path / dump),
-                               *args))
-
-    if ranks == 1:
-        full, full_dump = run("full", "--steps", "16"), tmp_path / "full"
-    else:  # the two-rank test's run of 20 steps: its first 16 are this run's
-        full, full_dump = two_rank_run("accelerate_loop.py")
-    first = run("cut", "--steps", "8", "--save-dir", str(tmp_path / "state"))
-    rest = run("cut", "--steps", "16", "--resume", str(tmp_path / "state"))
-    for rank in range(ranks):
-        assert steps(tmp_path / "cut", rank) == {s: rows for s, rows in steps(full_dump, rank).items() if s < 16}
-        assert first[rank] + rest[rank] == pytest.approx(full[rank][:16], rel=1e-4)
-
-
-def stream_clients(target: str) -> int:
-    """Streams the server counts as connected, over all datasets."""
-    with grpc.insecure_channel(target) as channel:
-        stats = feed_pb2_grpc.DataFeedStub(channel).GetStats(feed_pb2.GetStatsRequest(), timeout=10)
-    return sum(len(dataset.clients) for dataset in stats.datasets)
-
-
-def feed_threads() -> list[str]:
-    """The client's receiving threads still alive in this process."""
-    return [t.name for t in threading.enumerate() if t.name.startswith("sigil-feed-")]
-
-
-def assert_closed(target: str) -> None:
-    """The server saw the stream end and the receiving thread is gone (within a few seconds)."""
-    deadline = time.monotonic() + 10
-    while (stream_clients(target) or feed_threads()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert stream_clients(target) == 0 and feed_threads() == []
 
 
 def test_break_and_exceptions_in_the_loop_close_the_stream(server: ServerProcess) -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from sigil_feed.client import FeedDataset
 from tests.conftest import ServerProcess, batch_digest, rust_pair, write_config, write_jsonl
-from tests.integration.test_examples import assert_closed
+from tests.integration.examples_support import assert_closed
 
 CONTEXTS = ["fork", "spawn", "forkserver"]
 

@@ -1,12 +1,19 @@
 """`sigil-feed cache build --engine ray`: a local Ray cluster writes the very shards and manifest the local engine
 writes, into a folder and into s3:// (a real S3-compatible server on loopback), and a server serves the same
-batches from either store; a rerun skips complete shards; nothing else needs Ray."""
+batches from either store; a rerun skips complete shards; nothing else needs Ray.
+
+The engine test's builds run on one cluster started for the module (`--ray-address`); the bad-record test's
+build starts its own, as `cache build --engine ray` does without an address."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import pytest
@@ -53,14 +60,70 @@ def conversation(pair: dict[str, str]) -> dict[str, object]:
             "_task_type": pair["_task_type"]}
 
 
+RAY_HEAD = """
+import sys
+import ray
+ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+         configure_logging=False, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test module is done with it
+ray.shutdown()
+"""
+
+
+class RayHead:
+    """A local Ray cluster of 2 CPUs, held by a driver process that shuts it down when its stdin closes."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    @cached_property
+    def address(self) -> str:
+        """The cluster's address, for `--ray-address` (waits for the cluster to be up)."""
+        assert self.proc.stdout is not None
+        address = self.proc.stdout.readline().strip()
+        assert address, f"the Ray cluster did not start (exit code {self.proc.wait()})"
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # its processes share the pipe
+        return address
+
+    def close(self) -> None:
+        """Shut the cluster down (killed if it takes longer than a minute)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_endpoint: str) -> Iterator[RayHead]:
+    """The module's Ray cluster; it starts while the test does its first, local, build. Its workers reach the
+    local S3 server through the standard AWS environment, as a real cluster's would reach its object storage; Ray's
+    token authentication uses a token of the module's own, which the builds the module starts inherit."""
+    pytest.importorskip("ray.data")
+    from bench.s3 import S3_ENV
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, **S3_ENV, "RAY_AUTH_MODE": "token",
+                           "RAY_AUTH_TOKEN": secrets.token_hex(32)}.items():
+            env.setenv(key, value)
+        head = RayHead()
+        try:
+            yield head
+        finally:
+            head.close()
+
+
 WHERE = ("local", "s3")  # a folder, and s3:// on the local S3-compatible server
 
 
 def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
-        tmp_path: Path, start_server, request: pytest.FixtureRequest) -> None:
+        tmp_path: Path, start_server, ray_head: RayHead, request: pytest.FixtureRequest) -> None:
     """Each engine builds the corpus's store into a folder and into s3:// (one dataset per location in one config,
-    so one `cache build`, and one Ray cluster, builds both); then each location is checked on its own."""
-    pytest.importorskip("ray.data")
+    so one `cache build` builds both); then each location is checked on its own."""
     roots = {"local": str(tmp_path), "s3": request.getfixturevalue("s3_bucket")}
     names = three_sources(tmp_path)
     configs, manifests, digests = {}, {}, {}
@@ -70,7 +133,8 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
             shard_records=SHARD_RECORDS)} for where, root in roots.items()}
         configs[engine] = write_config(tmp_path / f"{engine}.yaml", None, max_seq_len=128,
                                        server={"datasets": datasets})
-        log = cache_build(configs[engine], "--engine", engine)
+        on_cluster = () if engine == "local" else ("--ray-address", ray_head.address)  # up by now
+        log = cache_build(configs[engine], "--engine", engine, *on_cluster)
         assert log.count("9 shards") == log.count("9 written, 0 complete from before") == len(WHERE), log[-2000:]
         for where, root in roots.items():
             _, manifests[engine, where] = only_store(f"{root}/{engine}")
@@ -97,7 +161,7 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
         fs = resolve(f"{root}/ray")
         fs.delete(f"{store}/manifest.json")
         fs.delete(f"{store}/shards/{manifests['ray', where].shards[1].name}.tokens.bin")  # the middle part of a file
-    log = cache_build(configs["ray"], "--engine", "ray")
+    log = cache_build(configs["ray"], "--engine", "ray", "--ray-address", ray_head.address)
     assert log.count("9 shards on Ray: 1 written, 8 complete from before") == len(WHERE), log[-2000:]
     for where, root in roots.items():
         assert only_store(f"{root}/ray")[1].shards == manifests["local", where].shards
@@ -105,7 +169,7 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
 
 def test_a_bad_record_stops_a_ray_build_with_its_location(tmp_path: Path) -> None:
     """on_bad_record: fail inside a Ray task: the CLI's bad-input exit code and the record's file and line, out
-    of Ray's wrappers; no store committed."""
+    of Ray's wrappers; no store committed. (No --ray-address: the build starts, and stops, a cluster of its own.)"""
     pytest.importorskip("ray.data")
     corpus(tmp_path)
     config = write_config(tmp_path / "c.yaml", dataset_section(tmp_path, True, on_bad_record="fail"))
