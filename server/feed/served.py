@@ -331,11 +331,11 @@ class ServedDataset:
         plan = plan or self.mixtures.plan(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
             layouts = self.members_layouts(members)
-            offset, layout = (0, layouts.get(epoch, plan[0][1])) if len(plan) == 1 else \
-                layouts.segment(epoch, plan, seq_len)
+            (_, layout), *later = [(0, layouts.get(epoch, plan[0][1]))] if len(plan) == 1 else \
+                layouts.segments(epoch, plan, seq_len)
             cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
-                                  pad_id=self.facts.pad_id, remainder=section.remainder, offset=offset)
+                                  pad_id=self.facts.pad_id, remainder=section.remainder, later=later)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
         membership = self.memberships.of(members)
