@@ -116,13 +116,13 @@ def phase_index(phases: list[Phase], epoch: int, row: int = 0) -> int:
 
 
 def next_change(setting: Weights | None, epoch: int) -> int | None:
-    """The first epoch after `epoch` whose weights at its start differ from those at `epoch`'s last row (None: none
-    does)."""
+    """The first epoch after `epoch` whose weights at its start differ from those at `epoch`'s last row, or in which
+    a phase starts inside (None: none)."""
     if setting is None or isinstance(setting, dict):
         return None
     now = weights_at(setting, epoch, max([0, *rows_inside(setting, epoch)]))
     last = max(phase.from_epoch + phase.ramp_epochs for phase in setting)
     for later in range(epoch + 1, last + 1):
-        if weights_at(setting, later) != now:
+        if weights_at(setting, later) != now or rows_inside(setting, later):
             return later
     return None
