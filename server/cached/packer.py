@@ -211,6 +211,13 @@ class CachedPacker(Stage[Rows, CachedState]):
         upcoming = np.concatenate([segment._shards(part) for segment, part in self._segments(rows)])
         self.store.shards.prefetch(upcoming[~np.isin(upcoming, current)])
 
+    @property
+    def ended(self) -> bool:
+        """Whether no window of the epoch is left for any rank (every rank's next batch is None)."""
+        if self.remainder == "drop":  # only whole windows
+            return self.row + self.deal.window > self.total
+        return self.row >= self.total
+
     def get_state(self) -> CachedState:
         """The global row where the next window starts, and V."""
         return CachedState(row=self.row, virtual=self.virtual)
