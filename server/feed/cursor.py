@@ -7,10 +7,10 @@ epoch is served under (inside an epoch; mixtures.py), "src": the source list's f
 sources may change only at an epoch boundary), "end": true after the epoch's last step (cached mode)}. The tag is
 an HMAC-SHA256 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version
 and the body, which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was
-made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state
-schema (`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the schemas of the
-stages before them, each defined beside its stage), checked as a whole before any stage sees it; its JSON is each
-schema's fields in order, a source's `offset` left out when it has none.
+made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last
+stage's state schema (`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the
+schemas of the stages before them, each defined beside its stage), checked as a whole before any stage sees it; its
+JSON is each schema's fields in order, a source's `offset` left out when it has none.
 
 The position is global (see deal.py): the global row where the next window of the epoch starts, with, in
 streaming mode, the stream's state at that row. It names no rank, so any rank's cursor after a step resumes
