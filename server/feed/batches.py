@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from ..cached.packer import CachedPacker, CachedState
@@ -10,8 +9,6 @@ from ..rows.batch import Rows
 from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,13 +37,17 @@ class Feed:
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
         self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
         self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
+        if start is not None and start.sources and start.sources != dataset.sources and (
+                start.state is None or start.ended):
+            after = start.epoch if start.state is None else start.epoch + 1
+            dataset.mixtures.accepted(f"epoch {after} from its start: sources now {', '.join(dataset.specs)} (resumed "
+                                      f"from the end of epoch {after - 1}, served with another list)",
+                                      "sources changed on resume")
         if start is not None and start.state is not None:
             if start.sources == dataset.sources:
                 self._resume(start, start.state)
             elif start.ended and isinstance(start.state, CachedState):
                 self.end_row = start.state.row
-                log.info("dataset %s: a cursor after epoch %d's last step resumed under another list of sources: "
-                         "the next epoch serves them", dataset.name, start.epoch)
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
                               "was added or removed, or a source's filter changed): sources change only at an "
@@ -88,11 +89,11 @@ class Feed:
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = mixture = None
         members = ""
-        sources, ended = "", False
+        ended = False
         if packer is not None:
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
-            sources, ended = self.dataset.sources, isinstance(packer, CachedPacker) and packer.ended
-        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, sources,
+            ended = isinstance(packer, CachedPacker) and packer.ended
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
                       ended).encode(self.secret)
 
     @property

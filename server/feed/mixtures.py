@@ -159,9 +159,14 @@ class Mixtures:
         change = (f"epoch {epoch} from {unit} {at}: {old.describe(self.specs)} -> {new.describe(self.specs)}"
                   + (f", then from {later}" if later else "") +
                   f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
-        with self._lock:  # the ranks of a job resume at once, each with this change
-            if change in self.changes:
-                return resumed
-            self.changes = [*self.changes, change][-CHANGES_KEPT:]
-        log.info("mixture changed on resume: %s", change)
+        self.accepted(change, "mixture changed on resume")
         return resumed
+
+    def accepted(self, change: str, what: str) -> None:
+        """Log a change accepted on resume and keep it for GetStats, once (the ranks of a job resume at once, each
+        with the same change)."""
+        with self._lock:
+            if change in self.changes:
+                return
+            self.changes = [*self.changes, change][-CHANGES_KEPT:]
+        log.info("%s: %s", what, change)

@@ -62,6 +62,7 @@ def test_a_source_added_or_removed_at_an_epoch_boundary(tmp_path: Path, start_se
         fresh, _, _ = epochs(new.target)
         resumed, _, _ = epochs(new.target, end)  # the EpochEnd cursor: the next epoch over the new sources
         assert resumed == {1: fresh[1]} and fresh[1] != before[1]
+        assert any(f"epoch 1 from its start: sources now {', '.join(names)}" in line for line in new.output)
         with pytest.raises(FeedServerError, match="sources change only at an epoch boundary") as err:
             epochs(new.target, cursors[0][2])  # inside epoch 0
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
