@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.errors import ConfigError
-from sigil_feed.server.feed.mixtures import Mixture
+from sigil_feed.server.feed.mixtures import Mixture, plan_at
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.pipeline.schedule import Phase, next_change, weights_at
 from sigil_feed.server.runtime import Runtime
@@ -129,6 +129,27 @@ def test_phases_inside_an_epoch_change_the_mixture_at_their_row_for_every_world_
             if not pack and remainder != "pad" and stopping == "first_exhausted" and \
                     all(w <= 1 for _, m in plan for w in (m.task_weights or {}).values()):
                 assert len(set(rows.values())) == len(rows)
+
+        # resumed under another schedule by row: the stopped epoch keeps its rows served and takes the new phases
+        # after the resumed row; resumed again anywhere on w1 it continues exactly; later epochs are the new run's
+        moved = drawn.draw(st.lists(st.tuples(st.integers(0, EPOCHS - 1), st.integers(1, 70), weights),
+                                    max_size=3))
+        changed = make_dataset(root, names, runtime, dataset_weights=phase_list(names, first, moved),
+                               task_weights=tasks, **common)
+        epoch, at = full[stop][0], full[stop][1] + STEP_ROWS
+        resumed, again = global_steps(changed, w2, cursors[stop])
+        new_run = global_steps(changed, w2)[0]
+        assert [s for s in resumed if s[0] > epoch] == [s for s in new_run if s[0] > epoch]
+        if resumed:
+            half = len(again) // 2
+            assert global_steps(changed, w1, again[half])[0] == resumed[half + 1:]
+        plan, before_plan = changed.mixtures.plan(epoch), dataset.mixtures.plan(epoch)
+        if plan_at(plan, at) == plan_at(before_plan, at) and \
+                [x for x in plan if x[0] > at] == [x for x in before_plan if x[0] > at]:  # the same from `at` on
+            assert [s for s in resumed if s[0] == epoch] == [s for s in full[stop + 1:] if s[0] == epoch]
+        served = {**epoch_rows(full[:stop + 1], epoch), **epoch_rows(resumed, epoch)}
+        if not pack and remainder != "pad" and stopping == "first_exhausted" and tasks is None:
+            assert len(set(served.values())) == len(served)  # nothing twice in the epoch across the resume
 
 
 def test_rows_from_a_phase_row_follow_its_mixture_and_equal_a_resume_there(tmp_path: Path,
