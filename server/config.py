@@ -9,6 +9,7 @@ keys are logged and ignored, because the trainer may carry keys sigil-feed has n
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,7 +241,8 @@ class FeedConfig(BaseModel):
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc)
+    """The key path of an error, without pydantic's union branch names (`dict[str,constrained-float]`)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and re.fullmatch(r"(dict|list)\[.*\]", p)))
 
 
 def _raise_validation(err: ValidationError, prefix: str, file: str) -> None:

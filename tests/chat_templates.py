@@ -183,5 +183,12 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "tools": "all"},
      "chat_bad_tools"),
     ({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "yo"}]}, "bad_utf8"),
+    # a lone surrogate where content is not: it reaches the rendered text, which the tokenizer cannot take
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f\ud800", "arguments": "{}"}}]}]}, "bad_utf8"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"city": "\udcff"}}}]}]}, "bad_utf8"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+      "tools": [{"type": "function", "function": {"name": "g\ud800", "parameters": {"type": "object"}}}]}, "bad_utf8"),
 ]
 """Conversations that are not trainable, with the reason each is counted under."""

@@ -15,13 +15,16 @@ from google.protobuf import json_format
 
 from ...protos import feed_pb2, feed_pb2_grpc
 from ..default import DEFAULT_DIR
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, SourceError, Unavailable
 from .cache import add_cache_commands
 from .locality import add_locality_command
 from .logs import configure as configure_logging
 
 DEFAULT_CONFIG = DEFAULT_DIR / "default.yaml"
 EXIT_BAD_CONFIG = 2
+EXIT_UNAVAILABLE = 3  # storage a source or store lies on did not answer: start again later
+STORAGE_HINT = ("(fix: check the storage endpoint, the network and the credentials' environment: AWS_ENDPOINT_URL, "
+                "HF_ENDPOINT, ...; or wait longer with SIGIL_FEED_STORAGE_RETRY_S)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -291,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; exit code 2 for bad configuration or missing sources."""
+    """Entry point; exit code 2 for bad configuration or missing sources, 3 for storage that did not answer."""
     args = parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SourceError) as err:
         print(f"sigil-feed: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except Unavailable as err:  # raised before serving (a stream reports it as UNAVAILABLE instead)
+        print(f"sigil-feed: error: {err} {STORAGE_HINT}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except grpc.RpcError as err:
         print(f"sigil-feed: {args.target}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSection
 from ..errors import ConfigError, Refused
-from ..pipeline.schedule import DEFAULT_WEIGHT, Weights, keys, next_change, rows_inside, weights_at
+from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, rows_inside, weights_at
+from ..pipeline.stage import Count
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ class MixBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    w: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, max_length=4096)
-    t: dict[str, Annotated[float, Field(gt=0)]] | None = None
-    at: Annotated[int, Field(ge=0)] = 0
+    w: list[Weight] = Field(min_length=1, max_length=4096)
+    t: dict[str, Weight] | None = None
+    at: Count = 0
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field, StrictBool, model_validator
 
+from ..errors import Refused
 from .curate import CuratedSource, CurateState
 from .samples import Sample
 from .stage import Count, Stage, StageState
 
 DRAW_CHUNK = 1024
+MAX_DRAWS_PER_SAMPLE = 1000  # a layout that needs more draws than this times its samples is refused, not computed
 
 
 class WeightedDraws:
@@ -157,8 +159,12 @@ def interleave(sizes: Sequence[int], mode: str, stopping: str, weights: Sequence
     exhausted = np.zeros(len(sizes_arr), dtype=bool)
     empty = np.zeros(len(sizes_arr), dtype=bool)  # all_exhausted: sources with no sample, whose draws are skipped
     children, positions = [], []
-    turn = 0
+    turn, limit = 0, MAX_DRAWS_PER_SAMPLE * max(int(sizes_arr.sum()), 1)
     while len(sizes_arr):
+        if turn > limit:  # all_exhausted waits for a source so rarely drawn that the layout would never end
+            raise Refused(f"the mixture's weights ({', '.join(f'{w:g}' for w in weights)}) draw a source so rarely "
+                          f"that every source running out ({stopping}) takes more than {MAX_DRAWS_PER_SAMPLE} draws "
+                          "per sample: raise the smallest weights or use stopping_strategy: first_exhausted")
         if draws is None:
             raw = (turn + np.arange(DRAW_CHUNK)) % len(sizes_arr)
         else:

@@ -12,11 +12,14 @@ row for all of them (cached mode: feed/mixtures.py, cached/segments.py).
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 DEFAULT_WEIGHT = 1.0
+MAX_WEIGHT = 100.0  # a task weight copies each sample up to this often; source weights are relative, so any ratio fits
+Weight = Annotated[float, Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+"""One source or task weight, as the config and a cursor's mixtures give it: finite, above 0, at most MAX_WEIGHT."""
 
 
 class Phase(BaseModel):
@@ -25,12 +28,12 @@ class Phase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     from_epoch: int = Field(ge=0)
-    from_row: int = Field(default=0, ge=0)
-    weights: dict[str, PositiveFloat]
+    from_row: int = Field(default=0, ge=0, lt=1 << 53)
+    weights: dict[str, Weight]
     ramp_epochs: int = Field(default=0, ge=0)
 
 
-Weights = dict[str, PositiveFloat] | list[Phase]
+Weights = dict[str, Weight] | list[Phase]
 """A weights setting: a constant mapping, or a schedule (phases ordered by from_epoch, the first from epoch 0)."""
 
 

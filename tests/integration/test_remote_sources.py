@@ -168,6 +168,51 @@ def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
     assert got == expected
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
+def test_an_object_replaced_while_read_by_ranges_ends_the_read_never_mixes_versions_silently(
+        tmp_path: Path, s3_bucket: str, suffix: str) -> None:
+    """The object is overwritten (same size, same line lengths) after the first of its 1 MiB ranges was read: the
+    read ends RemoteChanged (UNAVAILABLE: a build is tried again, never committing a shard of two versions), and a
+    read of it again gives the new version whole."""
+    def version(tag: str) -> bytes:
+        return lines([{"text": f"{tag} {i:05d} " + hashlib.sha256(f"{tag}{i}".encode()).hexdigest() * 3}
+                      for i in range(12000 if suffix == ".jsonl" else 60000)])
+
+    for tag in ("old", "new"):
+        write_compressed(tmp_path / tag / f"a{suffix}", version(tag))
+    uri = f"{s3_bucket}/a{suffix}"
+    put(uri, (tmp_path / f"old/a{suffix}").read_bytes())
+    assert (tmp_path / f"old/a{suffix}").stat().st_size > 2 << 20  # read in several ranges
+    source = open_source(f"local:{uri}", 0, base_dir=tmp_path)
+    got = []
+    with pytest.raises(RemoteUnavailable, match="replaced while it was read"):
+        for record in source:
+            got.append(record.value["text"][:3])
+            if len(got) == 100:
+                put(uri, (tmp_path / f"new/a{suffix}").read_bytes())
+    assert got[0] == "old"
+    assert records(f"local:{uri}", tmp_path) == records(f"local:{tmp_path}/new/a{suffix}", tmp_path)
+
+
+def test_a_parquet_object_replaced_while_read_ends_the_read_never_mixes_versions_silently(
+        tmp_path: Path, s3_bucket: str) -> None:
+    for tag in ("old", "new"):
+        (tmp_path / tag).mkdir()
+        pq.write_table(pa.Table.from_pylist([code(i, pad=400 + len(tag)) | {"path": tag} for i in range(4000)]),
+                       tmp_path / tag / "t.parquet", row_group_size=500)
+    uri = f"{s3_bucket}/t.parquet"
+    put(uri, (tmp_path / "old/t.parquet").read_bytes())
+    source = open_source(f"parquet:{uri}", 0, base_dir=tmp_path)
+    got = []
+    with pytest.raises(RemoteUnavailable, match="replaced while it was read"):
+        for record in source:
+            got.append(record.value["path"])
+            if len(got) == 10:
+                put(uri, (tmp_path / "new/t.parquet").read_bytes())
+    assert got[0] == "old"
+    assert records(f"parquet:{uri}", tmp_path) == records(f"parquet:{tmp_path}/new/t.parquet", tmp_path)
+
+
 def test_an_outage_longer_than_the_retry_window_ends_the_read_unavailable_never_as_a_bad_file(
         tmp_path: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream then ends UNAVAILABLE (the client resumes) and a build is tried again (an OSError); no record of

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sigil_feed.server.pipeline.chat import ChatRenderer
+from sigil_feed.server.pipeline.chat import MAX_TURNS_BY_PREFIX, ChatRenderer
 from sigil_feed.server.pipeline.samples import Sample, normalise
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import RawRecord
@@ -115,6 +115,23 @@ def test_conversations_read_from_parquet_as_from_jsonl(folders: dict[str, Path],
     assert [(s.text, s.masked) for s in read["parquet"]] == [(s.text, s.masked) for s in read["local"]]
 
 
+def test_invalid_utf8_inside_a_parquet_conversation_is_one_bad_utf8_record(folders: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """Arrow does not check UTF-8 on write: bytes that are not UTF-8 in one turn's content (nested in the `messages`
+    column's list of structs) make that record bad_utf8, and the records of the same batch around it are read."""
+    encoder = Encoder(str(folders["chatml"]), backend="hf")
+    contents = [b"hi", b"fine", b"caf\xe9", b"yo", b"again", b"ok"]
+    content = pa.Array.from_buffers(pa.string(), len(contents), [
+        None, pa.array(np.cumsum([0, *map(len, contents)]), pa.int32()).buffers()[1], pa.py_buffer(b"".join(contents))])
+    roles = pa.array(["user", "assistant"] * 3)
+    turns = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+    messages = pa.ListArray.from_arrays(pa.array([0, 2, 4, 6], pa.int32()), turns)
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "chat.parquet")
+    read = [normalise(r, messages_format=encoder.render_messages)
+            for r in open_source(f"parquet:{tmp_path}/chat.parquet", 0, base_dir=tmp_path)]
+    assert [s if isinstance(s, str) else s.kind for s in read] == ["messages", "bad_utf8", "messages"]
+
+
 @pytest.mark.parametrize(("value", "reason"), MALFORMED)
 def test_malformed_conversations_have_reasons(folders: dict[str, Path], value: dict[str, Any], reason: str) -> None:
     encoder = Encoder(str(folders["chatml"]), backend="hf")
@@ -131,6 +148,17 @@ def test_template_failures_are_reasons() -> None:
     assert normalise(raw(good)) == "no_chat_template"
     drops_assistant = "{% for m in messages if m.role != 'assistant' %}{{ m.content }}{% endfor %}"
     assert normalise(raw(good), messages_format=ChatRenderer(drops_assistant)) == "chat_no_assistant"
+
+
+def test_a_conversation_too_long_to_render_by_prefixes_is_counted_not_rendered(folders: dict[str, Path]) -> None:
+    """Without markers the cost is the square of the turns (1,200 short turns: about 5 s here, holding every stream
+    behind the record); with markers one rendering suffices, whatever the length."""
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(1200)]
+    unmarked, marked = (Encoder(str(folders[name]), backend="hf").render_messages
+                        for name in ("llama3", "llama3_marked"))
+    assert unmarked(turns, None) == "chat_too_many_turns"
+    assert not isinstance(unmarked(turns[:MAX_TURNS_BY_PREFIX], None), str)
+    assert not isinstance(marked(turns, None), str)
 
 
 def test_generation_markers_are_detected() -> None:

@@ -39,6 +39,12 @@ def write(tmp_path: Path, text: str) -> Path:
     ("model_name: t\ndataset:\n  names: [local:x]\n  min_length: 0\n", "dataset.min_length"),
     ("model_name: t\ndataset:\n  names: [local:x]\n  interleave_mode: zigzag\n", "dataset.interleave_mode"),
     ("model_name: t\ndataset:\n  names: [local:x]\n  task_weights: {}\n", "dataset.task_weights"),
+    ("model_name: t\ndataset:\n  names: [local:x]\n  task_weights: {a: .inf}\n", "dataset.task_weights.a"),
+    ("model_name: t\ndataset:\n  names: [local:x]\n  task_weights: {a: 1e12}\n", "dataset.task_weights.a"),
+    ("model_name: t\ndataset:\n  names: [local:x]\n  dataset_weights: {local:x: .nan}\n",
+     "dataset.dataset_weights.local:x"),
+    ("model_name: t\ndataset:\n  names: [local:x]\n  dataset_weights:\n    - {from_epoch: 0, weights: {local:x: 1}}\n"
+     "    - {from_epoch: 1, weights: {local:x: .inf}}\n", "dataset.dataset_weights"),
     ("model_name: t\ndataset:\n  names: [local:x]\nserver:\n  prot: 1\n", "server.prot"),
     ("dataset:\n  names: [local:x]\n", "model_name"),
     ("model_name: t\nserver:\n  port: 1\n", "dataset"),

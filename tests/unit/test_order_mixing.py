@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sigil_feed.server.errors import Refused
 from sigil_feed.server.pipeline.accounting import SourceCounters
 from sigil_feed.server.pipeline.curate import CuratedSource, CurateRules, copies, task_copies
 from sigil_feed.server.pipeline.mixing import Mixer, interleave
@@ -177,6 +178,17 @@ def test_an_empty_source_under_all_exhausted_is_skipped_not_spun_on(mode: str) -
     assert sorted(expected) == [(0, 0), (0, 1), (0, 2)]
     child, position = interleave([3, 0], mode, "all_exhausted", [1.0, 1.0], 1)
     assert list(zip(child.tolist(), position.tolist(), strict=True)) == expected
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("rare", [1e-300, 1e-9])
+def test_a_source_too_rarely_drawn_to_ever_run_out_is_refused_not_spun_on(rare: float) -> None:
+    """all_exhausted with a weight so small that the layout would draw for ever (1e-300) or for hours (1e-9: a
+    billion draws per sample of it) ends FAILED_PRECONDITION naming the weights, as a forged cursor's plan may ask."""
+    with pytest.raises(Refused, match="raise the smallest weights or use stopping_strategy: first_exhausted"):
+        interleave([60, 60], "weighted", "all_exhausted", [rare, 1.0], 1)
+    child, _ = interleave([60, 60], "weighted", "all_exhausted", [0.01, 1.0], 1)  # skewed, yet it ends
+    assert np.bincount(child).tolist()[0] == 60 and len(child) > 60 * 50
 
 
 def test_task_copies_match_per_sample_copies() -> None:

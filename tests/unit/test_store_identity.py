@@ -68,6 +68,40 @@ def test_a_digest_is_read_once_per_unchanged_file_and_again_when_it_changes(tmp_
     assert changed[0][0] == first[0][0] and changed != first
 
 
+def test_a_file_rewritten_in_place_with_its_mtime_restored_gets_its_new_identity(tmp_path: Path) -> None:
+    """Same size, same mtime, same inode (`cp` over it, then `touch -r`, or a tool that keeps times): the change
+    time the kernel sets on every write still tells the file changed."""
+    cache = DigestCache(tmp_path / "digests.json")
+    data = write_jsonl(tmp_path / "d.jsonl", [rust_pair(0)])
+    before = os.stat(data)
+    first = cache.identities([str(data)])
+    with open(data, "r+b") as f:  # in place: the inode stays
+        changed = f.read().replace(b"item_0", b"item_9", 1)
+        f.seek(0)
+        f.write(changed)
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(data)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert cache.identities([str(data)]) != first
+    assert DigestCache(tmp_path / "digests.json").identities([str(data)]) != first  # nor from the sidecar
+
+
+@pytest.mark.parametrize("sidecar", [
+    "not json", "[1, 2]", '{"PATH": "text"}', '{"PATH": [1]}', '{"PATH": KEY}', '{"PATH": KEY_AND_NUMBER}',
+    '{"PATH": KEY_AND_NULL}'])
+def test_a_damaged_digest_sidecar_costs_a_hash_never_a_wrong_identity_or_a_failure(tmp_path: Path,
+                                                                                  sidecar: str) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", [rust_pair(0)])
+    [want] = DigestCache(tmp_path / "fresh.json").identities([str(data)])
+    real, stat = os.path.realpath(data), os.stat(data)
+    key = json.dumps([stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns])
+    (tmp_path / "digests.json").write_text(sidecar.replace("PATH", real).replace("KEY_AND_NUMBER", key[:-1] + ", 7]")
+                                           .replace("KEY_AND_NULL", key[:-1] + ", null]").replace("KEY", key))
+    cache = DigestCache(tmp_path / "digests.json")
+    assert cache.identities([str(data)]) == [want]
+    assert DigestCache(tmp_path / "digests.json").identities([str(data)]) == [want]  # the sidecar was mended
+
+
 def test_data_copied_elsewhere_or_touched_keeps_its_store(tmp_path: Path, runtime: Runtime,
                                                           written: list[str]) -> None:
     pairs(tmp_path / "a", 0, 1, 2)

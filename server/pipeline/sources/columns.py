@@ -16,16 +16,53 @@ def needed_columns(names: list[str]) -> list[str]:
     return [name for name in names if name in COLUMNS]
 
 
+def _as_binary(kind: pa.DataType) -> pa.DataType:
+    """The type with every string inside it (at any depth: lists, structs, maps) as binary of the same width."""
+    if pa.types.is_string(kind):
+        return pa.binary()
+    if pa.types.is_large_string(kind):
+        return pa.large_binary()
+    if pa.types.is_string_view(kind):
+        return pa.binary_view()
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_as_binary(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_as_binary(kind.value_type)))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(kind.value_field.with_type(_as_binary(kind.value_type)), kind.list_size)
+    if pa.types.is_map(kind):
+        return pa.map_(kind.key_field.with_type(_as_binary(kind.key_type)),
+                       kind.item_field.with_type(_as_binary(kind.item_type)), kind.keys_sorted)
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_as_binary(field.type)) for field in kind])
+    if pa.types.is_dictionary(kind):
+        return _as_binary(kind.value_type)
+    return kind
+
+
+def _decoded(value: Any) -> Any:
+    """A binary-cast value back as text: bytes decoded with lone surrogates for invalid UTF-8, at any depth."""
+    if isinstance(value, bytes):
+        return value.decode(errors="surrogateescape")
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    if isinstance(value, tuple):  # a map's (key, item) pair
+        return tuple(_decoded(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _decoded(v) for k, v in value.items()}
+    return value
+
+
 def values_of(column: pa.Array | pa.ChunkedArray) -> list[Any]:
-    """A column's Python values; invalid UTF-8 in a string column becomes lone surrogates (which `normalise`
-    rejects as bad_utf8) instead of failing the whole batch."""
+    """A column's Python values; invalid UTF-8 in a string, at any depth (a `messages` column's turns too), becomes
+    lone surrogates (which `normalise` rejects as bad_utf8) instead of failing the whole batch."""
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        binary = _as_binary(column.type)
+        if binary == column.type:
             raise
-        raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
-        return [None if v is None else v.decode(errors="surrogateescape") for v in raw.to_pylist()]
+        return [_decoded(v) for v in column.cast(binary).to_pylist()]
 
 
 def rows_of(batch: pa.RecordBatch | pa.Table) -> list[dict[str, Any]]:

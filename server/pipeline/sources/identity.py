@@ -3,9 +3,11 @@ bytes (never its path or mtime), so data copied to another path or volume, or to
 every cursor, while a change of content makes a new one.
 
 Hashing every byte at every start would cost a read of the whole corpus, so digests are remembered in a small
-sidecar file (`file-digests.json` in the cache folder) keyed by the file's resolved path, size, mtime and inode:
-a file none of these changed for is not read again. A remote object's identity (its ETag or checksum) belongs
-beside `local_file_identity`, one small function per kind of source.
+sidecar file (`file-digests.json` in the cache folder) keyed by the file's resolved path, size, mtime, inode and
+change time (ctime: set by the kernel on every write, and not settable, so a rewrite whose mtime was put back, by
+`touch -r` or a copy that keeps times, is still seen): a file none of these changed for is not read again. A remote
+object's identity (its ETag or checksum) belongs beside `local_file_identity`, one small function per kind of
+source.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def file_digest(path: str) -> str:
 
 
 class DigestCache:
-    """Digests of local files by (resolved path, size, mtime, inode), kept in a JSON file that any process may
-    rewrite (each write is whole: a temporary file renamed; a lost update only costs a hash again)."""
+    """Digests of local files by (resolved path, size, mtime, inode, device, ctime), kept in a JSON file that any
+    process may rewrite (each write is whole: a temporary file renamed; a lost update, or an entry that is not
+    of this form, only costs a hash again)."""
 
     def __init__(self, file: Path) -> None:
         self.file = file
@@ -79,11 +82,12 @@ class DigestCache:
         """The file's `[size, digest]`, and whether it was hashed now; OSError if it cannot be read."""
         real = os.path.realpath(path)
         stat = os.stat(real)
-        key = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+        key: list[object] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev, stat.st_ctime_ns]
         with self._lock:
             known = self._load().get(real)
-        if isinstance(known, list) and known[:4] == key:
-            return [stat.st_size, known[4]], False
+        if isinstance(known, list) and len(known) == len(key) + 1 and known[:-1] == key \
+                and isinstance(known[-1], str):
+            return [stat.st_size, known[-1]], False
         digest = file_digest(real)
         with self._lock:
             self.hashed += 1

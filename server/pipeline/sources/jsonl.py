@@ -68,17 +68,18 @@ class ZstdReader(io.RawIOBase):
         super().close()
 
 
-def open_lines(path: str) -> io.BufferedIOBase:
-    """Open a JSONL file (local or remote) for binary line iteration, decompressing by suffix. A remote file is
-    read in BUFFER_BYTES ranges, whatever the decompressor asks for at a time, the next one read ahead."""
-    remote = is_remote(path)
+def open_lines(path: str, remote: RemoteFile | None = None) -> io.BufferedIOBase:
+    """Open a JSONL file (local or remote) for binary line iteration, decompressing by suffix. A remote file (the
+    RemoteFile given, or one opened here) is read in BUFFER_BYTES ranges, whatever the decompressor asks for at a
+    time, the next one read ahead."""
+    if remote is None and is_remote(path):
+        remote = RemoteFile(path, readahead=True)
     if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES)) if remote \
-            else gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=io.BufferedReader(remote, BUFFER_BYTES)) if remote else gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        raw = io.BufferedReader(RemoteFile(path, readahead=True), BUFFER_BYTES) if remote else io.FileIO(path)
+        raw = io.BufferedReader(remote, BUFFER_BYTES) if remote else io.FileIO(path)
         return io.BufferedReader(ZstdReader(raw), BUFFER_BYTES)
-    return io.BufferedReader(RemoteFile(path, readahead=True) if remote else io.FileIO(path), BUFFER_BYTES)
+    return io.BufferedReader(remote or io.FileIO(path), BUFFER_BYTES)
 
 
 def json_error(err: Exception) -> str:
@@ -173,8 +174,10 @@ class JsonlSource(Source):
         for file in range(first_file, len(self.files)):
             path = self.files[file]
             row, offset = (first_row, first_offset) if file == first_file else (0, 0)
+            remote = None
             try:
-                with open_lines(path) as lines:
+                remote = RemoteFile(path, readahead=True) if is_remote(path) else None
+                with open_lines(path, remote) as lines:
                     if offset is not None and is_plain(path):
                         lines.seek(offset)
                     else:
@@ -196,7 +199,12 @@ class JsonlSource(Source):
             except RemoteUnavailable:
                 raise  # storage that does not answer is no bad file: the stream or build is tried again
             except READ_ERRORS as err:
+                if remote is not None:
+                    remote.check_unchanged()  # an object replaced while read is no bad file either
                 log.warning("%s: cannot read %s after line %d, its last good line (%s); the rest of the file "
                             "is skipped", self.spec, path, row, err)
                 self._pos = (file + 1, 0, 0)
                 yield RawRecord(index, file, row, f"{path}:{row + 1}", None, "bad_file")
+            finally:
+                if remote is not None:
+                    remote.close()  # gzip leaves the file it was given open

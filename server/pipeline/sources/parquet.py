@@ -31,11 +31,13 @@ def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
-    """A Parquet file, local or remote (a remote one is read by ranges: its footer, then the chunks read)."""
+def open_parquet(path: str, remote: RemoteFile | None = None) -> Iterator[pq.ParquetFile]:
+    """A Parquet file, local or remote (the RemoteFile given, or one opened here; read by ranges: its footer, then
+    the chunks read)."""
     with contextlib.ExitStack() as stack:
-        source = stack.enter_context(RemoteFile(path)) if is_remote(path) else path
-        yield stack.enter_context(pq.ParquetFile(source))
+        if remote is None and is_remote(path):
+            remote = stack.enter_context(RemoteFile(path))
+        yield stack.enter_context(pq.ParquetFile(remote or path))
 
 
 class ParquetSource(RowSource):
@@ -67,8 +69,10 @@ class ParquetSource(RowSource):
         for file in range(first_file, len(self.files)):
             path = self.files[file]
             row = first_row if file == first_file else 0
+            remote = None
             try:
-                with open_parquet(path) as reader:
+                remote = RemoteFile(path) if is_remote(path) else None
+                with open_parquet(path, remote) as reader:
                     columns = needed_columns(reader.schema_arrow.names)
                     first, start = first_group(reader.metadata, row)
                     for group in range(first, reader.metadata.num_row_groups):
@@ -81,9 +85,16 @@ class ParquetSource(RowSource):
                                 self._pos = (file, row)
                                 location = f"{path} row-group {group} row {row - 1}"
                                 yield RawRecord(index, file, row - 1, location, value)
+                if remote is not None:
+                    remote.check_unchanged()  # its row groups were read by ranges, at the footer's offsets
             except RemoteUnavailable:
                 raise  # storage that does not answer is no bad file: the stream or build is tried again
             except (OSError, pa.ArrowException) as err:
+                if remote is not None:
+                    remote.check_unchanged()  # an object replaced while read is no bad file
                 log.warning("%s: cannot read %s at row %d: %s", self.spec, path, row, err)
                 self._pos = (file + 1, 0)
                 yield RawRecord(index, file, row, f"{path} row {row}", None, "bad_file")
+            finally:
+                if remote is not None:
+                    remote.close()

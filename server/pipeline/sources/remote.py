@@ -15,11 +15,13 @@ import functools
 import io
 import logging
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ...errors import SourceError, Unavailable
@@ -41,6 +43,18 @@ T = TypeVar("T")
 class RemoteUnavailable(Unavailable, OSError):
     """Remote storage did not answer within the storage retry window. An Unavailable (a stream ends UNAVAILABLE and
     the client resumes) and an OSError (a store build is tried again later), never a bad file."""
+
+
+class RemoteChanged(RemoteUnavailable):
+    """An object was replaced while it was read by ranges (its ETag changed), so the ranges read may mix two
+    versions: the read ends as storage that did not answer does (a stream ends UNAVAILABLE, a build is tried again
+    later), never with records of both versions passed on as one file."""
+
+
+def _tag(meta: Any) -> str | None:
+    """The ETag or checksum in an object's metadata (None if the store gives none)."""
+    tag = next((meta[k] for k in ETAG_KEYS if k in meta), None) if meta else None
+    return tag.decode() if isinstance(tag, bytes) else tag
 
 
 def is_remote(path: str) -> bool:
@@ -90,7 +104,7 @@ def retrying(what: str, call: Callable[[], T], retries: Retries | None = None) -
     while True:
         try:
             return call()
-        except PERMANENT:
+        except (*PERMANENT, RemoteUnavailable):  # RemoteUnavailable: a verdict already (RemoteChanged)
             raise
         except transient as err:
             if not retries.wait():
@@ -117,12 +131,33 @@ class RemoteFile(io.RawIOBase):
         self._pos = 0
         self._ahead: tuple[int, int, Future[bytes]] | None = None  # (offset, size, its read)
         self._last_end = -1  # where the last read ended
+        self._reads = 0  # ranges read: an object read in one range cannot mix versions
         self._retries = storage_retry().start()
+        self.tag: str | None = None  # the ETag at the first open: every later open and the end must agree
         self.size = retrying(uri, self._open, self._retries)
 
     def _open(self) -> int:
-        self._handle = self._fs.open_input_file(self._path)
-        return int(self._handle.size())
+        handle = self._fs.open_input_file(self._path)
+        tag, size = _tag(handle.metadata()), int(handle.size())
+        if self._handle is None and self.tag is not None and (tag, size) != (self.tag, self.size):
+            handle.close()
+            raise self._changed(tag)
+        self._handle, self.tag = handle, self.tag or tag
+        return size
+
+    def _changed(self, tag: str | None) -> RemoteChanged:
+        return RemoteChanged(f"{self.uri} was replaced while it was read (ETag {self.tag} -> {tag}); it is read "
+                             "again from its new content")
+
+    def check_unchanged(self) -> None:
+        """RemoteChanged if the object is no longer the one opened (at the end of a read in several ranges, and
+        where its bytes failed to parse: a replaced object is no bad file)."""
+        def tag_now() -> str | None:
+            with self._fs.open_input_file(self._path) as handle:
+                return _tag(handle.metadata())
+        tag = retrying(self.uri, tag_now, self._retries)
+        if tag != self.tag:
+            raise self._changed(tag)
 
     def _read_at(self, size: int, offset: int) -> bytes:
         if self._handle is None:
@@ -188,6 +223,9 @@ class RemoteFile(io.RawIOBase):
         self._retries.progressed()
         self._pos += len(data)
         self._last_end = self._pos
+        self._reads += 1
+        if self._pos >= self.size and self._reads > 1 and self.tag is not None:
+            self.check_unchanged()
         if self.readahead and consecutive:
             self._read_next(size)
         return data
@@ -213,10 +251,33 @@ def _infos(fs: pafs.FileSystem, uri: str, selector: pafs.FileSelector | str) -> 
     return retrying(uri, lambda: fs.get_file_info(selector))
 
 
+def redacted(text: str) -> str:
+    """Text with the user and password of any URI in it left out (`s3://***@bucket/...`)."""
+    return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1***@", text)
+
+
+def _check_uri(spec: str, uri: str) -> None:
+    """SourceError (the URI's secret left out) for credentials written into a URI: they would show wherever the
+    source is named (logs, stats, errors), and the standard environment is where they are read from."""
+    parsed = urlparse(uri)
+    if parsed.password is not None or (parsed.username is not None and parsed.username != "anonymous"):
+        raise SourceError(f"{redacted(spec)}: credentials in a source's URI are not read (they would appear in logs "
+                          "and stats); remove them and give them through the environment: AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (S3), the default credentials (GCS), HF_TOKEN (the Hub)")
+
+
 def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """The sorted files a remote path names, by the rules of local paths: a file; a folder (prefix): its files
     ending with a suffix; a glob (`**` for any number of non-hidden folders): the files it matches and the files
-    ending with a suffix in the folders it matches. SourceError if none."""
+    ending with a suffix in the folders it matches. SourceError if none, or if the URI is not one storage takes."""
+    _check_uri(spec, uri)
+    try:
+        return _expand_remote(spec, uri, suffixes)
+    except pa.ArrowInvalid as err:
+        raise SourceError(f"{spec}: {uri} is not a path this storage takes: {err}") from None
+
+
+def _expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
     scheme = urlparse(uri).scheme
     fs, path = locate(uri)
     found: list[str] = []
@@ -256,11 +317,10 @@ def object_identity(uri: str) -> list[object]:
 
         def head() -> list[object]:
             with fs.open_input_file(path) as f:
-                meta = f.metadata()
-                tag = next((meta[k] for k in ETAG_KEYS if k in meta), None)
+                tag = _tag(f.metadata())
                 if tag is None:  # a store that gives no checksum: its modification time instead
                     tag = str(fs.get_file_info(path).mtime_ns)
-                return [f.size(), tag.decode() if isinstance(tag, bytes) else tag]
+                return [f.size(), tag]
         return retrying(uri, head)
     except OSError:
         return [uri]
