@@ -198,7 +198,7 @@ class DatasetStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[SourceStats, _Mapping]]] = ..., clients: _Optional[_Iterable[_Union[ClientStats, _Mapping]]] = ..., batches_served: _Optional[int] = ..., tokens_served: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., cache: _Optional[_Union[CacheState, _Mapping]] = ..., input_bound: _Optional[_Union[InputBound, _Mapping]] = ..., jobs: _Optional[_Iterable[_Union[JobStats, _Mapping]]] = ..., streams_opened: _Optional[int] = ..., streams_closed: _Optional[int] = ..., shared_reads: _Optional[_Union[SharedReads, _Mapping]] = ..., epoch_members: _Optional[_Iterable[_Union[EpochMembers, _Mapping]]] = ..., mixture: _Optional[_Union[MixtureStats, _Mapping]] = ...) -> None: ...
 
 class MixtureStats(_message.Message):
-    __slots__ = ["epoch", "dataset_weights", "task_weights", "next_change_epoch", "accepted_changes"]
+    __slots__ = ["epoch", "dataset_weights", "task_weights", "next_change_epoch", "accepted_changes", "change_rows"]
     class DatasetWeightsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,12 +218,14 @@ class MixtureStats(_message.Message):
     TASK_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_CHANGE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_ROWS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     dataset_weights: _containers.ScalarMap[str, float]
     task_weights: _containers.ScalarMap[str, float]
     next_change_epoch: int
     accepted_changes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, epoch: _Optional[int] = ..., dataset_weights: _Optional[_Mapping[str, float]] = ..., task_weights: _Optional[_Mapping[str, float]] = ..., next_change_epoch: _Optional[int] = ..., accepted_changes: _Optional[_Iterable[str]] = ...) -> None: ...
+    change_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., dataset_weights: _Optional[_Mapping[str, float]] = ..., task_weights: _Optional[_Mapping[str, float]] = ..., next_change_epoch: _Optional[int] = ..., accepted_changes: _Optional[_Iterable[str]] = ..., change_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EpochMembers(_message.Message):
     __slots__ = ["epoch", "content", "files"]

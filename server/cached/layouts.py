@@ -1,7 +1,8 @@
 """Cached mode's epoch layouts for one dataset: computed once for all the ranks that open an epoch, the next
 epoch's in the background meanwhile, so that an epoch's start does not wait for it. An epoch is laid out from the
 served sequence of its mixture (each mixture's sequence computed once and kept while a layout of it is); an epoch
-resumed under another mixture, from its plan's segments (segments.py)."""
+under more than one mixture (a phase inside it, a resume under another mixture), from its plan's segments
+(segments.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..store.reader import TokenStore
 from .layout import EpochLayout, epoch_layout
-from .segments import segment
+from .segments import segments as plan_segments
 
 M = TypeVar("M", bound=Hashable)
 """A mixture: what decides an epoch's served sequence."""
@@ -34,8 +35,8 @@ class EpochLayouts(Generic[M]):
         self.seed, self.window_shards, self.pack, self.epochs, self.pool = seed, window_shards, pack, epochs, pool
         self.jobs: OrderedDict[tuple[int, M], Future[EpochLayout]] = OrderedDict()
         self.kept: OrderedDict[M, np.ndarray] = OrderedDict()  # served sequences by mixture
-        self.segments: OrderedDict[tuple[int, tuple[tuple[int, M], ...], int], tuple[int, EpochLayout]] = \
-            OrderedDict()  # by (epoch, plan, seq_len)
+        self.planned: OrderedDict[tuple[int, tuple[tuple[int, M], ...], int], list[tuple[int, EpochLayout]]] = \
+            OrderedDict()  # segments by (epoch, plan, seq_len)
         self.lock = threading.Lock()
 
     def __getitem__(self, epoch: int) -> EpochLayout:
@@ -62,20 +63,20 @@ class EpochLayouts(Generic[M]):
         self.jobs.move_to_end(key)
         return job
 
-    def segment(self, epoch: int, plan: tuple[tuple[int, M], ...], seq_len: int) -> tuple[int, EpochLayout]:
-        """The last segment of an epoch's plan ((start row, mixture) pairs, more than one): its first global row and
-        its layout (computed on the calling thread, once per epoch, plan and row length)."""
+    def segments(self, epoch: int, plan: tuple[tuple[int, M], ...], seq_len: int) -> list[tuple[int, EpochLayout]]:
+        """The segments of an epoch's plan ((start row, mixture) pairs, more than one): each one's first global row
+        and layout (computed on the calling thread, once per epoch, plan and row length)."""
         key = (epoch, plan, seq_len)
         with self.lock:
-            done = self.segments.get(key)
+            done = self.planned.get(key)
         if done is None:
-            done = segment(self.store, self.get(epoch, plan[0][1]), list(plan), self.sequences, virtual=self.virtual,
-                           seed=self.seed, epoch=epoch, window_shards=self.window_shards, seq_len=seq_len,
-                           pack=self.pack)
+            done = plan_segments(self.store, self.get(epoch, plan[0][1]), list(plan), self.sequences,
+                                 virtual=self.virtual, seed=self.seed, epoch=epoch, window_shards=self.window_shards,
+                                 seq_len=seq_len, pack=self.pack)
             with self.lock:
-                self.segments[key] = done
-                while len(self.segments) > LAYOUTS_KEPT:
-                    self.segments.popitem(last=False)
+                self.planned[key] = done
+                while len(self.planned) > LAYOUTS_KEPT:
+                    self.planned.popitem(last=False)
         return done
 
     def _sequence(self, mixture: M) -> np.ndarray:

@@ -14,6 +14,10 @@ blocks' starts (the epoch's start, per virtual rank: a rank stays in its own sha
 partial last row), `drop` skips the last partial window, `keep` sends it ragged. So an epoch repeats or skips
 fewer than one step's rows (`world_size * batch_size`), whatever V, the lengths and the regions' balance.
 
+An epoch under more than one mixture is segments of global rows (segments.py), each laid out on its own: the
+packer cuts each row of a window from the segment it falls in, so a window across a segment's start takes its
+rows before it from the one before, whatever the world size. `pad` wraps within the segment the epoch ends in.
+
 The state is the global row where the next window starts, which resumes every rank of any layout. The shards
 a batch reads are pinned while it is cut (a remote store's are fetched into the shard cache), and the shards of
 this rank's next windows are fetched ahead.
@@ -21,6 +25,7 @@ this rank's next windows are fetched ahead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Annotated
 
@@ -28,7 +33,7 @@ import numpy as np
 from pydantic import Field, StrictInt
 
 from ..pipeline.stage import Count, Stage, StageState
-from ..rows.batch import Rows
+from ..rows.batch import Rows, joined
 from ..rows.deal import Deal
 from ..rows.spans import loss_mask
 from ..store.reader import TokenStore
@@ -47,10 +52,12 @@ AHEAD_BATCHES = 2
 
 
 class CachedPacker(Stage[Rows, CachedState]):
-    """One rank's batches for one epoch of a token store's layout."""
+    """One rank's batches for one epoch of a token store's layout (and the epoch's later segments, `later`: each
+    one's first global row and layout)."""
 
     def __init__(self, store: TokenStore, layout: EpochLayout, deal: Deal, *, seq_len: int, pack: bool,
-                 completion_only: bool, pad_id: int, remainder: str, offset: int = 0) -> None:
+                 completion_only: bool, pad_id: int, remainder: str, offset: int = 0,
+                 later: Sequence[tuple[int, EpochLayout]] = ()) -> None:
         self.store, self.layout, self.deal = store, layout, deal
         self.seq_len, self.pack, self.completion_only, self.pad_id = seq_len, pack, completion_only, pad_id
         self.remainder = remainder
@@ -61,6 +68,16 @@ class CachedPacker(Stage[Rows, CachedState]):
         self.total = offset + self.local  # the epoch's rows
         self.first, self.rows = blocks(self.local, layout.region)  # per virtual rank: its block's first row, rows
         self.row = offset
+        self.later: list[CachedPacker] = []  # each cuts the rows from its offset on
+        for start, part in later:
+            if start >= self.total:  # the segment before ended the epoch
+                break
+            self.total = start
+            if not len(part.items):  # nothing left to lay out: the epoch ends where the segment would start
+                break
+            self.later.append(CachedPacker(store, part, deal, seq_len=seq_len, pack=pack, pad_id=pad_id,
+                                           completion_only=completion_only, remainder=remainder, offset=start))
+            self.total = self.later[-1].total
 
     @property
     def virtual(self) -> int:
@@ -89,10 +106,29 @@ class CachedPacker(Stage[Rows, CachedState]):
                 self.row += self.deal.window  # `keep`'s ragged last window has no row for this rank: it is over
             return None
         self.row += self.deal.window
-        v, i = self._locate(rows)
-        batch, shards = self._packed(v, i) if self.pack else self._padded(v, i)
+        cut = [segment._cut(part) for segment, part in self._segments(rows)]
+        batch, shards = joined([c[0] for c in cut]), np.concatenate([c[1] for c in cut])
         self._prefetch(shards)
         return batch
+
+    def _segments(self, rows: np.ndarray) -> list[tuple[CachedPacker, np.ndarray]]:
+        """Ascending global rows by the segment each falls in (rows past the epoch's end: the last one's)."""
+        if not self.later:
+            return [(self, rows)]
+        parts = [self, *self.later]
+        where = np.searchsorted([p.offset for p in self.later], rows, side="right")
+        return [(parts[k], rows[where == k]) for k in np.unique(where).tolist()]
+
+    def _cut(self, rows: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """This segment's rows, and the shard of each run of tokens they read."""
+        v, i = self._locate(rows)
+        return self._packed(v, i) if self.pack else self._padded(v, i)
+
+    def _shards(self, rows: np.ndarray) -> np.ndarray:
+        """The shards this segment's rows read, in order."""
+        v, i = self._locate(rows)
+        items = self._runs(v, i)[1] if self.pack else self.first[v] + i % self.rows[v]
+        return self.store.shard[self.layout.items[items]]
 
     def _runs(self, v: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The rows' tokens as runs of one item each, in row-major order: (row of the batch, item in
@@ -172,10 +208,15 @@ class CachedPacker(Stage[Rows, CachedState]):
                                for k in range(AHEAD_BATCHES)])
         if not len(rows):
             return
-        v, i = self._locate(rows)
-        items = self._runs(v, i)[1] if self.pack else self.first[v] + i % self.rows[v]
-        upcoming = self.store.shard[self.layout.items[items]]
+        upcoming = np.concatenate([segment._shards(part) for segment, part in self._segments(rows)])
         self.store.shards.prefetch(upcoming[~np.isin(upcoming, current)])
+
+    @property
+    def ended(self) -> bool:
+        """Whether no window of the epoch is left for any rank (every rank's next batch is None)."""
+        if self.remainder == "drop":  # only whole windows
+            return self.row + self.deal.window > self.total
+        return self.row >= self.total
 
     def get_state(self) -> CachedState:
         """The global row where the next window starts, and V."""

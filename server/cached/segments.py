@@ -1,4 +1,5 @@
-"""Cached mode: an epoch resumed under another mixture, as segments of global rows.
+"""Cached mode: an epoch under more than one mixture (a phase that starts inside it, a resume under another mixture),
+as segments of global rows.
 
 An epoch's plan (feed/mixtures.py) lists mixtures with the global row each applies from. Segment 0 is the epoch's
 layout under its first mixture. Segment i, from row s_i on, is laid out (like any epoch, over the same V virtual
@@ -7,9 +8,10 @@ weights) less the times rows before s_i served it (wholly or in part: a sample c
 its rest is left out), mixed by segment i's source weights; its row r is the epoch's global row s_i + r. So rows
 after s_i follow the new mixture, and a sample served before s_i comes again only when its source has nothing
 unserved left (`all_exhausted` restarting it), as in any epoch. Every rank of any world size computes the same
-segments from the plan alone. A segment left with fewer samples than V, or starting past the rows of the one
-before (a cursor after the epoch's last step), ends the epoch at its first row: the new mixture takes effect
-with the next epoch.
+segments from the plan alone, and the packer cuts each global row from the segment it falls in (packer.py). A
+segment left with fewer samples than V, or starting past the rows of the one before (a cursor after the epoch's
+last step, a phase from a row the epoch does not reach), ends the epoch at the end of the one before: the new
+mixture takes effect with the next epoch.
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ def served_counts(store: TokenStore, layout: EpochLayout, rows: int, *, seq_len:
     return np.bincount(layout.items[np.unique(picked)], minlength=len(store.lengths))  # an item two blocks cut: once
 
 
-def segment(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
-            sequence: Callable[[M, np.ndarray | None], np.ndarray], *, virtual: int, seed: int | None, epoch: int,
-            window_shards: int, seq_len: int, pack: bool) -> tuple[int, EpochLayout]:
-    """The last segment of `plan` ((start row, mixture) pairs; `first` is segment 0's layout): its first global
-    row and its layout. `sequence(mixture, served)` is the served sequence of a mixture less `served` (counts per
-    store sample)."""
+def segments(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
+             sequence: Callable[[M, np.ndarray | None], np.ndarray], *, virtual: int, seed: int | None, epoch: int,
+             window_shards: int, seq_len: int, pack: bool) -> list[tuple[int, EpochLayout]]:
+    """The segments of `plan` ((start row, mixture) pairs; `first` is segment 0's layout): each one's first global
+    row and layout. `sequence(mixture, served)` is the served sequence of a mixture less `served` (counts per store
+    sample)."""
     served = np.zeros(len(store.lengths), dtype=np.int64)
     layout, offset = first, 0
+    done = [(0, first)]
     for index, (start, mixture) in enumerate(plan[1:], start=1):
         over = start - offset >= layout_rows(layout, seq_len=seq_len, pack=pack)  # a resume past the epoch's end
         served += served_counts(store, layout, start - offset, seq_len=seq_len, pack=pack)
@@ -67,4 +70,5 @@ def segment(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
         layout = epoch_layout(store, items, virtual=virtual, seed=seed, epoch=epoch + (index << 32),
                               window_shards=window_shards, pack=pack)
         offset = start
-    return offset, layout
+        done.append((offset, layout))
+    return done

@@ -144,12 +144,13 @@ def _members_text(members: Iterable[feed_pb2.EpochMembers]) -> str:
 
 
 def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str]) -> str:
-    """The mixture's line: epoch, weights (in source order), the schedule's next change, and changes accepted on
-    resume."""
+    """The mixture's line: epoch, weights at its start (in source order), the rows inside it where a phase starts, the
+    schedule's next change, and changes accepted on resume."""
     weights = " ".join(f"{k}={mix.dataset_weights[k]:g}" for k in sources if k in mix.dataset_weights)
     tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
     change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
-    text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}; next change: {change}"
+    inside = f"; changes inside it at rows {', '.join(map(str, mix.change_rows))}" if mix.change_rows else ""
+    text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}{inside}; next change: {change}"
     return "\n".join([text, *(f"  accepted on resume: {c}" for c in mix.accepted_changes)])
 
 

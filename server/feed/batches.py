@@ -36,27 +36,46 @@ class Feed:
         self.packer: Packer | CachedPacker | None = None
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
         self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
+        self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
+        if start is not None and start.sources and start.sources != dataset.sources and (
+                start.state is None or start.ended):
+            after = start.epoch if start.state is None else start.epoch + 1
+            dataset.mixtures.accepted(f"epoch {after} from its start: sources now {', '.join(dataset.specs)} (resumed "
+                                      f"from the end of epoch {after - 1}, served with another list)",
+                                      "sources changed on resume")
         if start is not None and start.state is not None:
-            self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
-            state = start.state
-            if isinstance(state, CachedState):
-                at, unit = state.row, "row"
-            else:  # the next shuffle block none of which is served
-                at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
-            self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
-            self.packer = packer = self._open_epoch()
-            try:
-                if isinstance(packer, CachedPacker):
-                    if not isinstance(state, CachedState):
-                        raise ValueError("a streaming-mode state")
-                    packer.set_state(state)
-                elif isinstance(state, StreamState):
-                    packer.set_state(state)
-                else:
-                    raise ValueError("a cached-mode state")
-            except (KeyError, IndexError, ValueError, TypeError, StopIteration):
-                raise refused("its position does not exist in this dataset (a state of another mode, source "
-                              "list or number of virtual ranks)") from None
+            if start.sources == dataset.sources:
+                self._resume(start, start.state)
+            elif start.ended and isinstance(start.state, CachedState):
+                self.end_row = start.state.row
+            else:
+                raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
+                              "was added or removed, or a source's filter changed): sources change only at an "
+                              "epoch boundary; resume from a cursor taken at an epoch's end (the next epoch "
+                              "serves the new sources), or restore dataset.names until this epoch ends")
+
+    def _resume(self, start: Cursor, state: CachedState | StreamState) -> None:
+        """Open the cursor's epoch at its position, under its plan and membership."""
+        dataset = self.dataset
+        self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
+        if isinstance(state, CachedState):
+            at, unit = state.row, "row"
+        else:  # the next shuffle block none of which is served
+            at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
+        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
+        self.packer = packer = self._open_epoch()
+        try:
+            if isinstance(packer, CachedPacker):
+                if not isinstance(state, CachedState):
+                    raise ValueError("a streaming-mode state")
+                packer.set_state(state)
+            elif isinstance(state, StreamState):
+                packer.set_state(state)
+            else:
+                raise ValueError("a cached-mode state")
+        except (KeyError, IndexError, ValueError, TypeError, StopIteration):
+            raise refused("its position does not exist in this dataset (a state of another mode, source "
+                          "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
         """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server, and
@@ -70,9 +89,12 @@ class Feed:
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = mixture = None
         members = ""
+        ended = False
         if packer is not None:
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
-        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture).encode(self.secret)
+            ended = isinstance(packer, CachedPacker) and packer.ended
+        return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
+                      ended).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -86,6 +108,8 @@ class Feed:
     def __next__(self) -> FeedItem:
         if self.epochs is not None and self.epoch >= self.epochs:
             raise StopIteration
+        if self.end_row is not None:  # the epoch of a cursor after its last step: it ends there
+            return self._ended(self.end_row)
         if self.packer is None:
             self.packer = self._open_epoch()
         rows = next(self.packer, None)
@@ -93,7 +117,11 @@ class Feed:
             return FeedItem(rows, self.epoch, self._cursor(self.epoch, self.packer), self.packer.row)
         if self.packer.row == 0:
             raise StopIteration  # nothing passed the filters: end rather than spin on empty epochs
-        ended, end_row = self.epoch, self.packer.row
-        self.epoch, self.packer, self.members = self.epoch + 1, None, None  # the next epoch: the data as it is then
+        return self._ended(self.packer.row)
+
+    def _ended(self, end_row: int) -> FeedItem:
+        """The end of the open epoch, at `end_row`; the next epoch opens over the data as it is then."""
+        ended = self.epoch
+        self.epoch, self.packer, self.members, self.end_row = self.epoch + 1, None, None, None
         self.plan = self.dataset.mixtures.plan(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

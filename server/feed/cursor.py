@@ -3,13 +3,14 @@
 Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch", "seq_len",
 "state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
 fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py), "mix": the mixture the
-epoch is served under (inside an epoch; mixtures.py)}. The tag is an HMAC-SHA256
-keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version and the body,
-which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was made for, on
-any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last stage's state
-schema (`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the schemas of the
-stages before them, each defined beside its stage), checked as a whole before any stage sees it; its JSON is each
-schema's fields in order, a source's `offset` left out when it has none.
+epoch is served under (inside an epoch; mixtures.py), "src": the source list's fingerprint (inside an epoch the
+sources may not change), "end": true after the epoch's last step (cached mode)}. The tag is
+an HMAC-SHA256 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version
+and the body, which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was
+made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last
+stage's state schema (`CachedState` in cached/packer.py, `StreamState` in streaming/packer.py, which compose the
+schemas of the stages before them, each defined beside its stage), checked as a whole before any stage sees it; its
+JSON is each schema's fields in order, a source's `offset` left out when it has none.
 
 The position is global (see deal.py): the global row where the next window of the epoch starts, with, in
 streaming mode, the stream's state at that row. It names no rank, so any rank's cursor after a step resumes
@@ -52,6 +53,8 @@ class _Body(BaseModel):
     state: PackerState | None
     members: Annotated[str, Field(max_length=64)] = ""
     mix: list[MixBody] | None = Field(default=None, min_length=1, max_length=1024)
+    src: Annotated[str, Field(max_length=64)] = ""
+    end: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Cursor:
     state: PackerState | None  # None: the start of `epoch`
     members: str = ""  # the epoch's membership (the content fingerprint of its sources' files); "" before it starts
     mixture: list[MixBody] | None = None  # `epoch`'s plan (mixtures.py; None at its start: the configured one)
+    sources: str = ""  # the source list it was made under (its kinds and filter overrides)
+    ended: bool = False  # the position is after the epoch's last step (cached mode knows it)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
@@ -73,6 +78,10 @@ class Cursor:
             body["members"] = self.members
         if self.mixture is not None:
             body["mix"] = [part.model_dump(mode="json", exclude_none=True) for part in self.mixture]
+        if self.sources:
+            body["src"] = self.sources
+        if self.ended:
+            body["end"] = True
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
         return bytes([VERSION]) + _tag(secret, payload) + payload
 
@@ -109,7 +118,7 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     tag, payload = data[1:1 + TAG_BYTES], data[1 + TAG_BYTES:]
     raw = _body(payload)
     if isinstance(raw, dict) and raw.get("fp") not in (None, fingerprint):
-        raise refused("made for another dataset configuration (sources, filters, order or tokenizer changed); "
+        raise refused("made for another dataset configuration (filters, order or tokenizer changed); "
                       "start without a cursor or restore the old configuration")
     if not hmac.compare_digest(tag, _tag(secret, payload)):
         raise refused("not made by this server (its signature does not match: corrupt, edited, or made with "
@@ -121,4 +130,5 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
     if body.seq_len != seq_len:
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
-    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members, body.mix)
+    return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members, body.mix, body.src,
+                  body.end)

@@ -1,12 +1,14 @@
 """A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, and the
 plan of an epoch resumed under another mixture than it started with.
 
-An epoch starts under its configured mixture. A cursor carries its epoch's plan: the mixtures the epoch was
-served under, each with the position it applies from (a global row in cached mode, a shuffle block in streaming
-mode). A resume under a configuration whose mixture for the epoch differs appends that mixture to the plan, from
-the resumed position (cached: the resumed row; streaming: the next shuffle block not yet begun), so the epoch's
-rows before it are the ones already served and the rest follows the new mixture; the packers make sure nothing
-served is served again while unserved samples of its source remain (cached/segments.py, streaming/block_order.py).
+An epoch's plan is its mixtures, each with the position it applies from (a global row in cached mode, a shuffle
+block in streaming mode): configured, the epoch's mixture at row 0 and one more at each row where a phase starts
+inside the epoch (cached mode only, config.py). A cursor carries its epoch's plan. A resume under a configuration
+whose plan for the epoch differs from the resumed position on keeps the carried plan before that position and
+takes the configured one from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so
+the epoch's rows before it are the ones already served and the rest follows the new configuration; the packers
+make sure nothing served is served again while unserved samples of its source remain (cached/segments.py,
+streaming/block_order.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DatasetSection
 from ..errors import ConfigError, Refused
-from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, weights_at
+from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, rows_inside, weights_at
 from ..pipeline.stage import Count
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,16 @@ class Mixtures:
         if unknown:
             raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                               file=file, fix=f"use the exact strings from dataset.names: {specs}")
+        for key in ("dataset_weights", "task_weights"):
+            setting = getattr(section, key)
+            inside = [phase for phase in setting if phase.from_row] if isinstance(setting, list) else []
+            if inside and not section.use_cache:
+                raise ConfigError(
+                    f"a phase from row {inside[0].from_row} of epoch {inside[0].from_epoch}: streaming mode cannot "
+                    "change the mixture at a global row (a row's place is known only once the samples before it "
+                    "are tokenized)", key=f"dataset.{key}", file=file,
+                    fix="set dataset.use_cache: true (cached mode changes it at the exact row), or start the phase "
+                        "at an epoch (from_row: 0)")
         self.specs = specs
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
@@ -88,10 +100,10 @@ class Mixtures:
         """A stream opened `epoch`."""
         self.latest_epoch = max(self.latest_epoch, epoch)
 
-    def at(self, epoch: int) -> Mixture:
-        """The configured mixture of `epoch`."""
-        weights = weights_at(self.dataset_weights, epoch) or {}
-        tasks = weights_at(self.task_weights, epoch)
+    def at(self, epoch: int, row: int = 0) -> Mixture:
+        """The configured mixture at global row `row` of `epoch`."""
+        weights = weights_at(self.dataset_weights, epoch, row) or {}
+        tasks = weights_at(self.task_weights, epoch, row)
         return Mixture(tuple(weights.get(spec, DEFAULT_WEIGHT) for spec in self.specs),
                        None if tasks is None else tuple(sorted(tasks.items())))
 
@@ -101,21 +113,31 @@ class Mixtures:
                    if e is not None]
         return min(changes) if changes else None
 
+    def rows_inside(self, epoch: int) -> list[int]:
+        """The global rows after row 0 of `epoch` where a phase of either schedule starts (ascending)."""
+        return sorted(set(rows_inside(self.dataset_weights, epoch)) | set(rows_inside(self.task_weights, epoch)))
+
     def plan(self, epoch: int) -> Plan:
-        """The plan of `epoch` from its start: its configured mixture throughout."""
-        return ((0, self.at(epoch)),)
+        """The configured plan of `epoch`: its mixture at row 0, and each one a phase starts inside it, from its
+        row."""
+        plan: Plan = ((0, self.at(epoch)),)
+        for row in self.rows_inside(epoch):
+            mixture = self.at(epoch, row)
+            if mixture != plan[-1][1]:
+                plan += ((row, mixture),)
+        return plan
 
     def body(self, plan: Plan) -> list[MixBody]:
         """The plan as a cursor carries it."""
         return [mixture.body(start) for start, mixture in plan]
 
     def resumed(self, epoch: int, carried: list[MixBody] | None, at: int, unit: str) -> Plan:
-        """The plan of a cursor inside `epoch` resumed at position `at`: the one it carries, and the configured
-        mixture from `at` on when it differs (logged and kept for GetStats); FAILED_PRECONDITION when it names
-        a source this dataset lacks or its positions do not rise from 0."""
-        configured = self.at(epoch)
+        """The plan of a cursor inside `epoch` resumed at position `at`: the one it carries before `at`, and the
+        configured one from `at` on when it differs (logged and kept for GetStats); FAILED_PRECONDITION when it
+        names a source this dataset lacks or its positions do not rise from 0."""
+        configured = self.plan(epoch)
         if not carried:
-            return self.plan(epoch)
+            return configured
         plan: Plan = ()
         for body in carried:
             if len(body.w) != len(self.specs):
@@ -125,15 +147,26 @@ class Mixtures:
                 raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
             plan += ((body.at, Mixture(tuple(body.w),
                                        None if body.t is None else tuple(sorted(body.t.items())))),)
-        if plan[-1][1] == configured:
+        served = tuple((start, mixture) for start, mixture in plan if start <= at)
+        old, new = plan_at(plan, at), plan_at(configured, at)
+        if new != old:
+            served = (*served[:-1], (at, new)) if served[-1][0] == at else (*served, (at, new))
+        resumed = served + tuple((start, mixture) for start, mixture in configured if start > at)
+        if resumed == plan:
             return plan
-        old = plan[-1][1]
-        plan = (*plan[:-1], (at, configured)) if plan[-1][0] == at else (*plan, (at, configured))
-        change = (f"epoch {epoch} from {unit} {at}: {old.describe(self.specs)} -> {configured.describe(self.specs)}"
+        later = "; ".join(f"{unit} {start}: {mixture.describe(self.specs)}" for start, mixture in resumed
+                          if start > at)
+        change = (f"epoch {epoch} from {unit} {at}: {old.describe(self.specs)} -> {new.describe(self.specs)}"
+                  + (f", then from {later}" if later else "") +
                   f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
-        with self._lock:  # the ranks of a job resume at once, each with this change
+        self.accepted(change, "mixture changed on resume")
+        return resumed
+
+    def accepted(self, change: str, what: str) -> None:
+        """Log a change accepted on resume and keep it for GetStats, once (the ranks of a job resume at once, each
+        with the same change)."""
+        with self._lock:
             if change in self.changes:
-                return plan
+                return
             self.changes = [*self.changes, change][-CHANGES_KEPT:]
-        log.info("mixture changed on resume: %s", change)
-        return plan
+        log.info("%s: %s", what, change)

@@ -105,13 +105,16 @@ class ServedDataset:
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
-        samples = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS), self.encoder.fingerprint)
         first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
         self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name)
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
-        # at its start (its membership, in the cursor): data that grows keeps every cursor
+        # at its start (its membership, in the cursor): data that grows keeps every cursor; nor the source list, which
+        # may change at an epoch boundary (a cursor inside an epoch holds `sources`, and resumes only under the same)
+        samples = _fingerprint(_without_paths(self.section, tuple(s for s in CONTENT_SETTINGS if s != "names")),
+                               self.encoder.fingerprint)
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
                                         self.config.pack, samples, ORDER_REVISION)
+        self.sources = _fingerprint(_without_paths(self.section, ("names",)))  # kinds and filter overrides
         fs = resolve(self.section.cache_dir or default_cache_dir())
         self.lifecycle = self._lifecycle(fs, self.memberships.current)
         self.layouts: EpochLayouts | None = None  # cached mode, once the store is open: the current membership's
@@ -331,11 +334,11 @@ class ServedDataset:
         plan = plan or self.mixtures.plan(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
             layouts = self.members_layouts(members)
-            offset, layout = (0, layouts.get(epoch, plan[0][1])) if len(plan) == 1 else \
-                layouts.segment(epoch, plan, seq_len)
+            (_, layout), *later = [(0, layouts.get(epoch, plan[0][1]))] if len(plan) == 1 else \
+                layouts.segments(epoch, plan, seq_len)
             cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
-                                  pad_id=self.facts.pad_id, remainder=section.remainder, offset=offset)
+                                  pad_id=self.facts.pad_id, remainder=section.remainder, later=later)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
         membership = self.memberships.of(members)

@@ -1,10 +1,12 @@
-"""Mixture schedules: `dataset_weights` and `task_weights` as a constant mapping or as phases over the run's epochs.
+"""Mixture schedules: `dataset_weights` and `task_weights` as a constant mapping or as phases over the run.
 
-A phase starts at `from_epoch` and holds its weights until the next phase starts; with `ramp_epochs: n` it goes
-there in n equal linear steps from the previous phase's weights (epoch from_epoch gets 1/n of the way, epoch
-from_epoch + n - 1 the phase's weights). A key a mapping leaves out weighs 1.0 (a source's default weight, and a
-task's single copy), so a ramp may bring a key in or out. An epoch's mixture is fixed for the whole epoch: every
-rank, layout and resume sees the same one (see served.Mixtures).
+A phase starts at global row `from_row` (default 0) of epoch `from_epoch` and holds its weights until the next
+phase starts; with `ramp_epochs: n` (a phase that starts at an epoch's row 0) it goes there in n equal linear
+steps from the previous phase's weights (epoch from_epoch gets 1/n of the way, epoch from_epoch + n - 1 the
+phase's weights). A key a mapping leaves out weighs 1.0 (a source's default weight, and a task's single copy), so
+a ramp may bring a key in or out. A global row is a position every rank, layout, world size and resume shares (a
+step is `world_size * batch_size` of them), so a phase that starts inside an epoch changes the mixture at the same
+row for all of them (cached mode: feed/mixtures.py, cached/segments.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Phase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     from_epoch: int = Field(ge=0)
+    from_row: int = Field(default=0, ge=0, lt=1 << 53)
     weights: dict[str, Weight]
     ramp_epochs: int = Field(default=0, ge=0)
 
@@ -47,25 +50,42 @@ def as_phases(value: Any) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         where = "phase " + ".".join(str(part) for part in first["loc"])
-        raise ValueError(f"{where}: {first['msg']} (a phase is {{from_epoch, weights, ramp_epochs}})") from None
+        raise ValueError(f"{where}: {first['msg']} (a phase is {{from_epoch, from_row, weights, "
+                         "ramp_epochs})") from None
 
 
 def check_phases(phases: list[Phase]) -> list[Phase]:
-    """The phases, if they start at epoch 0, rise strictly, and ramp only into a later phase; ValueError
-    otherwise."""
+    """The phases, if they start at epoch 0 row 0, rise strictly, ramp only from an epoch's start and into a later
+    phase; ValueError otherwise."""
     if not phases:
         raise ValueError("a schedule needs at least one phase (or give a plain mapping)")
-    if phases[0].from_epoch != 0:
-        raise ValueError(f"the first phase must have from_epoch: 0, not {phases[0].from_epoch}")
+    if (phases[0].from_epoch, phases[0].from_row) != (0, 0):
+        raise ValueError(f"the first phase must have from_epoch: 0 (and from_row: 0), not {_at(phases[0])}")
     if phases[0].ramp_epochs:
         raise ValueError("the first phase has nothing to ramp from: remove its ramp_epochs")
+    for phase in phases:
+        if phase.ramp_epochs and phase.from_row:
+            raise ValueError(f"the phase from {_at(phase)} ramps by whole epochs: give it from_row: 0, or no "
+                             "ramp_epochs (a step change at that row)")
     for before, after in pairwise(phases):
-        if after.from_epoch <= before.from_epoch:
-            raise ValueError(f"phases must rise strictly by from_epoch ({before.from_epoch} then {after.from_epoch})")
+        if (after.from_epoch, after.from_row) <= (before.from_epoch, before.from_row):
+            raise ValueError(f"phases must rise strictly by (from_epoch, from_row) ({_at(before)} then {_at(after)})")
         if before.from_epoch + before.ramp_epochs > after.from_epoch:
             raise ValueError(f"the ramp of the phase from epoch {before.from_epoch} runs past epoch "
                              f"{after.from_epoch}, where the next phase starts")
     return phases
+
+
+def _at(phase: Phase) -> str:
+    """Where a phase starts, for people: `epoch 2` or `epoch 2 row 4096`."""
+    return f"epoch {phase.from_epoch}" + (f" row {phase.from_row}" if phase.from_row else "")
+
+
+def rows_inside(setting: Weights | None, epoch: int) -> list[int]:
+    """The rows after row 0 of `epoch` where a phase starts (ascending)."""
+    if setting is None or isinstance(setting, dict):
+        return []
+    return [phase.from_row for phase in setting if phase.from_epoch == epoch and phase.from_row]
 
 
 def keys(setting: Weights | None) -> set[str]:
@@ -77,11 +97,11 @@ def keys(setting: Weights | None) -> set[str]:
     return {key for phase in setting for key in phase.weights}
 
 
-def weights_at(setting: Weights | None, epoch: int) -> dict[str, float] | None:
-    """The weights in force in `epoch` (None: no setting, every weight 1.0)."""
+def weights_at(setting: Weights | None, epoch: int, row: int = 0) -> dict[str, float] | None:
+    """The weights in force at global row `row` of `epoch` (None: no setting, every weight 1.0)."""
     if setting is None or isinstance(setting, dict):
         return None if setting is None else dict(setting)
-    index = phase_index(setting, epoch)
+    index = phase_index(setting, epoch, row)
     phase = setting[index]
     done = epoch - phase.from_epoch + 1
     if index == 0 or not phase.ramp_epochs or done >= phase.ramp_epochs:
@@ -93,18 +113,19 @@ def weights_at(setting: Weights | None, epoch: int) -> dict[str, float] | None:
             for key in sorted(set(start) | set(phase.weights))}
 
 
-def phase_index(phases: list[Phase], epoch: int) -> int:
-    """The index of the phase `epoch` is in."""
-    return max(i for i, phase in enumerate(phases) if phase.from_epoch <= epoch)
+def phase_index(phases: list[Phase], epoch: int, row: int = 0) -> int:
+    """The index of the phase row `row` of `epoch` is in."""
+    return max(i for i, phase in enumerate(phases) if (phase.from_epoch, phase.from_row) <= (epoch, row))
 
 
 def next_change(setting: Weights | None, epoch: int) -> int | None:
-    """The first epoch after `epoch` whose weights differ from `epoch`'s (None: none does)."""
+    """The first epoch after `epoch` whose weights at its start differ from those at `epoch`'s last row, or in which
+    a phase starts inside (None: none)."""
     if setting is None or isinstance(setting, dict):
         return None
-    now = weights_at(setting, epoch)
+    now = weights_at(setting, epoch, max([0, *rows_inside(setting, epoch)]))
     last = max(phase.from_epoch + phase.ramp_epochs for phase in setting)
     for later in range(epoch + 1, last + 1):
-        if weights_at(setting, later) != now:
+        if weights_at(setting, later) != now or rows_inside(setting, later):
             return later
     return None

@@ -16,3 +16,15 @@ class Rows:
     row_segments: np.ndarray | None  # packed: segments per row
     loss_mask: np.ndarray | None  # [rows, seq_len] uint8, 1 = trained on; with completion_only
     tokens: int  # real tokens
+
+
+def joined(parts: list[Rows]) -> Rows:
+    """One batch of the rows of `parts`, in order (all of one kind: packed or padded, with or without masks)."""
+    if len(parts) == 1:
+        return parts[0]
+    segments = [p.row_segments for p in parts]
+    masks = [p.loss_mask for p in parts]
+    return Rows(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.lengths for p in parts]),
+                None if segments[0] is None else np.concatenate(segments),  # type: ignore[arg-type]
+                None if masks[0] is None else np.concatenate(masks),  # type: ignore[arg-type]
+                sum(p.tokens for p in parts))

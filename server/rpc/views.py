@@ -36,13 +36,14 @@ def epoch_members(memberships: Memberships) -> list[feed_pb2.EpochMembers]:
 
 
 def mixture_stats(dataset: ServedDataset, epoch: int) -> feed_pb2.MixtureStats:
-    """The configured mixture of `epoch`, the schedule's next change, and the changes accepted on resume."""
+    """The configured mixture of `epoch` (at its row 0), the rows inside it where a phase starts, the schedule's next
+    change, and the changes accepted on resume."""
     mixtures = dataset.mixtures
     mixture, change = mixtures.at(epoch), mixtures.next_change(epoch)
     return feed_pb2.MixtureStats(epoch=epoch, dataset_weights=dict(zip(dataset.specs, mixture.weights, strict=True)),
                                  task_weights=mixture.task_weights or {},
                                  next_change_epoch=-1 if change is None else change,
-                                 accepted_changes=mixtures.changes)
+                                 accepted_changes=mixtures.changes, change_rows=mixtures.rows_inside(epoch))
 
 
 def source_stats(counters: SourceCounters) -> feed_pb2.SourceStats:

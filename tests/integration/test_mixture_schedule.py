@@ -87,3 +87,34 @@ def test_a_two_phase_schedule_resumed_mid_phase_two_on_another_world_size(tmp_pa
     assert f"mixture of epoch 1: {BROAD}=1 {CURATED}=0.25; tasks: each once; next change: none" in text
     assert f"accepted on resume: {accepted}" in text
     assert any("mixture changed on resume" in line for line in changed.output)
+
+
+INSIDE = [{"from_epoch": 0, "weights": {BROAD: 3.0, CURATED: 1.0}},
+          {"from_epoch": 0, "from_row": 100, "weights": {BROAD: 0.5, CURATED: 4.0}}]  # row 100: step 4, row 4
+
+
+def test_a_phase_from_a_row_inside_the_epoch_resumed_after_it_on_another_world_size(tmp_path: Path,
+                                                                                    start_server) -> None:
+    """Cached mode: phase 2 starts at global row 100, inside the fifth global batch of 24 rows. Its rows before 100
+    are phase 1's (a constant phase-1 config serves the same), the rows from 100 on are not; stopped on 4 ranks
+    after step 6 and resumed on 3, the run is the uninterrupted one batch for batch; `stats` shows the row."""
+    constant = start_server(config(tmp_path, True, INSIDE[0]["weights"], "phase_one.yaml"))
+    phase_one, _ = read(constant.target, 4, 8)
+    constant.stop()
+    server = start_server(config(tmp_path, True, INSIDE, "inside.yaml"))
+    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert (f"mixture of epoch 0: {BROAD}=3 {CURATED}=1; tasks: each once; changes inside it at rows 100; next "
+            "change: none") in " ".join(table.stdout.split())  # epoch 1 goes on with phase 2's weights
+    uninterrupted, _ = read(server.target, 4, None)
+    rows = [row for batch in uninterrupted[:8] for row in batch]
+    assert rows[:100] == [row for batch in phase_one for row in batch][:100]
+    assert not set(rows[100:192]) & set(rows[:100])  # nothing of phase 1 again
+    assert rows[100:192] != [row for batch in phase_one for row in batch][100:]
+    first, four = read(server.target, 4, 6)
+    second, _ = read(server.target, 3, None, four)
+    assert first + second == uninterrupted
+    stats = mixture(server.target)
+    assert (stats.epoch, list(stats.change_rows), dict(stats.dataset_weights)) == \
+        (1, [], {BROAD: 0.5, CURATED: 4.0})  # the phase holds on in epoch 1

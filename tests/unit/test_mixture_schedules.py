@@ -224,8 +224,9 @@ def test_a_new_mixture_is_accepted_on_resume_but_other_filters_are_refused(tmp_p
         decode_cursor(item.cursor, fingerprint=filtered.fingerprint, seq_len=SEQ_LEN)
     fewer = make_dataset(tmp_path, names[:1], runtime, cached=False, pack=True, dataset_weights=None,
                          task_weights=None)
-    with pytest.raises(Refused, match="another dataset configuration"):
-        decode_cursor(item.cursor, fingerprint=fewer.fingerprint, seq_len=SEQ_LEN)
+    inside = decode_cursor(item.cursor, fingerprint=fewer.fingerprint, seq_len=SEQ_LEN)  # sources: at epoch ends
+    with pytest.raises(Refused, match="sources change only at an epoch boundary"):
+        Feed(fewer, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=inside)
 
 
 @pytest.mark.parametrize("pack", [True, False])
