@@ -36,12 +36,19 @@ settings.load_profile("suite")
 # The test files that take longest, in that order, run first: pytest-xdist hands out whole files in collection
 # order (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once on the two workers and the short
 # ones fill in at the end, and the workers finish together. Only an order: a name missing here runs in its place.
-LONGEST_FIRST = ("integration/test_cache.py", "integration/test_examples.py", "integration/test_examples_ranks.py",
+LONGEST_FIRST = ("integration/test_loader_workers.py",  # first in its worker: see the note below
+                 "integration/test_cache.py", "integration/test_examples.py", "integration/test_examples_ranks.py",
                  "integration/test_ray_build.py", "integration/test_examples_lightning.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Move the LONGEST_FIRST files to the front, keeping every other test in its place."""
+    """Move the LONGEST_FIRST files to the front, keeping every other test in its place.
+
+    test_loader_workers.py forks DataLoader workers that open gRPC channels: gRPC does not survive a fork taken
+    while other threads of the process are inside its calls (a child then waits for ever on a lock copied held), and
+    some files leave client streams mid-call until their process ends (test_lifecycle.py's dead servers). So it runs
+    first on its worker, from a process no earlier test has used gRPC in, as a trainer's process that forks its
+    loader's workers is."""
     tests = Path(__file__).parent
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
