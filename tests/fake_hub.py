@@ -34,6 +34,7 @@ class FakeHub:
 
     repos: dict[str, Path]
     reads: list[Read] = field(default_factory=list)
+    denied: set[str] = field(default_factory=set)  # repo paths (`owner/name/file`) whose bytes a GET is refused (403)
 
     def __post_init__(self) -> None:
         hub = self
@@ -163,6 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner.log(Read(self.command, f"{unquote(name)}/{unquote(rel)}", ranged))
         headers = {"ETag": f'"{_entry(root, path)["oid"]}"', "X-Repo-Commit": SHA, "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
+        if self.command == "GET" and f"{unquote(name)}/{unquote(rel)}" in self.owner.denied:
+            return self._send(403, b'{"error": "Access to this file is restricted"}', {"X-Error-Code": "GatedRepo"})
         if ranged and self.command == "GET":
             first, _, last = ranged.removeprefix("bytes=").partition("-")
             start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)

@@ -5,6 +5,7 @@ epochs as the same files on disk, fetching no file they do not need, the first b
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,19 @@ def test_an_hf_uri_glob_reads_the_files_it_names(hub: FakeHub, repos: dict[str, 
     one = open_source("parquet:hf://datasets/acme/tiny/data/train-00002-of-00003.parquet", 0, base_dir=tmp_path)
     one.set_state(one.part_starts(0, 50)[3])  # the last row group only
     assert [r.value for r in one] == [{k: v for k, v in code(i).items() if k != "stars"} for i in range(550, 600)]
+
+
+def test_a_file_the_hub_refuses_is_a_bad_file_at_once_not_an_outage(
+        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A gated file (HTTP 403) is the Hub's answer, not an outage: before, it was retried for the whole storage
+    window and then raised as unavailable, which a client takes as a reason to reconnect for ever."""
+    monkeypatch.setenv("SIGIL_FEED_STORAGE_RETRY_S", "30")
+    hub.denied.add("acme/lines/train.jsonl")
+    started = time.monotonic()
+    records = list(open_source("local:hf://datasets/acme/lines/train.jsonl", 0, base_dir=tmp_path))
+    assert time.monotonic() - started < 10
+    assert [r.error for r in records] == ["bad_file"]
+    assert "HTTP 403" in caplog.text
 
 
 def _sha256(path: Path) -> str:

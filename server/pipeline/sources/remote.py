@@ -107,10 +107,24 @@ def retrying(what: str, call: Callable[[], T], retries: Retries | None = None) -
         except (*PERMANENT, RemoteUnavailable):  # RemoteUnavailable: a verdict already (RemoteChanged)
             raise
         except transient as err:
+            refused = _refusal(what, err)
+            if refused is not None:
+                raise refused from err
             if not retries.wait():
                 raise RemoteUnavailable(f"cannot read {what}: {type(err).__name__}: {err}; "
                                         f"{retries.describe()}") from err
             log.warning("reading %s failed (%s: %s); trying again", what, type(err).__name__, err)
+
+
+def _refusal(what: str, err: BaseException) -> OSError | None:
+    """A transport error that is the server's answer, not an outage: an HTTP 4xx response (the Hub's gated or
+    missing file, a bad token) other than a timeout (408) or throttling (429), as the permanent error it means
+    (FileNotFoundError for 404 and 410, else PermissionError); None for anything worth trying again."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if not isinstance(status, int) or not 400 <= status < 500 or status in (408, 429):
+        return None
+    kind = FileNotFoundError if status in (404, 410) else PermissionError
+    return kind(f"cannot read {what}: the server answered HTTP {status} ({type(err).__name__})")
 
 
 @functools.lru_cache(maxsize=1)
