@@ -55,7 +55,7 @@ def _message_error(message: object) -> str | None:
             return None
     if not isinstance(content, str):
         return "chat_bad_content"
-    return None if _encodable(content) else "bad_utf8"
+    return None if encodable(content) else "bad_utf8"
 
 
 def conversation_error(messages: object, tools: object) -> str | None:
@@ -93,7 +93,7 @@ def complement(spans: list[tuple[int, int]], length: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Whether text is valid UTF-8 once encoded (no lone surrogate)."""
     if text.isascii():
         return True
@@ -152,7 +152,7 @@ class ChatRenderer:
             return "chat_template_error"
         if not any(end > start for start, end in trained):
             return "chat_no_assistant"
-        if not _encodable(text):  # a lone surrogate in what content does not hold: a tool call, `tools`
+        if not encodable(text):  # a lone surrogate in what content does not hold: a tool call, `tools`
             return "bad_utf8"
         return text, complement(sorted(trained), len(text))
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .chat import MessagesFormat
+from .chat import MessagesFormat, encodable
 from .sources.base import RawRecord
 
 PAIR_SEPARATOR = "\n\n"
@@ -52,13 +52,7 @@ def _text_error(item: object) -> str | None:
     a lone surrogate, as JSON's escaped "\\ud800" or undecodable Arrow bytes give), else None."""
     if not isinstance(item, str):
         return "bad_type"
-    if item.isascii():
-        return None
-    try:
-        item.encode()
-    except UnicodeEncodeError:
-        return "bad_utf8"
-    return None
+    return None if encodable(item) else "bad_utf8"
 
 
 def normalise(record: RawRecord, pair_format: ChatFormat = plain_pair,
