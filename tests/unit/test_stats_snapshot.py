@@ -23,6 +23,7 @@ from sigil_feed.server.rpc.credits import Credits
 from sigil_feed.server.rpc.metrics import FeedCollector, RpcStatuses
 from sigil_feed.server.rpc.service import DataFeedService
 from sigil_feed.server.runtime import Runtime
+from sigil_feed.server.streaming.packer import Packer
 from tests.conftest import TOKENIZER_DIR, rust_pair
 from tests.unit.streaming_fixtures import encoder
 
@@ -47,7 +48,14 @@ def datasets(tmp_path_factory: pytest.TempPathFactory, runtime: Runtime) -> dict
         for item in [next(feed) for _ in range(3)]:
             if item.rows is not None:
                 dataset.throughput.add(item.rows.tokens)
+        settle(feed)
     return out
+
+
+def settle(feed: Feed) -> None:
+    """Wait for a streaming feed's read-ahead of its next block, so that the counters compared stop moving."""
+    if isinstance(feed.packer, Packer) and feed.packer.stream.blocks.ahead is not None:
+        feed.packer.stream.blocks.ahead.exception()
 
 
 @pytest.fixture
