@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def _roots(args: argparse.Namespace) -> list[StoreFS]:
     """The store locations to look at: --cache-dir, or every dataset's in --config, or the default."""
-    from ..config import cache_home, load_config
+    from ..config import load_config
+    from ..paths import cache_home
 
     if args.cache_dir:
         locations = [args.cache_dir]

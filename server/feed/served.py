@@ -23,9 +23,10 @@ from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
-from ..config import DatasetConfig, DatasetSection, FeedConfig, cache_home
+from ..config import DatasetConfig, DatasetSection, FeedConfig
 from ..errors import Refused, SourceError
 from ..observe.throughput import Throughput
+from ..paths import cache_home
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.chat import MessagesFormat
 from ..pipeline.curate import CuratedSource, CurateRules

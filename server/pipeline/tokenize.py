@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import cache_home
 from ..errors import ConfigError
+from ..paths import cache_home
 from ..rows.spans import MaskedSpans, loss_mask
 from ..store.format import TokenFacts
 from .chat import ChatRenderer

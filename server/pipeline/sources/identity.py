@@ -20,7 +20,7 @@ from pathlib import Path
 
 import xxhash
 
-from ...config import cache_home
+from ...paths import cache_home
 
 log = logging.getLogger(__name__)
 
