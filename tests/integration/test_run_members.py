@@ -16,7 +16,7 @@ import pytest
 
 from sigil_feed.client import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
+from tests.conftest import rust_pair, write_config, write_jsonl
 
 PAIRS = 12  # per file
 RUN = "job-4242"
@@ -74,8 +74,8 @@ def test_sidecars_of_a_run_serve_one_membership_per_epoch_when_a_file_lands_betw
     sidecar_b = start_server(sidecar_config(tmp_path, "b", cache_dir, cached=cached))
     served: list[dict[int, Counter[str]]] = [{}, {}]
     options = {"batch_size": 2, "world_size": WORLD, "prefetch": 1, "run_id": RUN, "connect_deadline_s": 120}
-    with (BatchStream(sidecar_a.target, rank=0, **options) as rank_a,  # type: ignore[arg-type]
-          BatchStream(sidecar_b.target, rank=1, **options) as rank_b):  # type: ignore[arg-type]
+    with (BatchStream(sidecar_a.target, rank=0, **options) as rank_a,
+          BatchStream(sidecar_b.target, rank=1, **options) as rank_b):
         read(rank_b, served[1], batches=2)  # B is early in epoch 0 (6 steps): its server has not opened epoch 1
         read(rank_a, served[0], until_epoch=1)  # A has opened epoch 1 (and recorded its files for the run)
         pairs(data, 1)  # lands now; p1 sorts between the others, so their indices move
