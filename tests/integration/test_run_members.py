@@ -91,6 +91,31 @@ def test_sidecars_of_a_run_serve_one_membership_per_epoch_when_a_file_lands_betw
     assert "epoch 2 serves" in said
 
 
+def test_a_sidecar_that_starts_after_a_file_landed_serves_epoch_0_as_the_run_began_it(
+        tmp_path: Path, start_server) -> None:
+    """Epoch 0 too: B starts (and builds its store of the three files) after A opened epoch 0 over two; B serves
+    A's two in epoch 0, and both serve the three from epoch 1 on."""
+    data = tmp_path / "data"
+    pairs(data, 0)
+    pairs(data, 2)
+    cache_dir = str(tmp_path / "cache")
+    sidecar_a = start_server(sidecar_config(tmp_path, "a", cache_dir, cached=True))
+    served: list[dict[int, Counter[str]]] = [{}, {}]
+    options = {"batch_size": 2, "world_size": WORLD, "prefetch": 1, "run_id": RUN, "connect_deadline_s": 120}
+    with BatchStream(sidecar_a.target, rank=0, **options) as rank_a:
+        read(rank_a, served[0], batches=1)
+        pairs(data, 1)
+        sidecar_b = start_server(sidecar_config(tmp_path, "b", cache_dir, cached=True))
+        with BatchStream(sidecar_b.target, rank=1, **options) as rank_b:
+            read(rank_b, served[1])
+        read(rank_a, served[0])
+    job = [served[0].get(epoch, Counter()) + served[1].get(epoch, Counter()) for epoch in range(3)]
+    for epoch, expected in enumerate([2 * PAIRS, 3 * PAIRS, 3 * PAIRS]):
+        assert len(job[epoch]) == expected and set(job[epoch].values()) == {1}, (epoch, job[epoch].most_common(3))
+    said = "".join(sidecar_b.output)
+    assert "epoch 0 serves the files the run's first sidecar to open it recorded ([2] files per source" in said
+
+
 def test_a_run_record_names_the_run_and_an_old_client_keeps_per_sidecar_membership(
         tmp_path: Path, start_server) -> None:
     """Streams without a run id (an older client, or none in the environment) write no record; streams with one
