@@ -179,6 +179,9 @@ class RunMembers:
                 log.info("dataset %s: deleting the records of run folder %s (idle for %.0f days)", self.dataset,
                          folder, (time.time() - written) / 86400)
                 self.fs.fs.delete_dir(folder)
+                run = folder.rsplit("/", 1)[0]
+                if self.fs.is_local and not self.fs.listdir(run):  # no other dataset's records: the run is gone
+                    self.fs.fs.delete_dir(run)
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:

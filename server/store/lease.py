@@ -28,6 +28,9 @@ costs duplicate work, never a wrong store, since the manifest is the commit poin
 deterministic (each shard written whole). The same holds on an S3-compatible server that ignores conditional
 requests (AWS S3 and moto >= 5 honour them): there two builders may both build.
 
+The same slots, named otherwise (`slot(location, name)`), hold other records written once: a run's record of an
+epoch's files (feed/run_members.py).
+
 Use: `wait_or_build(location, build, ready)` returns once `ready()` (the manifest exists and is valid),
 calling `build(lease)` itself when it wins the lease and reporting the holder through `on_wait` while another
 process builds (`HolderInfo.describe()`: "waiting for build by HOST/PID"). Lower level: `Lease.try_acquire`,

@@ -104,7 +104,7 @@ def test_runs_idle_for_weeks_are_deleted_when_a_server_writes_its_first_record(t
     old = Path(record_path(fs, 0, "old-job"))
     os.utime(old, (time.time() - 15 * 86400, time.time() - 15 * 86400))
     records(fs).claim(RUN, 0, members(1))
-    assert not old.parent.exists() and Path(record_path(fs, 0, "recent-job")).exists()
+    assert not old.parent.parent.exists() and Path(record_path(fs, 0, "recent-job")).exists()
     assert records(fs).agreed(RUN, 0) == members(1)
 
 
