@@ -7,6 +7,9 @@ writes `<cache_dir>/runs/<run>/<dataset>/epoch-<e>.json` (the membership's conte
 identities) with an exclusive create (locally a hard link, on S3 a conditional put: store/lease.py's slots), and every
 other sidecar, and this one again after a restart, serves what that record says. `<dataset>` is a hash of the
 dataset's name, its cursor fingerprint and its source list, so another configuration never reads these records.
+A sidecar records a membership once it has readied it (cached mode: its store committed), so a record never names
+files no sidecar could serve; one that opened the epoch meanwhile over other files takes the record all the same
+(what it built serves a later epoch, or donates its shards).
 
 A record that cannot be read as one (not JSON, another schema, a fingerprint that does not match its identities) is
 logged and replaced by a compare-and-swap on the version read, so of sidecars that find it damaged one writes and the

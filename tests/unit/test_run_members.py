@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 
 from sigil_feed.client.dataset import default_run_id
+from sigil_feed.server.config import load_config
 from sigil_feed.server.errors import Unavailable
 from sigil_feed.server.feed.membership import Membership, Memberships
 from sigil_feed.server.feed.run_members import KEPT_EPOCHS, RunMembers, localize, run_folder
+from sigil_feed.server.feed.served import ServedDataset, open_datasets
+from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.fs import StoreFS, resolve
+from tests.conftest import rust_pair, write_config, write_jsonl
 from tests.unit.test_lease import race
 
 RUN = "job-17"
@@ -164,3 +168,40 @@ def test_the_run_id_comes_from_the_launcher(monkeypatch: pytest.MonkeyPatch) -> 
     assert default_run_id() == "llm-7b-sft"
     monkeypatch.setenv("SIGIL_FEED_RUN_ID", "mine")
     assert default_run_id() == "mine"
+
+
+def node(root: Path, folder: str, runtime: Runtime, *, cached: bool) -> ServedDataset:
+    """A node's dataset: its own copy of the data at its own path, the shared cache folder."""
+    config = write_config(root / f"{folder}.yaml", {"names": [f"local:{folder}/*.jsonl"], "use_cache": cached,
+                                                    "cache_dir": str(root / "cache")})
+    dataset = open_datasets(load_config(config), runtime)["default"]
+    dataset.prepare(show_bar=False)
+    return dataset
+
+
+def land(root: Path, folder: str, n: int) -> None:
+    write_jsonl(root / folder / f"p{n}.jsonl", [rust_pair(i) for i in range(10 * n, 10 * n + 10)])
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "streaming"])
+def test_a_sidecar_serves_the_recorded_files_at_its_own_paths_and_waits_for_one_it_does_not_see(
+        tmp_path: Path, runtime: Runtime, cached: bool) -> None:
+    for folder in ("a", "b"):
+        land(tmp_path, folder, 0)
+        land(tmp_path, folder, 2)
+    a, b = node(tmp_path, "a", runtime, cached=cached), node(tmp_path, "b", runtime, cached=cached)
+    first = a.memberships.of_epoch(0, RUN)
+    assert b.memberships.of_epoch(0, RUN).fingerprint == first.fingerprint  # the same content at other paths
+    land(tmp_path, "a", 1)  # node A sees a new file; node B does not yet
+    grown = a.memberships.of_epoch(1, RUN)
+    assert grown.counts == [3] and grown.fingerprint != first.fingerprint
+    if cached:  # A built and committed the grown store: B serves it without the file
+        assert b.memberships.of_epoch(1, RUN).fingerprint == grown.fingerprint
+        assert b.store is not None and b.store.manifest.fingerprint == grown.fingerprint
+        return
+    with pytest.raises(Unavailable, match=f"does not see 1 of them \\(first: {tmp_path / 'a' / 'p1.jsonl'}"):
+        b.memberships.of_epoch(1, RUN)
+    land(tmp_path, "b", 1)
+    served = b.memberships.of_epoch(1, RUN)
+    assert served.fingerprint == grown.fingerprint
+    assert served.files == [[str(tmp_path / "b" / f"p{n}.jsonl") for n in range(3)]]
