@@ -9,6 +9,7 @@ keys are logged and ignored, because the trainer may carry keys sigil-feed has n
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOURCES = ["ammarnasr/the-stack-rust-clean"]
 
+
+
+def cache_home() -> Path:
+    """Where sigil-feed keeps what it makes when no setting places it (token stores, digests, tokenizer
+    snapshots): `$SIGIL_FEED_CACHE`, else `~/.cache/sigil-feed`."""
+    return Path(os.environ.get("SIGIL_FEED_CACHE", Path.home() / ".cache" / "sigil-feed"))
 
 class SourceSpec(BaseModel):
     """One entry of `dataset.names`: a spec string and optional per-source settings."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
-from ..config import DatasetConfig, DatasetSection, FeedConfig
+from ..config import DatasetConfig, DatasetSection, FeedConfig, cache_home
 from ..errors import Refused, SourceError, Unavailable
 from ..observe.throughput import Throughput
 from ..pipeline.accounting import SourceCounters
@@ -83,11 +82,6 @@ class RanksWorkingSet:
         return self.needs.peak_bytes <= self.budget
 
 
-def default_cache_dir() -> Path:
-    """Where token stores live when `dataset.cache_dir` is not set."""
-    return Path(os.environ.get("SIGIL_FEED_CACHE", Path.home() / ".cache" / "sigil-feed"))
-
-
 class ServedDataset:
     """Everything the server knows about one dataset; opens a fresh stage chain per stream, on the pools and
     shard caches of `runtime`."""
@@ -115,7 +109,7 @@ class ServedDataset:
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
                                         self.config.pack, samples, ORDER_REVISION)
         self.sources = _fingerprint(_without_paths(self.section, ("names",)))  # kinds and filter overrides
-        fs = resolve(self.section.cache_dir or default_cache_dir())
+        fs = resolve(self.section.cache_dir or cache_home())
         runs = run_members(fs, dataset=self.name, key=dataset_key(self.name, self.fingerprint, self.sources),
                            sources=len(self.specs), make=self._membership)  # a job's sidecars agree on epochs' files
         self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name, runs=runs,
@@ -231,7 +225,7 @@ class ServedDataset:
     def shard_cache_dir(self) -> Path:
         """Where a remote store's shards are cached (a local store is read where it lies)."""
         configured = self.section.shard_cache_dir
-        return Path(configured).expanduser() if configured else default_cache_dir() / "shards"
+        return Path(configured).expanduser() if configured else cache_home() / "shards"
 
     def _shard_cache(self) -> ShardCache:
         return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
