@@ -145,7 +145,7 @@ class RunMembers:
         try:
             record = RunRecord.model_validate(json.loads(data))
         except (ValueError, ValidationError) as err:
-            return None, f"not a run record: {str(err).splitlines()[0]}"
+            return None, "not a run record: " + " ".join(line.strip() for line in str(err).splitlines()[:3])
         if (record.run, record.dataset, record.epoch) != (run, self.dataset, epoch):
             return None, f"it names run {record.run!r}, dataset {record.dataset!r}, epoch {record.epoch}"
         if len(record.files) != self.sources or len(record.identities) != self.sources:
