@@ -24,12 +24,13 @@ class FeedItem:
 
 class Feed:
     """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor (any rank's, of any world size,
-    made for the same seq_len) or at epoch 0."""
+    made for the same seq_len) or at epoch 0. `run`: the job's run id, under which its sidecars agree on each
+    epoch's files (membership.py; "": this server fixes them itself)."""
 
     def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
-                 seq_len: int, start: Cursor | None, secret: bytes = b"") -> None:
+                 seq_len: int, start: Cursor | None, secret: bytes = b"", run: str = "") -> None:
         dataset.wait_ready()
-        self.dataset, self.rank, self.world_size, self.secret = dataset, rank, world_size, secret
+        self.dataset, self.rank, self.world_size, self.secret, self.run = dataset, rank, world_size, secret, run
         self.batch_size, self.seq_len = batch_size, seq_len
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
@@ -78,9 +79,9 @@ class Feed:
                           "list or number of virtual ranks)") from None
 
     def _open_epoch(self) -> Packer | CachedPacker:
-        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server, and
-        under the epoch's mixture plan."""
-        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
+        """The epoch's packer, over the membership its cursor names, else the one the epoch has in this run (or on
+        this server), and under the epoch's mixture plan."""
+        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch, self.run).fingerprint
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
