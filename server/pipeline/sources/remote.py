@@ -1,8 +1,8 @@
 """Source files on object storage (`s3://`, `gs://`) and on the Hugging Face Hub (`hf://`), read in place.
 
 Every remote file is read through pyarrow.fs, the store's filesystem layer (see store/fs.py for the S3
-environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow): `RemoteFile` reads
-ranges at the positions asked for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and
+environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow), and listed through it (on
+S3 through boto3: listing.py, the ETags come with the listing). `RemoteFile` reads ranges at the positions asked for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and
 the column chunks of the row groups read), so nothing is fetched whole. A read that fails for a transient reason
 is tried again within the storage retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
 Credentials come from the standard environment (`AWS_*`, `HF_TOKEN`) and are never part of a path or a message.
@@ -33,7 +33,7 @@ from .listing import Listed, entry, files_under
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "s3a", "gs", "gcs", "hf")
-IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is taken
+IDENTITY_WORKERS = 16  # HEAD requests in flight while identities the listing did not give are taken
 HF_BLOCK_BYTES = 1 << 16  # what HfFileSystem fetches past a read (its default, 5 MB, would fetch far more)
 READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
 ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
