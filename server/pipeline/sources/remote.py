@@ -2,9 +2,10 @@
 
 Every remote file is read through pyarrow.fs, the store's filesystem layer (see store/fs.py for the S3
 environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow), and listed through it (on
-S3 through boto3: listing.py, the ETags come with the listing). `RemoteFile` reads ranges at the positions asked for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and
-the column chunks of the row groups read), so nothing is fetched whole. A read that fails for a transient reason
-is tried again within the storage retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
+S3 through boto3: listing.py, the ETags come with the listing). `RemoteFile` reads ranges at the positions asked
+for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and the column chunks of the row groups
+read), so nothing is fetched whole. A read that fails for a transient reason is tried again within the storage
+retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
 Credentials come from the standard environment (`AWS_*`, `HF_TOKEN`) and are never part of a path or a message.
 """
 
