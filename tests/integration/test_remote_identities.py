@@ -13,6 +13,7 @@ import pytest
 
 from bench.s3 import CountingProxy
 from sigil_feed.server.config import parse_config
+from sigil_feed.server.errors import SourceError
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.remote import RemoteChanged, object_identities
@@ -86,10 +87,22 @@ def test_a_build_of_remote_objects_takes_their_identities_once_per_epoch_opening
         assert listings(looked) == 1 and by_object(looked) == {}, looked
 
 
+def test_the_listing_gives_the_identities_a_head_request_gives_for_an_object_a_folder_and_a_glob(
+        tmp_path: Path, s3_bucket: str, proxy: CountingProxy) -> None:
+    for spec, files in (("data/p03.jsonl", 1), ("data", OBJECTS), ("**/p1*.jsonl", 2)):
+        proxy.taken()
+        source = open_source(f"local:{s3_bucket}/{spec}", 0, base_dir=tmp_path)
+        assert len(source.files) == files and source.identities is not None
+        assert by_object(proxy.taken()) == {}  # listed, nothing asked of each object
+        assert source.file_identities() == object_identities(source.files)
+    for spec in ("data/*.jsonl", "data/p03.jsonl"):
+        with pytest.raises(SourceError, match="no files found"):
+            open_source(f"local:s3://no-such-bucket-here/{spec}", 0, base_dir=tmp_path)
+
+
 def test_an_object_replaced_after_it_was_listed_is_never_read_as_the_listed_one(
         tmp_path: Path, s3_bucket: str, proxy: CountingProxy) -> None:
     source = open_source(f"local:{s3_bucket}/data/*.jsonl", 0, base_dir=tmp_path)
-    assert source.file_identities() == object_identities(source.files)  # the listing's are HEAD's
     put(f"{s3_bucket}/data/p00.jsonl", body(1000))  # the same size, another ETag
     with pytest.raises(RemoteChanged, match="replaced since it was listed"):
         next(source)
