@@ -32,6 +32,7 @@ from bench import (
     neighbour,
     plot,
     ray_build,
+    remote_identities,
     remote_sources,
     shard_cache,
     startup,
@@ -55,6 +56,7 @@ TARGETS = {"cached_vs_grpc_limit": ("B/s", ">= 0.4"), "streaming_vs_hf_tokenizer
            "epoch_pad_repeat_fraction": ("fraction of the epoch", "<= 1"),
            "epoch_drop_loss_fraction": ("fraction of the epoch", "<= 1"), "store_open_s": ("s", ""),
            "remote_first_batch_vs_local": ("s", "<= 2"), "remote_read_vs_local": ("MB/s", ""),
+           "remote_identify_listing_vs_head": ("s", ""),
            "incremental_build_10pct_vs_full": ("s", "<= 0.2"), "identity_warm_vs_cold_s": ("s", "")}
 STALL_DATASETS = ["default", "stream"]
 
@@ -166,6 +168,9 @@ def run_all(work: Work, mosaic_venv: Path) -> dict[str, Metric]:
         r.add(metric)
     for metric in r.guard("remote_", lambda: remote_sources.measure(
             megabytes=24 if work.quick else remote_sources.MB, rounds=2 if work.quick else 3)) or []:
+        r.add(metric)
+    for metric in r.guard("remote_identify_listing_vs_head", lambda: remote_identities.measure(
+            objects=500 if work.quick else remote_identities.OBJECTS, rounds=2 if work.quick else 3)) or []:
         r.add(metric)
     for metric in r.guard("incremental_build_10pct_vs_full", lambda: incremental_build.measure(work)) or []:
         r.add(metric)

@@ -68,7 +68,7 @@ class SourcePlan:
     open: Callable[[], Source]
     rules: CurateRules  # without task weights: copies are a serve-time decision
     shard_records: int  # raw records per part (the dataset setting)
-    identities: list[object] = field(default_factory=list)  # each file's content identity (Source.file_identities)
+    identities: list[object] = field(default_factory=list)  # each file's content identity, as the membership took it
     shard_key: str = ""  # what names its shards beside their input: the sample settings (default: the store's)
 
 
@@ -90,10 +90,11 @@ def source_parts(index: int, plan: SourcePlan, source: Source, fingerprint: str)
     source have the same content), never its path or index: data that moved keeps its shards, and a store of more
     files takes the shards of those it shares with another store (reuse.py). A file of one part keeps the name of a
     whole-file shard; the names of a file cut in several parts include `shard_records`, so a rerun with another
-    size never mistakes one part for another."""
+    size never mistakes one part for another. The identities are the plan's (the epoch's membership took them; a
+    plan without them asks the source)."""
     parts = []
     seen: dict[str, int] = {}
-    for file, content in enumerate(source.file_identities()):
+    for file, content in enumerate(plan.identities or source.file_identities()):
         key = json.dumps(content, default=str)
         same = seen[key] = seen.get(key, -1) + 1
         starts = source.part_starts(file, plan.shard_records)

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ class ServedDataset:
         self.throughput = Throughput()
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
-        first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
+        first = self._membership([list(p.files) for p in probes], [p.file_identities() for p in probes])
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor; nor the source list, which
         # may change at an epoch boundary (a cursor inside an epoch holds `sources`, and resumes only under the same)
@@ -154,7 +154,7 @@ class ServedDataset:
 
     def _lifecycle(self, fs: StoreFS, members: Membership) -> StoreLifecycle:
         return StoreLifecycle(self.name, fs, store_dir(fs, members.fingerprint), members.fingerprint,
-                              encoder=self.encoder, plans=partial(self._source_plans, members.files),
+                              encoder=self.encoder, plans=self._plans(members),
                               with_prompts=self.section.completion_only, shard_cache=self._shard_cache)
 
     def _membership(self, files: list[list[str]], identities: list[list[object]]) -> Membership:
@@ -176,7 +176,7 @@ class ServedDataset:
             except SourceError as err:
                 log.warning("dataset %s: %s; the source keeps the files it had", self.name, err)
                 continue
-            files[index], identities[index] = list(source.files), source.identity()
+            files[index], identities[index] = list(source.files), source.file_identities()
         return self._membership(files, identities)
 
     def _localize(self, recorded: Membership) -> Membership:
@@ -232,13 +232,15 @@ class ServedDataset:
         return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),
                                         any_slot=self.section.shard_cache_dir is None)
 
-    def _opener(self, index: int, files: list[str] | None) -> Callable[[], Source]:
+    def _opener(self, index: int, files: list[str] | None,
+                identities: list[object] | None = None) -> Callable[[], Source]:
         """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
-        files of a membership (None: those its path names now): a file deleted or added since is no reason for the
-        others to change their index (a deleted one reads as a bad file, counted)."""
+        files of a membership (None: those its path names now), with their identities if given (the membership's:
+        not taken again): a file deleted or added since is no reason for the others to change their index (a
+        deleted one reads as a bad file, counted)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
         return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
-                       files=files)
+                       files=files, identities=identities)
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
         """Cached mode: open (or build, or wait for) the token store, then lay out its served sequence."""
@@ -296,17 +298,25 @@ class ServedDataset:
         """Block until the dataset can serve (see StoreLifecycle.wait_ready)."""
         self.lifecycle.wait_ready()
 
-    def _source_plans(self, files: list[list[str]]) -> list[SourcePlan]:
+    def _plans(self, members: Membership) -> Callable[[], list[SourcePlan]]:
+        """The build plans of a membership for each build attempt: the first over its files' identities as its
+        listing took them (not taken again); a retry (after RemoteChanged: an object replaced since) takes them anew,
+        so its shards are named by what they hold."""
+        attempts = count()
+        return lambda: self._source_plans(members, fresh=next(attempts) > 0)
+
+    def _source_plans(self, members: Membership, *, fresh: bool) -> list[SourcePlan]:
         """What the store builder reads: every source over a membership's files with its rules, task weights left to
-        serve time."""
+        serve time, and their identities (`fresh`: taken anew)."""
         plans = []
         for index, spec in enumerate(self.section.names):
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(self.section.splits),
                                 task_weights=None, seed=0, strict=self.section.on_bad_record == "fail",
                                 pair_format=self._pair_format(), messages_format=self.encoder.format_messages)
-            source = self._opener(index, files[index])()
-            plans.append(SourcePlan(spec.name, list(source.files), self._opener(index, files[index]), rules,
-                                    self.section.shard_records, source.file_identities(), self._shard_key(index)))
+            files = members.files[index]
+            identities = self._opener(index, files)().file_identities() if fresh else members.identities[index]
+            plans.append(SourcePlan(spec.name, list(files), self._opener(index, files, identities), rules,
+                                    self.section.shard_records, identities, self._shard_key(index)))
         return plans
 
     def _shard_key(self, index: int) -> str:

@@ -51,7 +51,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlparse
@@ -59,6 +58,7 @@ from urllib.parse import urlparse
 import xxhash
 
 from ..errors import ConfigError, FeedError
+from .fs import s3_client
 from .owner import HEARTBEAT_S, STALE_AFTER_S, Owner, new_owner, owner_alive, this_machine
 
 log = logging.getLogger(__name__)
@@ -159,22 +159,11 @@ class LocalSlot:
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409"}
 
 
-@cache
-def _s3_client(endpoint: str | None, region: str | None, key_id: str | None) -> Any:
-    """One thread-safe boto3 S3 client per environment (key_id only tells environments apart: boto3 reads the
-    credentials from the environment itself)."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
-
-
 class S3Slot:
     """A lease object: conditional PutObject (If-None-Match, If-Match) and DeleteObject (If-Match)."""
 
     def __init__(self, bucket: str, key: str) -> None:
-        self.client = _s3_client(os.environ.get("AWS_ENDPOINT_URL"),
-                                 os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-                                 os.environ.get("AWS_ACCESS_KEY_ID"))
+        self.client = s3_client()
         self.bucket, self.key, self.where = bucket, key, f"s3://{bucket}/{key}"
 
     def _conditional(self, call: Callable[..., Any], **kwargs: Any) -> Any:

@@ -74,7 +74,7 @@ def test_a_hub_name_reads_its_train_files_in_place(hub: FakeHub, repos: dict[str
     assert [r.value for r in source] == values(f"parquet:{repos['acme/tiny']}/data/train-*.parquet", tmp_path)
     assert hub.downloaded() == {"acme/tiny/README.md",  # its card may name other data files (`configs:`)
                                 *(f"acme/tiny/data/train-0000{f}-of-00003.parquet" for f in range(3))}
-    size, sha256 = source.identity()[0]  # type: ignore[misc]
+    size, sha256 = source.file_identities()[0]  # type: ignore[misc]
     local = repos["acme/tiny"] / "data/train-00000-of-00003.parquet"
     assert (sha256, size) == (_sha256(local), local.stat().st_size)
 

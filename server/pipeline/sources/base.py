@@ -8,6 +8,7 @@ from typing import Any
 
 from ..stage import Count, Stage, StageState
 from .identity import local_file_identities
+from .remote import RemoteFile, is_remote, remote_identity
 
 
 @dataclass(slots=True)
@@ -35,6 +36,7 @@ class Source(Stage[RawRecord, SourceState]):
 
     spec: str
     files: list[str]
+    identities: list[object] | None = None  # each file's identity, once taken or given (see `file_identities`)
 
     def restart(self) -> None:
         """Read again from the first record."""
@@ -45,14 +47,27 @@ class Source(Stage[RawRecord, SourceState]):
         at row 0. A source that cannot seek within a file, or cannot count its rows, gives one part."""
         return [SourceState(file=file, row=0)]
 
-    def identity(self) -> list[object]:
-        """What the fingerprint of this source's data is made of: its files' identities, in order."""
-        return list(self.file_identities())
-
     def file_identities(self) -> list[object]:
-        """What each file's data is, independent of where it lies (see identity.py): a local file's size and
-        content digest, never its path or mtime."""
-        return list(local_file_identities(self.files))
+        """What each file's data is, independent of where it lies (identity.py), in order: what the fingerprint of
+        this source's data is made of, and its shards' names. A local file's size and content digest (never its
+        path or mtime), a remote object's size and ETag or checksum. Taken once per source opened (the epoch's
+        membership opens them anew), unless given when it was opened (`identities`: the membership's, or what
+        the object listing said)."""
+        if self.identities is None:
+            self.identities = self._identities()
+        return list(self.identities)
+
+    def _identities(self) -> list[object]:
+        return remote_identity(self.files) or list(local_file_identities(self.files))
+
+    def remote_file(self, file: int, *, readahead: bool = False) -> RemoteFile | None:
+        """File `file` opened for reading by ranges if it is remote (None if local), checked against the identity
+        this source was given for it (RemoteChanged if the object was replaced since)."""
+        path = self.files[file]
+        if not is_remote(path):
+            return None
+        listed = self.identities[file] if self.identities is not None else None
+        return RemoteFile(path, readahead=readahead, listed=listed)
 
 
 class RowSource(Source):

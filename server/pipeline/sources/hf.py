@@ -62,13 +62,9 @@ class HfSource(RowSource):
         self._data = dataset.select_columns(self._columns or dataset.column_names[:1]).with_format("arrow")
         self._start()
 
-    def identity(self) -> list[object]:
-        """The dataset's name and its `datasets` fingerprint (changes when its data changes)."""
-        return [self.files[0], getattr(self._data, "_fingerprint", None)]
-
-    def file_identities(self) -> list[object]:
-        """Its one "file": the dataset's name and fingerprint."""
-        return [self.identity()]
+    def _identities(self) -> list[object]:
+        """Its one "file": the dataset's name and its `datasets` fingerprint (changes when its data changes)."""
+        return [[self.files[0], getattr(self._data, "_fingerprint", None)]]
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the split."""

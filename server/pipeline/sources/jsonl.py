@@ -15,7 +15,7 @@ import zstandard
 
 from ...progress import QUIET_S, Progress, file_bytes
 from .base import RawRecord, Source, SourceState
-from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
+from .remote import RemoteFile, RemoteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,9 @@ class ZstdReader(io.RawIOBase):
         super().close()
 
 
-def open_lines(path: str, remote: RemoteFile | None = None) -> io.BufferedIOBase:
-    """Open a JSONL file (local or remote) for binary line iteration, decompressing by suffix. A remote file (the
-    RemoteFile given, or one opened here) is read in BUFFER_BYTES ranges, whatever the decompressor asks for at a
-    time, the next one read ahead."""
-    if remote is None and is_remote(path):
-        remote = RemoteFile(path, readahead=True)
+def open_lines(path: str, remote: RemoteFile | None) -> io.BufferedIOBase:
+    """Open a JSONL file for binary line iteration, decompressing by suffix: local (`remote` None), or the remote
+    file given (opened with readahead), read in BUFFER_BYTES ranges whatever the decompressor asks for at a time."""
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=io.BufferedReader(remote, BUFFER_BYTES)) if remote else gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
@@ -119,8 +116,8 @@ def parse_failed(line: bytes, err: Exception) -> tuple[dict[str, Any] | None, st
 class JsonlSource(Source):
     """Records of JSONL files; row is the 0-based line index, so blank lines are skipped but counted."""
 
-    def __init__(self, spec: str, index: int, files: list[str]) -> None:
-        self.spec, self.index, self.files = spec, index, files
+    def __init__(self, spec: str, index: int, files: list[str], identities: list[object] | None = None) -> None:
+        self.spec, self.index, self.files, self.identities = spec, index, files, identities
         self._pos: tuple[int, int, int | None] = (0, 0, 0)  # (file, row, byte offset) of the next line
         self._it = self._read(0, 0, 0)
 
@@ -138,10 +135,6 @@ class JsonlSource(Source):
         self._pos = (state.file, state.row, state.offset)
         self._it = self._read(*self._pos)
 
-    def file_identities(self) -> list[object]:
-        """Local files as every source identifies them; remote objects by size and ETag or checksum."""
-        return remote_identity(self.files) or super().file_identities()
-
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th line of a plain file with its byte offset, found by one pass over its lines. A
         compressed file is one part: it cannot seek, so part k would decompress everything before it again."""
@@ -150,8 +143,9 @@ class JsonlSource(Source):
             return super().part_starts(file, every)
         starts = [SourceState(file=file, row=0, offset=0)]
         try:
-            with open_lines(path) as lines, Progress(f"{self.spec}: finding the parts of {path}", after_s=QUIET_S,
-                                                     total=file_bytes(path), label="finding parts") as report:
+            with open_lines(path, self.remote_file(file, readahead=True)) as lines, \
+                    Progress(f"{self.spec}: finding the parts of {path}", after_s=QUIET_S, total=file_bytes(path),
+                             label="finding parts") as report:
                 offset = 0
                 for row, line in enumerate(lines, 1):
                     offset += len(line)
@@ -176,7 +170,7 @@ class JsonlSource(Source):
             row, offset = (first_row, first_offset) if file == first_file else (0, 0)
             remote = None
             try:
-                remote = RemoteFile(path, readahead=True) if is_remote(path) else None
+                remote = self.remote_file(file, readahead=True)
                 with open_lines(path, remote) as lines:
                     if offset is not None and is_plain(path):
                         lines.seek(offset)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from .base import RawRecord, RowSource, SourceState, row_starts
 from .columns import needed_columns, rows_of
-from .remote import RemoteFile, RemoteUnavailable, is_remote, remote_identity
+from .remote import RemoteFile, RemoteUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +31,28 @@ def first_group(meta: pq.FileMetaData, row: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def open_parquet(path: str, remote: RemoteFile | None = None) -> Iterator[pq.ParquetFile]:
-    """A Parquet file, local or remote (the RemoteFile given, or one opened here; read by ranges: its footer, then
-    the chunks read)."""
+def open_parquet(path: str, remote: RemoteFile | None) -> Iterator[pq.ParquetFile]:
+    """A Parquet file: local (`remote` None), or the remote file given, read by ranges (its footer, then the chunks
+    read) and closed with it."""
     with contextlib.ExitStack() as stack:
-        if remote is None and is_remote(path):
-            remote = stack.enter_context(RemoteFile(path))
+        if remote is not None:
+            stack.enter_context(remote)
         yield stack.enter_context(pq.ParquetFile(remote or path))
 
 
 class ParquetSource(RowSource):
     """Records of Parquet files; row is the 0-based row within the file."""
 
-    def __init__(self, spec: str, index: int, files: list[str], batch_rows: int = BATCH_ROWS) -> None:
-        self.spec, self.index, self.files, self.batch_rows = spec, index, files, batch_rows
+    def __init__(self, spec: str, index: int, files: list[str], identities: list[object] | None = None,
+                 batch_rows: int = BATCH_ROWS) -> None:
+        self.spec, self.index, self.files, self.identities, self.batch_rows = spec, index, files, identities, batch_rows
         self._start()
-
-    def file_identities(self) -> list[object]:
-        """Local files as every source identifies them; remote objects by size and ETag or checksum."""
-        return remote_identity(self.files) or super().file_identities()
 
     def part_starts(self, file: int, every: int) -> list[SourceState]:
         """Every `every`-th row of the file, counted from its metadata (one part if it cannot be read: reading
         it then reports bad_file)."""
         try:
-            with open_parquet(self.files[file]) as reader:
+            with open_parquet(self.files[file], self.remote_file(file)) as reader:
                 rows = reader.metadata.num_rows
         except RemoteUnavailable:
             raise
@@ -71,7 +68,7 @@ class ParquetSource(RowSource):
             row = first_row if file == first_file else 0
             remote = None
             try:
-                remote = RemoteFile(path) if is_remote(path) else None
+                remote = self.remote_file(file)
                 with open_parquet(path, remote) as reader:
                     columns = needed_columns(reader.schema_arrow.names)
                     first, start = first_group(reader.metadata, row)

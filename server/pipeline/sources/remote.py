@@ -1,10 +1,11 @@
 """Source files on object storage (`s3://`, `gs://`) and on the Hugging Face Hub (`hf://`), read in place.
 
 Every remote file is read through pyarrow.fs, the store's filesystem layer (see store/fs.py for the S3
-environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow): `RemoteFile` reads
-ranges at the positions asked for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and
-the column chunks of the row groups read), so nothing is fetched whole. A read that fails for a transient reason
-is tried again within the storage retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
+environment; `hf://` goes through huggingface_hub's HfFileSystem, wrapped for pyarrow), and listed through it (on
+S3 through boto3: listing.py, the ETags come with the listing). `RemoteFile` reads ranges at the positions asked
+for (a JSONL file 1 MiB at a time from any offset, a Parquet file's footer and the column chunks of the row groups
+read), so nothing is fetched whole. A read that fails for a transient reason is tried again within the storage
+retry window (store/retry.py); past it `RemoteUnavailable` ends the read.
 Credentials come from the standard environment (`AWS_*`, `HF_TOKEN`) and are never part of a path or a message.
 """
 
@@ -28,11 +29,12 @@ from ...errors import SourceError, Unavailable
 from ...store.fs import resolve
 from ...store.retry import Retries, storage_retry
 from .files import GLOB_CHARS, _matches
+from .listing import Listed, entry, files_under
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "s3a", "gs", "gcs", "hf")
-IDENTITY_WORKERS = 16  # HEAD requests in flight while a source's identity is taken
+IDENTITY_WORKERS = 16  # HEAD requests in flight while identities the listing did not give are taken
 HF_BLOCK_BYTES = 1 << 16  # what HfFileSystem fetches past a read (its default, 5 MB, would fetch far more)
 READAHEAD_WORKERS = 8  # ranges read ahead at once, over every file read front to back
 ETAG_KEYS = ("ETag", "etag", "x-goog-hash", "Content-MD5")
@@ -132,14 +134,21 @@ def _readahead_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(READAHEAD_WORKERS, thread_name_prefix="readahead")
 
 
+def _is_listed(listed: object, size: int, tag: str | None) -> bool:
+    """Whether an object opened with this size and ETag is the one whose identity was `listed` (object_identity,
+    taken when the epoch's files were listed); true if there is no identity or no ETag to compare."""
+    return tag is None or not isinstance(listed, list) or len(listed) != 2 or listed == [size, tag]
+
+
 class RemoteFile(io.RawIOBase):
     """A remote file as a seekable binary file: each read is one ranged request at the current position. With
     `readahead` (a file read front to back), from the second of consecutive reads on, the next range of the same
     size is requested while the caller works on this one (a caller that reads one range, a probe of the first
-    records, costs no second)."""
+    records, costs no second). `listed`: the file's identity as listed (its size and ETag); an object found with
+    another at the first open was replaced since (RemoteChanged: its records are not those the identity names)."""
 
-    def __init__(self, uri: str, *, readahead: bool = False) -> None:
-        self.uri, self.readahead = uri, readahead
+    def __init__(self, uri: str, *, readahead: bool = False, listed: object = None) -> None:
+        self.uri, self.readahead, self.listed = uri, readahead, listed
         self._fs, self._path = locate(uri)
         self._handle: Any = None
         self._pos = 0
@@ -147,7 +156,7 @@ class RemoteFile(io.RawIOBase):
         self._last_end = -1  # where the last read ended
         self._reads = 0  # ranges read: an object read in one range cannot mix versions
         self._retries = storage_retry().start()
-        self.tag: str | None = None  # the ETag at the first open: every later open and the end must agree
+        self.tag: str | None = None  # the ETag at the first open: `listed`, every later open and the end must agree
         self.size = retrying(uri, self._open, self._retries)
 
     def _open(self) -> int:
@@ -156,6 +165,10 @@ class RemoteFile(io.RawIOBase):
         if self._handle is None and self.tag is not None and (tag, size) != (self.tag, self.size):
             handle.close()
             raise self._changed(tag)
+        if self.tag is None and not _is_listed(self.listed, size, tag):
+            handle.close()
+            raise RemoteChanged(f"{self.uri} was replaced since it was listed ([size, ETag] {self.listed} -> "
+                                f"{[size, tag]}); it is read again from its new content")
         self._handle, self.tag = handle, self.tag or tag
         return size
 
@@ -261,10 +274,6 @@ def _uri(scheme: str, path: str) -> str:
     return f"{scheme}://{path}"
 
 
-def _infos(fs: pafs.FileSystem, uri: str, selector: pafs.FileSelector | str) -> Any:
-    return retrying(uri, lambda: fs.get_file_info(selector))
-
-
 def redacted(text: str) -> str:
     """Text with the user and password of any URI in it left out (`s3://***@bucket/...`)."""
     return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1***@", text)
@@ -280,10 +289,12 @@ def _check_uri(spec: str, uri: str) -> None:
                           "AWS_SECRET_ACCESS_KEY (S3), the default credentials (GCS), HF_TOKEN (the Hub)")
 
 
-def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> tuple[list[str], list[object] | None]:
     """The sorted files a remote path names, by the rules of local paths: a file; a folder (prefix): its files
     ending with a suffix; a glob (`**` for any number of non-hidden folders): the files it matches and the files
-    ending with a suffix in the folders it matches. SourceError if none, or if the URI is not one storage takes."""
+    ending with a suffix in the folders it matches. With them, their identities (`object_identity`) when the
+    listing gave every one (S3 listed by boto3, listing.py), else None. SourceError if none, or if the URI is not
+    one storage takes."""
     _check_uri(spec, uri)
     try:
         return _expand_remote(spec, uri, suffixes)
@@ -291,32 +302,32 @@ def expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
         raise SourceError(f"{spec}: {uri} is not a path this storage takes: {err}") from None
 
 
-def _expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+def _expand_remote(spec: str, uri: str, suffixes: tuple[str, ...]) -> tuple[list[str], list[object] | None]:
     scheme = urlparse(uri).scheme
     fs, path = locate(uri)
-    found: list[str] = []
+    found: list[Listed] = []
     if not any(c in path for c in GLOB_CHARS):
-        info = _infos(fs, uri, path)
-        if info.type == pafs.FileType.File:
-            found = [uri]
-        elif info.type == pafs.FileType.Directory:
-            found = [_uri(scheme, f.path) for f in _infos(fs, uri, pafs.FileSelector(path, allow_not_found=True))
-                     if f.type == pafs.FileType.File and f.base_name.endswith(suffixes)]
+        named = retrying(uri, lambda: entry(fs, path))
+        if isinstance(named, Listed):
+            found = [named]
+        elif named == pafs.FileType.Directory:
+            found = [f for f in retrying(uri, lambda: files_under(fs, path, recursive=False))
+                     if f.base_name.endswith(suffixes)]
     else:
         parts = path.split("/")
         fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
         root, wanted = "/".join(parts[:fixed]), tuple(parts[fixed:])
-        listing = _infos(fs, uri, pafs.FileSelector(root, recursive=True, allow_not_found=True))
-        for info in listing:
-            if info.type != pafs.FileType.File:
-                continue
+        for info in retrying(uri, lambda: files_under(fs, root, recursive=True)):
             rel = tuple(info.path[len(root):].strip("/").split("/"))
             if _matches(rel, wanted) or (info.base_name.endswith(suffixes) and _matches(rel[:-1], wanted)):
-                found.append(_uri(scheme, info.path))
+                found.append(info)
     if not found:
         wanted_names = ", ".join(f"*{s}" for s in suffixes)
         raise SourceError(f"{spec}: no files found at {uri} (an object, a prefix holding {wanted_names}, or a glob)")
-    return sorted(set(found))
+    listed = sorted({_uri(scheme, f.path): f for f in found}.items())
+    if any(f.tag is None for _, f in listed):
+        return [u for u, _ in listed], None
+    return [u for u, _ in listed], [[f.size, f.tag] for _, f in listed]
 
 
 def object_identity(uri: str) -> list[object]:
