@@ -29,7 +29,7 @@ import zstandard
 from bench.common import REPO, Metric, Server
 from bench.s3 import aws_environment, make_bucket, moto_server
 from sigil_feed.client.stream import BatchStream, FeedBatch
-from sigil_feed.server.pipeline.sources import open_source
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.store.fs import resolve
 
 MB = 64  # of JSONL in all, over the three formats

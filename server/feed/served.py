@@ -33,7 +33,8 @@ from ..pipeline.curate import CuratedSource, CurateRules
 from ..pipeline.filters import make_filter
 from ..pipeline.mixing import Mixer
 from ..pipeline.samples import ChatFormat, Sample, normalise, plain_pair
-from ..pipeline.sources import Source, open_source
+from ..pipeline.sources.base import Source
+from ..pipeline.sources.opening import open_source
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
 from ..runtime import Runtime

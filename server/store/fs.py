@@ -12,15 +12,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Any
-from urllib.parse import ParseResult, urlparse
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .owner import new_owner, temp_name
+from .s3 import s3_filesystem
 
 
 @dataclass(frozen=True)
@@ -105,45 +104,6 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def _endpoint() -> ParseResult | None:
-    """The S3 endpoint of the environment (`https://` if it names no scheme), None for AWS's own."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return urlparse(endpoint if "://" in endpoint else f"https://{endpoint}") if endpoint else None
-
-
-def _s3() -> pafs.S3FileSystem:
-    env = os.environ
-    options: dict[str, object] = {}
-    endpoint = _endpoint()
-    if endpoint:
-        options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        options.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                       session_token=env.get("AWS_SESSION_TOKEN"))
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        options["region"] = region
-    return pafs.S3FileSystem(**options)  # type: ignore[arg-type]
-
-
-def s3_client() -> Any:
-    """A boto3 S3 client for the environment's endpoint, region and credentials (the `s3` extra), for what pyarrow
-    cannot do: conditional requests (the build lease), listings with ETags (remote sources)."""
-    env = os.environ
-    endpoint = _endpoint()
-    return _s3_client(endpoint.geturl() if endpoint else None, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-                      env.get("AWS_ACCESS_KEY_ID"))
-
-
-@cache
-def _s3_client(endpoint: str | None, region: str | None, key_id: str | None) -> Any:
-    """One thread-safe client per environment (key_id only tells environments apart: boto3 reads the credentials
-    from the environment itself)."""
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
-
-
 def resolve(location: str | os.PathLike[str]) -> StoreFS:
     """The filesystem and root of a store location: a local path, `file://`, `s3://bucket/prefix`, `gs://...`,
     or any other URI pyarrow understands."""
@@ -154,6 +114,6 @@ def resolve(location: str | os.PathLike[str]) -> StoreFS:
     if parsed.scheme == "file":
         return StoreFS(pafs.LocalFileSystem(), str(Path(parsed.path).absolute()), text)
     if parsed.scheme in ("s3", "s3a"):
-        return StoreFS(_s3(), f"{parsed.netloc}{parsed.path}".rstrip("/"), text)
+        return StoreFS(s3_filesystem(), f"{parsed.netloc}{parsed.path}".rstrip("/"), text)
     fs, root = pafs.FileSystem.from_uri(text)
     return StoreFS(fs, root.rstrip("/"), text)

@@ -58,8 +58,8 @@ from urllib.parse import urlparse
 import xxhash
 
 from ..errors import ConfigError, FeedError
-from .fs import s3_client
 from .owner import HEARTBEAT_S, STALE_AFTER_S, Owner, new_owner, owner_alive, this_machine
+from .s3 import s3_client
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sigil_feed.client import FeedDataset
-from sigil_feed.server.pipeline.sources import open_source
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.pipeline.sources.parquet import ParquetSource
 from tests.conftest import batch_digest, write_config, write_jsonl
 from tests.fake_hub import SHA, FakeHub

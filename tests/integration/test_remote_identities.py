@@ -15,7 +15,7 @@ from bench.s3 import CountingProxy
 from sigil_feed.server.config import parse_config
 from sigil_feed.server.errors import SourceError
 from sigil_feed.server.feed.served import ServedDataset
-from sigil_feed.server.pipeline.sources import open_source
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.pipeline.sources.remote import RemoteChanged, object_identities
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.fs import resolve

@@ -18,8 +18,8 @@ import pytest
 from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from sigil_feed.server.errors import SourceError, Unavailable
-from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import SourceState
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.pipeline.sources.remote import RemoteUnavailable, object_identity
 from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.retry import STORAGE_RETRY_ENV

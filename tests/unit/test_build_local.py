@@ -16,9 +16,9 @@ from sigil_feed.server.builders import local_engine as build_local
 from sigil_feed.server.builders.local_engine import PartRecords, SourcePlan, source_parts
 from sigil_feed.server.config import load_config
 from sigil_feed.server.feed.served import ServedDataset, open_datasets
-from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.hf import HfSource
 from sigil_feed.server.pipeline.sources.identity import local_file_identities
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.store.format import MANIFEST, shard_name, shard_paths

@@ -21,8 +21,8 @@ import pytest
 
 from sigil_feed.server.pipeline.chat import MAX_TURNS_BY_PREFIX, ChatRenderer
 from sigil_feed.server.pipeline.samples import Sample, normalise
-from sigil_feed.server.pipeline.sources import open_source
 from sigil_feed.server.pipeline.sources.base import RawRecord
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.pipeline.tokenize import Encoder
 from sigil_feed.server.rows.spans import MaskedSpans, loss_mask
 from tests.chat_templates import (

@@ -24,9 +24,9 @@ from sigil_feed.server.config import load_config
 from sigil_feed.server.errors import SourceError
 from sigil_feed.server.feed.served import open_datasets
 from sigil_feed.server.pipeline.samples import normalise
-from sigil_feed.server.pipeline.sources import RawRecord, Source, open_source
-from sigil_feed.server.pipeline.sources.base import SourceState
+from sigil_feed.server.pipeline.sources.base import RawRecord, Source, SourceState
 from sigil_feed.server.pipeline.sources.jsonl import SUFFIXES as jsonl_suffixes
+from sigil_feed.server.pipeline.sources.opening import open_source
 from sigil_feed.server.runtime import Runtime
 from tests.conftest import write_compressed, write_config
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from ...store.fs import s3_client
+from ...store.s3 import s3_client
 
 T = TypeVar("T")
 

@@ -1,0 +1,52 @@
+"""S3 as the standard environment configures it: `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`: an S3-compatible
+server; `http://` for plain HTTP), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`
+or `AWS_DEFAULT_REGION`: pyarrow's filesystem for reads and writes, and a boto3 client for what pyarrow cannot do."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+from urllib.parse import ParseResult, urlparse
+
+import pyarrow.fs as pafs
+
+
+def _endpoint() -> ParseResult | None:
+    """The S3 endpoint of the environment (`https://` if it names no scheme), None for AWS's own."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return urlparse(endpoint if "://" in endpoint else f"https://{endpoint}") if endpoint else None
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem for the environment's endpoint, credentials and region."""
+    env = os.environ
+    options: dict[str, object] = {}
+    endpoint = _endpoint()
+    if endpoint:
+        options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        options.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                       session_token=env.get("AWS_SESSION_TOKEN"))
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    return pafs.S3FileSystem(**options)  # type: ignore[arg-type]
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the environment's endpoint, region and credentials (the `s3` extra), for what pyarrow
+    cannot do: conditional requests (the build lease), listings with ETags (remote sources)."""
+    env = os.environ
+    endpoint = _endpoint()
+    return _s3_client(endpoint.geturl() if endpoint else None, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+                      env.get("AWS_ACCESS_KEY_ID"))
+
+
+@cache
+def _s3_client(endpoint: str | None, region: str | None, key_id: str | None) -> Any:
+    """One thread-safe client per environment (key_id only tells environments apart: boto3 reads the credentials
+    from the environment itself)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
