@@ -9,6 +9,7 @@ from ..rows.batch import Rows
 from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
+from .source_change import changed_sources
 
 
 @dataclass
@@ -44,27 +45,36 @@ class Feed:
                                       f"from the end of epoch {after - 1}, served with another list)",
                                       "sources changed on resume")
         if start is not None and start.state is not None:
-            if start.sources == dataset.sources:
+            if start.sources == dataset.sources or (isinstance(start.state, CachedState) and not start.ended):
                 self._resume(start, start.state)
             elif start.ended and isinstance(start.state, CachedState):
                 self.end_row = start.state.row
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
-                              "was added or removed, or a source's filter changed): sources change only at an "
-                              "epoch boundary; resume from a cursor taken at an epoch's end (the next epoch "
-                              "serves the new sources), or restore dataset.names until this epoch ends")
+                              "was added or removed, or a source's filter changed): streaming mode changes sources "
+                              "only at an epoch boundary; resume from a cursor taken at an epoch's end (the next "
+                              "epoch serves the new sources), or restore dataset.names until this epoch ends")
 
     def _resume(self, start: Cursor, state: CachedState | StreamState) -> None:
-        """Open the cursor's epoch at its position, under its plan and membership."""
+        """Open the cursor's epoch at its position, under its plan and membership (cached mode: its later mixtures
+        over the store of this dataset's source list, when the epoch was served under another)."""
         dataset = self.dataset
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
+        virtual = None
         if isinstance(state, CachedState):
             at, unit = state.row, "row"
         else:  # the next shuffle block none of which is served
             at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
-        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
-        self.packer = packer = self._open_epoch()
+        now = ""  # cached mode, another source list than the epoch's: the store of this dataset's
+        if isinstance(state, CachedState) and (start.sources != dataset.sources or
+                                               any(body.m for body in start.mixture or ())):
+            now = dataset.memberships.of_epoch(self.epoch).fingerprint
+            now, virtual = ("" if now == start.members else now), state.virtual
+        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit, now)
         try:
+            self.packer = packer = self._open_epoch(virtual)
+            if now:
+                changed_sources(dataset, self.epoch, self.plan, at, start.members)
             if isinstance(packer, CachedPacker):
                 if not isinstance(state, CachedState):
                     raise ValueError("a streaming-mode state")
@@ -77,14 +87,14 @@ class Feed:
             raise refused("its position does not exist in this dataset (a state of another mode, source "
                           "list or number of virtual ranks)") from None
 
-    def _open_epoch(self) -> Packer | CachedPacker:
+    def _open_epoch(self, virtual: int | None = None) -> Packer | CachedPacker:
         """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server, and
-        under the epoch's mixture plan."""
+        under the epoch's mixture plan (cached mode: over `virtual` virtual ranks, None: the config's)."""
         self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
-                                   plan=self.plan)
+                                   plan=self.plan, virtual=virtual)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = mixture = None
