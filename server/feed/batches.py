@@ -51,7 +51,7 @@ class Feed:
                 self.end_row = start.state.row
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
-                              "was added or removed, or a source's filter changed): streaming mode changes sources "
+                              "was added or removed, or a source's filter changed): in streaming mode sources change "
                               "only at an epoch boundary; resume from a cursor taken at an epoch's end (the next "
                               "epoch serves the new sources), or restore dataset.names until this epoch ends")
 
