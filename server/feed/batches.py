@@ -47,7 +47,7 @@ class Feed:
         if start is not None and start.state is not None:
             if start.sources == dataset.sources or (isinstance(start.state, CachedState) and not start.ended):
                 self._resume(start, start.state)
-            elif start.ended and isinstance(start.state, CachedState):
+            elif start.ended:
                 self.end_row = start.state.row
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
@@ -102,7 +102,7 @@ class Feed:
         ended = False
         if packer is not None:
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
-            ended = isinstance(packer, CachedPacker) and packer.ended
+            ended = packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
                       ended).encode(self.secret)
 

@@ -1,5 +1,5 @@
 """Sources added to or removed from `names`, through Feed. At an epoch boundary, in both modes: a cursor at an epoch's
-end (the end-of-epoch item's; in cached mode also the last step's, of any rank and world size) resumes under the
+end (the end-of-epoch item's, or the last step's, of any rank and world size) resumes under the
 new list, and every later epoch is exactly what a run of the new configuration serves. Inside an epoch, cached
 mode: the rest of the epoch follows the new list from the resumed row, on any world size, a source added starts
 at its first sample, one removed is no longer drawn and keeps its progress (back later in the epoch, it continues
@@ -54,14 +54,11 @@ def test_sources_change_at_an_epoch_boundary_and_are_refused_inside_one(
         assert resumed == [step for step in fresh if step[0] >= 1]
         last = max(i for i, step in enumerate(steps) if step[0] == 0)
         start = decode_cursor(cursors[last], fingerprint=new.fingerprint, seq_len=SEQ_LEN)
-        if cached:  # the last step's cursor is at the epoch's end too
-            assert global_steps(new, w2, cursors[last])[0] == resumed
-        elif len(before) != len(after):  # streaming learns of the end only past it
-            with pytest.raises(Refused, match="sources change only at an epoch boundary"):
-                Feed(new, rank=0, world_size=w2, batch_size=STEP_ROWS // w2, seq_len=SEQ_LEN, start=start)
+        assert start.ended  # the last step's cursor is at the epoch's end too (streaming: the stream's end was read)
+        assert global_steps(new, w2, cursors[last])[0] == resumed
         inside %= last + 1
-        if len(before) != len(after) and inside < last and not cached:  # (a source swapped for another of its kind, in its
-            # place, is that source with other data: data that moves and changes, see test_data_changes)
+        if len(before) != len(after) and inside < last and not cached:  # (a source swapped for another of its
+            # kind, in its place, is that source with other data: data that moves and changes, see test_data_changes)
             start = decode_cursor(cursors[inside], fingerprint=new.fingerprint, seq_len=SEQ_LEN)
             with pytest.raises(Refused, match="taken inside epoch 0, which began with another list of sources"):
                 Feed(new, rank=0, world_size=w2, batch_size=STEP_ROWS // w2, seq_len=SEQ_LEN, start=start)
