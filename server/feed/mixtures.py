@@ -8,7 +8,10 @@ whose plan for the epoch differs from the resumed position on keeps the carried 
 takes the configured one from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so
 the epoch's rows before it are the ones already served and the rest follows the new configuration; the packers
 make sure nothing served is served again while unserved samples of its source remain (cached/segments.py,
-streaming/block_order.py).
+streaming/block_order.py). In cached mode a mixture may name the membership (token store) whose sources its weights
+are over: a resume under another source list inside the epoch (feed/source_change.py) lays the rest of the epoch
+out over the new list's store, and the plan keeps each earlier mixture's store, so a later resume recomputes
+what every source served.
 """
 
 from __future__ import annotations

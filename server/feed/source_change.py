@@ -43,8 +43,8 @@ def changed_sources(dataset: ServedDataset, epoch: int, row: int, before: TokenS
     changed = sorted({dataset.specs[j] for i, j in _pairs(before, after, dataset.specs) if old_keys[i] != new_keys[j]})
     if changed:
         raise refused(f"taken inside epoch {epoch}, served with another list of sources; {', '.join(changed)} is "
-                      "in both lists but its files or samples changed since the epoch began, so it cannot continue "
-                      "where it was: resume from a cursor taken at an epoch's end, or restore its files")
+                      "in both lists but its files, or its filter, changed since the epoch began, so it cannot "
+                      "continue where it was: resume from a cursor taken at an epoch's end, or restore its files")
     added = [spec for spec, key in zip(dataset.specs, new_keys, strict=True) if key not in old_keys]
     removed = [spec for spec, key in zip(specs_of(before), old_keys, strict=True) if key not in new_keys]
     if added or removed:
