@@ -8,6 +8,8 @@ streaming mode refuses it, saying why."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -22,8 +24,8 @@ from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.runtime import Runtime
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
-from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, WORLDS, Step, global_steps
-from tests.unit.test_mixture_schedules import make_dataset, write_sources
+from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, WORLDS, Step, global_steps, record
+from tests.unit.test_mixture_schedules import WEIGHTS, make_dataset, write_sources
 
 
 def epoch_end_cursor(dataset: ServedDataset, epoch: int) -> bytes:
@@ -82,13 +84,15 @@ def epoch_rows(steps: list[Step]) -> list[str]:
        .map(tuple), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS), w3=st.sampled_from(WORLDS),
        before=st.sets(st.integers(0, 2), min_size=1), after=st.sets(st.integers(0, 2), min_size=1),
        stop=st.integers(0, 30), again=st.integers(0, 30), pack=st.booleans(),
-       exhausted=st.sampled_from(["first_exhausted", "all_exhausted"]))
+       exhausted=st.sampled_from(["first_exhausted", "all_exhausted"]),
+       weights=st.none() | st.lists(st.sampled_from(WEIGHTS), min_size=3, max_size=3))
 def test_sources_added_or_removed_inside_an_epoch_serve_nothing_twice(
         runtime: Runtime, files: tuple[tuple[int, ...], ...], w1: int, w2: int, w3: int, before: set[int],
-        after: set[int], stop: int, again: int, pack: bool, exhausted: str) -> None:
+        after: set[int], stop: int, again: int, pack: bool, exhausted: str, weights: list[float] | None) -> None:
     """Cached mode: stopped inside epoch 0 under the `before` sources on w1 ranks, resumed under `after` on w2, then
     stopped again and resumed under `before` on w3 (a removed source comes back); packed rows are checked for an
-    exact resume, padded ones (a sample a row) for what they serve. (Sources are paired by spec or files in
+    exact resume, padded ones (a sample a row) for what they serve; the new list may come with new weights.
+    (Sources are paired by spec or files in
     common: a source whose data moved, grew or changed is the same source, see test_data_changes.)"""
     assume(before != after)
     with TemporaryDirectory() as tmp:
@@ -98,7 +102,9 @@ def test_sources_added_or_removed_inside_an_epoch_serve_nothing_twice(
                   "stopping_strategy": exhausted}
         rows = [source_rows(root, name, runtime, **{**common, "pack": False}) for name in names]
         old = make_dataset(root, [names[i] for i in sorted(before)], runtime, **common)
-        new = make_dataset(root, [names[i] for i in sorted(after)], runtime, **common)
+        kept = [names[i] for i in sorted(after)]
+        new = make_dataset(root, kept, runtime, **{**common, "dataset_weights": None if weights is None else
+                                                   {name: weights[i] for i, name in enumerate(kept)}})
         steps, cursors = global_steps(old, w1)
         inside = [i for i, step in enumerate(steps) if step[0] == 0][:-1]  # cursors before the epoch's last step
         if not inside:
@@ -138,3 +144,27 @@ def check_served(served: list[str], resumed: list[str], rows: list[set[str]], be
     else:  # every source runs out: the rest of each source, and all of a new one, are served after the resume
         for s in after:
             assert rows[s] - set(served) <= set(resumed)
+
+
+def test_inside_an_epoch_sources_are_matched_by_content_and_one_that_changed_is_refused(
+        tmp_path: Path, runtime: Runtime) -> None:
+    """Cached mode: a source whose data moved to another folder is the same source beside one added (it continues,
+    nothing twice); a source kept in `names` whose file changed since the epoch began cannot continue: refused."""
+    names = write_sources(tmp_path, ((30,), (25,), (20,)))
+    common = {"cached": True, "pack": False, "dataset_weights": None, "task_weights": None,
+              "stopping_strategy": "first_exhausted"}
+    old = make_dataset(tmp_path, names[:2], runtime, **common)
+    steps, cursors = global_steps(old, 2)
+    served = epoch_rows(steps[:1])
+    shutil.copytree(tmp_path / "src0", tmp_path / "moved")
+    moved = make_dataset(tmp_path, [f"local:{tmp_path / 'moved'}/*.jsonl", *names[1:]], runtime, **common)
+    after = epoch_rows(global_steps(moved, 3, cursors[0])[0])
+    assert after and len(served + after) == len(set(served + after))
+    assert any("(added: " + names[2] + "; removed: none)" in change for change in moved.mixtures.changes)
+
+    with (tmp_path / "src1" / "part0.jsonl").open("a") as f:
+        f.write(json.dumps(record(999)) + "\n")
+    changed = make_dataset(tmp_path, names, runtime, **common)
+    start = decode_cursor(cursors[0], fingerprint=changed.fingerprint, seq_len=SEQ_LEN)
+    with pytest.raises(Refused, match=r"src1/\*.jsonl is in both lists but its files, or its filter, changed"):
+        Feed(changed, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
