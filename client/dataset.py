@@ -37,6 +37,21 @@ def default_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+RUN_ID_ENV = ("SIGIL_FEED_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+"""Where a job's run id comes from when FeedDataset is given none, first set first (torchrun's `none`, its default
+rendezvous id, does not count)."""
+
+
+def default_run_id() -> str:
+    """The job's run id from the launcher's environment (RUN_ID_ENV), "" if none: every rank and node of one job
+    sees the same, so the job's sidecars agree on each epoch's files."""
+    for name in RUN_ID_ENV:
+        value = os.environ.get(name, "")
+        if value and value != "none":
+            return value
+    return ""
+
+
 class FeedDataset(IterableDataset[ModelInputs]):
     """Batches [B, L] from a sigil-feed server as dicts of torch tensors; use DataLoader(batch_size=None).
 
@@ -52,9 +67,12 @@ class FeedDataset(IterableDataset[ModelInputs]):
     def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int | None = None,
                  rank: int | None = None, world_size: int | None = None, prefetch: int = 4,
                  reconnect_deadline_s: float = 300.0, client_id: str | None = None, pin_memory: bool = False,
-                 flash_attn_kwargs: bool = False, **stream_options: Any) -> None:
+                 flash_attn_kwargs: bool = False, run_id: str | None = None, **stream_options: Any) -> None:
         """Remember the stream settings; nothing connects until iteration starts.
 
+        run_id: the job's run, the same on every rank and node (None: `default_run_id()`, from SIGIL_FEED_RUN_ID,
+        TORCHELASTIC_RUN_ID or SLURM_JOB_ID): the sidecars of a job that share a token store then serve the same
+        files in each epoch when files are added during the run ("": each sidecar fixes them itself).
         pin_memory: yield page-locked tensors when CUDA is available (for `.to(device, non_blocking=True)`).
         flash_attn_kwargs: packed datasets only; add `cu_seq_lens_q/k` and `max_length_q/k` (see varlen_kwargs).
         stream_options go to BatchStream, e.g. connect_deadline_s, credentials, metadata, report_timing.
@@ -64,6 +82,7 @@ class FeedDataset(IterableDataset[ModelInputs]):
         self._rank, self._world_size = rank, world_size
         self.prefetch, self.reconnect_deadline_s = prefetch, reconnect_deadline_s
         self.client_id = client_id
+        self.run_id = default_run_id() if run_id is None else run_id
         self.pin_memory, self.flash_attn_kwargs = pin_memory, flash_attn_kwargs
         self.stream_options = stream_options
         self.cursor = b""
@@ -133,7 +152,7 @@ class FeedDataset(IterableDataset[ModelInputs]):
         rank, world_size = self.ranks()
         return BatchStream(self.target, self.dataset, batch_size=self.batch_size, seq_len=self.seq_len or 0,
                            rank=rank, world_size=world_size, cursor=self.cursor, prefetch=prefetch,
-                           client_id=self.client_id or f"rank{rank}-pid{os.getpid()}",
+                           client_id=self.client_id or f"rank{rank}-pid{os.getpid()}", run_id=self.run_id,
                            reconnect_deadline_s=self.reconnect_deadline_s, **self.stream_options)
 
     def _batches(self) -> Iterator[ModelInputs]:

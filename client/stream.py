@@ -439,7 +439,8 @@ class BatchStream:
 
     def __init__(self, target: str, dataset: str = "default", *, batch_size: int, seq_len: int = 0,
                  rank: int = 0, world_size: int = 1, cursor: bytes = b"", prefetch: int = 4,
-                 client_id: str = "", connect_deadline_s: float = 60.0, reconnect_deadline_s: float = 300.0,
+                 client_id: str = "", run_id: str = "", connect_deadline_s: float = 60.0,
+                 reconnect_deadline_s: float = 300.0,
                  channel_options: Sequence[tuple[str, Any]] = (),
                  credentials: grpc.ChannelCredentials | None = None,
                  metadata: Sequence[tuple[str, str]] = (), report_timing: bool = True) -> None:
@@ -453,7 +454,8 @@ class BatchStream:
         channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
                    else grpc.insecure_channel(target, options))
         template = feed_pb2.Open(dataset=dataset, rank=rank, world_size=world_size, batch_size=batch_size,
-                                 seq_len=seq_len, cursor=cursor, client_id=client_id, accept_parts=True)
+                                 seq_len=seq_len, cursor=cursor, client_id=client_id, accept_parts=True,
+                                 run_id=run_id)
         self.cursor = cursor
         self._terminal: _Failure | _End | None = None
         self._timer = StepTimer() if report_timing else None

@@ -14,7 +14,7 @@ class StreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ["dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id", "accept_parts"]
+    __slots__ = ["dataset", "rank", "world_size", "batch_size", "seq_len", "cursor", "credits", "client_id", "accept_parts", "run_id"]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Open(_message.Message):
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_PARTS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     rank: int
     world_size: int
@@ -33,7 +34,8 @@ class Open(_message.Message):
     credits: int
     client_id: str
     accept_parts: bool
-    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ..., accept_parts: bool = ...) -> None: ...
+    run_id: str
+    def __init__(self, dataset: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., cursor: _Optional[bytes] = ..., credits: _Optional[int] = ..., client_id: _Optional[str] = ..., accept_parts: bool = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ["credits", "timing"]

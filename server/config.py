@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOURCES = ["ammarnasr/the-stack-rust-clean"]
 
 
+
 class SourceSpec(BaseModel):
     """One entry of `dataset.names`: a spec string and optional per-source settings."""
 

@@ -22,15 +22,15 @@ if TYPE_CHECKING:
 def _roots(args: argparse.Namespace) -> list[StoreFS]:
     """The store locations to look at: --cache-dir, or every dataset's in --config, or the default."""
     from ..config import load_config
-    from ..feed.served import default_cache_dir
+    from ..paths import cache_home
 
     if args.cache_dir:
         locations = [args.cache_dir]
     elif not args.config:
-        locations = [str(default_cache_dir())]
+        locations = [str(cache_home())]
     else:
         config = load_config(args.config)
-        locations = sorted({d.dataset.cache_dir or str(default_cache_dir()) for d in config.datasets.values()})
+        locations = sorted({d.dataset.cache_dir or str(cache_home()) for d in config.datasets.values()})
     return [resolve(location) for location in locations]
 
 

@@ -26,12 +26,13 @@ class FeedItem:
 
 class Feed:
     """Iterates FeedItems for (dataset, rank, world_size), starting at a cursor (any rank's, of any world size,
-    made for the same seq_len) or at epoch 0."""
+    made for the same seq_len) or at epoch 0. `run`: the job's run id, under which its sidecars agree on each
+    epoch's files (membership.py; "": this server fixes them itself)."""
 
     def __init__(self, dataset: ServedDataset, *, rank: int, world_size: int, batch_size: int,
-                 seq_len: int, start: Cursor | None, secret: bytes = b"") -> None:
+                 seq_len: int, start: Cursor | None, secret: bytes = b"", run: str = "") -> None:
         dataset.wait_ready()
-        self.dataset, self.rank, self.world_size, self.secret = dataset, rank, world_size, secret
+        self.dataset, self.rank, self.world_size, self.secret, self.run = dataset, rank, world_size, secret, run
         self.batch_size, self.seq_len = batch_size, seq_len
         self.epochs = dataset.section.epochs
         self.epoch = start.epoch if start else 0
@@ -93,7 +94,7 @@ class Feed:
         dataset's ("" when it is), and the store its rows before the resumed row were served from (None: the epoch
         already went on over another list, and this one is that list or the same sources again)."""
         dataset, carried = self.dataset, start.mixture or []
-        now = dataset.memberships.of_epoch(self.epoch).fingerprint
+        now = dataset.memberships.of_epoch(self.epoch, self.run).fingerprint
         later = [body for body in carried if body.m]
         if now == start.members and not later:
             return "", None
@@ -105,9 +106,10 @@ class Feed:
         return ("" if now == start.members else now), (before if before is not after else None)
 
     def _open_epoch(self, virtual: int | None = None) -> Packer | CachedPacker:
-        """The epoch's packer, over the membership its cursor names, else the one the epoch has on this server, and
-        under the epoch's mixture plan (cached mode: over `virtual` virtual ranks, None: the config's)."""
-        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch).fingerprint
+        """The epoch's packer, over the membership its cursor names, else the one the epoch has in this run (or on
+        this server), and under the epoch's mixture plan (cached mode: over `virtual` virtual ranks, None: the
+        config's)."""
+        self.members = self.members or self.dataset.memberships.of_epoch(self.epoch, self.run).fingerprint
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,

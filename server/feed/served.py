@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -25,8 +24,9 @@ from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
 from ..config import DatasetConfig, DatasetSection, FeedConfig
-from ..errors import Refused, SourceError
+from ..errors import Refused, SourceError, Unavailable
 from ..observe.throughput import Throughput
+from ..paths import cache_home
 from ..pipeline.accounting import SourceCounters
 from ..pipeline.chat import MessagesFormat
 from ..pipeline.curate import CuratedSource, CurateRules
@@ -37,7 +37,7 @@ from ..pipeline.sources import Source, open_source
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.deal import Deal
 from ..runtime import Runtime
-from ..store.format import StoreDamaged, TokenFacts, store_dir
+from ..store.format import MANIFEST, StoreDamaged, TokenFacts, store_dir
 from ..store.fs import StoreFS, is_uri, resolve
 from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
@@ -47,6 +47,7 @@ from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
 from .mixtures import Mixture, Mixtures, Plan, plan_at
+from .run_members import dataset_key, localize, run_members
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ class RanksWorkingSet:
         return self.needs.peak_bytes <= self.budget
 
 
-def default_cache_dir() -> Path:
-    """Where token stores live when `dataset.cache_dir` is not set."""
-    return Path(os.environ.get("SIGIL_FEED_CACHE", Path.home() / ".cache" / "sigil-feed"))
-
-
 class ServedDataset:
     """Everything the server knows about one dataset; opens a fresh stage chain per stream, on the pools and
     shard caches of `runtime`."""
@@ -106,7 +102,6 @@ class ServedDataset:
         self.shared_reads = SharedReads()  # streaming: the ranks of a layout share each block's read
         # the store's fingerprint: the sample settings, the tokenizer and the sources' content (an epoch's membership)
         first = self._membership([list(p.files) for p in probes], [p.identity() for p in probes])
-        self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name)
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor; nor the source list, which
         # may change at an epoch boundary (a cursor inside an epoch holds `sources`, and resumes only under the same)
@@ -115,7 +110,11 @@ class ServedDataset:
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
                                         self.config.pack, samples, ORDER_REVISION)
         self.sources = _fingerprint(_without_paths(self.section, ("names",)))  # kinds and filter overrides
-        fs = resolve(self.section.cache_dir or default_cache_dir())
+        fs = resolve(self.section.cache_dir or cache_home())
+        runs = run_members(fs, dataset=self.name, key=dataset_key(self.name, self.fingerprint, self.sources),
+                           sources=len(self.specs), make=self._membership)  # a job's sidecars agree on epochs' files
+        self.memberships = Memberships(first, look=self._look, adopt=self._adopt, dataset=self.name, runs=runs,
+                                       localize=self._localize)
         self.lifecycle = self._lifecycle(fs, self.memberships.current)
         self.layouts: EpochLayouts | None = None  # cached mode, once the store is open: the current membership's
         self._members: dict[str, EpochLayouts] = {}  # every membership's layouts opened here (members_layouts)
@@ -180,6 +179,18 @@ class ServedDataset:
             files[index], identities[index] = list(source.files), source.identity()
         return self._membership(files, identities)
 
+    def _localize(self, recorded: Membership) -> Membership:
+        """A membership a run's other sidecar recorded, over the paths of its files here; Unavailable while a file of
+        it is not here, unless (cached mode) its store is committed, which serves without the files."""
+        members, missing = localize(recorded, self._look())
+        fs = self.lifecycle.fs
+        if missing and not (self.cached and fs.exists(f"{store_dir(fs, members.fingerprint)}/{MANIFEST}")):
+            raise Unavailable(f"dataset {self.name}: the run's record fixes the epoch's files (content "
+                              f"{members.fingerprint}), and this sidecar does not see {len(missing)} of them (first: "
+                              f"{missing[0]}); retrying until they appear (a run id reused from another run: use a "
+                              "new one)")
+        return members
+
     def _adopt(self, members: Membership) -> None:
         """Ready a new membership to serve: cached mode, its token store opened, or built (only its new shards)."""
         if self.cached:
@@ -215,7 +226,7 @@ class ServedDataset:
     def shard_cache_dir(self) -> Path:
         """Where a remote store's shards are cached (a local store is read where it lies)."""
         configured = self.section.shard_cache_dir
-        return Path(configured).expanduser() if configured else default_cache_dir() / "shards"
+        return Path(configured).expanduser() if configured else cache_home() / "shards"
 
     def _shard_cache(self) -> ShardCache:
         return self.runtime.shard_cache(self.shard_cache_dir, int(self.section.shard_cache_gb * 1e9),

@@ -1,4 +1,5 @@
-"""Load the tokenizer (`transformers.AutoTokenizer`, local directory or HF cache) and encode samples in batches."""
+"""Load the tokenizer (`transformers.AutoTokenizer`, local directory or HF cache, or its saved snapshot) and encode
+samples in batches."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..paths import cache_home
 from ..rows.spans import MaskedSpans, loss_mask
 from ..store.format import TokenFacts
 from .chat import ChatRenderer
 from .encode_backends import FlatEncoder, HfFlat, first_difference, load_fast, probe_texts
 from .samples import Sample
+from .tokenizer_snapshot import TokenizerSnapshot, read_snapshot, snapshot_path, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ class Encoder:
     """Encodes samples with a fast tokenizer's Rust backend (parallel over cores, no per-token Python).
 
     The tokenizer's files are found and hashed at once (the fingerprint); the tokenizer itself loads on
-    first use, so a restart that serves from a token store never imports transformers. Ids come from the
-    `backend` setting's encoder (see `choose_backend`); decoding is always HF's.
+    first use, from its snapshot when one was saved (tokenizer_snapshot.py: the backend transformers built,
+    without importing transformers), so a restart never imports transformers unless it renders chat templates
+    or decodes. Ids come from the `backend` setting's encoder (see `choose_backend`); decoding is always HF's.
     """
 
     def __init__(self, name: str, *, base_dir: Path | None = None, file: str | None = None,
@@ -71,6 +75,7 @@ class Encoder:
         self.path = resolve_tokenizer(name, base_dir=base_dir, file=file)
         self.fingerprint = files_fingerprint(self.path)
         self._tokenizer: Any = None
+        self._snapshot: TokenizerSnapshot | None = None
         self._flat: FlatEncoder | None = None  # the encode backend, once chosen
         self._chat: ChatRenderer | None = None
 
@@ -78,17 +83,29 @@ class Encoder:
     def tokenizer(self) -> Any:
         """The transformers tokenizer, loaded on first use; ConfigError if it cannot be used."""
         if self._tokenizer is None:
-            tokenizer = load_tokenizer(str(self.path), file=self.file)
-            if tokenizer.eos_token_id is None:
+            self._tokenizer = load_tokenizer(str(self.path), file=self.file)
+        return self._tokenizer
+
+    @property
+    def snapshot(self) -> TokenizerSnapshot:
+        """The tokenizer's Rust backend and facts: saved ones, else taken from transformers and saved; ConfigError
+        if the tokenizer cannot be used."""
+        if self._snapshot is None:
+            path = snapshot_path(cache_home(), self.fingerprint)
+            snapshot = read_snapshot(path)
+            if snapshot is None:
+                snapshot = TokenizerSnapshot.of(self.tokenizer)
+                write_snapshot(path, snapshot)
+            if snapshot.facts.eos_id is None:
                 raise ConfigError(f"tokenizer {self.name!r} has no EOS token", key="model_name", file=self.file,
                                   fix="use a tokenizer whose tokenizer_config.json sets eos_token")
-            self._tokenizer = tokenizer
-        return self._tokenizer
+            self._snapshot = snapshot
+        return self._snapshot
 
     @property
     def backend(self) -> Any:
         """The Rust `tokenizers.Tokenizer`."""
-        return self.tokenizer.backend_tokenizer
+        return self.snapshot.backend
 
     @property
     def backend_name(self) -> str:
@@ -133,7 +150,7 @@ class Encoder:
 
     def _probes(self, data: Sequence[Sample], chat: bool) -> list[str]:
         """The probe strings: fixed, added tokens, chat template output, and what `data` is encoded as."""
-        added = [token.content for token in self.tokenizer.added_tokens_decoder.values()]
+        added = self.snapshot.facts.added
         extra = [text for s in data for text in (s.text, *(_pieces(s) if s.masked else ()))]
         if chat:
             for prompt, gen in CHAT_PROBES:
@@ -144,18 +161,20 @@ class Encoder:
     @property
     def eos_id(self) -> int:
         """The id appended to every sample."""
-        return int(self.tokenizer.eos_token_id)
+        eos = self.snapshot.facts.eos_id
+        assert eos is not None  # checked when the snapshot loads
+        return eos
 
     @property
     def pad_id(self) -> int:
         """The padding id (EOS when the tokenizer has no pad token)."""
-        pad = self.tokenizer.pad_token_id
-        return self.eos_id if pad is None else int(pad)
+        pad = self.snapshot.facts.pad_id
+        return self.eos_id if pad is None else pad
 
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""
-        return len(self.tokenizer)
+        return self.snapshot.facts.vocab_size
 
     def facts(self) -> TokenFacts:
         """Vocabulary size, EOS and padding ids (loads the tokenizer)."""

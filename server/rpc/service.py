@@ -90,6 +90,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
         if len(request.cursor) > limits.max_cursor_kb << 10:
             raise invalid("open.cursor", f"{len(request.cursor)} bytes exceeds the limit {limits.max_cursor_kb} KB")
         _check_text("open.client_id", request.client_id)
+        _check_text("open.run_id", request.run_id)
         return dataset, world, seq_len
 
     async def _first(self, request_iterator: AsyncIterator[feed_pb2.StreamRequest]) -> feed_pb2.Open:
@@ -139,7 +140,7 @@ class DataFeedService(feed_pb2_grpc.DataFeedServicer):
             loop = asyncio.get_running_loop()
             feed = await loop.run_in_executor(self.executor, lambda: Feed(
                 dataset, rank=request.rank, world_size=world, batch_size=request.batch_size, seq_len=seq_len,
-                start=start, secret=self.cursor_secret))
+                start=start, secret=self.cursor_secret, run=request.run_id))
             stream.client.epoch = feed.epoch
             opened = feed_pb2.StreamResponse(opened=feed_pb2.Opened(dataset=dataset_info(dataset), seq_len=seq_len))
             await writer.write(messages([opened.SerializeToString()], request.accept_parts))

@@ -28,6 +28,9 @@ costs duplicate work, never a wrong store, since the manifest is the commit poin
 deterministic (each shard written whole). The same holds on an S3-compatible server that ignores conditional
 requests (AWS S3 and moto >= 5 honour them): there two builders may both build.
 
+The same slots, named otherwise (`slot(location, name)`), hold other records written once: a run's record of an
+epoch's files (feed/run_members.py).
+
 Use: `wait_or_build(location, build, ready)` returns once `ready()` (the manifest exists and is valid),
 calling `build(lease)` itself when it wins the lease and reporting the holder through `on_wait` while another
 process builds (`HolderInfo.describe()`: "waiting for build by HOST/PID"). Lower level: `Lease.try_acquire`,
@@ -98,15 +101,17 @@ _LOCAL_CAS = threading.Lock()  # flock is per open file, this makes the compare-
 
 
 class LocalSlot:
-    """A lease file: created whole by a hard link; replaced (temporary file + rename) or deleted under an flock."""
+    """A lease file (or another record, `name`): created whole by a hard link; replaced (temporary file + rename)
+    or deleted under an flock."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path, self.lock_path, self.where = folder / LEASE, folder / f"{LEASE}.lock", str(folder / LEASE)
+    def __init__(self, folder: Path, name: str = LEASE) -> None:
+        self.name, self.path, self.lock_path = name, folder / name, folder / f"{name}.lock"
+        self.where = str(self.path)
 
     def create(self, data: bytes) -> str | None:
         """Put the record in place whole (a reader never sees a half-written lease), unless one exists."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f"{LEASE}.tmp-{secrets.token_hex(4)}")
+        temp = self.path.with_name(f"{self.name}.tmp-{secrets.token_hex(4)}")
         try:
             temp.write_bytes(data)
             os.link(temp, self.path)  # fails if the lease exists: an exclusive create of a complete file
@@ -135,7 +140,7 @@ class LocalSlot:
         with self._locked() as current:
             if current is None or current.version != version:
                 return None
-            temp = self.path.with_name(f"{LEASE}.tmp-{secrets.token_hex(4)}")
+            temp = self.path.with_name(f"{self.name}.tmp-{secrets.token_hex(4)}")
             try:
                 temp.write_bytes(data)
                 os.replace(temp, self.path)
@@ -207,17 +212,19 @@ def has_lease(location: str) -> bool:
     return scheme in ("", "file", "s3") or len(scheme) == 1
 
 
-def slot(location: str) -> Slot:
-    """The lease slot of a store location: a local path, `file://...` or `s3://bucket/prefix`."""
+def slot(location: str, name: str = LEASE) -> Slot:
+    """The lease slot of a store location (a local path, `file://...` or `s3://bucket/prefix`), or the slot of
+    another record `name` (a path under the location) with the same atomic operations."""
     parsed = urlparse(location)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a Windows drive letter is a path
-        return LocalSlot(Path(parsed.path if parsed.scheme == "file" else location))
+        path = Path(parsed.path if parsed.scheme == "file" else location) / name
+        return LocalSlot(path.parent, path.name)
     if parsed.scheme == "s3":
         if importlib.util.find_spec("boto3") is None:
             raise ConfigError(f"the build lease on s3:// locations needs boto3, which is not installed: {location}",
                               key="dataset.cache_dir", fix="pip install 'sigil-feed[s3]'")
         prefix = parsed.path.strip("/")
-        return S3Slot(parsed.netloc, f"{prefix}/{LEASE}" if prefix else LEASE)
+        return S3Slot(parsed.netloc, f"{prefix}/{name}" if prefix else name)
     raise ConfigError(f"no build lease on {parsed.scheme}:// locations (a local path or s3:// only): {location}",
                       key="dataset.cache_dir", fix="build the store beforehand with `sigil-feed cache build`")
 

@@ -70,7 +70,8 @@ class ShardMaps:
         """These shards' token arrays, held for the block: a remote store's are fetched if missing and kept from
         eviction until the block ends; use the arrays only inside it."""
         if self.local:
-            yield {i: self._map(i, self.fs.local_path(self.paths[i])) for i in indices}
+            maps = self._maps
+            yield {i: maps[i] if i in maps else self._map(i, self.fs.local_path(self.paths[i])) for i in indices}
             return
         if self.cache is None:
             raise RuntimeError(f"the store at {self.fs.location} is remote: it is read through a shard cache")

@@ -98,10 +98,10 @@ def run(store: Any, layout: EpochLayout, world: int, batch: int, seq: int, pack:
         if all(b is None for b in batches):
             break
         for p, rows in zip(packers, batches, strict=True):  # the deal's rows, ascending (keep: a prefix of them)
+            dealt = p.deal.rows(at).tolist()
             for j in range(0 if rows is None else rows.input_ids.shape[0]):
-                g = int(p.deal.rows(at)[j])
-                assert g not in got
-                got[g] = row_content(rows, j)
+                assert dealt[j] not in got
+                got[dealt[j]] = row_content(rows, j)
         step += 1
         assert len({p.row for p, b in zip(packers, batches, strict=True) if b is not None}) == 1
     return got, packers[0].row

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import xxhash
 
+from ...paths import cache_home
+
 log = logging.getLogger(__name__)
 
 DIGESTS_FILE = "file-digests.json"
 READ_BYTES = 8 << 20
 FileIdentity = list[object]
 """A file's content identity as JSON: `[size, digest]`."""
-
-
-def cache_folder() -> Path:
-    """The folder of the digest sidecar: `$SIGIL_FEED_CACHE`, else `~/.cache/sigil-feed` (the token stores' default)."""
-    return Path(os.environ.get("SIGIL_FEED_CACHE", Path.home() / ".cache" / "sigil-feed"))
 
 
 def file_digest(path: str) -> str:
@@ -114,7 +111,7 @@ _caches_lock = threading.Lock()
 
 def digest_cache() -> DigestCache:
     """This process's digest cache for the current cache folder."""
-    file = cache_folder() / DIGESTS_FILE
+    file = cache_home() / DIGESTS_FILE
     with _caches_lock:
         return _caches.setdefault(file, DigestCache(file))
 
