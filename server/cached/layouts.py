@@ -35,7 +35,8 @@ class EpochLayouts(Generic[M]):
         self.seed, self.window_shards, self.pack, self.epochs, self.pool = seed, window_shards, pack, epochs, pool
         self.jobs: OrderedDict[tuple[int, M], Future[EpochLayout]] = OrderedDict()
         self.kept: OrderedDict[M, np.ndarray] = OrderedDict()  # served sequences by mixture
-        self.planned: OrderedDict[tuple[int, tuple[tuple[int, M], ...], int], list[tuple[int, EpochLayout]]] = \
+        self.planned: OrderedDict[tuple[int, tuple[tuple[int, M], ...], int],
+                                   list[tuple[int, EpochLayout, TokenStore]]] = \
             OrderedDict()  # segments by (epoch, plan, seq_len)
         self.lock = threading.Lock()
 
@@ -63,16 +64,22 @@ class EpochLayouts(Generic[M]):
         self.jobs.move_to_end(key)
         return job
 
-    def segments(self, epoch: int, plan: tuple[tuple[int, M], ...], seq_len: int) -> list[tuple[int, EpochLayout]]:
-        """The segments of an epoch's plan ((start row, mixture) pairs, more than one): each one's first global row
-        and layout (computed on the calling thread, once per epoch, plan and row length)."""
+    def segments(self, epoch: int, plan: tuple[tuple[int, M], ...], seq_len: int,
+                 other: Callable[[M], EpochLayouts[M]] | None = None) -> list[tuple[int, EpochLayout, TokenStore]]:
+        """The segments of an epoch's plan ((start row, mixture) pairs, more than one): each one's first global row,
+        layout and store (computed on the calling thread, once per epoch, plan and row length). `other(mixture)`:
+        the layouts of the store a mixture is over (None: every mixture is over this store)."""
         key = (epoch, plan, seq_len)
         with self.lock:
             done = self.planned.get(key)
         if done is None:
-            done = plan_segments(self.store, self.get(epoch, plan[0][1]), list(plan), self.sequences,
-                                 virtual=self.virtual, seed=self.seed, epoch=epoch, window_shards=self.window_shards,
-                                 seq_len=seq_len, pack=self.pack)
+            def over(mixture: M) -> tuple[TokenStore, Callable[[M, np.ndarray | None], np.ndarray]]:
+                layouts = self if other is None else other(mixture)
+                return layouts.store, layouts.sequences
+
+            done = plan_segments(self.get(epoch, plan[0][1]), list(plan), over, virtual=self.virtual,
+                                 seed=self.seed, epoch=epoch, window_shards=self.window_shards, seq_len=seq_len,
+                                 pack=self.pack)
             with self.lock:
                 self.planned[key] = done
                 while len(self.planned) > LAYOUTS_KEPT:

@@ -53,11 +53,11 @@ AHEAD_BATCHES = 2
 
 class CachedPacker(Stage[Rows, CachedState]):
     """One rank's batches for one epoch of a token store's layout (and the epoch's later segments, `later`: each
-    one's first global row and layout)."""
+    one's first global row, layout and store, another one after a source list changed inside the epoch)."""
 
     def __init__(self, store: TokenStore, layout: EpochLayout, deal: Deal, *, seq_len: int, pack: bool,
                  completion_only: bool, pad_id: int, remainder: str, offset: int = 0,
-                 later: Sequence[tuple[int, EpochLayout]] = ()) -> None:
+                 later: Sequence[tuple[int, EpochLayout, TokenStore]] = ()) -> None:
         self.store, self.layout, self.deal = store, layout, deal
         self.seq_len, self.pack, self.completion_only, self.pad_id = seq_len, pack, completion_only, pad_id
         self.remainder = remainder
@@ -69,13 +69,13 @@ class CachedPacker(Stage[Rows, CachedState]):
         self.first, self.rows = blocks(self.local, layout.region)  # per virtual rank: its block's first row, rows
         self.row = offset
         self.later: list[CachedPacker] = []  # each cuts the rows from its offset on
-        for start, part in later:
+        for start, part, part_store in later:
             if start >= self.total:  # the segment before ended the epoch
                 break
             self.total = start
             if not len(part.items):  # nothing left to lay out: the epoch ends where the segment would start
                 break
-            self.later.append(CachedPacker(store, part, deal, seq_len=seq_len, pack=pack, pad_id=pad_id,
+            self.later.append(CachedPacker(part_store, part, deal, seq_len=seq_len, pack=pack, pad_id=pad_id,
                                            completion_only=completion_only, remainder=remainder, offset=start))
             self.total = self.later[-1].total
 

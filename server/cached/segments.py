@@ -11,7 +11,9 @@ unserved left (`all_exhausted` restarting it), as in any epoch. Every rank of an
 segments from the plan alone, and the packer cuts each global row from the segment it falls in (packer.py). A
 segment left with fewer samples than V, or starting past the rows of the one before (a cursor after the epoch's
 last step, a phase from a row the epoch does not reach), ends the epoch at the end of the one before: the new
-mixture takes effect with the next epoch.
+mixture takes effect with the next epoch. A segment may be laid out over another token store than the one before
+(a source added to or removed from `names` inside the epoch): the served counts follow each source by its content
+(source_keys.py), so a source added starts at its first sample and one removed keeps its progress.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from ..store.reader import TokenStore
 from .layout import EpochLayout, blocks, epoch_layout
+from .source_keys import source_keys
 
 M = TypeVar("M")
 """A mixture."""
@@ -52,23 +55,47 @@ def served_counts(store: TokenStore, layout: EpochLayout, rows: int, *, seq_len:
     return np.bincount(layout.items[np.unique(picked)], minlength=len(store.lengths))  # an item two blocks cut: once
 
 
-def segments(store: TokenStore, first: EpochLayout, plan: list[tuple[int, M]],
-             sequence: Callable[[M, np.ndarray | None], np.ndarray], *, virtual: int, seed: int | None, epoch: int,
-             window_shards: int, seq_len: int, pack: bool) -> list[tuple[int, EpochLayout]]:
+Over = Callable[[M], tuple[TokenStore, Callable[[M, np.ndarray | None], np.ndarray]]]
+"""A mixture's token store and served sequence (`sequence(mixture, served)`: less `served`, counts per store
+sample)."""
+
+
+def segments(first: EpochLayout, plan: list[tuple[int, M]], over: Over[M], *, virtual: int, seed: int | None,
+             epoch: int, window_shards: int, seq_len: int, pack: bool) -> list[tuple[int, EpochLayout, TokenStore]]:
     """The segments of `plan` ((start row, mixture) pairs; `first` is segment 0's layout): each one's first global
-    row and layout. `sequence(mixture, served)` is the served sequence of a mixture less `served` (counts per store
-    sample)."""
+    row, layout and token store. A mixture over another store than the segment before (a source added or removed
+    inside the epoch) takes each source's served counts by its content key (source_keys.py): a source the epoch
+    served before continues with what it left unserved, a new one starts whole, and a source that leaves keeps
+    its counts for a later segment that brings it back."""
+    store = over(plan[0][1])[0]
     served = np.zeros(len(store.lengths), dtype=np.int64)
+    progress: dict[str, np.ndarray] = {}  # by source key: the served counts of sources left behind
     layout, offset = first, 0
-    done = [(0, first)]
+    done = [(0, first, store)]
     for index, (start, mixture) in enumerate(plan[1:], start=1):
-        over = start - offset >= layout_rows(layout, seq_len=seq_len, pack=pack)  # a resume past the epoch's end
+        over_end = start - offset >= layout_rows(layout, seq_len=seq_len, pack=pack)  # a resume past the epoch's end
         served += served_counts(store, layout, start - offset, seq_len=seq_len, pack=pack)
+        target, sequence = over(mixture)
+        if target is not store:
+            served = _carried(store, served, target, progress)
+            store = target
         items = sequence(mixture, served)
-        if over or len(items) < virtual:
+        if over_end or len(items) < virtual:
             items = items[:0]
         layout = epoch_layout(store, items, virtual=virtual, seed=seed, epoch=epoch + (index << 32),
                               window_shards=window_shards, pack=pack)
         offset = start
-        done.append((offset, layout))
+        done.append((offset, layout, store))
     return done
+
+
+def _carried(store: TokenStore, served: np.ndarray, target: TokenStore, progress: dict[str, np.ndarray]) -> np.ndarray:
+    """`served` (counts per sample of `store`) as counts per sample of `target`, by source; every source of
+    `store` has its counts kept in `progress`, from which `target`'s sources take theirs (none: it starts whole)."""
+    for source, key in enumerate(source_keys(store)):
+        progress[key] = served[store.source == source]
+    carried = np.zeros(len(target.lengths), dtype=np.int64)
+    for source, key in enumerate(source_keys(target)):
+        if key in progress:
+            carried[target.source == source] = progress[key]
+    return carried

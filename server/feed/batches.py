@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from ..cached.packer import CachedPacker, CachedState
 from ..rows.batch import Rows
+from ..store.reader import TokenStore
 from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
+from .source_change import changed_sources, sources_changed
 
 
 @dataclass
@@ -45,27 +47,36 @@ class Feed:
                                       f"from the end of epoch {after - 1}, served with another list)",
                                       "sources changed on resume")
         if start is not None and start.state is not None:
-            if start.sources == dataset.sources:
-                self._resume(start, start.state)
-            elif start.ended and isinstance(start.state, CachedState):
+            if start.ended:  # after the epoch's last step: it ends there, whatever the sources are now
                 self.end_row = start.state.row
+            elif start.sources == dataset.sources or isinstance(start.state, CachedState):
+                self._resume(start, start.state)
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
-                              "was added or removed, or a source's filter changed): sources change only at an "
-                              "epoch boundary; resume from a cursor taken at an epoch's end (the next epoch "
-                              "serves the new sources), or restore dataset.names until this epoch ends")
+                              "was added or removed, or a source's filter changed): in streaming mode sources change "
+                              "only at an epoch boundary; resume from a cursor taken at an epoch's end (the next "
+                              "epoch serves the new sources), or restore dataset.names until this epoch ends")
 
     def _resume(self, start: Cursor, state: CachedState | StreamState) -> None:
-        """Open the cursor's epoch at its position, under its plan and membership."""
+        """Open the cursor's epoch at its position, under its plan and membership (cached mode: its later mixtures
+        over the store of this dataset's source list, when the epoch was served under another)."""
         dataset = self.dataset
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
+        virtual = None
         if isinstance(state, CachedState):
             at, unit = state.row, "row"
         else:  # the next shuffle block none of which is served
             at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
-        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
-        self.packer = packer = self._open_epoch()
+        now, before = "", None  # cached mode, another source list than the epoch's: the store of this dataset's
+        if isinstance(state, CachedState):
+            now, before = self._other_sources(start, state)
+            if now or any(body.m for body in start.mixture or ()):  # segments over more than one store
+                virtual = state.virtual
+        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit, now)
         try:
+            self.packer = packer = self._open_epoch(virtual)
+            if now and before is not None:
+                changed_sources(dataset, self.epoch, at, before, dataset.members_layouts(now).store)
             if isinstance(packer, CachedPacker):
                 if not isinstance(state, CachedState):
                     raise ValueError("a streaming-mode state")
@@ -78,14 +89,31 @@ class Feed:
             raise refused("its position does not exist in this dataset (a state of another mode, source "
                           "list or number of virtual ranks)") from None
 
-    def _open_epoch(self) -> Packer | CachedPacker:
+    def _other_sources(self, start: Cursor, state: CachedState) -> tuple[str, TokenStore | None]:
+        """Cached mode: the membership whose store the resumed epoch goes on over when its source list is not this
+        dataset's ("" when it is), and the store its rows before the resumed row were served from (None: the epoch
+        already went on over another list, and this one is that list or the same sources again)."""
+        dataset, carried = self.dataset, start.mixture or []
+        now = dataset.memberships.of_epoch(self.epoch, self.run).fingerprint
+        later = [body for body in carried if body.m]
+        if now == start.members and not later:
+            return "", None
+        served = [body for body in carried if body.at < state.row]
+        before = dataset.members_layouts((served[-1].m if served else None) or start.members).store
+        after = dataset.members_layouts(now).store
+        if not later and not sources_changed(before, after, dataset.specs):
+            return "", None  # the same sources, their data moved, grown or changed: the epoch's own store
+        return ("" if now == start.members else now), (before if before is not after else None)
+
+    def _open_epoch(self, virtual: int | None = None) -> Packer | CachedPacker:
         """The epoch's packer, over the membership its cursor names, else the one the epoch has in this run (or on
-        this server), and under the epoch's mixture plan."""
+        this server), and under the epoch's mixture plan (cached mode: over `virtual` virtual ranks, None: the
+        config's)."""
         self.members = self.members or self.dataset.memberships.of_epoch(self.epoch, self.run).fingerprint
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
-                                   plan=self.plan)
+                                   plan=self.plan, virtual=virtual)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state = mixture = None
@@ -93,7 +121,7 @@ class Feed:
         ended = False
         if packer is not None:
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
-            ended = isinstance(packer, CachedPacker) and packer.ended
+            ended = packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
                       ended).encode(self.secret)
 

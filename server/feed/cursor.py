@@ -3,8 +3,10 @@
 Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": dataset fingerprint, "epoch", "seq_len",
 "state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
 fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py), "mix": the mixture the
-epoch is served under (inside an epoch; mixtures.py), "src": the source list's fingerprint (inside an epoch the
-sources may not change), "end": true after the epoch's last step (cached mode)}. The tag is
+epoch is served under (inside an epoch; mixtures.py; in cached mode a mixture names its membership when a source
+was added or removed inside the epoch), "src": the source list's fingerprint (in streaming mode, inside an epoch
+the sources may not change), "end": true after the epoch's last step (cached mode; streaming mode once the
+stream's end was read)}. The tag is
 an HMAC-SHA256 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version
 and the body, which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was
 made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last
@@ -68,7 +70,7 @@ class Cursor:
     members: str = ""  # the epoch's membership (the content fingerprint of its sources' files); "" before it starts
     mixture: list[MixBody] | None = None  # `epoch`'s plan (mixtures.py; None at its start: the configured one)
     sources: str = ""  # the source list it was made under (its kinds and filter overrides)
-    ended: bool = False  # the position is after the epoch's last step (cached mode knows it)
+    ended: bool = False  # the position is after the epoch's last step (as far as the packer knows)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""

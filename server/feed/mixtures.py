@@ -8,7 +8,10 @@ whose plan for the epoch differs from the resumed position on keeps the carried 
 takes the configured one from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so
 the epoch's rows before it are the ones already served and the rest follows the new configuration; the packers
 make sure nothing served is served again while unserved samples of its source remain (cached/segments.py,
-streaming/block_order.py).
+streaming/block_order.py). In cached mode a mixture may name the membership (token store) whose sources its weights
+are over: a resume under another source list inside the epoch (feed/source_change.py) lays the rest of the epoch
+out over the new list's store, and the plan keeps each earlier mixture's store, so a later resume recomputes
+what every source served.
 """
 
 from __future__ import annotations
@@ -31,21 +34,26 @@ CHANGES_KEPT = 8  # accepted mixture changes remembered for GetStats
 
 class MixBody(BaseModel):
     """One mixture of an epoch's plan, as a cursor carries it: source weights in `names` order (by position, not
-    path: data that moves keeps its cursors), task weights (None: one copy each), and the position it applies from."""
+    path: data that moves keeps its cursors), task weights (None: one copy each), the position it applies from, and
+    (cached mode, after a source was added or removed inside the epoch) the membership whose sources the weights
+    are over (None: the epoch's own, the cursor's `members`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
     at: Count = 0
+    m: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 @dataclass(frozen=True)
 class Mixture:
-    """The weights one epoch is served under: a weight per source (in `names` order) and the task weights."""
+    """The weights one epoch is served under: a weight per source (in `names` order) and the task weights, and in
+    cached mode the membership (token store) whose sources the weights are over when it is not the epoch's own."""
 
     weights: tuple[float, ...]
     tasks: tuple[tuple[str, float], ...] | None  # sorted by task; None: every task once
+    members: str = ""  # "": the epoch's membership; else a source list changed inside the epoch (cached mode)
 
     @property
     def task_weights(self) -> dict[str, float] | None:
@@ -54,11 +62,12 @@ class Mixture:
 
     def body(self, at: int) -> MixBody:
         """The mixture as a cursor carries it, applying from position `at`."""
-        return MixBody(w=list(self.weights), t=self.task_weights, at=at)
+        return MixBody(w=list(self.weights), t=self.task_weights, at=at, m=self.members or None)
 
     def describe(self, specs: list[str]) -> str:
-        """The mixture for people: `a=1 b=0.5; tasks: explain=2`."""
-        text = " ".join(f"{spec}={weight:g}" for spec, weight in zip(specs, self.weights, strict=True))
+        """The mixture for people: `a=1 b=0.5; tasks: explain=2` (weights over another source list: `#0=1 #1=0.5`)."""
+        names = specs if len(specs) == len(self.weights) else [f"#{i}" for i in range(len(self.weights))]
+        text = " ".join(f"{spec}={weight:g}" for spec, weight in zip(names, self.weights, strict=True))
         return text + ("" if self.tasks is None else "; tasks: " + " ".join(f"{k}={v:g}" for k, v in self.tasks))
 
 
@@ -131,22 +140,25 @@ class Mixtures:
         """The plan as a cursor carries it."""
         return [mixture.body(start) for start, mixture in plan]
 
-    def resumed(self, epoch: int, carried: list[MixBody] | None, at: int, unit: str) -> Plan:
+    def resumed(self, epoch: int, carried: list[MixBody] | None, at: int, unit: str, members: str = "") -> Plan:
         """The plan of a cursor inside `epoch` resumed at position `at`: the one it carries before `at`, and the
         configured one from `at` on when it differs (logged and kept for GetStats); FAILED_PRECONDITION when it
-        names a source this dataset lacks or its positions do not rise from 0."""
-        configured = self.plan(epoch)
+        names a source this dataset lacks or its positions do not rise from 0. `members` (cached mode): the
+        membership the configured mixtures are over when the epoch's source list is no longer this dataset's (a
+        source added or removed inside the epoch; "": the same list), so each mixture names its sources' store."""
+        configured = tuple((start, Mixture(m.weights, m.tasks, members)) for start, m in self.plan(epoch))
         if not carried:
             return configured
         plan: Plan = ()
+        positional = not members and all(body.m is None for body in carried)
         for body in carried:
-            if len(body.w) != len(self.specs):
+            if positional and len(body.w) != len(self.specs):
                 raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
-                              f"{len(self.specs)}: sources cannot change inside an epoch")
+                              f"{len(self.specs)}")
             if (body.at != 0) if not plan else body.at <= plan[-1][0]:
                 raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
-            plan += ((body.at, Mixture(tuple(body.w),
-                                       None if body.t is None else tuple(sorted(body.t.items())))),)
+            plan += ((body.at, Mixture(tuple(body.w), None if body.t is None else tuple(sorted(body.t.items())),
+                                       body.m or "")),)
         served = tuple((start, mixture) for start, mixture in plan if start <= at)
         old, new = plan_at(plan, at), plan_at(configured, at)
         if new != old:

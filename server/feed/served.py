@@ -257,20 +257,26 @@ class ServedDataset:
             self._members[store.manifest.fingerprint] = layouts
         self.layouts = layouts
 
-    def _layouts(self, store: TokenStore) -> EpochLayouts:
-        """The epoch layouts of a store's samples, mixed."""
+    def _layouts(self, store: TokenStore, virtual: int | None = None) -> EpochLayouts:
+        """The epoch layouts of a store's samples, mixed (over `virtual` virtual ranks; None: from the config). A store
+        of another source list (an epoch begun, or continued, before a source was added or removed) serves only the
+        epoch it was resumed in: no later epoch is laid out over it."""
         section = self.section
-        sequences = partial(_served_sequence, store, self.specs, section)
-        items = len(sequences(self.mixtures.at(0), None))  # V is fixed by epoch 0's mixture, for the run's life
-        return EpochLayouts(store, sequences, self.mixtures.at, virtual=virtual_ranks(section.virtual_ranks, items),
-                            seed=section.shuffle_seed, window_shards=section.shuffle_window_shards,
-                            pack=self.config.pack, epochs=section.epochs, pool=self.runtime.layout_pool)
+        sequences = partial(_served_sequence, store, section)
+        own = len(store.manifest.sources) == len(self.specs)
+        if virtual is None:  # V is fixed by epoch 0's mixture, for the run's life
+            virtual = virtual_ranks(section.virtual_ranks, len(sequences(self.mixtures.at(0), None)) if own else 0)
+        return EpochLayouts(store, sequences, self.mixtures.at, virtual=virtual, seed=section.shuffle_seed,
+                            window_shards=section.shuffle_window_shards, pack=self.config.pack,
+                            epochs=section.epochs if own else 0, pool=self.runtime.layout_pool)
 
-    def members_layouts(self, members: str) -> EpochLayouts:
+    def members_layouts(self, members: str, virtual: int | None = None) -> EpochLayouts:
         """The epoch layouts of an epoch that began over another membership of the sources' files (files added or
-        changed since): the store of that membership, which must still be in the cache folder, else Refused."""
+        changed since, or another source list), over `virtual` virtual ranks (None: the config's): the store of that
+        membership, which must still be in the cache folder, else Refused."""
         with self._members_lock:
-            if members not in self._members:
+            layouts = self._members.get(members)
+            if layouts is None:
                 fs = self.lifecycle.fs
                 cache = self._shard_cache() if not fs.is_local else None
                 try:
@@ -281,8 +287,10 @@ class ServedDataset:
                                   "resume from the epoch's end, or restore that store in the cache folder") from None
                 log.info("dataset %s: serving an epoch begun over an earlier membership of the sources' files from "
                          "its token store %s", self.name, store.location)
-                self._members[members] = self._layouts(store)
-            return self._members[members]
+                layouts = self._members[members] = self._layouts(store, virtual)
+            elif virtual is not None and layouts.virtual != virtual:
+                layouts = self._members[members] = self._layouts(layouts.store, virtual)
+            return layouts
 
     def prepare_in_background(self) -> None:
         """Start `prepare` in a thread; streams wait for it (see `wait_ready`)."""
@@ -347,17 +355,21 @@ class ServedDataset:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-               members: str | None = None, plan: Plan | None = None) -> Packer | CachedPacker:
+               members: str | None = None, plan: Plan | None = None, virtual: int | None = None
+               ) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
         membership, from its cursor; None: the one fixed for the epoch here, see membership.py) and under `plan` (the
-        epoch's mixtures; None: the configured mixture throughout)."""
+        epoch's mixtures; None: the configured mixture throughout). Cached mode: `virtual`, the epoch's virtual ranks
+        when its cursor names them (None: the config's); a mixture of the plan over another membership (a source list
+        changed inside the epoch) is laid out over that membership's store."""
         section = self.section
         members = members or self.memberships.of_epoch(epoch).fingerprint
         plan = plan or self.mixtures.plan(epoch)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
-            layouts = self.members_layouts(members)
-            (_, layout), *later = [(0, layouts.get(epoch, plan[0][1]))] if len(plan) == 1 else \
-                layouts.segments(epoch, plan, seq_len)
+            layouts = self.members_layouts(members, virtual)
+            other = partial(self._mixture_layouts, members) if any(m.members for _, m in plan) else None
+            (_, layout, _), *later = [(0, layouts.get(epoch, plan[0][1]), layouts.store)] if len(plan) == 1 else \
+                layouts.segments(epoch, plan, seq_len, other)
             cached = CachedPacker(layouts.store, layout, Deal(rank, world_size, batch_size, layout.virtual),
                                   seq_len=seq_len, pack=self.config.pack, completion_only=section.completion_only,
                                   pad_id=self.facts.pad_id, remainder=section.remainder, later=later)
@@ -379,6 +391,10 @@ class ServedDataset:
                                                                 mixture=plan))
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
+
+    def _mixture_layouts(self, members: str, mixture: Mixture) -> EpochLayouts:
+        """The layouts of the store a mixture of an epoch begun over `members` is laid out over."""
+        return self.members_layouts(mixture.members or members)
 
     def _check_working_set(self, packer: CachedPacker, *, epoch: int, rank: int, world_size: int) -> None:
         """A remote store: the working set of the ranks of this world size with this epoch open here (this one
@@ -499,10 +515,14 @@ def _block_mix(plan: Plan, block: int) -> Mix:
     return mixture.weights, mixture.task_weights
 
 
-def _served_sequence(store: TokenStore, specs: list[str], section: DatasetSection, mixture: Mixture,
+def _served_sequence(store: TokenStore, section: DatasetSection, mixture: Mixture,
                      served: np.ndarray | None) -> np.ndarray:
-    """The store's served sequence under `mixture`, less `served` (cached/layout.served_sequence)."""
-    return served_sequence(store, sources=len(specs), mode=section.interleave_mode, stopping=section.stopping_strategy,
+    """The store's served sequence under `mixture` (a weight per source of the store), less `served`
+    (cached/layout.served_sequence); ValueError for a mixture of another number of sources."""
+    if len(mixture.weights) != len(store.manifest.sources):
+        raise ValueError(f"a mixture of {len(mixture.weights)} sources over a store of {len(store.manifest.sources)}")
+    return served_sequence(store, sources=len(store.manifest.sources), mode=section.interleave_mode,
+                           stopping=section.stopping_strategy,
                            weights=mixture.weights, task_weights=mixture.task_weights, seed=section.shuffle_seed or 0,
                            served=served)
 

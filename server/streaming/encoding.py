@@ -157,6 +157,17 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
                 self._enter(block, 0, 0)
         return True
 
+    def at_end(self) -> bool:
+        """Whether the epoch's last token was passed: the last block is used up (a block used up that ended at its
+        size may be the last: the next one is read to know, as the next row would)."""
+        block = self.block
+        if block is None:
+            return False
+        at, offset = self.position()
+        if block.last:
+            return at.taken == block.samples and not offset
+        return at.block != block.index and not self.more()
+
     def _enter(self, block: EncodedBlock, chunk_no: int, pos: int) -> None:
         self.block, self.chunk_no, self.chunk, self.pos = block, chunk_no, block.chunks[chunk_no].result(), pos
 

@@ -149,6 +149,17 @@ class Packer(Stage[Rows, StreamState]):
             mask[:n] = loss[:n]
         return n, [0]
 
+    @property
+    def ended(self) -> bool:
+        """Whether no window of the epoch is left for any rank, as far as the stream read tells (the stream's end
+        reached, or its last block used up): every rank's next batch is None."""
+        if self.wraps:
+            return True
+        end = self.end if self.end is not None else self.at if self.stream.at_end() else None
+        if end is None:
+            return False
+        return not len(replace(self.deal, rank=0).batch(self.row, -(-end // self.unit), self.remainder))
+
     def get_state(self) -> StreamState:
         """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
         and the wraps so far."""

@@ -1,6 +1,8 @@
-"""A source added to `names`, or one removed, at an epoch boundary, through the real server and client: a checkpoint
-taken at the end of an epoch resumes under the new source list, and the next epoch is exactly the one a run of
-the new configuration serves; a checkpoint taken inside an epoch is refused, saying why and what to do."""
+"""A source added to `names`, or one removed, through the real server and client. At an epoch boundary (the end of
+an epoch, or its last step's checkpoint), in both modes: the next epoch is exactly the one a run of the new
+configuration serves. Inside an epoch: cached mode continues the epoch from the resumed row under the new list
+(an added source from its first sample, a removed one no longer drawn, nothing served twice), on another world
+size, and says so in its log and GetStats; streaming mode refuses, saying why and what to do."""
 
 from __future__ import annotations
 
@@ -11,17 +13,17 @@ from typing import Any
 import grpc
 import pytest
 
-from sigil_feed.client import BatchStream, EpochEnd, FeedBatch, FeedDataset
-from sigil_feed.client.integrations.ranks import resume_state
+from sigil_feed.client import BatchStream, EpochEnd, FeedBatch
 from sigil_feed.client.stream import FeedServerError
 from tests.conftest import rust_pair, write_config, write_jsonl
 from tests.integration.test_elastic import STEP_ROWS, read
+from tests.integration.test_mixture_schedule import mixture
 
 BROAD, CURATED, EXTRA = "local:broad/*.jsonl", "local:curated.jsonl", "local:extra.jsonl"
 Batches = list[list[str]]
 
 
-def config(tmp_path: Path, cached: bool, names: list[str], name: str) -> Path:
+def config(tmp_path: Path, cached: bool, names: list[str], name: str, **more: Any) -> Path:
     if not (tmp_path / "extra.jsonl").exists():
         for part in range(2):
             write_jsonl(tmp_path / "broad" / f"part{part}.jsonl",
@@ -32,7 +34,7 @@ def config(tmp_path: Path, cached: bool, names: list[str], name: str) -> Path:
     return write_config(tmp_path / name, {
         "names": names, "use_cache": cached, "cache_dir": str(tmp_path / "cache"), "shuffle_seed": 3,
         "shuffle_block": 16, "virtual_ranks": 12, "remainder": "keep", "epochs": 2, "interleave_mode": "weighted",
-        "stopping_strategy": "all_exhausted"}, max_seq_len=64)
+        "stopping_strategy": "all_exhausted", **more}, max_seq_len=64, pack=more.pop("pack", True))
 
 
 def epochs(target: str, cursor: bytes = b"") -> tuple[dict[int, Batches], dict[int, list[bytes]], list[bytes]]:
@@ -63,19 +65,44 @@ def test_a_source_added_or_removed_at_an_epoch_boundary(tmp_path: Path, start_se
         resumed, _, _ = epochs(new.target, end)  # the EpochEnd cursor: the next epoch over the new sources
         assert resumed == {1: fresh[1]} and fresh[1] != before[1]
         assert any(f"epoch 1 from its start: sources now {', '.join(names)}" in line for line in new.output)
-        with pytest.raises(FeedServerError, match="sources change only at an epoch boundary") as err:
-            epochs(new.target, cursors[0][2])  # inside epoch 0
-        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        if cached:  # the cursor of the epoch's last step (what a checkpoint holds) resumes there too, on 3 ranks
-            assert read(new.target, 3, None, at_last_step)[0] == fresh[1]
-        else:  # streaming learns the epoch ended only past its last step: that cursor is inside it
-            with pytest.raises(FeedServerError, match="sources change only at an epoch boundary"):
-                read_first(new.target, at_last_step)
+        if not cached:
+            with pytest.raises(FeedServerError, match="sources change only at an epoch boundary") as err:
+                epochs(new.target, cursors[0][2])  # inside epoch 0
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        # the state of the epoch's last step (what a checkpoint holds) resumes there too, on 3 ranks
+        assert read(new.target, 3, None, at_last_step)[0] == fresh[1]
         new.stop()
 
 
-def read_first(target: str, states: list[Any]) -> None:
-    """Open a rank's stream from `states` and take one batch (raises what the server answers)."""
-    ds = FeedDataset(target, batch_size=STEP_ROWS)
-    ds.load_state_dict(resume_state(states, 0, 1))
-    next(iter(ds))
+def rows_of(start_server: Any, tmp_path: Path, name: str) -> set[str]:
+    """The rows of one source's samples (padded rows: one sample each), from a server of that source alone."""
+    alone = start_server(config(tmp_path, True, [name], f"only-{len(name)}.yaml", pack=False,
+                                stopping_strategy="first_exhausted"))
+    served = {row for batch in epochs(alone.target)[0][0] for row in batch}
+    alone.stop()
+    return served
+
+
+def test_a_source_added_and_one_removed_inside_a_cached_epoch(tmp_path: Path, start_server) -> None:
+    common: dict[str, Any] = {"pack": False, "stopping_strategy": "first_exhausted"}
+    old = start_server(config(tmp_path, True, [BROAD, CURATED], "old.yaml", **common))
+    before, cursors, _ = epochs(old.target)
+    _, states = read(old.target, 4, 3)  # 4 ranks, stopped after step 3 (the cursor of BatchStream's batch 2)
+    old.stop()
+    curated, extra = rows_of(start_server, tmp_path, CURATED), rows_of(start_server, tmp_path, EXTRA)
+    new = start_server(config(tmp_path, True, [BROAD, EXTRA], "new.yaml", **common))
+    resumed, _, _ = epochs(new.target, cursors[0][2])
+    served = [row for batch in before[0][:3] for row in batch]
+    after = [row for batch in resumed[0] for row in batch]
+    assert not set(after) & curated and set(after) & extra  # the removed source is not drawn; the added one is
+    assert len(served + after) == len(set(served + after))  # nothing served twice in the epoch
+    three = [row for batch in read(new.target, 3, None, states)[0] for row in batch]  # 4 -> 3 ranks: the same rows
+    assert sorted(three) == sorted(row for e in (0, 1) for batch in resumed[e] for row in batch)  # (keep's ragged
+    assert three[:len(after) // STEP_ROWS * STEP_ROWS] == after[:len(after) // STEP_ROWS * STEP_ROWS]  # last window)
+    fresh, _, _ = epochs(new.target)
+    assert resumed[1] == fresh[1]  # the next epoch: the new configuration's
+    (change,) = [c for c in mixture(new.target).accepted_changes if "sources now" in c]
+    assert change.startswith(f"epoch 0 from row {3 * STEP_ROWS}: sources now {BROAD}, {EXTRA} (added: {EXTRA}; "
+                             f"removed: {CURATED})")
+    assert any("sources changed on resume: epoch 0 from row" in line for line in new.output)
+    new.stop()

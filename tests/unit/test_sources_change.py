@@ -1,15 +1,21 @@
-"""Sources added to or removed from `names` at an epoch boundary, through Feed, in both modes: a cursor at an epoch's
-end (the end-of-epoch item's; in cached mode also the last step's, of any rank and world size) resumes under the
-new list, and every later epoch is exactly what a run of the new configuration serves; a cursor inside an epoch
-is refused, saying why."""
+"""Sources added to or removed from `names`, through Feed. At an epoch boundary, in both modes: a cursor at an epoch's
+end (the end-of-epoch item's, or the last step's, of any rank and world size) resumes under the
+new list, and every later epoch is exactly what a run of the new configuration serves. Inside an epoch, cached
+mode: the rest of the epoch follows the new list from the resumed row, on any world size, a source added starts
+at its first sample, one removed is no longer drawn and keeps its progress (back later in the epoch, it continues
+where it was), and no sample served in the epoch is served again while unserved ones of its source remain;
+streaming mode refuses it, saying why."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.errors import Refused
@@ -18,8 +24,8 @@ from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.runtime import Runtime
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
-from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, WORLDS, global_steps
-from tests.unit.test_mixture_schedules import make_dataset, write_sources
+from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, WORLDS, Step, global_steps, record
+from tests.unit.test_mixture_schedules import WEIGHTS, make_dataset, write_sources
 
 
 def epoch_end_cursor(dataset: ServedDataset, epoch: int) -> bytes:
@@ -50,14 +56,115 @@ def test_sources_change_at_an_epoch_boundary_and_are_refused_inside_one(
         assert resumed == [step for step in fresh if step[0] >= 1]
         last = max(i for i, step in enumerate(steps) if step[0] == 0)
         start = decode_cursor(cursors[last], fingerprint=new.fingerprint, seq_len=SEQ_LEN)
-        if cached:  # the last step's cursor is at the epoch's end too
-            assert global_steps(new, w2, cursors[last])[0] == resumed
-        elif len(before) != len(after):  # streaming learns of the end only past it
-            with pytest.raises(Refused, match="sources change only at an epoch boundary"):
-                Feed(new, rank=0, world_size=w2, batch_size=STEP_ROWS // w2, seq_len=SEQ_LEN, start=start)
+        assert start.ended  # the last step's cursor is at the epoch's end too (streaming: the stream's end was read)
+        assert global_steps(new, w2, cursors[last])[0] == resumed
         inside %= last + 1
-        if len(before) != len(after) and inside < last:  # (a source swapped for another of its kind, in its
-            # place, is that source with other data: data that moves and changes, see test_data_changes)
+        if len(before) != len(after) and inside < last and not cached:  # (a source swapped for another of its
+            # kind, in its place, is that source with other data: data that moves and changes, see test_data_changes)
             start = decode_cursor(cursors[inside], fingerprint=new.fingerprint, seq_len=SEQ_LEN)
             with pytest.raises(Refused, match="taken inside epoch 0, which began with another list of sources"):
                 Feed(new, rank=0, world_size=w2, batch_size=STEP_ROWS // w2, seq_len=SEQ_LEN, start=start)
+
+
+VIRTUAL = 2  # make_dataset's virtual ranks
+
+
+def source_rows(root: Path, name: str, runtime: Runtime, **common: Any) -> set[str]:
+    """The row hashes of one source's samples (one row each: padded rows, no task weight copies)."""
+    alone = make_dataset(root, [name], runtime, **common)
+    return {row for step in global_steps(alone, 1)[0] if step[0] == 0 for row in step[2]}
+
+
+def epoch_rows(steps: list[Step]) -> list[str]:
+    return [row for step in steps if step[0] == 0 for row in step[2]]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(st.lists(st.integers(4, 16), min_size=1, max_size=2).map(tuple), min_size=3, max_size=3)
+       .map(tuple), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS), w3=st.sampled_from(WORLDS),
+       before=st.sets(st.integers(0, 2), min_size=1), after=st.sets(st.integers(0, 2), min_size=1),
+       stop=st.integers(0, 30), again=st.integers(0, 30), pack=st.booleans(),
+       exhausted=st.sampled_from(["first_exhausted", "all_exhausted"]),
+       weights=st.none() | st.lists(st.sampled_from(WEIGHTS), min_size=3, max_size=3))
+def test_sources_added_or_removed_inside_an_epoch_serve_nothing_twice(
+        runtime: Runtime, files: tuple[tuple[int, ...], ...], w1: int, w2: int, w3: int, before: set[int],
+        after: set[int], stop: int, again: int, pack: bool, exhausted: str, weights: list[float] | None) -> None:
+    """Cached mode: stopped inside epoch 0 under the `before` sources on w1 ranks, resumed under `after` on w2, then
+    stopped again and resumed under `before` on w3 (a removed source comes back); packed rows are checked for an
+    exact resume, padded ones (a sample a row) for what they serve; the new list may come with new weights.
+    (Sources are paired by spec or files in
+    common: a source whose data moved, grew or changed is the same source, see test_data_changes.)"""
+    assume(before != after)
+    with TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = write_sources(root, files)
+        common = {"cached": True, "pack": pack, "dataset_weights": None, "task_weights": None,
+                  "stopping_strategy": exhausted}
+        rows = [source_rows(root, name, runtime, **{**common, "pack": False}) for name in names]
+        old = make_dataset(root, [names[i] for i in sorted(before)], runtime, **common)
+        kept = [names[i] for i in sorted(after)]
+        new = make_dataset(root, kept, runtime, **{**common, "dataset_weights": None if weights is None else
+                                                   {name: weights[i] for i, name in enumerate(kept)}})
+        steps, cursors = global_steps(old, w1)
+        inside = [i for i, step in enumerate(steps) if step[0] == 0][:-1]  # cursors before the epoch's last step
+        if not inside:
+            return
+        stop = inside[stop % len(inside)]
+        served = epoch_rows(steps[:stop + 1])
+        resumed, cursors2 = global_steps(new, w2, cursors[stop])
+        assert any("epoch 0 from row" in change for change in new.mixtures.changes)
+        assert [step for step in resumed if step[0] >= 1] == [step for step in global_steps(new, w2)[0]
+                                                               if step[0] >= 1]
+        if not pack:
+            check_served(served, epoch_rows(resumed), rows, before, after, exhausted)
+        assert global_steps(new, w3, cursors2[again % len(cursors2)])[0] == resumed[again % len(cursors2) + 1:]
+
+        inside2 = [i for i, step in enumerate(resumed) if step[0] == 0][:-1]
+        if not inside2:
+            return
+        stop2 = inside2[again % len(inside2)]
+        served2 = served + epoch_rows(resumed[:stop2 + 1])
+        back = global_steps(old, w3, cursors2[stop2])[0]  # `before` again: a removed source comes back
+        assert [step for step in back if step[0] >= 1] == [step for step in steps if step[0] >= 1]
+        if not pack:
+            check_served(served2, epoch_rows(back), rows, before | after, before, exhausted)
+
+
+def check_served(served: list[str], resumed: list[str], rows: list[set[str]], before: set[int], after: set[int],
+                 exhausted: str) -> None:
+    """What the epoch serves after a resume under the `after` sources, given what it served before (`before`: the
+    sources served before, `rows`: each source's row hashes)."""
+    assert not {row for s in set(range(len(rows))) - after for row in rows[s]} & set(resumed)  # removed: not drawn
+    if sum(len(rows[s] - set(served)) for s in after) < VIRTUAL:  # too few left for every virtual rank: it ends
+        assert not resumed
+        return
+    if exhausted == "first_exhausted":  # no source restarted: nothing twice in the epoch
+        everything = served + resumed
+        assert len(everything) == len(set(everything))
+    else:  # every source runs out: the rest of each source, and all of a new one, are served after the resume
+        for s in after:
+            assert rows[s] - set(served) <= set(resumed)
+
+
+def test_inside_an_epoch_sources_are_matched_by_content_and_one_that_changed_is_refused(
+        tmp_path: Path, runtime: Runtime) -> None:
+    """Cached mode: a source whose data moved to another folder is the same source beside one added (it continues,
+    nothing twice); a source kept in `names` whose file changed since the epoch began cannot continue: refused."""
+    names = write_sources(tmp_path, ((30,), (25,), (20,)))
+    common = {"cached": True, "pack": False, "dataset_weights": None, "task_weights": None,
+              "stopping_strategy": "first_exhausted"}
+    old = make_dataset(tmp_path, names[:2], runtime, **common)
+    steps, cursors = global_steps(old, 2)
+    served = epoch_rows(steps[:1])
+    shutil.copytree(tmp_path / "src0", tmp_path / "moved")
+    moved = make_dataset(tmp_path, [f"local:{tmp_path / 'moved'}/*.jsonl", *names[1:]], runtime, **common)
+    after = epoch_rows(global_steps(moved, 3, cursors[0])[0])
+    assert after and len(served + after) == len(set(served + after))
+    assert any("(added: " + names[2] + "; removed: none)" in change for change in moved.mixtures.changes)
+
+    with (tmp_path / "src1" / "part0.jsonl").open("a") as f:
+        f.write(json.dumps(record(999)) + "\n")
+    changed = make_dataset(tmp_path, names, runtime, **common)
+    start = decode_cursor(cursors[0], fingerprint=changed.fingerprint, seq_len=SEQ_LEN)
+    with pytest.raises(Refused, match=r"src1/\*.jsonl is in both lists but its files, or its filter, changed"):
+        Feed(changed, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
