@@ -172,13 +172,11 @@ class CachedPacker(Stage[Rows, CachedState]):
             np.concatenate([tokens[s][a:a + c] for s, a, c in zip(shard.tolist(), starts, count.tolist(), strict=True)],
                            out=real)
         filled = np.bincount(row, weights=count, minlength=len(v)).astype(np.int64)
-        where = np.arange(self.seq_len)[None, :] < filled[:, None]  # a partial row's padding comes last
-        ids = np.full((len(v), self.seq_len), self.pad_id, dtype=self.dtype)
-        ids[where] = real
+        ids = _as_rows(real, filled, self.seq_len, self.pad_id)
         mask = None
         if self.completion_only:
-            mask = np.ones((len(v), self.seq_len), dtype=np.uint8)
-            mask[where] = loss_mask(self.store.masked, sample, offset, count)
+            mask = _as_rows(loss_mask(self.store.masked, sample, offset, count).astype(np.uint8, copy=False), filled,
+                            self.seq_len, 1)
         segments = np.bincount(row, minlength=len(v)).astype(np.int32)
         return Rows(ids, count.astype(np.int32), segments, mask, len(real)), shard
 
@@ -237,3 +235,14 @@ class CachedPacker(Stage[Rows, CachedState]):
         if rows is None:
             raise StopIteration
         return rows
+
+
+def _as_rows(tokens: np.ndarray, filled: np.ndarray, seq_len: int, fill: int) -> np.ndarray:
+    """Tokens laid end to end as rows of `seq_len`, row r holding the next `filled[r]` of them and then `fill` (a
+    partial row's padding comes last). When every row is full (all but an epoch's last ones) that is `tokens`
+    itself, reshaped: no fill, mask and masked copy, three passes over a batch that can be 128 MB."""
+    if (filled == seq_len).all():
+        return tokens.reshape(len(filled), seq_len)
+    rows = np.full((len(filled), seq_len), fill, dtype=tokens.dtype)
+    rows[np.arange(seq_len)[None, :] < filled[:, None]] = tokens
+    return rows

@@ -128,9 +128,13 @@ class Admission:
             del self.by_host[place.host]
 
 
-LONG_WRITE_SHARE = 0.1
+LONG_WRITE_SHARE = 0.02
 """Most of the event loop's time that long writes (whole responses over wire.PARTS_OVER, to clients that do not
-accept Parts) may take while other streams are open."""
+accept Parts) may take while other streams are open. A write's cost (its copy on the loop) is only the start:
+gRPC then sends the 128 MB for a while after, and a small stream's p99 beside such a neighbour fell with the
+share (same runs, 2 loaded cores: 12-15 ms at 10%, 8 ms at 5%, 4-6 ms at 2%; bench/README.md), while an old
+client beside others still gets about one 1024x32768 batch every 1-2 s, more than a training step on 33 M
+tokens takes."""
 
 
 class LoopShare:
