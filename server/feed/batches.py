@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from ..cached.packer import CachedPacker, CachedState
 from ..rows.batch import Rows
+from ..streaming.block_mixtures import BlockPlan, next_block
 from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
+from .mixtures import Mixture, Plan
 from .served import ServedDataset
 
 
@@ -35,7 +37,8 @@ class Feed:
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
-        self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
+        # the open epoch's (a resumed epoch: its cursor's, and more; a resumed streaming epoch's: by block and row)
+        self.plan: Plan | BlockPlan[Mixture] = dataset.mixtures.plan(self.epoch)
         self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
         if start is not None and start.sources and start.sources != dataset.sources and (
                 start.state is None or start.ended):
@@ -59,10 +62,11 @@ class Feed:
         dataset = self.dataset
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
         if isinstance(state, CachedState):
-            at, unit = state.row, "row"
-        else:  # the next shuffle block none of which is served
-            at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
-        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit)
+            self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, state.row, "row")
+        else:  # from the next shuffle block none of which is served
+            self.plan = dataset.mixtures.resumed_blocks(
+                self.epoch, start.mixture, next_block(state.at.block, state.at.taken, state.offset, state.wraps),
+                state.row, unit=self.seq_len if dataset.config.pack else 1, pack=dataset.config.pack)
         self.packer = packer = self._open_epoch()
         try:
             if isinstance(packer, CachedPacker):
@@ -91,7 +95,16 @@ class Feed:
         members = ""
         ended = False
         if packer is not None:
-            state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
+            state, members = packer.get_state(), self.members or ""
+            if isinstance(packer, Packer):  # the blocks served so far, and the plan by row
+                at = packer.get_state()
+                chosen = packer.stream.blocks.mixtures
+                assert chosen is not None
+                until = next_block(at.at.block, at.at.taken, at.offset, at.wraps)
+                mixture = self.dataset.mixtures.block_body(chosen.blocks_before(until), chosen.plan.rows)
+            else:
+                assert not isinstance(self.plan, BlockPlan)
+                mixture = self.dataset.mixtures.body(self.plan)
             ended = isinstance(packer, CachedPacker) and packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
                       ended).encode(self.secret)

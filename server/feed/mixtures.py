@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,7 @@ from ..config import DatasetSection
 from ..errors import ConfigError, Refused
 from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, rows_inside, weights_at
 from ..pipeline.stage import Count
+from ..streaming.block_mixtures import ALL_SERVED, BlockPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class MixBody(BaseModel):
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
     at: Count = 0
+    r: Literal[True] | None = None  # streaming mode: `at` is a global row of the plan by row (else a shuffle block)
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,6 @@ class Mixtures:
         if unknown:
             raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                               file=file, fix=f"use the exact strings from dataset.names: {specs}")
-        for key in ("dataset_weights", "task_weights"):
-            setting = getattr(section, key)
-            inside = [phase for phase in setting if phase.from_row] if isinstance(setting, list) else []
-            if inside and not section.use_cache:
-                raise ConfigError(
-                    f"a phase from row {inside[0].from_row} of epoch {inside[0].from_epoch}: streaming mode cannot "
-                    "change the mixture at a global row (a row's place is known only once the samples before it "
-                    "are tokenized)", key=f"dataset.{key}", file=file,
-                    fix="set dataset.use_cache: true (cached mode changes it at the exact row), or start the phase "
-                        "at an epoch (from_row: 0)")
         self.specs = specs
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
@@ -138,15 +131,7 @@ class Mixtures:
         configured = self.plan(epoch)
         if not carried:
             return configured
-        plan: Plan = ()
-        for body in carried:
-            if len(body.w) != len(self.specs):
-                raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
-                              f"{len(self.specs)}: sources cannot change inside an epoch")
-            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
-                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
-            plan += ((body.at, Mixture(tuple(body.w),
-                                       None if body.t is None else tuple(sorted(body.t.items())))),)
+        plan = self._carried(carried)
         served = tuple((start, mixture) for start, mixture in plan if start <= at)
         old, new = plan_at(plan, at), plan_at(configured, at)
         if new != old:
@@ -161,6 +146,56 @@ class Mixtures:
                   f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
         self.accepted(change, "mixture changed on resume")
         return resumed
+
+    def _carried(self, carried: list[MixBody]) -> Plan:
+        """A plan as a cursor carries it; FAILED_PRECONDITION when it names a source this dataset lacks or its
+        positions do not rise from 0."""
+        plan: Plan = ()
+        for body in carried:
+            if len(body.w) != len(self.specs):
+                raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
+                              f"{len(self.specs)}: sources cannot change inside an epoch")
+            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
+                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
+            plan += ((body.at, Mixture(tuple(body.w),
+                                       None if body.t is None else tuple(sorted(body.t.items())))),)
+        return plan
+
+    def block_body(self, blocks: Plan, rows: Plan) -> list[MixBody]:
+        """A streaming epoch's plan as a cursor carries it: the mixtures of its served blocks by block, then its plan
+        by row (left out when it is the last block's mixture throughout, as a cursor of one mixture has it)."""
+        bodies = [mixture.body(start) for start, mixture in blocks]
+        if not blocks or rows != ((0, blocks[-1][1]),):
+            bodies += [MixBody(w=list(m.weights), t=m.task_weights, at=start, r=True) for start, m in rows]
+        return bodies
+
+    def resumed_blocks(self, epoch: int, carried: list[MixBody] | None, at: int, row: int, *, unit: int,
+                       pack: bool) -> BlockPlan[Mixture]:
+        """The plan of a streaming cursor inside `epoch` resumed at global row `row`, whose first block none of which
+        is served is `at` (ALL_SERVED: an epoch that wrapped): the blocks before `at` under the mixtures it carries,
+        the blocks from `at` on by the configured plan by row (block_mixtures.py); a configured plan that differs
+        from the carried one from `row` on is logged and kept for GetStats. FAILED_PRECONDITION as `resumed`."""
+        configured = self.plan(epoch)
+        if not carried:
+            return BlockPlan((), 0, configured, unit, pack)
+        blocks = self._carried([body for body in carried if not body.r])
+        rows = self._carried([body for body in carried if body.r]) if any(body.r for body in carried) else \
+            ((0, blocks[-1][1]),)
+        if at and not blocks:
+            raise Refused("cursor: it carries no mixture of the shuffle blocks it served (corrupt)")
+        if at >= ALL_SERVED:
+            return BlockPlan(blocks, at, rows, unit, pack)
+        served = tuple((start, mixture) for start, mixture in blocks if start < at)
+        old, new = plan_at(rows, row), plan_at(configured, row)
+        later = [(start, mixture) for start, mixture in configured if start > row]
+        if (old, [x for x in rows if x[0] > row]) != (new, later):
+            then = "; ".join(f"row {start}: {mixture.describe(self.specs)}" for start, mixture in later)
+            self.accepted(f"epoch {epoch} from shuffle block {at} (resumed at row {row}): {old.describe(self.specs)} "
+                          f"-> {new.describe(self.specs)}" + (f", then from {then}" if then else "") +
+                          " (the shuffle blocks before it were served under the checkpoint's mixtures, and are not "
+                          "served again; a phase from a row applies from the first shuffle block that starts at or "
+                          "after it)", "mixture changed on resume")
+        return BlockPlan(served, at, configured, unit, pack)
 
     def accepted(self, change: str, what: str) -> None:
         """Log a change accepted on resume and keep it for GetStats, once (the ranks of a job resume at once, each

@@ -159,7 +159,8 @@ class Packer(Stage[Rows, StreamState]):
         """Resume at the window that starts at `row` (from any rank's state of any layout with this seq_len)."""
         if state.offset and not self.pack:
             raise ValueError("a position that no packer of this dataset reaches")
-        self.stream.set_state(TokenStreamState(at=state.at, offset=state.offset))
+        self.stream.set_state(TokenStreamState(at=state.at, offset=state.offset),
+                              None if state.wraps else state.row * self.unit)
         self.row, self.wraps, self.at, self.end, self.held = state.row, state.wraps, state.row * self.unit, None, None
 
     def __next__(self) -> Rows:
