@@ -190,11 +190,11 @@ class Mixtures:
         later = [(start, mixture) for start, mixture in configured if start > row]
         if (old, [x for x in rows if x[0] > row]) != (new, later):
             then = "; ".join(f"row {start}: {mixture.describe(self.specs)}" for start, mixture in later)
-            self.accepted(f"epoch {epoch} from shuffle block {at} (resumed at row {row}): {old.describe(self.specs)} "
-                          f"-> {new.describe(self.specs)}" + (f", then from {then}" if then else "") +
-                          " (the shuffle blocks before it were served under the checkpoint's mixtures, and are not "
-                          "served again; a phase from a row applies from the first shuffle block that starts at or "
-                          "after it)", "mixture changed on resume")
+            self.accepted(f"epoch {epoch} from shuffle block {at}: {old.describe(self.specs)} -> "
+                          f"{new.describe(self.specs)}" + (f", then from {then}" if then else "") +
+                          f" (resumed at row {row}; the shuffle blocks before it were served under the checkpoint's "
+                          "mixtures, and are not served again; a phase from a row applies from the first shuffle "
+                          "block that starts at or after it)", "mixture changed on resume")
         return BlockPlan(served, at, configured, unit, pack)
 
     def accepted(self, change: str, what: str) -> None:
