@@ -20,6 +20,7 @@ it resumed under; its cursor carries the plan by row too, so a later resume choo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -76,18 +77,24 @@ class BlockMixtures(Generic[M]):
     plan: BlockPlan[M]
     as_mix: Callable[[M], Mix]
     chosen: dict[int, M] = field(default_factory=dict)  # block -> its mixture, for blocks from `plan.begin` on
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the read-ahead chooses while a cursor is made
 
     def choose(self, block: int, units: int | None) -> M:
         """The mixture of `block`, which starts at stream unit `units` (None: past every phase, or before `begin`)."""
         mixture = self.plan.fixed(block)
         if mixture is None:
-            mixture = self.chosen[block] = self.plan.by_start(units)
+            mixture = self.plan.by_start(units)
+            with self.lock:
+                self.chosen[block] = mixture
         return mixture
 
     def of(self, block: int) -> M:
         """The mixture `block` was read under (chosen already, or served before `begin`)."""
         mixture = self.plan.fixed(block)
-        return self.chosen[block] if mixture is None else mixture
+        if mixture is None:
+            with self.lock:
+                return self.chosen[block]
+        return mixture
 
     def mix(self, block: int) -> Mix:
         """The mixture of `block` as the mix takes it."""
@@ -96,9 +103,11 @@ class BlockMixtures(Generic[M]):
     def blocks_before(self, until: int) -> Positions[M]:
         """The mixtures of the blocks before `until` (all it read when it is ALL_SERVED), by block."""
         plan: list[tuple[int, M]] = list(self.plan.served)
-        for block in sorted(b for b in self.chosen if b < until):
-            if not plan or plan[-1][1] != self.chosen[block]:
-                plan.append((block, self.chosen[block]))
+        with self.lock:
+            chosen = sorted(((b, m) for b, m in self.chosen.items() if b < until), key=lambda pair: pair[0])
+        for block, mixture in chosen:
+            if not plan or plan[-1][1] != mixture:
+                plan.append((block, mixture))
         return tuple(plan)
 
 
