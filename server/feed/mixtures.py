@@ -1,14 +1,16 @@
 """A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, and the
 plan of an epoch resumed under another mixture than it started with.
 
-An epoch's plan is its mixtures, each with the position it applies from (a global row in cached mode, a shuffle
-block in streaming mode): configured, the epoch's mixture at row 0 and one more at each row where a phase starts
-inside the epoch (cached mode only, config.py). A cursor carries its epoch's plan. A resume under a configuration
-whose plan for the epoch differs from the resumed position on keeps the carried plan before that position and
-takes the configured one from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so
-the epoch's rows before it are the ones already served and the rest follows the new configuration; the packers
-make sure nothing served is served again while unserved samples of its source remain (cached/segments.py,
-streaming/block_order.py).
+An epoch's plan is its mixtures, each with the position it applies from: configured, the epoch's mixture at row 0
+and one more at each global row where a phase starts inside the epoch. Cached mode changes the mixture at those
+rows exactly (cached/segments.py); streaming mode draws the epoch by shuffle block and takes each block's mixture
+from the plan at the row the block starts in, so a phase from row R applies from the first shuffle block that
+starts at or after R (streaming/block_mixtures.py). A cursor carries its epoch's plan (streaming: the mixtures of
+the blocks it served, by block, and the plan by row). A resume under a configuration whose plan for the epoch
+differs from the resumed position on keeps the carried plan before that position and takes the configured one
+from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so the epoch's rows before it
+are the ones already served and the rest follows the new configuration; the packers make sure nothing served is
+served again while unserved samples of its source remain (cached/segments.py, streaming/block_order.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..config import DatasetSection
 from ..errors import ConfigError, Refused
 from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, rows_inside, weights_at
 from ..pipeline.stage import Count
-from ..streaming.block_mixtures import ALL_SERVED, BlockPlan
+from ..streaming.block_mixtures import ALL_SERVED, BlockPlan, in_force
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,8 @@ Plan = tuple[tuple[int, Mixture], ...]
 """An epoch's mixtures, each with the position it applies from: the first from 0, the positions rising."""
 
 
-def plan_at(plan: Plan, position: int) -> Mixture:
-    """The mixture in force at `position`."""
-    return next(mixture for start, mixture in reversed(plan) if start <= position)
+plan_at = in_force
+"""The mixture of a plan in force at a position."""
 
 
 class Mixtures:

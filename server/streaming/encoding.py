@@ -5,7 +5,9 @@ whichever comes first) on the runtime's encode pool, the chunks one after anothe
 tokenizer releases the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while
 it is packed. Each rank reads the next block ahead on the runtime's read pool while it packs the current one, so
 reading overlaps with encoding and packing. The ranks of a layout take each block from a `BlockCache`
-(shared_reads.py): one read and one encoding per sidecar.
+(shared_reads.py): one read and one encoding per sidecar. While a phase from a row lies ahead, the next block's
+mixture depends on the row it starts in (block_mixtures.py), so reading it ahead waits for the current block's
+encoding (its token count); past the last phase nothing waits.
 """
 
 from __future__ import annotations
