@@ -87,6 +87,7 @@ class Mixtures:
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
         self.changes: list[str] = []  # accepted on resume, the latest last
+        self._effective: list[tuple[int, int, Mixture]] = []  # streaming: the latest phases logged as taking effect
         self._lock = threading.Lock()
         self.latest_epoch = 0  # the latest epoch a stream opened (GetStats shows its mixture)
 
@@ -197,6 +198,16 @@ class Mixtures:
                           "mixtures, and are not served again; a phase from a row applies from the first shuffle "
                           "block that starts at or after it)", "mixture changed on resume")
         return BlockPlan(served, at, configured, unit, pack)
+
+    def took_effect(self, epoch: int, block: int, row: int, mixture: Mixture) -> None:
+        """Log, once, that a streaming epoch's mixture changed at a shuffle block (a phase by row took effect)."""
+        key = (epoch, block, mixture)
+        with self._lock:
+            if key in self._effective:
+                return
+            self._effective = [*self._effective, key][-CHANGES_KEPT:]
+        log.info("mixture phase: epoch %d from shuffle block %d, which starts in row %d: %s", epoch, block, row,
+                 mixture.describe(self.specs))
 
     def accepted(self, change: str, what: str) -> None:
         """Log a change accepted on resume and keep it for GetStats, once (the ranks of a job resume at once, each

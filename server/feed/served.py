@@ -360,7 +360,7 @@ class ServedDataset:
                           "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
                           "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        chosen = BlockMixtures(plan, _as_mix)
+        chosen = BlockMixtures(plan, _as_mix, partial(self.mixtures.took_effect, epoch))
         first = (plan.served or plan.rows)[0][1]
         one = all(mixture == first for _, mixture in (*plan.served, *plan.rows))
         blocks_order = BlockShuffle(self.mix(membership.files, first), block_size=section.shuffle_block,

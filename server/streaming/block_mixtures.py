@@ -76,6 +76,7 @@ class BlockMixtures(Generic[M]):
 
     plan: BlockPlan[M]
     as_mix: Callable[[M], Mix]
+    on_change: Callable[[int, int, M], None] | None = None  # (block, its first row, mixture): a phase took effect
     chosen: dict[int, M] = field(default_factory=dict)  # block -> its mixture, for blocks from `plan.begin` on
     lock: threading.Lock = field(default_factory=threading.Lock)  # the read-ahead chooses while a cursor is made
 
@@ -86,6 +87,8 @@ class BlockMixtures(Generic[M]):
             mixture = self.plan.by_start(units)
             with self.lock:
                 self.chosen[block] = mixture
+            if self.on_change is not None and units is not None and block and mixture != self.of(block - 1):
+                self.on_change(block, units // self.plan.unit, mixture)
         return mixture
 
     def of(self, block: int) -> M:

@@ -6,6 +6,7 @@ a later resume continues that plan exactly, and the server says so in its log an
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,10 @@ def test_streaming_a_phase_from_a_row_resumed_in_phase_two_on_another_world_size
     boundary = next(i for i, (a, b) in enumerate(zip(rows, one, strict=True)) if a != b)
     assert 100 <= boundary < len(one) - STEP_ROWS  # a shuffle block of 32 samples is fewer rows than 150
     stop = boundary // STEP_ROWS + 2  # in phase 2
+    (took,) = {int(m[1]) for line in server.output if f"{CURATED}=4" in line
+               for m in [re.search(r"mixture phase: epoch 0 from shuffle block \d+, which starts in row (\d+)", line)]
+               if m}  # where it took effect: the first row of that block's tokens
+    assert 100 <= took <= boundary
     first, four = read(server.target, 4, stop)
     second, _ = read(server.target, 3, None, four)
     assert first + second == uninterrupted
