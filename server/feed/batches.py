@@ -91,21 +91,21 @@ class Feed:
                                    plan=self.plan)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
-        state = mixture = None
+        state: CachedState | StreamState | None = None
+        mixture = None
         members = ""
         ended = False
-        if packer is not None:
-            state, members = packer.get_state(), self.members or ""
-            if isinstance(packer, Packer):  # the blocks served so far, and the plan by row
-                at = packer.get_state()
-                chosen = packer.stream.blocks.mixtures
-                assert chosen is not None
-                until = next_block(at.at.block, at.at.taken, at.offset, at.wraps)
-                mixture = self.dataset.mixtures.block_body(chosen.blocks_before(until), chosen.plan.rows)
-            else:
-                assert not isinstance(self.plan, BlockPlan)
-                mixture = self.dataset.mixtures.body(self.plan)
-            ended = isinstance(packer, CachedPacker) and packer.ended
+        if isinstance(packer, Packer):  # the mixtures of the blocks served so far, and the plan by row
+            stream = state = packer.get_state()
+            chosen = packer.stream.blocks.mixtures
+            assert chosen is not None
+            until = next_block(stream.at.block, stream.at.taken, stream.offset, stream.wraps)
+            mixture, members = self.dataset.mixtures.block_body(chosen.blocks_before(until), chosen.plan.rows), \
+                self.members or ""
+        elif packer is not None:
+            assert not isinstance(self.plan, BlockPlan)
+            state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
+            ended = packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
                       ended).encode(self.secret)
 
