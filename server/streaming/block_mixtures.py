@@ -12,10 +12,13 @@ U_k is the same for every rank, world size and resume (ranks cut one stream: pac
 A phase from a row the epoch does not reach never applies in it. A `pad` epoch that wraps to its start serves its
 first blocks again as they were.
 
-Reading block k+1 ahead waits for block k's encoding (to know U_{k+1}) only while a phase of the plan lies after
-U_k; past the last one nothing waits. A resumed epoch keeps the blocks it served under the mixtures they were
-drawn under (its cursor carries them: `served`, the blocks before `begin`) and from `begin` on chooses by the plan
-it resumed under; its cursor carries the plan by row too, so a later resume chooses exactly as the run would have.
+While a phase of the plan lies after U_k, block k+1 is read ahead under the mixture in force at U_k's row while
+block k encodes, and read again under the right one when U_{k+1} (known once block k is encoded) lies in another
+phase: once per phase. Past the last phase U is no longer tracked.
+
+A resumed epoch keeps the blocks it served under the mixtures they were drawn under (its cursor carries them:
+`served`, the blocks before `begin`) and from `begin` on chooses by the plan it resumed under; its cursor carries
+the plan by row too, so a later resume chooses exactly as the run would have.
 """
 
 from __future__ import annotations
@@ -80,16 +83,21 @@ class BlockMixtures(Generic[M]):
     chosen: dict[int, M] = field(default_factory=dict)  # block -> its mixture, for blocks from `plan.begin` on
     lock: threading.Lock = field(default_factory=threading.Lock)  # the read-ahead chooses while a cursor is made
 
-    def choose(self, block: int, units: int | None) -> M:
-        """The mixture of `block`, which starts at stream unit `units` (None: past every phase, or before `begin`)."""
+    def choose(self, block: int, units: int | None, *, log: bool = True) -> M:
+        """The mixture of `block`, which starts at stream unit `units` (None: past every phase, or before `begin`);
+        reported to `on_change` when it differs from the block before's (unless `log` is off: a guess)."""
         mixture = self.plan.fixed(block)
         if mixture is None:
             mixture = self.plan.by_start(units)
             with self.lock:
                 self.chosen[block] = mixture
-            if self.on_change is not None and units is not None and block and mixture != self.of(block - 1):
+            if log and self.on_change is not None and units is not None and block and mixture != self.of(block - 1):
                 self.on_change(block, units // self.plan.unit, mixture)
         return mixture
+
+    def settled(self, block: int, units: int) -> bool:
+        """Whether `block` was chosen under the mixture of a block that starts at stream unit `units`."""
+        return self.plan.fixed(block) is not None or self.plan.by_start(units) == self.of(block)
 
     def of(self, block: int) -> M:
         """The mixture `block` was read under (chosen already, or served before `begin`)."""

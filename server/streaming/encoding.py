@@ -6,8 +6,9 @@ tokenizer releases the GIL and is parallel itself), so the first chunk is ready 
 it is packed. Each rank reads the next block ahead on the runtime's read pool while it packs the current one, so
 reading overlaps with encoding and packing. The ranks of a layout take each block from a `BlockCache`
 (shared_reads.py): one read and one encoding per sidecar. While a phase from a row lies ahead, the next block's
-mixture depends on the row it starts in (block_mixtures.py), so reading it ahead waits for the current block's
-encoding (its token count); past the last phase nothing waits.
+mixture depends on the row it starts in, known once the current block is encoded (block_mixtures.py): the next
+block is read ahead under the current phase's mixture meanwhile, and read again in the rare case it starts in the
+next phase.
 """
 
 from __future__ import annotations
@@ -123,25 +124,30 @@ class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
         return self.mixtures is not None and self.mixtures.plan.pending(units)
 
     def _take_after(self, block: EncodedBlock, units: int | None) -> tuple[EncodedBlock, int | None]:
-        """The block after `block` (which starts at stream unit `units`) and where it starts: known, waiting for
-        `block`'s encoding, while a phase by row lies ahead; None past the last one."""
-        after = None
-        if self._pending(units):
-            assert units is not None and self.mixtures is not None
-            after = units + units_before(block, block.samples, self.mixtures.plan.pack)
+        """The block after `block` (which starts at stream unit `units`) and where it starts: known while a phase by
+        row lies ahead (None past the last one). Then the next block is read under the mixture in force where
+        `block` starts while `block` encodes, and read again under another one only when its first row, known once
+        `block` is encoded, is in another phase (once per phase)."""
+        if not self._pending(units):
+            return self._take(block.index + 1, block.end, None), None
+        assert units is not None and self.mixtures is not None
+        guess = self._take(block.index + 1, block.end, units, log=False)
+        after = units + units_before(block, block.samples, self.mixtures.plan.pack)
+        if self.mixtures.settled(block.index + 1, after):
+            return guess, after
         return self._take(block.index + 1, block.end, after), after
 
-    def _take(self, index: int, start: MixState, units: int | None) -> EncodedBlock:
+    def _take(self, index: int, start: MixState, units: int | None, *, log: bool = True) -> EncodedBlock:
         """Block `index` at `start`, which starts at stream unit `units` (None: past every phase by row, or a block
         served before the plan's `begin`), under its mixture: from the shared cache, or read and encoded here."""
-        if self.mixtures is not None:
-            self.mixtures.choose(index, units)
+        mixture = None if self.mixtures is None else self.mixtures.choose(index, units, log=log)
 
         def read() -> EncodedBlock:
             self.order.set_state(BlockState(block=index, start=start))
             return self.encode(next(self.order))
 
-        return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start), read)
+        return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start, mixture),
+                                                                   read)
 
     def get_state(self) -> BlockState:
         """The next block's position."""
