@@ -143,7 +143,7 @@ def test_each_block_follows_the_phase_in_force_at_its_first_row_for_every_world_
         if resumed:
             half = len(again) // 2
             assert global_steps(changed, w1, again[half])[0] == resumed[half + 1:]
-        if remainder == "keep" and full[stop][0] == full[min(stop + 1, len(full) - 1)][0]:
+        if remainder == "keep" and stop + 1 < len(full) and full[stop + 1][0] == epoch:  # a cursor inside the epoch
             at = next_unserved_block(dataset, cursors[stop])
             rule = blocks_then(by_schedule(dataset, epoch), by_schedule(changed, epoch), at)
             assert served_rows(changed, cursors[stop]).get(epoch, []) == expected_rows(changed, epoch, rule)[row:]
