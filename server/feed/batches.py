@@ -100,8 +100,8 @@ class Feed:
             chosen = packer.stream.blocks.mixtures
             assert chosen is not None
             until = next_block(stream.at.block, stream.at.taken, stream.offset, stream.wraps)
-            mixture, members = self.dataset.mixtures.block_body(chosen.blocks_before(until), chosen.plan.rows), \
-                self.members or ""
+            blocks = chosen.blocks_before(until, through=stream.at.block if packer.past_end else None)
+            mixture, members = self.dataset.mixtures.block_body(blocks, chosen.plan.rows), self.members or ""
         elif packer is not None:
             assert not isinstance(self.plan, BlockPlan)
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""

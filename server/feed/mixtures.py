@@ -185,6 +185,7 @@ class Mixtures:
             ((0, blocks[-1][1]),)
         if at and not blocks:
             raise Refused("cursor: it carries no mixture of the shuffle blocks it served (corrupt)")
+        at = max(at, blocks[-1][0] + 1) if blocks else at  # blocks listed from `at` on: the stream ended there
         if at >= ALL_SERVED:
             return BlockPlan(blocks, at, rows, unit, pack)
         served = tuple((start, mixture) for start, mixture in blocks if start < at)

@@ -111,20 +111,24 @@ class BlockMixtures(Generic[M]):
         """The mixture of `block` as the mix takes it."""
         return self.as_mix(self.of(block))
 
-    def blocks_before(self, until: int) -> Positions[M]:
-        """The mixtures of the blocks before `until` (all it read when it is ALL_SERVED), by block."""
+    def blocks_before(self, until: int, *, through: int | None = None) -> Positions[M]:
+        """The mixtures of the blocks before `until` (all it read when it is ALL_SERVED), by block; with `through`,
+        that block's too, listed even when it is the one before's (a stream that ended in it: it is served)."""
         plan: list[tuple[int, M]] = list(self.plan.served)
         with self.lock:
-            chosen = sorted(((b, m) for b, m in self.chosen.items() if b < until), key=lambda pair: pair[0])
+            chosen = sorted(((b, m) for b, m in self.chosen.items() if b < until or b == through),
+                            key=lambda pair: pair[0])
         for block, mixture in chosen:
-            if not plan or plan[-1][1] != mixture:
+            if not plan or plan[-1][1] != mixture or block == through:
                 plan.append((block, mixture))
         return tuple(plan)
 
 
 def next_block(block: int, taken: int, offset: int, wraps: int) -> int:
     """The first block of a streaming position none of which is served: the block of the sample at the position,
-    or the one after when that sample is begun (ALL_SERVED once the epoch wrapped to its start)."""
+    or the one after when that sample is begun (ALL_SERVED once the epoch wrapped to its start). A cursor whose
+    stream ended before its row lists its last block as served too (`blocks_before(through=)`): the epoch is over,
+    whatever mixture a resume brings."""
     return ALL_SERVED if wraps else block + (1 if taken or offset else 0)
 
 

@@ -149,6 +149,11 @@ class Packer(Stage[Rows, StreamState]):
             mask[:n] = loss[:n]
         return n, [0]
 
+    @property
+    def past_end(self) -> bool:
+        """Whether the stream ended before the position's row (the last window ran past the epoch's end)."""
+        return self.held is None and not self.wraps and self.at < self.row * self.unit
+
     def get_state(self) -> StreamState:
         """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
         and the wraps so far."""

@@ -173,3 +173,4 @@ def test_a_phase_from_a_row_takes_effect_from_the_first_block_at_or_after_it(tmp
     assert mix is not None
     assert [(m.at, m.r, m.w) for m in mix] == [(0, None, [1.0, 1.0]), (3, None, [0.001, 3.0]),
                                                 (0, True, [1.0, 1.0]), (17, True, [0.001, 3.0])]
+
