@@ -114,7 +114,7 @@ def _stats(args: argparse.Namespace) -> int:
             sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
                             _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
         console.print(sources)
-        mixture = _mixture_text(ds.mixture, list(ds.info.sources))
+        mixture = _mixture_text(ds.mixture, list(ds.info.sources), ds.info.mode)
         console.print(mixture, markup=False, highlight=False)  # a spec may hold [ and ]
         if ds.info.mode == "cached":
             console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
@@ -143,13 +143,15 @@ def _members_text(members: Iterable[feed_pb2.EpochMembers]) -> str:
                      for a, b, content, files in runs)
 
 
-def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str]) -> str:
-    """The mixture's line: epoch, weights at its start (in source order), the rows inside it where a phase starts, the
-    schedule's next change, and changes accepted on resume."""
+def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str], mode: str) -> str:
+    """The mixture's line: epoch, weights at its start (in source order), the rows inside it where a phase starts (in
+    streaming `mode`, with where it takes effect), the schedule's next change, and changes accepted on resume."""
     weights = " ".join(f"{k}={mix.dataset_weights[k]:g}" for k in sources if k in mix.dataset_weights)
     tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
     change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
     inside = f"; changes inside it at rows {', '.join(map(str, mix.change_rows))}" if mix.change_rows else ""
+    if inside and mode == "streaming":
+        inside += " (streaming: from the first shuffle block that starts at or after it)"
     text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}{inside}; next change: {change}"
     return "\n".join([text, *(f"  accepted on resume: {c}" for c in mix.accepted_changes)])
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from ..cached.packer import CachedPacker, CachedState
 from ..rows.batch import Rows
 from ..store.reader import TokenStore
+from ..streaming.block_mixtures import BlockPlan, next_block
 from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
+from .mixtures import Mixture, Plan
 from .served import ServedDataset
 from .source_change import changed_sources, sources_changed
 
@@ -38,7 +40,8 @@ class Feed:
         self.epoch = start.epoch if start else 0
         self.packer: Packer | CachedPacker | None = None
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
-        self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
+        # the open epoch's (a resumed epoch: its cursor's, and more; a resumed streaming epoch's: by block and row)
+        self.plan: Plan | BlockPlan[Mixture] = dataset.mixtures.plan(self.epoch)
         self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
         if start is not None and start.sources and start.sources != dataset.sources and (
                 start.state is None or start.ended):
@@ -64,19 +67,19 @@ class Feed:
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
         virtual = None
         if isinstance(state, CachedState):
-            at, unit = state.row, "row"
-        else:  # the next shuffle block none of which is served
-            at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
-        now, before = "", None  # cached mode, another source list than the epoch's: the store of this dataset's
-        if isinstance(state, CachedState):
-            now, before = self._other_sources(start, state)
+            now, before = self._other_sources(start, state)  # another source list than the epoch's: its store
             if now or any(body.m for body in start.mixture or ()):  # segments over more than one store
                 virtual = state.virtual
-        self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit, now)
+            self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, state.row, "row", now)
+        else:  # from the next shuffle block none of which is served
+            now, before = "", None
+            self.plan = dataset.mixtures.resumed_blocks(
+                self.epoch, start.mixture, next_block(state.at.block, state.at.taken, state.offset, state.wraps),
+                state.row, unit=self.seq_len if dataset.config.pack else 1, pack=dataset.config.pack)
         try:
             self.packer = packer = self._open_epoch(virtual)
             if now and before is not None:
-                changed_sources(dataset, self.epoch, at, before, dataset.members_layouts(now).store)
+                changed_sources(dataset, self.epoch, state.row, before, dataset.members_layouts(now).store)
             if isinstance(packer, CachedPacker):
                 if not isinstance(state, CachedState):
                     raise ValueError("a streaming-mode state")
@@ -116,10 +119,20 @@ class Feed:
                                    plan=self.plan, virtual=virtual)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
-        state = mixture = None
+        state: CachedState | StreamState | None = None
+        mixture = None
         members = ""
         ended = False
-        if packer is not None:
+        if isinstance(packer, Packer):  # the mixtures of the blocks served so far, and the plan by row
+            stream = state = packer.get_state()
+            chosen = packer.stream.blocks.mixtures
+            assert chosen is not None
+            until = next_block(stream.at.block, stream.at.taken, stream.offset, stream.wraps)
+            blocks = chosen.blocks_before(until, through=stream.at.block if packer.past_end else None)
+            mixture, members = self.dataset.mixtures.block_body(blocks, chosen.plan.rows), self.members or ""
+            ended = packer.ended
+        elif packer is not None:
+            assert not isinstance(self.plan, BlockPlan)
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
             ended = packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,

@@ -1,17 +1,19 @@
 """A served dataset's mixture per epoch: its source weights and task weights, from the config's schedules, and the
 plan of an epoch resumed under another mixture than it started with.
 
-An epoch's plan is its mixtures, each with the position it applies from (a global row in cached mode, a shuffle
-block in streaming mode): configured, the epoch's mixture at row 0 and one more at each row where a phase starts
-inside the epoch (cached mode only, config.py). A cursor carries its epoch's plan. A resume under a configuration
-whose plan for the epoch differs from the resumed position on keeps the carried plan before that position and
-takes the configured one from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so
-the epoch's rows before it are the ones already served and the rest follows the new configuration; the packers
-make sure nothing served is served again while unserved samples of its source remain (cached/segments.py,
-streaming/block_order.py). In cached mode a mixture may name the membership (token store) whose sources its weights
-are over: a resume under another source list inside the epoch (feed/source_change.py) lays the rest of the epoch
-out over the new list's store, and the plan keeps each earlier mixture's store, so a later resume recomputes
-what every source served.
+An epoch's plan is its mixtures, each with the position it applies from: configured, the epoch's mixture at row 0
+and one more at each global row where a phase starts inside the epoch. Cached mode changes the mixture at those
+rows exactly (cached/segments.py); streaming mode draws the epoch by shuffle block and takes each block's mixture
+from the plan at the row the block starts in, so a phase from row R applies from the first shuffle block that
+starts at or after R (streaming/block_mixtures.py). A cursor carries its epoch's plan (streaming: the mixtures of
+the blocks it served, by block, and the plan by row). A resume under a configuration whose plan for the epoch
+differs from the resumed position on keeps the carried plan before that position and takes the configured one
+from it (cached: the resumed row; streaming: the next shuffle block not yet begun), so the epoch's rows before it
+are the ones already served and the rest follows the new configuration; the packers make sure nothing served is
+served again while unserved samples of its source remain (cached/segments.py, streaming/block_order.py). In cached
+mode a mixture may name the membership (token store) whose sources its weights are over: a resume under another
+source list inside the epoch (feed/source_change.py) lays the rest of the epoch out over the new list's store, and
+the plan keeps each earlier mixture's store, so a later resume recomputes what every source served.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +29,7 @@ from ..config import DatasetSection
 from ..errors import ConfigError, Refused
 from ..pipeline.schedule import DEFAULT_WEIGHT, Weight, Weights, keys, next_change, rows_inside, weights_at
 from ..pipeline.stage import Count
+from ..streaming.block_mixtures import ALL_SERVED, BlockPlan, in_force
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class MixBody(BaseModel):
     t: dict[str, Weight] | None = None
     at: Count = 0
     m: str | None = Field(default=None, min_length=1, max_length=64)
+    r: Literal[True] | None = None  # streaming mode: `at` is a global row of the plan by row (else a shuffle block)
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,8 @@ Plan = tuple[tuple[int, Mixture], ...]
 """An epoch's mixtures, each with the position it applies from: the first from 0, the positions rising."""
 
 
-def plan_at(plan: Plan, position: int) -> Mixture:
-    """The mixture in force at `position`."""
-    return next(mixture for start, mixture in reversed(plan) if start <= position)
+plan_at = in_force
+"""The mixture of a plan in force at a position."""
 
 
 class Mixtures:
@@ -88,20 +92,11 @@ class Mixtures:
         if unknown:
             raise ConfigError(f"names no source of this dataset: {unknown}", key="dataset.dataset_weights",
                               file=file, fix=f"use the exact strings from dataset.names: {specs}")
-        for key in ("dataset_weights", "task_weights"):
-            setting = getattr(section, key)
-            inside = [phase for phase in setting if phase.from_row] if isinstance(setting, list) else []
-            if inside and not section.use_cache:
-                raise ConfigError(
-                    f"a phase from row {inside[0].from_row} of epoch {inside[0].from_epoch}: streaming mode cannot "
-                    "change the mixture at a global row (a row's place is known only once the samples before it "
-                    "are tokenized)", key=f"dataset.{key}", file=file,
-                    fix="set dataset.use_cache: true (cached mode changes it at the exact row), or start the phase "
-                        "at an epoch (from_row: 0)")
         self.specs = specs
         self.dataset_weights: Weights | None = section.dataset_weights
         self.task_weights: Weights | None = section.task_weights
         self.changes: list[str] = []  # accepted on resume, the latest last
+        self._effective: list[tuple[int, int, Mixture]] = []  # streaming: the latest phases logged as taking effect
         self._lock = threading.Lock()
         self.latest_epoch = 0  # the latest epoch a stream opened (GetStats shows its mixture)
 
@@ -149,16 +144,7 @@ class Mixtures:
         configured = tuple((start, Mixture(m.weights, m.tasks, members)) for start, m in self.plan(epoch))
         if not carried:
             return configured
-        plan: Plan = ()
-        positional = not members and all(body.m is None for body in carried)
-        for body in carried:
-            if positional and len(body.w) != len(self.specs):
-                raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
-                              f"{len(self.specs)}")
-            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
-                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
-            plan += ((body.at, Mixture(tuple(body.w), None if body.t is None else tuple(sorted(body.t.items())),
-                                       body.m or "")),)
+        plan = self._carried(carried, members)
         served = tuple((start, mixture) for start, mixture in plan if start <= at)
         old, new = plan_at(plan, at), plan_at(configured, at)
         if new != old:
@@ -173,6 +159,69 @@ class Mixtures:
                   f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
         self.accepted(change, "mixture changed on resume")
         return resumed
+
+    def _carried(self, carried: list[MixBody], members: str = "") -> Plan:
+        """A plan as a cursor carries it; FAILED_PRECONDITION when its positions do not rise from 0, or when its
+        weights are over another number of sources than this dataset's while nothing says which (no mixture names
+        its store, and `members` is "": the epoch's source list is this dataset's)."""
+        plan: Plan = ()
+        positional = not members and all(body.m is None for body in carried)
+        for body in carried:
+            if positional and len(body.w) != len(self.specs):
+                raise Refused(f"cursor: made under a mixture of {len(body.w)} sources, but this dataset has "
+                              f"{len(self.specs)}")
+            if (body.at != 0) if not plan else body.at <= plan[-1][0]:
+                raise Refused("cursor: its mixtures' positions do not rise from 0 (corrupt)")
+            plan += ((body.at, Mixture(tuple(body.w), None if body.t is None else tuple(sorted(body.t.items())),
+                                       body.m or "")),)
+        return plan
+
+    def block_body(self, blocks: Plan, rows: Plan) -> list[MixBody]:
+        """A streaming epoch's plan as a cursor carries it: the mixtures of its served blocks by block, then its plan
+        by row (left out when it is the last block's mixture throughout, as a cursor of one mixture has it)."""
+        bodies = [mixture.body(start) for start, mixture in blocks]
+        if not blocks or rows != ((0, blocks[-1][1]),):
+            bodies += [MixBody(w=list(m.weights), t=m.task_weights, at=start, r=True) for start, m in rows]
+        return bodies
+
+    def resumed_blocks(self, epoch: int, carried: list[MixBody] | None, at: int, row: int, *, unit: int,
+                       pack: bool) -> BlockPlan[Mixture]:
+        """The plan of a streaming cursor inside `epoch` resumed at global row `row`, whose first block none of which
+        is served is `at` (ALL_SERVED: an epoch that wrapped): the blocks before `at` under the mixtures it carries,
+        the blocks from `at` on by the configured plan by row (block_mixtures.py); a configured plan that differs
+        from the carried one from `row` on is logged and kept for GetStats. FAILED_PRECONDITION as `resumed`."""
+        configured = self.plan(epoch)
+        if not carried:
+            return BlockPlan((), 0, configured, unit, pack)
+        blocks = self._carried([body for body in carried if not body.r])
+        rows = self._carried([body for body in carried if body.r]) if any(body.r for body in carried) else \
+            ((0, blocks[-1][1]),)
+        if at and not blocks:
+            raise Refused("cursor: it carries no mixture of the shuffle blocks it served (corrupt)")
+        at = max(at, blocks[-1][0] + 1) if blocks else at  # blocks listed from `at` on: the stream ended there
+        if at >= ALL_SERVED:
+            return BlockPlan(blocks, at, rows, unit, pack)
+        served = tuple((start, mixture) for start, mixture in blocks if start < at)
+        old, new = plan_at(rows, row), plan_at(configured, row)
+        later = [(start, mixture) for start, mixture in configured if start > row]
+        if (old, [x for x in rows if x[0] > row]) != (new, later):
+            then = "; ".join(f"row {start}: {mixture.describe(self.specs)}" for start, mixture in later)
+            self.accepted(f"epoch {epoch} from shuffle block {at}: {old.describe(self.specs)} -> "
+                          f"{new.describe(self.specs)}" + (f", then from {then}" if then else "") +
+                          f" (resumed at row {row}; the shuffle blocks before it were served under the checkpoint's "
+                          "mixtures, and are not served again; a phase from a row applies from the first shuffle "
+                          "block that starts at or after it)", "mixture changed on resume")
+        return BlockPlan(served, at, configured, unit, pack)
+
+    def took_effect(self, epoch: int, block: int, row: int, mixture: Mixture) -> None:
+        """Log, once, that a streaming epoch's mixture changed at a shuffle block (a phase by row took effect)."""
+        key = (epoch, block, mixture)
+        with self._lock:
+            if key in self._effective:
+                return
+            self._effective = [*self._effective, key][-CHANGES_KEPT:]
+        log.info("mixture phase: epoch %d from shuffle block %d, which starts in row %d: %s", epoch, block, row,
+                 mixture.describe(self.specs))
 
     def accepted(self, change: str, what: str) -> None:
         """Log a change accepted on resume and keep it for GetStats, once (the ranks of a job resume at once, each

@@ -42,12 +42,13 @@ from ..store.format import MANIFEST, StoreDamaged, TokenFacts, store_dir
 from ..store.fs import StoreFS, is_uri, resolve
 from ..store.reader import TokenStore, open_store
 from ..store.shard_cache import ShardCache
+from ..streaming.block_mixtures import BlockMixtures, BlockPlan
 from ..streaming.block_order import BlockShuffle, Mix
 from ..streaming.encoding import TokenizedBlocks, TokenStream
 from ..streaming.packer import Packer
 from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
-from .mixtures import Mixture, Mixtures, Plan, plan_at
+from .mixtures import Mixture, Mixtures, Plan
 from .run_members import dataset_key, localize, run_members
 
 log = logging.getLogger(__name__)
@@ -355,16 +356,20 @@ class ServedDataset:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-               members: str | None = None, plan: Plan | None = None, virtual: int | None = None
-               ) -> Packer | CachedPacker:
+               members: str | None = None, plan: Plan | BlockPlan[Mixture] | None = None,
+               virtual: int | None = None) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
         membership, from its cursor; None: the one fixed for the epoch here, see membership.py) and under `plan` (the
-        epoch's mixtures; None: the configured mixture throughout). Cached mode: `virtual`, the epoch's virtual ranks
-        when its cursor names them (None: the config's); a mixture of the plan over another membership (a source list
-        changed inside the epoch) is laid out over that membership's store."""
+        epoch's mixtures by row; a resumed streaming epoch's by block and row; None: the configured ones). Cached
+        mode: `virtual`, the epoch's virtual ranks when its cursor names them (None: the config's); a mixture of the
+        plan over another membership (a source list changed inside the epoch) is laid out over that membership's
+        store."""
         section = self.section
         members = members or self.memberships.of_epoch(epoch).fingerprint
         plan = plan or self.mixtures.plan(epoch)
+        if isinstance(plan, BlockPlan):
+            assert self.layouts is None, "a plan by shuffle block in cached mode"
+            return self._stream_packer(epoch, rank, world_size, batch_size, seq_len, members, plan)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
             layouts = self.members_layouts(members, virtual)
             other = partial(self._mixture_layouts, members) if any(m.members for _, m in plan) else None
@@ -375,20 +380,32 @@ class ServedDataset:
                                   pad_id=self.facts.pad_id, remainder=section.remainder, later=later)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
+        unit = seq_len if self.config.pack else 1
+        return self._stream_packer(epoch, rank, world_size, batch_size, seq_len, members,
+                                   BlockPlan((), 0, plan, unit, self.config.pack))
+
+    def _stream_packer(self, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int, members: str,
+                       plan: BlockPlan[Mixture]) -> Packer:
+        """One rank's streaming epoch over `members`' files, each shuffle block under its mixture of `plan`
+        (streaming/block_mixtures.py)."""
+        section = self.section
         membership = self.memberships.of(members)
         if membership is None:
             raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
                           "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
                           "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(membership.files, plan[0][1]), block_size=section.shuffle_block,
+        chosen = BlockMixtures(plan, _as_mix, partial(self.mixtures.took_effect, epoch))
+        first = (plan.served or plan.rows)[0][1]
+        one = all(mixture == first for _, mixture in (*plan.served, *plan.rows))
+        blocks_order = BlockShuffle(self.mix(membership.files, first), block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch,
-                                    plan=None if len(plan) == 1 else partial(_block_mix, plan))
+                                    plan=None if one else chosen.mix)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
                                  on_encoded=self._record_lengths if epoch == 0 else _ignore,
                                  encode_pool=self.runtime.encode_pool, read_pool=self.runtime.read_pool,
                                  shared=self.shared_reads.cache(world_size, block_chars=section.shuffle_block_chars,
-                                                                mixture=plan))
+                                                                mixture=plan), mixtures=chosen)
         return Packer(TokenStream(blocks), deal, seq_len=seq_len, pack=self.config.pack,
                       completion_only=section.completion_only, pad_id=self.facts.pad_id, remainder=section.remainder)
 
@@ -509,9 +526,8 @@ def _source_kind(spec: str) -> str:
     return prefix if colon and prefix in ("local", "parquet") else spec
 
 
-def _block_mix(plan: Plan, block: int) -> Mix:
-    """The mixture in force at shuffle block `block`, as the mix takes it."""
-    mixture = plan_at(plan, block)
+def _as_mix(mixture: Mixture) -> Mix:
+    """A mixture as the mix takes it."""
     return mixture.weights, mixture.task_weights
 
 

@@ -6,7 +6,8 @@ steps from the previous phase's weights (epoch from_epoch gets 1/n of the way, e
 phase's weights). A key a mapping leaves out weighs 1.0 (a source's default weight, and a task's single copy), so
 a ramp may bring a key in or out. A global row is a position every rank, layout, world size and resume shares (a
 step is `world_size * batch_size` of them), so a phase that starts inside an epoch changes the mixture at the same
-row for all of them (cached mode: feed/mixtures.py, cached/segments.py).
+row for all of them (cached mode: at that row, cached/segments.py; streaming mode: from the first shuffle block
+that starts at or after it, streaming/block_mixtures.py).
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ layout: ranks keep rows of the packed stream (pack.py, deal.py), never samples. 
 index, the mix's state at the block's start), and a sample's position in the order adds the samples of its
 block taken before it: resuming re-reads one block, never a shuffle buffer.
 
-An epoch resumed under another mixture (feed/mixtures.py) has a plan: block k is drawn under the mixture in force
-at k. The mix continues from where the block before left every source, so a new mixture from block k serves each
-source's samples from the first one not yet drawn: nothing drawn before is drawn again while the source has more.
+An epoch under more than one mixture (a phase from a row inside it, a resume under another mixture) has a plan:
+block k is drawn under its mixture (block_mixtures.py: the one in force at the global row block k starts in, or
+the one it was served under before a resume). The mix continues from where the block before left every source,
+so a new mixture from block k serves each source's samples from the first one not yet drawn: nothing drawn before
+is drawn again while the source has more.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ whichever comes first) on the runtime's encode pool, the chunks one after anothe
 tokenizer releases the GIL and is parallel itself), so the first chunk is ready soon and the rest encode while
 it is packed. Each rank reads the next block ahead on the runtime's read pool while it packs the current one, so
 reading overlaps with encoding and packing. The ranks of a layout take each block from a `BlockCache`
-(shared_reads.py): one read and one encoding per sidecar.
+(shared_reads.py): one read and one encoding per sidecar. While a phase from a row lies ahead, the next block's
+mixture depends on the row it starts in, known once the current block is encoded (block_mixtures.py): the next
+block is read ahead under the current phase's mixture meanwhile, and read again in the rare case it starts in the
+next phase.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from functools import partial
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +26,7 @@ from ..pipeline.samples import Sample
 from ..pipeline.stage import Count, Stage, StageState
 from ..pipeline.tokenize import EncodedBatch, Encoder
 from ..rows.spans import loss_mask
+from .block_mixtures import BlockMixtures, units_before
 from .block_order import Block, BlockShuffle, BlockState, OrderState
 from .shared_reads import BlockCache, EncodedBlock, block_key
 
@@ -80,13 +85,16 @@ class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
     `read_pool`, each encoded on `encode_pool`."""
 
     def __init__(self, order: BlockShuffle, encoder: Encoder, *, with_prompts: bool, on_encoded: OnEncoded,
-                 encode_pool: Executor, read_pool: Executor, shared: BlockCache | None = None) -> None:
-        self.order, self.shared, self.read_pool = order, shared, read_pool
+                 encode_pool: Executor, read_pool: Executor, shared: BlockCache | None = None,
+                 mixtures: BlockMixtures[Any] | None = None) -> None:
+        self.order, self.shared, self.read_pool, self.mixtures = order, shared, read_pool, mixtures
         self.encode = partial(encode_block, encoder=encoder, with_prompts=with_prompts, on_encoded=on_encoded,
                               pool=encode_pool)
         self.next_index, self.next_start = 0, order.epoch_start
+        self.next_units: int | None = 0  # the stream unit where sample `next_taken` of the next block starts
+        self.next_taken = 0
         self.finished = False  # the last block was handed out
-        self.ahead: Future[EncodedBlock] | None = None  # the next block, being read
+        self.ahead: Future[tuple[EncodedBlock, int | None]] | None = None  # the next block and its start, being read
 
     @property
     def epoch_start(self) -> MixState:
@@ -97,31 +105,62 @@ class TokenizedBlocks(Stage[EncodedBlock, BlockState]):
         if self.finished:
             raise StopIteration
         ahead, self.ahead = self.ahead, None
-        block = ahead.result() if ahead is not None else self._take(self.next_index, self.next_start)
+        if ahead is not None:
+            block, units = ahead.result()
+        else:  # the first block after set_state: a sample inside it starts at `next_units`
+            taken, units = self.next_taken, self.next_units
+            block = self._take(self.next_index, self.next_start, units if not taken else None)
+            if taken and self._pending(units):
+                assert units is not None and self.mixtures is not None
+                units -= units_before(block, taken, self.mixtures.plan.pack)
         self.finished = block.last
-        self.next_index, self.next_start = block.index + 1, block.end
+        self.next_index, self.next_start, self.next_taken = block.index + 1, block.end, 0
         if not block.last:
-            self.ahead = self.read_pool.submit(self._take, self.next_index, self.next_start)
+            self.ahead = self.read_pool.submit(self._take_after, block, units)
         return block
 
-    def _take(self, index: int, start: MixState) -> EncodedBlock:
-        """Block `index` at `start`: from the shared cache, or read and encoded here."""
+    def _pending(self, units: int | None) -> bool:
+        """Whether a phase by row lies after stream unit `units` (block_mixtures.py)."""
+        return self.mixtures is not None and self.mixtures.plan.pending(units)
+
+    def _take_after(self, block: EncodedBlock, units: int | None) -> tuple[EncodedBlock, int | None]:
+        """The block after `block` (which starts at stream unit `units`) and where it starts: known while a phase by
+        row lies ahead (None past the last one). Then the next block is read under the mixture in force where
+        `block` starts while `block` encodes, and read again under another one only when its first row, known once
+        `block` is encoded, is in another phase (once per phase)."""
+        if not self._pending(units):
+            return self._take(block.index + 1, block.end, None), None
+        assert units is not None and self.mixtures is not None
+        guess = self._take(block.index + 1, block.end, units, log=False)
+        after = units + units_before(block, block.samples, self.mixtures.plan.pack)
+        if self.mixtures.settled(block.index + 1, after):
+            return guess, after
+        return self._take(block.index + 1, block.end, after), after
+
+    def _take(self, index: int, start: MixState, units: int | None, *, log: bool = True) -> EncodedBlock:
+        """Block `index` at `start`, which starts at stream unit `units` (None: past every phase by row, or a block
+        served before the plan's `begin`), under its mixture: from the shared cache, or read and encoded here."""
+        mixture = None if self.mixtures is None else self.mixtures.choose(index, units, log=log)
+
         def read() -> EncodedBlock:
             self.order.set_state(BlockState(block=index, start=start))
             return self.encode(next(self.order))
 
-        return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start), read)
+        return read() if self.shared is None else self.shared.take(block_key(self.order.epoch, index, start, mixture),
+                                                                   read)
 
     def get_state(self) -> BlockState:
         """The next block's position."""
         return BlockState(block=self.next_index, start=self.next_start)
 
-    def set_state(self, state: BlockState) -> None:
-        """Continue with the block at `state`."""
+    def set_state(self, state: BlockState, *, units: int | None = 0, taken: int = 0) -> None:
+        """Continue with the block at `state`, whose sample `taken` starts at stream unit `units` (None: unknown, an
+        epoch that wrapped)."""
         if self.ahead is not None:  # it reads from this chain's mix: let it finish first
             self.ahead.exception()
             self.ahead = None
         self.next_index, self.next_start, self.finished = state.block, state.start, False
+        self.next_units, self.next_taken = units, taken
 
 
 class TokenStreamState(StageState):
@@ -259,10 +298,12 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
         at, offset = self.position()
         return TokenStreamState(at=at, offset=offset)
 
-    def set_state(self, state: TokenStreamState) -> None:
-        """Stand `offset` tokens into the sample at order state `at`; ValueError if there is no such place."""
+    def set_state(self, state: TokenStreamState, units: int | None = None) -> None:
+        """Stand `offset` tokens into the sample at order state `at`, which is stream unit `units` of the epoch
+        (None: unknown); ValueError if there is no such place."""
         at, taken, offset = state.at, state.at.taken, state.offset
-        self.blocks.set_state(BlockState(block=at.block, start=at.start))
+        self.blocks.set_state(BlockState(block=at.block, start=at.start),
+                              units=None if units is None else units - offset, taken=taken)
         self.block, self.chunk, self.pos = None, None, 0
         block = next(self.blocks, None)
         if block is None or not 0 <= taken <= block.samples:

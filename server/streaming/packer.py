@@ -160,6 +160,11 @@ class Packer(Stage[Rows, StreamState]):
             return False
         return not len(replace(self.deal, rank=0).batch(self.row, -(-end // self.unit), self.remainder))
 
+    @property
+    def past_end(self) -> bool:
+        """Whether the stream ended before the position's row (the last window ran past the epoch's end)."""
+        return self.held is None and not self.wraps and self.at < self.row * self.unit
+
     def get_state(self) -> StreamState:
         """The position at `row`: the order's state of the sample that row starts in, its tokens in earlier rows,
         and the wraps so far."""
@@ -170,7 +175,8 @@ class Packer(Stage[Rows, StreamState]):
         """Resume at the window that starts at `row` (from any rank's state of any layout with this seq_len)."""
         if state.offset and not self.pack:
             raise ValueError("a position that no packer of this dataset reaches")
-        self.stream.set_state(TokenStreamState(at=state.at, offset=state.offset))
+        self.stream.set_state(TokenStreamState(at=state.at, offset=state.offset),
+                              None if state.wraps else state.row * self.unit)
         self.row, self.wraps, self.at, self.end, self.held = state.row, state.wraps, state.row * self.unit, None, None
 
     def __next__(self) -> Rows:

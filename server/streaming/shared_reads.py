@@ -46,12 +46,13 @@ class EncodedBlock:
 
 
 BlockKey = tuple[int, int, str]
-"""(epoch, block index, the mix's state at the block's start as JSON)."""
+"""(epoch, block index, the mix's state at the block's start as JSON and the block's mixture)."""
 
 
-def block_key(epoch: int, block: int, start: MixState) -> BlockKey:
-    """The cache key of block `block` of `epoch`, starting at `start`."""
-    return epoch, block, start.model_dump_json()
+def block_key(epoch: int, block: int, start: MixState, mixture: Hashable = None) -> BlockKey:
+    """The cache key of block `block` of `epoch`, starting at `start`, drawn under `mixture` (a block read ahead under
+    a guessed mixture is not the block read under another)."""
+    return epoch, block, start.model_dump_json() + ("" if mixture is None else f" {mixture!r}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ a later resume continues that plan exactly, and the server says so in its log an
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,39 @@ def test_a_phase_from_a_row_inside_the_epoch_resumed_after_it_on_another_world_s
     assert not set(rows[100:192]) & set(rows[:100])  # nothing of phase 1 again
     assert rows[100:192] != [row for batch in phase_one for row in batch][100:]
     first, four = read(server.target, 4, 6)
+    second, _ = read(server.target, 3, None, four)
+    assert first + second == uninterrupted
+    stats = mixture(server.target)
+    assert (stats.epoch, list(stats.change_rows), dict(stats.dataset_weights)) == \
+        (1, [], {BROAD: 0.5, CURATED: 4.0})  # the phase holds on in epoch 1
+
+
+def test_streaming_a_phase_from_a_row_resumed_in_phase_two_on_another_world_size(tmp_path: Path,
+                                                                                  start_server) -> None:
+    """Streaming mode: phase 2 from global row 100 takes effect from the first shuffle block that starts at or after
+    row 100. The rows before it are phase 1's (a constant phase-1 config serves the same), the rows from that block
+    on are not; stopped on 4 ranks two steps after it and resumed on 3, the run is the uninterrupted one batch for
+    batch; `stats` shows the row and the rule."""
+    constant = start_server(config(tmp_path, False, INSIDE[0]["weights"], "phase_one.yaml"))
+    phase_one, _ = read(constant.target, 4, 12)
+    constant.stop()
+    server = start_server(config(tmp_path, False, INSIDE, "inside.yaml"))
+    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert (f"mixture of epoch 0: {BROAD}=3 {CURATED}=1; tasks: each once; changes inside it at rows 100 (streaming: "
+            "from the first shuffle block that starts at or after it); next change: none") in " ".join(
+                table.stdout.split())
+    uninterrupted, _ = read(server.target, 4, None)
+    rows, one = [row for batch in uninterrupted[:12] for row in batch], [row for batch in phase_one for row in batch]
+    boundary = next(i for i, (a, b) in enumerate(zip(rows, one, strict=True)) if a != b)
+    assert 100 <= boundary < len(one) - STEP_ROWS  # a shuffle block of 32 samples is fewer rows than 150
+    stop = boundary // STEP_ROWS + 2  # in phase 2
+    (took,) = {int(m[1]) for line in server.output if f"{CURATED}=4" in line
+               for m in [re.search(r"mixture phase: epoch 0 from shuffle block \d+, which starts in row (\d+)", line)]
+               if m}  # where it took effect: the first row of that block's tokens
+    assert 100 <= took <= boundary
+    first, four = read(server.target, 4, stop)
     second, _ = read(server.target, 3, None, four)
     assert first + second == uninterrupted
     stats = mixture(server.target)

@@ -45,8 +45,8 @@ class ListBlocks:
                                             [done(b) for b in batches]))
         self.set_state(BlockState(block=0, start=self.epoch_start))
 
-    def set_state(self, state: BlockState) -> None:
-        self.next_index, self.next_start = state.block, state.start
+    def set_state(self, state: BlockState, *, units: int | None = 0, taken: int = 0) -> None:
+        self.next_index, self.next_start = state.block, state.start  # one mixture: where a block starts is moot
 
     def __next__(self) -> EncodedBlock:
         if self.next_index >= len(self.blocks):

@@ -4,7 +4,7 @@ A phase from row R of epoch E changes the mixture at that row for every rank, wo
 before it are the epoch's rows under the mixture before (as a constant config of it serves them), the rows from
 it on are laid out from what those left unserved, and a window across R takes its rows on each side from the
 mixture in force there. An uninterrupted run equals one stopped after any step and resumed on another world size,
-batch for batch; within an epoch nothing is served twice. Streaming mode refuses such phases, naming the key."""
+batch for batch; within an epoch nothing is served twice. Streaming mode: test_schedule_rows_streaming.py."""
 
 from __future__ import annotations
 
@@ -226,12 +226,3 @@ def test_a_bad_phase_by_row_fails_at_start_naming_the_key(tmp_path: Path, weight
     with pytest.raises(ConfigError, match="dataset_weights") as err:
         parse_config(raw, "trainer.yaml", tmp_path)
     assert message in str(err.value)
-
-
-def test_streaming_mode_refuses_a_phase_inside_an_epoch_naming_the_key_and_the_fix(tmp_path: Path,
-                                                                                    runtime: Runtime) -> None:
-    names = write_sources(tmp_path, ((5,), (6,)))
-    with pytest.raises(ConfigError, match=r"dataset.task_weights.*streaming mode.*use_cache: true"):
-        make_dataset(tmp_path, names, runtime, cached=False, pack=True, dataset_weights=None,
-                     task_weights=[{"from_epoch": 0, "weights": {"explain": 1.0}},
-                                   {"from_epoch": 1, "from_row": 64, "weights": {"explain": 2.0}}])
