@@ -91,7 +91,8 @@ class BlockMixtures(Generic[M]):
             mixture = self.plan.by_start(units)
             with self.lock:
                 self.chosen[block] = mixture
-            if log and self.on_change is not None and units is not None and block and mixture != self.of(block - 1):
+            before = self.known(block - 1) if block else None  # unknown: a chain resumed at `block`
+            if log and self.on_change is not None and units is not None and before is not None and mixture != before:
                 self.on_change(block, units // self.plan.unit, mixture)
         return mixture
 
@@ -99,12 +100,19 @@ class BlockMixtures(Generic[M]):
         """Whether `block` was chosen under the mixture of a block that starts at stream unit `units`."""
         return self.plan.fixed(block) is not None or self.plan.by_start(units) == self.of(block)
 
-    def of(self, block: int) -> M:
-        """The mixture `block` was read under (chosen already, or served before `begin`)."""
+    def known(self, block: int) -> M | None:
+        """The mixture `block` was read under (chosen already, or served before `begin`), None if not chosen here."""
         mixture = self.plan.fixed(block)
         if mixture is None:
             with self.lock:
-                return self.chosen[block]
+                return self.chosen.get(block)
+        return mixture
+
+    def of(self, block: int) -> M:
+        """The mixture `block` was read under (chosen already, or served before `begin`)."""
+        mixture = self.known(block)
+        if mixture is None:
+            raise KeyError(block)
         return mixture
 
     def mix(self, block: int) -> Mix:
