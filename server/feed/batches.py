@@ -11,6 +11,8 @@ from ..streaming.packer import Packer, StreamState
 from .cursor import Cursor, refused
 from .served import ServedDataset
 from .source_change import changed_sources, sources_changed
+from .source_names import names_of
+from .stream_sources import StreamUnion, stream_union
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Feed:
         self.members: str | None = None  # the open epoch's membership (the content fingerprint it began over)
         self.plan = dataset.mixtures.plan(self.epoch)  # the open epoch's (a resumed epoch: its cursor's, and more)
         self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
+        self.union: StreamUnion | None = None  # streaming: the open epoch's sources, when its list changed inside it
         if start is not None and start.sources and start.sources != dataset.sources and (
                 start.state is None or start.ended):
             after = start.epoch if start.state is None else start.epoch + 1
@@ -49,17 +52,19 @@ class Feed:
         if start is not None and start.state is not None:
             if start.ended:  # after the epoch's last step: it ends there, whatever the sources are now
                 self.end_row = start.state.row
-            elif start.sources == dataset.sources or isinstance(start.state, CachedState):
+            elif start.sources == dataset.sources or isinstance(start.state, CachedState) or start.names:
                 self._resume(start, start.state)
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
-                              "was added or removed, or a source's filter changed): in streaming mode sources change "
-                              "only at an epoch boundary; resume from a cursor taken at an epoch's end (the next "
-                              "epoch serves the new sources), or restore dataset.names until this epoch ends")
+                              "was added or removed, or a source's filter changed), by a sigil-feed whose streaming "
+                              "cursors do not carry their epoch's sources; resume from a cursor taken at an epoch's "
+                              "end (the next epoch serves the new sources), or restore dataset.names until this "
+                              "epoch ends")
 
     def _resume(self, start: Cursor, state: CachedState | StreamState) -> None:
         """Open the cursor's epoch at its position, under its plan and membership (cached mode: its later mixtures
-        over the store of this dataset's source list, when the epoch was served under another)."""
+        over the store of this dataset's source list, when the epoch was served under another; streaming mode: over
+        the union of the epoch's source lists, when it was, stream_sources.py)."""
         dataset = self.dataset
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
         virtual = None
@@ -68,11 +73,17 @@ class Feed:
         else:  # the next shuffle block none of which is served
             at, unit = state.at.block + (1 if state.at.taken or state.offset else 0), "shuffle block"
         now, before = "", None  # cached mode, another source list than the epoch's: the store of this dataset's
+        if isinstance(state, StreamState):
+            self.union = stream_union(dataset, start)
+            if self.union is not None:
+                self.members, now = self.union.membership.fingerprint, self.union.current
         if isinstance(state, CachedState):
             now, before = self._other_sources(start, state)
             if now or any(body.m for body in start.mixture or ()):  # segments over more than one store
                 virtual = state.virtual
         self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, at, unit, now)
+        if self.union is not None:
+            now = ""
         try:
             self.packer = packer = self._open_epoch(virtual)
             if now and before is not None:
@@ -113,17 +124,19 @@ class Feed:
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
-                                   plan=self.plan, virtual=virtual)
+                                   plan=self.plan, virtual=virtual, union=self.union)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
-        state = mixture = None
+        state = mixture = names = None
         members = ""
         ended = False
         if packer is not None:
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
             ended = packer.ended
+            if isinstance(packer, Packer):
+                names = self.union.names if self.union else names_of(self.dataset.section.names)
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
-                      ended).encode(self.secret)
+                      ended, names).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -151,6 +164,6 @@ class Feed:
     def _ended(self, end_row: int) -> FeedItem:
         """The end of the open epoch, at `end_row`; the next epoch opens over the data as it is then."""
         ended = self.epoch
-        self.epoch, self.packer, self.members, self.end_row = self.epoch + 1, None, None, None
+        self.epoch, self.packer, self.members, self.end_row, self.union = self.epoch + 1, None, None, None, None
         self.plan = self.dataset.mixtures.plan(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -36,14 +36,15 @@ class MixBody(BaseModel):
     """One mixture of an epoch's plan, as a cursor carries it: source weights in `names` order (by position, not
     path: data that moves keeps its cursors), task weights (None: one copy each), the position it applies from, and
     (cached mode, after a source was added or removed inside the epoch) the membership whose sources the weights
-    are over (None: the epoch's own, the cursor's `members`)."""
+    are over (None: the epoch's own, the cursor's `members`); streaming mode, after a source was added or removed
+    inside the epoch: the positions of its sources in the cursor's source list, `0,2,3` (stream_sources.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
     at: Count = 0
-    m: str | None = Field(default=None, min_length=1, max_length=64)
+    m: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
-from ..config import DatasetConfig, DatasetSection, FeedConfig
+from ..config import DatasetConfig, DatasetSection, FeedConfig, SourceSpec
 from ..errors import Refused, SourceError, Unavailable
 from ..observe.throughput import Throughput
 from ..paths import cache_home
@@ -49,6 +49,7 @@ from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
 from .mixtures import Mixture, Mixtures, Plan, plan_at
 from .run_members import dataset_key, localize, run_members
+from .stream_sources import StreamUnion, active_of
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,18 @@ class ServedDataset:
                                    self.encoder.fingerprint)
         return Membership(fingerprint, files, identities)
 
+    def membership_now(self, specs: list[SourceSpec], within: Membership | None = None) -> Membership:
+        """A membership over another source list than `names` (streaming, stream_sources.py): their files as they
+        are now (`within`: taken from a membership over a list that begins with these sources)."""
+        if within is None:
+            opened = [self._opener(index, None, spec=spec.name)() for index, spec in enumerate(specs)]
+            files, identities = [list(s.files) for s in opened], [s.file_identities() for s in opened]
+        else:
+            files, identities = within.files[:len(specs)], within.identities[:len(specs)]
+        section = self.section.model_copy(update={"names": specs})
+        return Membership(_fingerprint(_without_paths(section, CONTENT_SETTINGS), identities,
+                                       self.encoder.fingerprint), files, identities)
+
     def _look(self) -> Membership:
         """What the sources hold now: local and Parquet sources' paths expanded again and their files' identities
         taken (a Hub source, or one whose path names nothing now, keeps its files)."""
@@ -234,13 +247,13 @@ class ServedDataset:
                                         any_slot=self.section.shard_cache_dir is None)
 
     def _opener(self, index: int, files: list[str] | None,
-                identities: list[object] | None = None) -> Callable[[], Source]:
+                identities: list[object] | None = None, spec: str | None = None) -> Callable[[], Source]:
         """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
         files of a membership (None: those its path names now), with their identities if given (the membership's:
         not taken again): a file deleted or added since is no reason for the others to change their index (a
-        deleted one reads as a bad file, counted)."""
+        deleted one reads as a bad file, counted). `spec`: a source not in `names` (stream_sources.py)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
-        return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
+        return partial(open_source, spec or self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
                        files=files, identities=identities)
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
@@ -336,32 +349,38 @@ class ServedDataset:
         settings["names"] = settings["names"][index]
         return _fingerprint(settings, self.encoder.fingerprint)
 
-    def mix(self, files: list[list[str]] | None = None, mixture: Mixture | None = None) -> Mixer:
+    def mix(self, files: list[list[str]] | None = None, mixture: Mixture | None = None,
+            specs: list[SourceSpec] | None = None) -> Mixer:
         """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's) under `mixture`
-        (None: epoch 0's), counting into this dataset's counters."""
+        (None: epoch 0's), counting into this dataset's counters; `specs`: over these sources (streaming, a source
+        list changed inside the epoch: stream_sources.py; a source not in `names` is counted apart)."""
         files = files or self.files
         section, mixture = self.section, mixture or self.mixtures.at(0)
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
         children = []
-        for index, spec in enumerate(section.names):
+        for index, spec in enumerate(specs or section.names):
+            own = section.names.index(spec) if spec in section.names else len(self.specs) + index
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=mixture.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format, messages_format=self.encoder.format_messages)
-            children.append(CuratedSource(self._opener(index, files[index])(), rules, self.counters[index]))
-        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed)
+            counters = self.counters[own] if own < len(self.specs) else SourceCounters(spec.name)
+            children.append(CuratedSource(self._opener(own, files[index], spec=spec.name)(), rules, counters))
+        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed,
+                     active_of(mixture), widen=specs is not None)
 
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-               members: str | None = None, plan: Plan | None = None, virtual: int | None = None
-               ) -> Packer | CachedPacker:
+               members: str | None = None, plan: Plan | None = None, virtual: int | None = None,
+               union: StreamUnion | None = None) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
         membership, from its cursor; None: the one fixed for the epoch here, see membership.py) and under `plan` (the
         epoch's mixtures; None: the configured mixture throughout). Cached mode: `virtual`, the epoch's virtual ranks
         when its cursor names them (None: the config's); a mixture of the plan over another membership (a source list
-        changed inside the epoch) is laid out over that membership's store."""
+        changed inside the epoch) is laid out over that membership's store. Streaming mode: `union`, the sources
+        of an epoch whose source list changed inside it (stream_sources.py)."""
         section = self.section
         members = members or self.memberships.of_epoch(epoch).fingerprint
         plan = plan or self.mixtures.plan(epoch)
@@ -375,13 +394,14 @@ class ServedDataset:
                                   pad_id=self.facts.pad_id, remainder=section.remainder, later=later)
             self._check_working_set(cached, epoch=epoch, rank=rank, world_size=world_size)
             return cached
-        membership = self.memberships.of(members)
+        membership = union.membership if union is not None else self.memberships.of(members)
         if membership is None:
             raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
                           "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
                           "taken at an epoch end), or restore the files")
         deal = Deal(rank, world_size, batch_size)
-        blocks_order = BlockShuffle(self.mix(membership.files, plan[0][1]), block_size=section.shuffle_block,
+        mix = self.mix(membership.files, plan[0][1], union.specs if union else None)
+        blocks_order = BlockShuffle(mix, block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch,
                                     plan=None if len(plan) == 1 else partial(_block_mix, plan))
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
@@ -459,7 +479,7 @@ class ServedDataset:
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
         lengths = encoded.lengths
-        for source in np.unique(sources):
+        for source in np.unique(sources)[np.unique(sources) < len(self.counters)]:  # (removed sources: apart)
             self.counters[source].add_lengths(lengths[sources == source])
 
 
@@ -512,7 +532,7 @@ def _source_kind(spec: str) -> str:
 def _block_mix(plan: Plan, block: int) -> Mix:
     """The mixture in force at shuffle block `block`, as the mix takes it."""
     mixture = plan_at(plan, block)
-    return mixture.weights, mixture.task_weights
+    return mixture.weights, mixture.task_weights, active_of(mixture)
 
 
 def _served_sequence(store: TokenStore, section: DatasetSection, mixture: Mixture,

@@ -23,8 +23,8 @@ from ..pipeline.mixing import Mixer, MixState
 from ..pipeline.samples import Sample
 from ..pipeline.stage import Count, Stage, StageState
 
-Mix = tuple[Sequence[float], dict[str, float] | None]
-"""A mixture as the mix takes it: source weights and task weights."""
+Mix = tuple[Sequence[float], dict[str, float] | None, Sequence[int] | None]
+"""A mixture as the mix takes it: source weights, task weights, and the sources drawn (None: all)."""
 
 
 class BlockState(StageState):

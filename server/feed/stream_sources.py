@@ -1,0 +1,79 @@
+"""Streaming mode: a source added to or removed from `names` inside an epoch.
+
+A streaming cursor inside an epoch carries the epoch's source list (each source's spec and filter override). Resumed
+under another list, the epoch goes on over the union of the two, the carried list first and the added sources
+after it: the shuffle block in progress is read again under the list it was drawn from (an added source weighs 0
+and is not drawn, so the draws are the ones made before), and from the next shuffle block not yet begun the new
+list is drawn (mixtures.py): a source served before continues from its first sample not yet drawn, an added one
+starts at its first, a removed one is no longer drawn and keeps its position, in this cursor and the later ones,
+for when it comes back. Each mixture of the plan names its sources by their positions in the union
+(`Mixture.members`: `0,2,3`). Sources are matched by spec and filter override; the carried sources' files must
+hold what they held when the epoch began (their membership's fingerprint, the cursor's `members`, is checked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..config import SourceSpec
+from .cursor import Cursor, refused
+from .membership import Membership
+from .mixtures import Mixture
+from .source_names import SourceName, names_of
+
+if TYPE_CHECKING:
+    from .served import ServedDataset
+
+
+def active_of(mixture: Mixture) -> list[int] | None:
+    """The positions in the epoch's source list of the sources a streaming mixture is over (None: the first ones,
+    one per weight)."""
+    return [int(i) for i in mixture.members.split(",")] if mixture.members else None
+
+
+@dataclass(frozen=True)
+class StreamUnion:
+    """A streaming epoch served over the union of its source lists: the sources, their files (a membership over
+    them), and the code of the current list's sources in it (`Mixture.members`)."""
+
+    names: list[SourceName]
+    membership: Membership
+    current: str
+
+    @property
+    def specs(self) -> list[SourceSpec]:
+        return [name.spec for name in self.names]
+
+
+def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
+    """The union a streaming cursor inside its epoch resumes over, when this dataset's source list is not the one
+    it carries (None: the same list, or the same sources whose data moved: the epoch goes on over its own); Refused
+    when that cannot be continued exactly."""
+    carried, now = start.names, names_of(dataset.section.names)
+    if carried is None or carried == now:
+        return None
+    if (len(carried) == len(now) and start.sources == dataset.sources
+            and all(body.m is None for body in start.mixture or ())):
+        return None  # the same sources, in their places (data that moved: see served.py)
+    if dataset.section.interleave_mode == "sequential":
+        raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; with "
+                      "interleave_mode: sequential the sources cannot change inside a streaming epoch: resume from a "
+                      "cursor taken at an epoch's end, or restore dataset.names until this epoch ends")
+    names = [*carried, *(name for name in now if name not in carried)]
+    membership = dataset.membership_now([name.spec for name in names])
+    own = dataset.membership_now([name.spec for name in carried], membership)
+    if own.fingerprint != start.members:
+        raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; the epoch's sources "
+                      "hold other files than when it began, so it cannot continue where it was (streaming mode "
+                      "reads the files as they are): resume from a cursor taken at an epoch's end, or restore the "
+                      "files")
+    current = ",".join(str(names.index(name)) for name in now)
+    added = [name.n for name in now if name not in carried]
+    removed = [name.n for name in carried if name not in now]
+    dataset.mixtures.accepted(
+        f"epoch {start.epoch} from the next shuffle block: sources now {', '.join(dataset.specs)} (added: "
+        f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the sources served before continue "
+        "with their samples not yet drawn, an added one starts at its first, a removed one keeps its progress for "
+        "when it comes back", "sources changed on resume")
+    return StreamUnion(names, membership, current)
