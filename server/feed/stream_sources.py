@@ -7,12 +7,15 @@ and is not drawn, so the draws are the ones made before), and from the next shuf
 list is drawn (mixtures.py): a source served before continues from its first sample not yet drawn, an added one
 starts at its first, a removed one is no longer drawn and keeps its position, in this cursor and the later ones,
 for when it comes back. Each mixture of the plan names its sources by their positions in the union
-(`Mixture.members`: `0,2,3`). Sources are matched by spec and filter override; the carried sources' files must
+(`Mixture.members`: `0,2,3`). Two lists are the same sources when each source has the same spec as the one in
+its place or files in common with it (data that moved or grew: the epoch goes on over its own sources);
+otherwise sources are matched by spec and filter override, and the carried sources' files must
 hold what they held when the epoch began (their membership's fingerprint, the cursor's `members`, is checked).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,16 +49,26 @@ class StreamUnion:
         return [name.spec for name in self.names]
 
 
+def _same_sources(dataset: ServedDataset, carried: list[SourceName], now: list[SourceName]) -> bool:
+    """Whether the two lists are the same sources in the same places: each pair the same spec, or files in common
+    (by content identity: data that moved or grew)."""
+    if len(carried) != len(now):
+        return False
+    files = [[{json.dumps(i, default=str) for i in source} for source in dataset.membership_now(
+        [name.spec for name in names]).identities] for names in (carried, now)]
+    return all(a == b or files[0][i] & files[1][i] for i, (a, b) in enumerate(zip(carried, now, strict=True)))
+
+
 def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
     """The union a streaming cursor inside its epoch resumes over, when this dataset's source list is not the one
     it carries (None: the same list, or the same sources whose data moved: the epoch goes on over its own); Refused
     when that cannot be continued exactly."""
     carried, now = start.names, names_of(dataset.section.names)
-    if carried is None or carried == now:
+    if carried is None:
         return None
-    if (len(carried) == len(now) and start.sources == dataset.sources
-            and all(body.m is None for body in start.mixture or ())):
-        return None  # the same sources, in their places (data that moved: see served.py)
+    if all(body.m is None for body in start.mixture or ()) and (carried == now
+                                                                  or _same_sources(dataset, carried, now)):
+        return None  # the epoch's own sources, in their places (their data may have moved: see served.py)
     if dataset.section.interleave_mode == "sequential":
         raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; with "
                       "interleave_mode: sequential the sources cannot change inside a streaming epoch: resume from a "
@@ -71,9 +84,10 @@ def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
     current = ",".join(str(names.index(name)) for name in now)
     added = [name.n for name in now if name not in carried]
     removed = [name.n for name in carried if name not in now]
-    dataset.mixtures.accepted(
-        f"epoch {start.epoch} from the next shuffle block: sources now {', '.join(dataset.specs)} (added: "
-        f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the sources served before continue "
-        "with their samples not yet drawn, an added one starts at its first, a removed one keeps its progress for "
-        "when it comes back", "sources changed on resume")
+    if carried != now:
+        dataset.mixtures.accepted(
+            f"epoch {start.epoch} from the next shuffle block: sources now {', '.join(dataset.specs)} (added: "
+            f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}); the sources served before "
+            "continue with their samples not yet drawn, an added one starts at its first, a removed one keeps its "
+            "progress for when it comes back", "sources changed on resume")
     return StreamUnion(names, membership, current)

@@ -74,7 +74,6 @@ class Mixer(Stage[Sample, MixState]):
                  weights: Sequence[float], seed: int, active: Sequence[int] | None = None,
                  widen: bool = False) -> None:
         self.children, self.mode, self.stopping, self.seed = children, mode, stopping, seed
-        self.active = list(range(len(children)))
         self.draws: WeightedDraws | None = None
         self._activate(weights, active)
         self.starts = [child.get_state() for child in children] if widen else None
@@ -110,7 +109,7 @@ class Mixer(Stage[Sample, MixState]):
 
     def reweight(self, weights: Sequence[float], task_weights: dict[str, float] | None,
                  active: Sequence[int] | None = None) -> None:
-        """Draw from here on the `active` sources (None: all) with `weights` (one per active source; draw t of the
+        """Draw from here on the `active` sources (None: the first, one per weight) with `weights` (draw t of the
         mix still comes from (seed, t // DRAW_CHUNK)), and copy the samples of the records read from here on by
         `task_weights` (a mixture changed on resume)."""
         self._activate(weights, active)
@@ -118,12 +117,12 @@ class Mixer(Stage[Sample, MixState]):
             child.retask(task_weights)
 
     def _activate(self, weights: Sequence[float], active: Sequence[int] | None) -> None:
-        """Draw the `active` sources (None: all), weighted by `weights` (one per active source, in its order); a
+        """Draw the `active` sources (None: the first ones, one per weight), weighted by `weights` (in its order); a
         weighted draw is over every source, the inactive ones weighing 0, so sources added after the others leave
         the draws of the others as they were."""
-        self.active = list(range(len(self.children))) if active is None else list(active)
-        if len(weights) != len(self.active) or not self.active:
-            raise ValueError(f"{len(weights)} weights for {len(self.active)} sources drawn")
+        self.active = list(range(len(weights))) if active is None else list(active)
+        if len(weights) != len(self.active) or not self.active or max(self.active) >= len(self.children):
+            raise ValueError(f"{len(weights)} weights for sources {self.active} of {len(self.children)}")
         if self.mode == "weighted":
             full = np.zeros(len(self.children), dtype=np.float64)
             full[self.active] = weights
