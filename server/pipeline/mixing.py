@@ -111,8 +111,11 @@ class Mixer(Stage[Sample, MixState]):
                  active: Sequence[int] | None = None) -> None:
         """Draw from here on the `active` sources (None: the first, one per weight) with `weights` (draw t of the
         mix still comes from (seed, t // DRAW_CHUNK)), and copy the samples of the records read from here on by
-        `task_weights` (a mixture changed on resume)."""
+        `task_weights` (a mixture changed on resume). Given `active`, whether the mix ended is decided over them."""
         self._activate(weights, active)
+        if active is not None:  # other sources drawn: the mix goes on while they have samples (ended: see _exhaust)
+            drawn = [self.exhausted[i] for i in self.active]
+            self.done = any(drawn) if self.stopping == "first_exhausted" else all(drawn)
         for child in self.children:
             child.retask(task_weights)
 

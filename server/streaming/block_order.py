@@ -10,6 +10,7 @@ block taken before it: resuming re-reads one block, never a shuffle buffer.
 An epoch resumed under another mixture (feed/mixtures.py) has a plan: block k is drawn under the mixture in force
 at k. The mix continues from where the block before left every source, so a new mixture from block k serves each
 source's samples from the first one not yet drawn: nothing drawn before is drawn again while the source has more.
+A mixture over other sources (stream_sources.py) may go on after the one before ran out.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class BlockShuffle(Stage[Block, BlockState]):
                 last = False
                 break
         end = self.upstream_at = self.upstream.get_state()
+        if last and self.plan is not None and self.plan(index + 1) != self.plan(index):  # sources changed from the
+            self.upstream.reweight(*self.plan(index + 1))  # next block: it goes on if they have samples
+            last = self.upstream.done
         if self.seed is not None:
             order = np.random.default_rng([self.seed, self.epoch, index]).permutation(len(samples))
             samples = [samples[i] for i in order]
