@@ -106,7 +106,7 @@ class ServedDataset:
         first = self._membership([list(p.files) for p in probes], [p.file_identities() for p in probes])
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor; nor the source list, which
-        # may change at an epoch boundary (a cursor inside an epoch holds `sources`, and resumes only under the same)
+        # may change at any resume (inside an epoch: source_change.py, cached; stream_sources.py, streaming)
         samples = _fingerprint(_without_paths(self.section, tuple(s for s in CONTENT_SETTINGS if s != "names")),
                                self.encoder.fingerprint)
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
