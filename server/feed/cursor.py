@@ -4,10 +4,10 @@ Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": datase
 "state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
 fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py), "mix": the mixture the
 epoch is served under (inside an epoch; mixtures.py; in cached mode a mixture names its membership when a source
-was added or removed inside the epoch), "src": the source list's fingerprint (its kinds and filter overrides), "names": in streaming mode inside an epoch, the epoch's sources (spec and filter
-override each; after a source was added or removed inside the epoch, the union of its lists: stream_sources.py),
-"end": true after the epoch's last step (cached mode; streaming mode once the
-stream's end was read)}. The tag is
+was added or removed inside the epoch), "src": the source list's fingerprint (its kinds and filter overrides),
+"names": in streaming mode inside an epoch, the epoch's sources (spec and filter override each; after a source was
+added or removed inside the epoch, the union of its lists: stream_sources.py), "end": true after the epoch's last
+step (cached mode; streaming mode once the stream's end was read)}. The tag is
 an HMAC-SHA256 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version
 and the body, which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was
 made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last
