@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import SourceSpec
+from ..errors import SourceError
 from .cursor import Cursor, refused
 from .membership import Membership
 from .mixtures import Mixture
@@ -49,13 +50,18 @@ class StreamUnion:
         return [name.spec for name in self.names]
 
 
-def _same_sources(dataset: ServedDataset, carried: list[SourceName], now: list[SourceName]) -> bool:
-    """Whether the two lists are the same sources in the same places: each pair the same spec, or files in common
-    (by content identity: data that moved or grew)."""
+def _same_sources(dataset: ServedDataset, start: Cursor, carried: list[SourceName], now: list[SourceName]) -> bool:
+    """Whether the two lists are the same sources in the same places: the epoch's content known here under this
+    list's kinds, or each pair the same spec or files in common (by content identity: data that moved or grew)."""
     if len(carried) != len(now):
         return False
-    files = [[{json.dumps(i, default=str) for i in source} for source in dataset.membership_now(
-        [name.spec for name in names]).identities] for names in (carried, now)]
+    if start.sources == dataset.sources and dataset.memberships.of(start.members) is not None:
+        return True
+    try:
+        files = [[{json.dumps(i, default=str) for i in source} for source in dataset.membership_now(
+            [name.spec for name in names]).identities] for names in (carried, now)]
+    except SourceError:  # a carried source that no longer reads (it moved): the same list if of the same kinds
+        return start.sources == dataset.sources
     return all(a == b or files[0][i] & files[1][i] for i, (a, b) in enumerate(zip(carried, now, strict=True)))
 
 
@@ -67,14 +73,19 @@ def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
     if carried is None:
         return None
     if all(body.m is None for body in start.mixture or ()) and (carried == now
-                                                                  or _same_sources(dataset, carried, now)):
+                                                                  or _same_sources(dataset, start, carried, now)):
         return None  # the epoch's own sources, in their places (their data may have moved: see served.py)
     if dataset.section.interleave_mode == "sequential":
         raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; with "
                       "interleave_mode: sequential the sources cannot change inside a streaming epoch: resume from a "
                       "cursor taken at an epoch's end, or restore dataset.names until this epoch ends")
     names = [*carried, *(name for name in now if name not in carried)]
-    membership = dataset.membership_now([name.spec for name in names])
+    try:
+        membership = dataset.membership_now([name.spec for name in names])
+    except SourceError as err:
+        raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; a source of the "
+                      f"epoch's shuffle block in progress, or of the new list, cannot be read ({err}): resume from a "
+                      "cursor taken at an epoch's end, or restore its files") from None
     own = dataset.membership_now([name.spec for name in carried], membership)
     if own.fingerprint != start.members:
         raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; the epoch's sources "
