@@ -169,8 +169,8 @@ BLOCK = 7  # make_dataset's shuffle block
 FEW = (1, 2, 3)  # world sizes (streaming: every rank reads the whole stream)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(files=st.lists(st.lists(st.integers(4, 12), min_size=1, max_size=2).map(tuple), min_size=3, max_size=3)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(st.lists(st.integers(6, 14), min_size=1, max_size=2).map(tuple), min_size=3, max_size=3)
        .map(tuple), w1=st.sampled_from(FEW), w2=st.sampled_from(FEW), w3=st.sampled_from(FEW),
        before=st.sets(st.integers(0, 2), min_size=1), after=st.sets(st.integers(0, 2), min_size=1),
        stop=st.integers(0, 30), again=st.integers(0, 30), pack=st.booleans(),
