@@ -13,6 +13,8 @@ from .cursor import Cursor, refused
 from .mixtures import Mixture, Plan
 from .served import ServedDataset
 from .source_change import changed_sources, sources_changed
+from .source_names import names_of
+from .stream_sources import StreamUnion, stream_union
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Feed:
         # the open epoch's (a resumed epoch: its cursor's, and more; a resumed streaming epoch's: by block and row)
         self.plan: Plan | BlockPlan[Mixture] = dataset.mixtures.plan(self.epoch)
         self.end_row: int | None = None  # a cursor after its epoch's last step under other sources: the end's row
+        self.union: StreamUnion | None = None  # streaming: the open epoch's sources, when its list changed inside it
         if start is not None and start.sources and start.sources != dataset.sources and (
                 start.state is None or start.ended):
             after = start.epoch if start.state is None else start.epoch + 1
@@ -52,17 +55,19 @@ class Feed:
         if start is not None and start.state is not None:
             if start.ended:  # after the epoch's last step: it ends there, whatever the sources are now
                 self.end_row = start.state.row
-            elif start.sources == dataset.sources or isinstance(start.state, CachedState):
+            elif start.sources == dataset.sources or isinstance(start.state, CachedState) or start.names:
                 self._resume(start, start.state)
             else:
                 raise refused(f"taken inside epoch {start.epoch}, which began with another list of sources (a source "
-                              "was added or removed, or a source's filter changed): in streaming mode sources change "
-                              "only at an epoch boundary; resume from a cursor taken at an epoch's end (the next "
-                              "epoch serves the new sources), or restore dataset.names until this epoch ends")
+                              "was added or removed, or a source's filter changed), by a sigil-feed whose streaming "
+                              "cursors do not carry their epoch's sources; resume from a cursor taken at an epoch's "
+                              "end (the next epoch serves the new sources), or restore dataset.names until this "
+                              "epoch ends")
 
     def _resume(self, start: Cursor, state: CachedState | StreamState) -> None:
         """Open the cursor's epoch at its position, under its plan and membership (cached mode: its later mixtures
-        over the store of this dataset's source list, when the epoch was served under another)."""
+        over the store of this dataset's source list, when the epoch was served under another; streaming mode: over
+        the union of the epoch's source lists, when it was, stream_sources.py)."""
         dataset = self.dataset
         self.members = start.members or None  # a cursor of an epoch begun over other files resumes over them
         virtual = None
@@ -71,11 +76,15 @@ class Feed:
             if now or any(body.m for body in start.mixture or ()):  # segments over more than one store
                 virtual = state.virtual
             self.plan = dataset.mixtures.resumed(self.epoch, start.mixture, state.row, "row", now)
-        else:  # from the next shuffle block none of which is served
-            now, before = "", None
+        else:  # from the next shuffle block none of which is served, over the union of the epoch's source lists
+            now, before = "", None  # when its list changed inside it (stream_sources.py)
+            self.union = stream_union(dataset, start)
+            if self.union is not None:
+                self.members = self.union.membership.fingerprint
             self.plan = dataset.mixtures.resumed_blocks(
                 self.epoch, start.mixture, next_block(state.at.block, state.at.taken, state.offset, state.wraps),
-                state.row, unit=self.seq_len if dataset.config.pack else 1, pack=dataset.config.pack)
+                state.row, unit=self.seq_len if dataset.config.pack else 1, pack=dataset.config.pack,
+                members=self.union.current if self.union else "")
         try:
             self.packer = packer = self._open_epoch(virtual)
             if now and before is not None:
@@ -116,11 +125,11 @@ class Feed:
         self.dataset.mixtures.opened(self.epoch)
         return self.dataset.packer(epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                                    batch_size=self.batch_size, seq_len=self.seq_len, members=self.members,
-                                   plan=self.plan, virtual=virtual)
+                                   plan=self.plan, virtual=virtual, union=self.union)
 
     def _cursor(self, epoch: int, packer: Packer | CachedPacker | None) -> bytes:
         state: CachedState | StreamState | None = None
-        mixture = None
+        mixture = names = None
         members = ""
         ended = False
         if isinstance(packer, Packer):  # the mixtures of the blocks served so far, and the plan by row
@@ -131,12 +140,13 @@ class Feed:
             blocks = chosen.blocks_before(until, through=stream.at.block if packer.past_end else None)
             mixture, members = self.dataset.mixtures.block_body(blocks, chosen.plan.rows), self.members or ""
             ended = packer.ended
+            names = self.union.names if self.union else names_of(self.dataset.section.names)
         elif packer is not None:
             assert not isinstance(self.plan, BlockPlan)
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""
             ended = packer.ended
         return Cursor(self.dataset.fingerprint, epoch, self.seq_len, state, members, mixture, self.dataset.sources,
-                      ended).encode(self.secret)
+                      ended, names).encode(self.secret)
 
     @property
     def in_cached_epoch(self) -> bool:
@@ -164,6 +174,6 @@ class Feed:
     def _ended(self, end_row: int) -> FeedItem:
         """The end of the open epoch, at `end_row`; the next epoch opens over the data as it is then."""
         ended = self.epoch
-        self.epoch, self.packer, self.members, self.end_row = self.epoch + 1, None, None, None
+        self.epoch, self.packer, self.members, self.end_row, self.union = self.epoch + 1, None, None, None, None
         self.plan = self.dataset.mixtures.plan(self.epoch)
         return FeedItem(None, ended, self._cursor(self.epoch, None), end_row)

@@ -4,9 +4,10 @@ Layout: one version byte, a 16-byte tag, then zlib-compressed JSON {"fp": datase
 "state": the packer's composed stage state, "members": the epoch's membership once it has begun (the content
 fingerprint of its sources' files: an epoch's data is fixed at its start, see served.py), "mix": the mixture the
 epoch is served under (inside an epoch; mixtures.py; in cached mode a mixture names its membership when a source
-was added or removed inside the epoch), "src": the source list's fingerprint (in streaming mode, inside an epoch
-the sources may not change), "end": true after the epoch's last step (cached mode; streaming mode once the
-stream's end was read)}. The tag is
+was added or removed inside the epoch), "src": the source list's fingerprint (its kinds and filter overrides),
+"names": in streaming mode inside an epoch, the epoch's sources (spec and filter override each; after a source was
+added or removed inside the epoch, the union of its lists: stream_sources.py), "end": true after the epoch's last
+step (cached mode; streaming mode once the stream's end was read)}. The tag is
 an HMAC-SHA256 keyed by the server's cursor secret (`server.cursor_secret_env`; empty when unset) over the version
 and the body, which holds the fingerprint; so a cursor resumes only the dataset configuration and row length it was
 made for, on any server with the same secret, and anything else is FAILED_PRECONDITION. The state is the last
@@ -35,6 +36,7 @@ from ..cached.packer import CachedState
 from ..errors import Refused
 from ..streaming.packer import StreamState
 from .mixtures import MixBody
+from .source_names import SourceName
 
 VERSION = 3
 OLD_ORDER = (1, 2)  # cursors of the order before virtual ranks
@@ -56,6 +58,7 @@ class _Body(BaseModel):
     members: Annotated[str, Field(max_length=64)] = ""
     mix: list[MixBody] | None = Field(default=None, min_length=1, max_length=1024)
     src: Annotated[str, Field(max_length=64)] = ""
+    names: list[SourceName] | None = Field(default=None, min_length=1, max_length=4096)
     end: bool = False
 
 
@@ -71,6 +74,7 @@ class Cursor:
     mixture: list[MixBody] | None = None  # `epoch`'s plan (mixtures.py; None at its start: the configured one)
     sources: str = ""  # the source list it was made under (its kinds and filter overrides)
     ended: bool = False  # the position is after the epoch's last step (as far as the packer knows)
+    names: list[SourceName] | None = None  # streaming mode inside an epoch: the epoch's sources (stream_sources.py)
 
     def encode(self, secret: bytes = b"") -> bytes:
         """The wire form, signed with `secret`."""
@@ -82,6 +86,8 @@ class Cursor:
             body["mix"] = [part.model_dump(mode="json", exclude_none=True) for part in self.mixture]
         if self.sources:
             body["src"] = self.sources
+        if self.names is not None:
+            body["names"] = [name.model_dump(mode="json", exclude_none=True) for name in self.names]
         if self.ended:
             body["end"] = True
         payload = zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
@@ -133,4 +139,4 @@ def decode_cursor(data: bytes, *, fingerprint: str, seq_len: int, secret: bytes 
         raise refused(f"made for rows of {body.seq_len} tokens, this stream asks for {seq_len}: positions count "
                       f"rows, so resume with seq_len {body.seq_len}")
     return Cursor(body.fp, body.epoch, body.seq_len, body.state, body.members, body.mix, body.src,
-                  body.end)
+                  body.end, body.names)

@@ -40,14 +40,15 @@ class MixBody(BaseModel):
     """One mixture of an epoch's plan, as a cursor carries it: source weights in `names` order (by position, not
     path: data that moves keeps its cursors), task weights (None: one copy each), the position it applies from, and
     (cached mode, after a source was added or removed inside the epoch) the membership whose sources the weights
-    are over (None: the epoch's own, the cursor's `members`)."""
+    are over (None: the epoch's own, the cursor's `members`); streaming mode, after a source was added or removed
+    inside the epoch: the positions of its sources in the cursor's source list, `0,2,3` (stream_sources.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
     at: Count = 0
-    m: str | None = Field(default=None, min_length=1, max_length=64)
+    m: str | None = Field(default=None, min_length=1, max_length=1024)
     r: Literal[True] | None = None  # streaming mode: `at` is a global row of the plan by row (else a shuffle block)
 
 
@@ -181,20 +182,23 @@ class Mixtures:
         by row (left out when it is the last block's mixture throughout, as a cursor of one mixture has it)."""
         bodies = [mixture.body(start) for start, mixture in blocks]
         if not blocks or rows != ((0, blocks[-1][1]),):
-            bodies += [MixBody(w=list(m.weights), t=m.task_weights, at=start, r=True) for start, m in rows]
+            bodies += [MixBody(w=list(m.weights), t=m.task_weights, at=start, m=m.members or None, r=True)
+                       for start, m in rows]
         return bodies
 
     def resumed_blocks(self, epoch: int, carried: list[MixBody] | None, at: int, row: int, *, unit: int,
-                       pack: bool) -> BlockPlan[Mixture]:
+                       pack: bool, members: str = "") -> BlockPlan[Mixture]:
         """The plan of a streaming cursor inside `epoch` resumed at global row `row`, whose first block none of which
         is served is `at` (ALL_SERVED: an epoch that wrapped): the blocks before `at` under the mixtures it carries,
         the blocks from `at` on by the configured plan by row (block_mixtures.py); a configured plan that differs
-        from the carried one from `row` on is logged and kept for GetStats. FAILED_PRECONDITION as `resumed`."""
-        configured = self.plan(epoch)
+        from the carried one from `row` on is logged and kept for GetStats. FAILED_PRECONDITION as `resumed`.
+        `members`: the positions of this dataset's sources in the epoch's source list when that list changed inside
+        the epoch (feed/stream_sources.py; "": the same list), which the configured mixtures are tagged with."""
+        configured = tuple((start, Mixture(m.weights, m.tasks, members)) for start, m in self.plan(epoch))
         if not carried:
             return BlockPlan((), 0, configured, unit, pack)
-        blocks = self._carried([body for body in carried if not body.r])
-        rows = self._carried([body for body in carried if body.r]) if any(body.r for body in carried) else \
+        blocks = self._carried([body for body in carried if not body.r], members)
+        rows = self._carried([body for body in carried if body.r], members) if any(body.r for body in carried) else \
             ((0, blocks[-1][1]),)
         if at and not blocks:
             raise Refused("cursor: it carries no mixture of the shuffle blocks it served (corrupt)")

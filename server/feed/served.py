@@ -23,7 +23,7 @@ from ..cached.layout import served_sequence, virtual_ranks
 from ..cached.layouts import EpochLayouts
 from ..cached.packer import CachedPacker
 from ..cached.working_set import WorkingSet, cache_gb_to_fit, rank_ranges, working_set
-from ..config import DatasetConfig, DatasetSection, FeedConfig
+from ..config import DatasetConfig, DatasetSection, FeedConfig, SourceSpec
 from ..errors import Refused, SourceError, Unavailable
 from ..observe.throughput import Throughput
 from ..paths import cache_home
@@ -50,6 +50,7 @@ from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
 from .mixtures import Mixture, Mixtures, Plan
 from .run_members import dataset_key, localize, run_members
+from .stream_sources import StreamUnion, active_of
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class ServedDataset:
         first = self._membership([list(p.files) for p in probes], [p.file_identities() for p in probes])
         # the cursors': the order's settings and the sample settings, not the sources' content, which each epoch fixes
         # at its start (its membership, in the cursor): data that grows keeps every cursor; nor the source list, which
-        # may change at an epoch boundary (a cursor inside an epoch holds `sources`, and resumes only under the same)
+        # may change at any resume (inside an epoch: source_change.py, cached; stream_sources.py, streaming)
         samples = _fingerprint(_without_paths(self.section, tuple(s for s in CONTENT_SETTINGS if s != "names")),
                                self.encoder.fingerprint)
         self.fingerprint = _fingerprint(_without_paths(self.section, ORDER_SETTINGS),
@@ -164,6 +165,18 @@ class ServedDataset:
         fingerprint = _fingerprint(_without_paths(self.section, CONTENT_SETTINGS), identities,
                                    self.encoder.fingerprint)
         return Membership(fingerprint, files, identities)
+
+    def membership_now(self, specs: list[SourceSpec], within: Membership | None = None) -> Membership:
+        """A membership over another source list than `names` (streaming, stream_sources.py): their files as they
+        are now (`within`: taken from a membership over a list that begins with these sources)."""
+        if within is None:
+            opened = [self._opener(index, None, spec=spec.name)() for index, spec in enumerate(specs)]
+            files, identities = [list(s.files) for s in opened], [s.file_identities() for s in opened]
+        else:
+            files, identities = within.files[:len(specs)], within.identities[:len(specs)]
+        section = self.section.model_copy(update={"names": specs})
+        return Membership(_fingerprint(_without_paths(section, CONTENT_SETTINGS), identities,
+                                       self.encoder.fingerprint), files, identities)
 
     def _look(self) -> Membership:
         """What the sources hold now: local and Parquet sources' paths expanded again and their files' identities
@@ -235,13 +248,13 @@ class ServedDataset:
                                         any_slot=self.section.shard_cache_dir is None)
 
     def _opener(self, index: int, files: list[str] | None,
-                identities: list[object] | None = None) -> Callable[[], Source]:
+                identities: list[object] | None = None, spec: str | None = None) -> Callable[[], Source]:
         """A picklable function that opens source `index` afresh (a build engine may call it elsewhere), over the
         files of a membership (None: those its path names now), with their identities if given (the membership's:
         not taken again): a file deleted or added since is no reason for the others to change their index (a
-        deleted one reads as a bad file, counted)."""
+        deleted one reads as a bad file, counted). `spec`: a source not in `names` (stream_sources.py)."""
         hf_cache = self.section.cache_dir if self.section.cache_dir and not is_uri(self.section.cache_dir) else None
-        return partial(open_source, self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
+        return partial(open_source, spec or self.specs[index], index, base_dir=self.config.base_dir, cache_dir=hf_cache,
                        files=files, identities=identities)
 
     def prepare(self, *, show_bar: bool = True, serve: bool = True, build: StoreBuilder = build_store) -> None:
@@ -337,39 +350,45 @@ class ServedDataset:
         settings["names"] = settings["names"][index]
         return _fingerprint(settings, self.encoder.fingerprint)
 
-    def mix(self, files: list[list[str]] | None = None, mixture: Mixture | None = None) -> Mixer:
+    def mix(self, files: list[list[str]] | None = None, mixture: Mixture | None = None,
+            specs: list[SourceSpec] | None = None) -> Mixer:
         """A fresh chain sources -> curate -> mix over a membership's files (None: the current one's) under `mixture`
-        (None: epoch 0's), counting into this dataset's counters."""
+        (None: epoch 0's), counting into this dataset's counters; `specs`: over these sources (streaming, a source
+        list changed inside the epoch: stream_sources.py; a source not in `names` is counted apart)."""
         files = files or self.files
         section, mixture = self.section, mixture or self.mixtures.at(0)
         seed = section.shuffle_seed or 0
         pair_format = self._pair_format()
         children = []
-        for index, spec in enumerate(section.names):
+        for index, spec in enumerate(specs or section.names):
+            own = section.names.index(spec) if spec in section.names else len(self.specs) + index
             rules = CurateRules(filter=self.filter, filter_override=spec.filter, splits=frozenset(section.splits),
                                 task_weights=mixture.task_weights, seed=seed, strict=section.on_bad_record == "fail",
                                 pair_format=pair_format, messages_format=self.encoder.format_messages)
-            children.append(CuratedSource(self._opener(index, files[index])(), rules, self.counters[index]))
-        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed)
+            counters = self.counters[own] if own < len(self.specs) else SourceCounters(spec.name)
+            children.append(CuratedSource(self._opener(own, files[index], spec=spec.name)(), rules, counters))
+        return Mixer(children, section.interleave_mode, section.stopping_strategy, mixture.weights, seed,
+                     active_of(mixture), widen=specs is not None)
 
     def _pair_format(self) -> ChatFormat:
         return self.encoder.chat_format if self.section.chat_template else plain_pair
 
     def packer(self, *, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int,
                members: str | None = None, plan: Plan | BlockPlan[Mixture] | None = None,
-               virtual: int | None = None) -> Packer | CachedPacker:
+               virtual: int | None = None, union: StreamUnion | None = None) -> Packer | CachedPacker:
         """One rank's epoch as a stage chain ending in a packer, over the sources' files of `members` (the epoch's
         membership, from its cursor; None: the one fixed for the epoch here, see membership.py) and under `plan` (the
         epoch's mixtures by row; a resumed streaming epoch's by block and row; None: the configured ones). Cached
         mode: `virtual`, the epoch's virtual ranks when its cursor names them (None: the config's); a mixture of the
         plan over another membership (a source list changed inside the epoch) is laid out over that membership's
-        store."""
+        store. Streaming mode: `union`, the sources of an epoch whose source list changed inside it
+        (stream_sources.py)."""
         section = self.section
         members = members or self.memberships.of_epoch(epoch).fingerprint
         plan = plan or self.mixtures.plan(epoch)
         if isinstance(plan, BlockPlan):
             assert self.layouts is None, "a plan by shuffle block in cached mode"
-            return self._stream_packer(epoch, rank, world_size, batch_size, seq_len, members, plan)
+            return self._stream_packer(epoch, rank, world_size, batch_size, seq_len, members, plan, union)
         if self.layouts is not None:  # node-aware: rank r reads the r-th run of the layout's regions (rows/deal.py)
             layouts = self.members_layouts(members, virtual)
             other = partial(self._mixture_layouts, members) if any(m.members for _, m in plan) else None
@@ -382,14 +401,14 @@ class ServedDataset:
             return cached
         unit = seq_len if self.config.pack else 1
         return self._stream_packer(epoch, rank, world_size, batch_size, seq_len, members,
-                                   BlockPlan((), 0, plan, unit, self.config.pack))
+                                   BlockPlan((), 0, plan, unit, self.config.pack), union)
 
     def _stream_packer(self, epoch: int, rank: int, world_size: int, batch_size: int, seq_len: int, members: str,
-                       plan: BlockPlan[Mixture]) -> Packer:
-        """One rank's streaming epoch over `members`' files, each shuffle block under its mixture of `plan`
-        (streaming/block_mixtures.py)."""
+                       plan: BlockPlan[Mixture], union: StreamUnion | None = None) -> Packer:
+        """One rank's streaming epoch over `members`' files (or `union`'s sources), each shuffle block under its
+        mixture of `plan` (streaming/block_mixtures.py)."""
         section = self.section
-        membership = self.memberships.of(members)
+        membership = union.membership if union is not None else self.memberships.of(members)
         if membership is None:
             raise Refused("cursor: its epoch began over the sources' files as they were then, which changed since; "
                           "streaming mode reads the files as they are, so resume from the epoch's end (a cursor "
@@ -398,7 +417,8 @@ class ServedDataset:
         chosen = BlockMixtures(plan, _as_mix, partial(self.mixtures.took_effect, epoch))
         first = (plan.served or plan.rows)[0][1]
         one = all(mixture == first for _, mixture in (*plan.served, *plan.rows))
-        blocks_order = BlockShuffle(self.mix(membership.files, first), block_size=section.shuffle_block,
+        blocks_order = BlockShuffle(self.mix(membership.files, first, union.specs if union else None),
+                                    block_size=section.shuffle_block,
                                     block_chars=section.shuffle_block_chars, seed=section.shuffle_seed, epoch=epoch,
                                     plan=None if one else chosen.mix)
         blocks = TokenizedBlocks(blocks_order, self.encoder, with_prompts=section.completion_only,
@@ -476,7 +496,7 @@ class ServedDataset:
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
         lengths = encoded.lengths
-        for source in np.unique(sources):
+        for source in np.unique(sources)[np.unique(sources) < len(self.counters)]:  # (removed sources: apart)
             self.counters[source].add_lengths(lengths[sources == source])
 
 
@@ -528,7 +548,7 @@ def _source_kind(spec: str) -> str:
 
 def _as_mix(mixture: Mixture) -> Mix:
     """A mixture as the mix takes it."""
-    return mixture.weights, mixture.task_weights
+    return mixture.weights, mixture.task_weights, active_of(mixture)
 
 
 def _served_sequence(store: TokenStore, section: DatasetSection, mixture: Mixture,

@@ -64,12 +64,19 @@ class MixState(StageState):
 
 
 class Mixer(Stage[Sample, MixState]):
-    """One stream of samples from several curated sources."""
+    """One stream of samples from several curated sources, of which the `active` ones are drawn (all by default;
+    streaming mode, a source list changed inside an epoch: the mix is over the epoch's sources before and after,
+    and each mixture names its own, see feed/stream_sources.py). An inactive source is never drawn, keeps its
+    position, and does not count for `all_exhausted`'s end. `widen`: set_state takes a position of the first
+    sources only, the others starting at their beginning (sources added)."""
 
     def __init__(self, children: list[CuratedSource], mode: str, stopping: str,
-                 weights: Sequence[float], seed: int) -> None:
+                 weights: Sequence[float], seed: int, active: Sequence[int] | None = None,
+                 widen: bool = False) -> None:
         self.children, self.mode, self.stopping, self.seed = children, mode, stopping, seed
-        self.draws = WeightedDraws(weights, seed) if mode == "weighted" else None
+        self.draws: WeightedDraws | None = None
+        self._activate(weights, active)
+        self.starts = [child.get_state() for child in children] if widen else None
         self.turn = 0  # sequential: current child; otherwise: number of draws made
         self.exhausted = [False] * len(children)
         self.empty: set[int] = set()  # sources with no sample at all: their draws are skipped (rediscovered on resume)
@@ -79,7 +86,7 @@ class Mixer(Stage[Sample, MixState]):
         if self.mode == "sequential":
             return self._next_sequential()
         while not self.done:
-            index = self.turn % len(self.children) if self.draws is None else self.draws[self.turn]
+            index = self.active[self.turn % len(self.active)] if self.draws is None else self.draws[self.turn]
             if index in self.empty:
                 self.turn += 1
                 continue
@@ -100,13 +107,29 @@ class Mixer(Stage[Sample, MixState]):
             return sample
         raise StopIteration
 
-    def reweight(self, weights: Sequence[float], task_weights: dict[str, float] | None) -> None:
-        """Draw from here on with `weights` (draw t of the mix still comes from (seed, t // DRAW_CHUNK)), and copy
-        the samples of the records read from here on by `task_weights` (a mixture changed on resume)."""
-        if self.draws is not None:
-            self.draws = WeightedDraws(weights, self.seed)
+    def reweight(self, weights: Sequence[float], task_weights: dict[str, float] | None,
+                 active: Sequence[int] | None = None) -> None:
+        """Draw from here on the `active` sources (None: the first, one per weight) with `weights` (draw t of the
+        mix still comes from (seed, t // DRAW_CHUNK)), and copy the samples of the records read from here on by
+        `task_weights` (a mixture changed on resume). Given `active`, whether the mix ended is decided over them."""
+        self._activate(weights, active)
+        if active is not None:  # other sources drawn: the mix goes on while they have samples (ended: see _exhaust)
+            drawn = [self.exhausted[i] for i in self.active]
+            self.done = any(drawn) if self.stopping == "first_exhausted" else all(drawn)
         for child in self.children:
             child.retask(task_weights)
+
+    def _activate(self, weights: Sequence[float], active: Sequence[int] | None) -> None:
+        """Draw the `active` sources (None: the first ones, one per weight), weighted by `weights` (in its order); a
+        weighted draw is over every source, the inactive ones weighing 0, so sources added after the others leave
+        the draws of the others as they were."""
+        self.active = list(range(len(weights))) if active is None else list(active)
+        if len(weights) != len(self.active) or not self.active or max(self.active) >= len(self.children):
+            raise ValueError(f"{len(weights)} weights for sources {self.active} of {len(self.children)}")
+        if self.mode == "weighted":
+            full = np.zeros(len(self.children), dtype=np.float64)
+            full[self.active] = weights
+            self.draws = WeightedDraws(weights if active is None else full.tolist(), self.seed)
 
     def _next_sequential(self) -> Sample:
         while self.turn < len(self.children):
@@ -118,7 +141,7 @@ class Mixer(Stage[Sample, MixState]):
 
     def _exhaust(self, index: int) -> None:
         self.exhausted[index] = True
-        if self.stopping == "first_exhausted" or all(self.exhausted):
+        if self.stopping == "first_exhausted" or all(self.exhausted[i] for i in self.active):
             self.done = True
         else:
             self.children[index].restart()
@@ -129,11 +152,16 @@ class Mixer(Stage[Sample, MixState]):
                         children=[child.get_state() for child in self.children])
 
     def set_state(self, state: MixState) -> None:
-        """Continue from get_state's position; ValueError for a position of another number of sources."""
-        if len(state.children) != len(self.children):
+        """Continue from get_state's position; ValueError for a position of another number of sources (`widen`: of
+        more sources)."""
+        children, exhausted = list(state.children), list(state.exhausted)
+        if self.starts is not None and len(children) < len(self.children):  # sources added: at their beginning
+            children += self.starts[len(children):]
+            exhausted += [False] * (len(self.children) - len(exhausted))
+        if len(children) != len(self.children):
             raise ValueError(f"a position of {len(state.children)} sources, but this mix has {len(self.children)}")
-        self.turn, self.exhausted, self.done = state.turn, list(state.exhausted), state.done
-        for child, child_state in zip(self.children, state.children, strict=True):
+        self.turn, self.exhausted, self.done = state.turn, exhausted, state.done
+        for child, child_state in zip(self.children, children, strict=True):
             child.set_state(child_state)
 
 

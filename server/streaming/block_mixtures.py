@@ -116,8 +116,11 @@ class BlockMixtures(Generic[M]):
         return mixture
 
     def mix(self, block: int) -> Mix:
-        """The mixture of `block` as the mix takes it."""
-        return self.as_mix(self.of(block))
+        """The mixture of `block` as the mix takes it. A block not chosen yet (the one after a block where the mix ran
+        out, asked whether other sources go on: block_order.py) gets the plan's last mixture by row: its sources
+        are those of every mixture by row (a resumed epoch's current list), which is all that question needs."""
+        mixture = self.known(block)
+        return self.as_mix(self.plan.rows[-1][1] if mixture is None else mixture)
 
     def blocks_before(self, until: int, *, through: int | None = None) -> Positions[M]:
         """The mixtures of the blocks before `until` (all it read when it is ALL_SERVED), by block; with `through`,

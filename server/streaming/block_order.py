@@ -11,7 +11,8 @@ An epoch under more than one mixture (a phase from a row inside it, a resume und
 block k is drawn under its mixture (block_mixtures.py: the one in force at the global row block k starts in, or
 the one it was served under before a resume). The mix continues from where the block before left every source,
 so a new mixture from block k serves each source's samples from the first one not yet drawn: nothing drawn before
-is drawn again while the source has more.
+is drawn again while the source has more. A mixture over other sources (feed/stream_sources.py) may go on after
+the one before ran out.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from ..pipeline.mixing import Mixer, MixState
 from ..pipeline.samples import Sample
 from ..pipeline.stage import Count, Stage, StageState
 
-Mix = tuple[Sequence[float], dict[str, float] | None]
-"""A mixture as the mix takes it: source weights and task weights."""
+Mix = tuple[Sequence[float], dict[str, float] | None, Sequence[int] | None]
+"""A mixture as the mix takes it: source weights, task weights, and the sources drawn (None: all)."""
 
 
 class BlockState(StageState):
@@ -87,6 +88,9 @@ class BlockShuffle(Stage[Block, BlockState]):
                 last = False
                 break
         end = self.upstream_at = self.upstream.get_state()
+        if last and self.plan is not None and self.plan(index + 1) != self.plan(index):  # sources changed from the
+            self.upstream.reweight(*self.plan(index + 1))  # next block: it goes on if they have samples
+            last = self.upstream.done
         if self.seed is not None:
             order = np.random.default_rng([self.seed, self.epoch, index]).permutation(len(samples))
             samples = [samples[i] for i in order]
