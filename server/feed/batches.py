@@ -14,7 +14,8 @@ from .mixtures import Mixture, Plan
 from .served import ServedDataset
 from .source_change import changed_sources, sources_changed
 from .source_names import names_of
-from .stream_sources import StreamUnion, stream_union
+from .stream_sources import stream_union
+from .union import StreamUnion
 
 
 @dataclass

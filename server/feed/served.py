@@ -50,7 +50,7 @@ from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
 from .mixtures import Mixture, Mixtures, Plan
 from .run_members import dataset_key, localize, run_members
-from .stream_sources import StreamUnion, active_of
+from .union import StreamUnion, active_of
 
 log = logging.getLogger(__name__)
 

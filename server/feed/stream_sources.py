@@ -16,38 +16,15 @@ hold what they held when the epoch began (their membership's fingerprint, the cu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import SourceSpec
 from ..errors import SourceError
 from .cursor import Cursor, refused
-from .membership import Membership
-from .mixtures import Mixture
 from .source_names import SourceName, names_of
+from .union import StreamUnion
 
 if TYPE_CHECKING:
     from .served import ServedDataset
-
-
-def active_of(mixture: Mixture) -> list[int] | None:
-    """The positions in the epoch's source list of the sources a streaming mixture is over (None: the first ones,
-    one per weight)."""
-    return [int(i) for i in mixture.members.split(",")] if mixture.members else None
-
-
-@dataclass(frozen=True)
-class StreamUnion:
-    """A streaming epoch served over the union of its source lists: the sources, their files (a membership over
-    them), and the code of the current list's sources in it (`Mixture.members`)."""
-
-    names: list[SourceName]
-    membership: Membership
-    current: str
-
-    @property
-    def specs(self) -> list[SourceSpec]:
-        return [name.spec for name in self.names]
 
 
 def _same_sources(dataset: ServedDataset, start: Cursor, carried: list[SourceName], now: list[SourceName]) -> bool:
