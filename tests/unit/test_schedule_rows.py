@@ -69,23 +69,37 @@ def phase_list(names: list[str], first: list[float], later: list[tuple[int, int,
     return phases
 
 
+PHASE_RUNS: dict[str, Any] = dict(
+    files=st.lists(st.lists(st.integers(3, 25), min_size=1, max_size=2).map(tuple), min_size=2, max_size=3)
+    .map(tuple), pack=st.booleans(), drawn=st.data(), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS),
+    stop=st.integers(0, 60), remainder=st.sampled_from(["keep", "drop", "pad"]),
+    stopping=st.sampled_from(["first_exhausted", "all_exhausted"]))
+"""What the property tests of phases by row draw (both modes): corpora, layouts, stops, `remainder`, stopping."""
+
+
+def draw_schedules(drawn: st.DataObject, names: list[str], *, explain_later: float
+                   ) -> tuple[st.SearchStrategy[list[float]], list[float], list[tuple[int, int, list[float]]], Any]:
+    """Source weights for `names` (the strategy, the first phase's, later phases' (epoch, row, weights)) and task
+    weights (None, or `explain` at 0.5 then `explain_later` from row 29)."""
+    weights = st.lists(st.sampled_from(WEIGHTS), min_size=len(names), max_size=len(names))
+    first = drawn.draw(weights)
+    later = drawn.draw(st.lists(st.tuples(st.integers(0, EPOCHS - 1), st.integers(1, 70), weights),
+                                min_size=1, max_size=3))
+    tasks = drawn.draw(st.sampled_from([None, [{"from_epoch": 0, "weights": {"explain": 0.5}},
+                                               {"from_epoch": 0, "from_row": 29,
+                                                "weights": {"explain": explain_later}}]]))
+    return weights, first, later, tasks
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(files=st.lists(st.lists(st.integers(3, 25), min_size=1, max_size=2).map(tuple), min_size=2, max_size=3)
-       .map(tuple), pack=st.booleans(), drawn=st.data(), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS),
-       stop=st.integers(0, 60), remainder=st.sampled_from(["keep", "drop", "pad"]),
-       stopping=st.sampled_from(["first_exhausted", "all_exhausted"]))
+@given(**PHASE_RUNS)
 def test_phases_inside_an_epoch_change_the_mixture_at_their_row_for_every_world_size_and_resume(
         runtime: Runtime, files: tuple[tuple[int, ...], ...], pack: bool, drawn: st.DataObject, w1: int, w2: int,
         stop: int, remainder: str, stopping: str) -> None:
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_sources(root, files)
-        weights = st.lists(st.sampled_from(WEIGHTS), min_size=len(names), max_size=len(names))
-        first = drawn.draw(weights)
-        later = drawn.draw(st.lists(st.tuples(st.integers(0, EPOCHS - 1), st.integers(1, 70), weights),
-                                    min_size=1, max_size=3))
-        tasks = drawn.draw(st.sampled_from([None, [{"from_epoch": 0, "weights": {"explain": 0.5}},
-                                                   {"from_epoch": 0, "from_row": 29, "weights": {"explain": 1.0}}]]))
+        weights, first, later, tasks = draw_schedules(drawn, names, explain_later=1.0)
         common: dict[str, Any] = {"cached": True, "pack": pack, "remainder": remainder, "stopping_strategy": stopping}
         dataset = make_dataset(root, names, runtime, dataset_weights=phase_list(names, first, later),
                                task_weights=tasks, **common)

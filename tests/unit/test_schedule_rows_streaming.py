@@ -26,9 +26,9 @@ from sigil_feed.server.feed.served import ServedDataset
 from sigil_feed.server.runtime import Runtime
 from sigil_feed.server.streaming.packer import StreamState
 from tests.unit.streaming_fixtures import encoder, small_tokenize_chunks  # noqa: F401 (an autouse fixture)
-from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, WORLDS, global_steps
-from tests.unit.test_mixture_schedules import EPOCHS, WEIGHTS, make_dataset, write_sources
-from tests.unit.test_schedule_rows import phase_list
+from tests.unit.test_elastic import SEQ_LEN, STEP_ROWS, global_steps
+from tests.unit.test_mixture_schedules import EPOCHS, make_dataset, write_sources
+from tests.unit.test_schedule_rows import PHASE_RUNS, draw_schedules, phase_list
 
 Rule = Callable[[int, int], Mixture]
 """(block, the global row it starts in) -> the mixture it is drawn under."""
@@ -94,22 +94,14 @@ def next_unserved_block(dataset: ServedDataset, cursor: bytes) -> int:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(files=st.lists(st.lists(st.integers(3, 25), min_size=1, max_size=2).map(tuple), min_size=2, max_size=3)
-       .map(tuple), pack=st.booleans(), drawn=st.data(), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS),
-       stop=st.integers(0, 60), remainder=st.sampled_from(["keep", "drop", "pad"]),
-       stopping=st.sampled_from(["first_exhausted", "all_exhausted"]))
+@given(**PHASE_RUNS)
 def test_each_block_follows_the_phase_in_force_at_its_first_row_for_every_world_size_and_resume(
         runtime: Runtime, files: tuple[tuple[int, ...], ...], pack: bool, drawn: st.DataObject, w1: int, w2: int,
         stop: int, remainder: str, stopping: str) -> None:
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_sources(root, files)
-        weights = st.lists(st.sampled_from(WEIGHTS), min_size=len(names), max_size=len(names))
-        first = drawn.draw(weights)
-        later = drawn.draw(st.lists(st.tuples(st.integers(0, EPOCHS - 1), st.integers(1, 70), weights),
-                                    min_size=1, max_size=3))
-        tasks = drawn.draw(st.sampled_from([None, [{"from_epoch": 0, "weights": {"explain": 0.5}},
-                                                   {"from_epoch": 0, "from_row": 29, "weights": {"explain": 2.0}}]]))
+        weights, first, later, tasks = draw_schedules(drawn, names, explain_later=2.0)
         common: dict[str, Any] = {"cached": False, "pack": pack, "remainder": remainder, "stopping_strategy": stopping}
         dataset = make_dataset(root, names, runtime, dataset_weights=phase_list(names, first, later),
                                task_weights=tasks, **common)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -74,6 +75,51 @@ def epoch_rows(steps: list[Step]) -> list[str]:
     return [row for step in steps if step[0] == 0 for row in step[2]]
 
 
+Check = Callable[[list[str], list[str], list[set[str]], set[int], set[int], str], None]
+"""What an epoch serves after a resume under other sources: (served before, served after, each source's row
+hashes, the sources before, the sources after, stopping_strategy)."""
+
+
+def swap_and_come_back(root: Path, names: list[str], runtime: Runtime, common: dict[str, Any], *, before: set[int],
+                       after: set[int], weights: list[float] | None, worlds: tuple[int, int, int], stop: int,
+                       again: int, check: Check, change: str, fresh_world: int) -> None:
+    """Stop epoch 0 under the `before` sources on worlds[0] ranks, resume under `after` (with `weights`) on
+    worlds[1]: the log names the `change`, later epochs are a fresh run's (on `fresh_world` ranks), padded rows pass
+    `check`, and a stop of the resumed run goes on exactly on worlds[2]; then stop again and resume under `before`
+    on worlds[2] (a removed source comes back), its later epochs the first run's."""
+    w1, w2, w3 = worlds
+    pack = common["pack"]
+    exhausted = common["stopping_strategy"]
+    rows = [source_rows(root, name, runtime, **{**common, "pack": False}) for name in names]
+    old = make_dataset(root, [names[i] for i in sorted(before)], runtime, **common)
+    kept = [names[i] for i in sorted(after)]
+    new = make_dataset(root, kept, runtime, **{**common, "dataset_weights": None if weights is None else
+                                               {name: weights[i] for i, name in enumerate(kept)}})
+    steps, cursors = global_steps(old, w1)
+    inside = [i for i, step in enumerate(steps) if step[0] == 0][:-1]  # cursors before the epoch's last step
+    if not inside:
+        return
+    stop = inside[stop % len(inside)]
+    served = epoch_rows(steps[:stop + 1])
+    resumed, cursors2 = global_steps(new, w2, cursors[stop])
+    assert any(change in accepted for accepted in new.mixtures.changes)
+    assert [step for step in resumed if step[0] >= 1] == [step for step in global_steps(new, fresh_world)[0]
+                                                           if step[0] >= 1]
+    if not pack:
+        check(served, epoch_rows(resumed), rows, before, after, exhausted)
+    assert global_steps(new, w3, cursors2[again % len(cursors2)])[0] == resumed[again % len(cursors2) + 1:]
+
+    inside2 = [i for i, step in enumerate(resumed) if step[0] == 0][:-1]
+    if not inside2:
+        return
+    stop2 = inside2[again % len(inside2)]
+    served2 = served + epoch_rows(resumed[:stop2 + 1])
+    back = global_steps(old, w3, cursors2[stop2])[0]  # `before` again: a removed source comes back
+    assert [step for step in back if step[0] >= 1] == [step for step in steps if step[0] >= 1]
+    if not pack:
+        check(served2, epoch_rows(back), rows, before | after, before, exhausted)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files=st.lists(st.lists(st.integers(4, 16), min_size=1, max_size=2).map(tuple), min_size=3, max_size=3)
        .map(tuple), w1=st.sampled_from(WORLDS), w2=st.sampled_from(WORLDS), w3=st.sampled_from(WORLDS),
@@ -93,36 +139,11 @@ def test_sources_added_or_removed_inside_an_epoch_serve_nothing_twice(
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_sources(root, files)
-        common = {"cached": True, "pack": pack, "dataset_weights": None, "task_weights": None,
-                  "stopping_strategy": exhausted}
-        rows = [source_rows(root, name, runtime, **{**common, "pack": False}) for name in names]
-        old = make_dataset(root, [names[i] for i in sorted(before)], runtime, **common)
-        kept = [names[i] for i in sorted(after)]
-        new = make_dataset(root, kept, runtime, **{**common, "dataset_weights": None if weights is None else
-                                                   {name: weights[i] for i, name in enumerate(kept)}})
-        steps, cursors = global_steps(old, w1)
-        inside = [i for i, step in enumerate(steps) if step[0] == 0][:-1]  # cursors before the epoch's last step
-        if not inside:
-            return
-        stop = inside[stop % len(inside)]
-        served = epoch_rows(steps[:stop + 1])
-        resumed, cursors2 = global_steps(new, w2, cursors[stop])
-        assert any("epoch 0 from row" in change for change in new.mixtures.changes)
-        assert [step for step in resumed if step[0] >= 1] == [step for step in global_steps(new, w2)[0]
-                                                               if step[0] >= 1]
-        if not pack:
-            check_served(served, epoch_rows(resumed), rows, before, after, exhausted)
-        assert global_steps(new, w3, cursors2[again % len(cursors2)])[0] == resumed[again % len(cursors2) + 1:]
-
-        inside2 = [i for i, step in enumerate(resumed) if step[0] == 0][:-1]
-        if not inside2:
-            return
-        stop2 = inside2[again % len(inside2)]
-        served2 = served + epoch_rows(resumed[:stop2 + 1])
-        back = global_steps(old, w3, cursors2[stop2])[0]  # `before` again: a removed source comes back
-        assert [step for step in back if step[0] >= 1] == [step for step in steps if step[0] >= 1]
-        if not pack:
-            check_served(served2, epoch_rows(back), rows, before | after, before, exhausted)
+        common: dict[str, Any] = {"cached": True, "pack": pack, "dataset_weights": None, "task_weights": None,
+                                  "stopping_strategy": exhausted}
+        swap_and_come_back(root, names, runtime, common, before=before, after=after, weights=weights,
+                           worlds=(w1, w2, w3), stop=stop, again=again, check=check_served,
+                           change="epoch 0 from row", fresh_world=w2)
 
 
 def check_served(served: list[str], resumed: list[str], rows: list[set[str]], before: set[int], after: set[int],
@@ -189,36 +210,11 @@ def test_sources_added_or_removed_inside_a_streaming_epoch_serve_nothing_twice(
     with TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = write_sources(root, files)
-        common = {"cached": False, "pack": pack, "dataset_weights": None, "task_weights": None,
-                  "stopping_strategy": exhausted, "interleave_mode": mode, "epochs": 2}
-        rows = [source_rows(root, name, runtime, **{**common, "pack": False}) for name in names]
-        old = make_dataset(root, [names[i] for i in sorted(before)], runtime, **common)
-        kept = [names[i] for i in sorted(after)]
-        new = make_dataset(root, kept, runtime, **{**common, "dataset_weights": None if weights is None else
-                                                   {name: weights[i] for i, name in enumerate(kept)}})
-        steps, cursors = global_steps(old, w1)
-        inside = [i for i, step in enumerate(steps) if step[0] == 0][:-1]
-        if not inside:
-            return
-        stop = inside[stop % len(inside)]
-        served = epoch_rows(steps[:stop + 1])
-        resumed, cursors2 = global_steps(new, w2, cursors[stop])
-        assert any("sources now" in change for change in new.mixtures.changes)
-        assert [step for step in resumed if step[0] >= 1] == [step for step in global_steps(new, 1)[0]
-                                                               if step[0] >= 1]
-        if not pack:
-            check_streamed(served, epoch_rows(resumed), rows, before, after, exhausted)
-        assert global_steps(new, w3, cursors2[again % len(cursors2)])[0] == resumed[again % len(cursors2) + 1:]
-
-        inside2 = [i for i, step in enumerate(resumed) if step[0] == 0][:-1]
-        if not inside2:
-            return
-        stop2 = inside2[again % len(inside2)]
-        served2 = served + epoch_rows(resumed[:stop2 + 1])
-        back = global_steps(old, w3, cursors2[stop2])[0]  # `before` again: a removed source comes back
-        assert [step for step in back if step[0] >= 1] == [step for step in steps if step[0] >= 1]
-        if not pack:
-            check_streamed(served2, epoch_rows(back), rows, before | after, before, exhausted)
+        common: dict[str, Any] = {"cached": False, "pack": pack, "dataset_weights": None, "task_weights": None,
+                                  "stopping_strategy": exhausted, "interleave_mode": mode, "epochs": 2}
+        swap_and_come_back(root, names, runtime, common, before=before, after=after, weights=weights,
+                           worlds=(w1, w2, w3), stop=stop, again=again, check=check_streamed,
+                           change="sources now", fresh_world=1)
 
 
 
