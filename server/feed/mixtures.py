@@ -34,6 +34,7 @@ from ..streaming.block_mixtures import ALL_SERVED, BlockPlan, in_force
 log = logging.getLogger(__name__)
 
 CHANGES_KEPT = 8  # accepted mixture changes remembered for GetStats
+MEMBERS_CHARS = 1024  # the longest `MixBody.m` a cursor carries (streaming: its sources' positions, `0,2,3`)
 
 
 class MixBody(BaseModel):
@@ -48,7 +49,7 @@ class MixBody(BaseModel):
     w: list[Weight] = Field(min_length=1, max_length=4096)
     t: dict[str, Weight] | None = None
     at: Count = 0
-    m: str | None = Field(default=None, min_length=1, max_length=1024)
+    m: str | None = Field(default=None, min_length=1, max_length=MEMBERS_CHARS)
     r: Literal[True] | None = None  # streaming mode: `at` is a global row of the plan by row (else a shuffle block)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import SourceError
 from .cursor import Cursor, refused
+from .mixtures import MEMBERS_CHARS
 from .source_names import SourceName, names_of
 from .union import StreamUnion
 
@@ -70,6 +71,10 @@ def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
                       "reads the files as they are): resume from a cursor taken at an epoch's end, or restore the "
                       "files")
     current = ",".join(str(names.index(name)) for name in now)
+    if len(current) > MEMBERS_CHARS:
+        raise refused(f"taken inside epoch {start.epoch}, served with another list of sources; the union of the two "
+                      f"lists ({len(names)} sources) is more than a cursor can name: resume from a cursor taken at "
+                      "an epoch's end, or restore dataset.names until this epoch ends")
     added = [name.n for name in now if name not in carried]
     removed = [name.n for name in carried if name not in now]
     if carried != now:

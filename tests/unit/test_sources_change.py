@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sigil_feed.server.errors import Refused
+from sigil_feed.server.feed import stream_sources
 from sigil_feed.server.feed.batches import Feed
 from sigil_feed.server.feed.cursor import decode_cursor
 from sigil_feed.server.feed.served import ServedDataset
@@ -247,3 +248,19 @@ def test_inside_a_streaming_epoch_what_cannot_continue_is_refused(tmp_path: Path
         start = decode_cursor(cursor, fingerprint=new.fingerprint, seq_len=SEQ_LEN)
         with pytest.raises(Refused, match=f"taken inside epoch 0, served with another list of sources.*{change}"):
             Feed(new, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
+
+
+def test_a_union_of_more_sources_than_a_cursor_can_name_is_refused(tmp_path: Path, runtime: Runtime,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new list's positions in the union ("0,2") must fit a cursor's mixture; a union too big for it (about 300
+    sources at 1,024 characters, here the limit is cut to 2) is refused when it resumes, not at its next cursor."""
+    names = write_sources(tmp_path, ((20,), (20,), (20,)))
+    common: dict[str, Any] = {"cached": False, "pack": False, "dataset_weights": None, "task_weights": None}
+    cursor = global_steps(make_dataset(tmp_path, names[:2], runtime, **common), 1)[1][0]
+    new = make_dataset(tmp_path, [names[0], names[2]], runtime, **common)
+    monkeypatch.setattr(stream_sources, "MEMBERS_CHARS", 2)
+    start = decode_cursor(cursor, fingerprint=new.fingerprint, seq_len=SEQ_LEN)
+    with pytest.raises(Refused, match=r"the union of the two lists \(3 sources\) is more than a cursor can name"):
+        Feed(new, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start)
+    monkeypatch.undo()
+    assert Feed(new, rank=0, world_size=1, batch_size=STEP_ROWS, seq_len=SEQ_LEN, start=start).union is not None
