@@ -13,7 +13,6 @@ from .cursor import Cursor, refused
 from .mixtures import Mixture, Plan
 from .served import ServedDataset
 from .source_change import changed_sources, sources_changed
-from .source_names import names_of
 from .stream_sources import stream_union
 from .union import StreamUnion
 
@@ -141,7 +140,7 @@ class Feed:
             blocks = chosen.blocks_before(until, through=stream.at.block if packer.past_end else None)
             mixture, members = self.dataset.mixtures.block_body(blocks, chosen.plan.rows), self.members or ""
             ended = packer.ended
-            names = self.union.names if self.union else names_of(self.dataset.section.names)
+            names = self.union.names if self.union else self.dataset.names
         elif packer is not None:
             assert not isinstance(self.plan, BlockPlan)
             state, mixture, members = packer.get_state(), self.dataset.mixtures.body(self.plan), self.members or ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,21 +55,23 @@ class MixBody(BaseModel):
 
 @dataclass(frozen=True)
 class Mixture:
-    """The weights one epoch is served under: a weight per source (in `names` order) and the task weights, and in
-    cached mode the membership (token store) whose sources the weights are over when it is not the epoch's own."""
+    """The weights one epoch is served under: a weight per source (in `names` order) and the task weights, and the
+    sources the weights are over when they are not the epoch's own list (cached mode: the membership, a token
+    store, of another source list; streaming mode: their positions in the epoch's union of lists, `0,2,3`)."""
 
     weights: tuple[float, ...]
     tasks: tuple[tuple[str, float], ...] | None  # sorted by task; None: every task once
-    members: str = ""  # "": the epoch's membership; else a source list changed inside the epoch (cached mode)
+    members: str = ""  # "": the epoch's own sources; else a source list changed inside the epoch (see above)
 
     @property
     def task_weights(self) -> dict[str, float] | None:
         """The task weights as the curate stage takes them."""
         return None if self.tasks is None else dict(self.tasks)
 
-    def body(self, at: int) -> MixBody:
-        """The mixture as a cursor carries it, applying from position `at`."""
-        return MixBody(w=list(self.weights), t=self.task_weights, at=at, m=self.members or None)
+    def body(self, at: int, *, by_row: bool = False) -> MixBody:
+        """The mixture as a cursor carries it, applying from position `at` (`by_row`: a global row of a streaming
+        epoch's plan by row, not a shuffle block)."""
+        return MixBody(w=list(self.weights), t=self.task_weights, at=at, m=self.members or None, r=by_row or None)
 
     def describe(self, specs: list[str]) -> str:
         """The mixture for people: `a=1 b=0.5; tasks: explain=2` (weights over another source list: `#0=1 #1=0.5`)."""
@@ -143,7 +145,7 @@ class Mixtures:
         names a source this dataset lacks or its positions do not rise from 0. `members` (cached mode): the
         membership the configured mixtures are over when the epoch's source list is no longer this dataset's (a
         source added or removed inside the epoch; "": the same list), so each mixture names its sources' store."""
-        configured = tuple((start, Mixture(m.weights, m.tasks, members)) for start, m in self.plan(epoch))
+        configured = self._configured(epoch, members)
         if not carried:
             return configured
         plan = self._carried(carried, members)
@@ -161,6 +163,10 @@ class Mixtures:
                   f" (the {unit}s before it were served under the checkpoint's mixtures, and are not served again)")
         self.accepted(change, "mixture changed on resume")
         return resumed
+
+    def _configured(self, epoch: int, members: str) -> Plan:
+        """The configured plan of `epoch`, its mixtures over the sources `members` names ("": the epoch's own)."""
+        return tuple((start, replace(mixture, members=members)) for start, mixture in self.plan(epoch))
 
     def _carried(self, carried: list[MixBody], members: str = "") -> Plan:
         """A plan as a cursor carries it; FAILED_PRECONDITION when its positions do not rise from 0, or when its
@@ -183,8 +189,7 @@ class Mixtures:
         by row (left out when it is the last block's mixture throughout, as a cursor of one mixture has it)."""
         bodies = [mixture.body(start) for start, mixture in blocks]
         if not blocks or rows != ((0, blocks[-1][1]),):
-            bodies += [MixBody(w=list(m.weights), t=m.task_weights, at=start, m=m.members or None, r=True)
-                       for start, m in rows]
+            bodies += [mixture.body(start, by_row=True) for start, mixture in rows]
         return bodies
 
     def resumed_blocks(self, epoch: int, carried: list[MixBody] | None, at: int, row: int, *, unit: int,
@@ -195,7 +200,7 @@ class Mixtures:
         from the carried one from `row` on is logged and kept for GetStats. FAILED_PRECONDITION as `resumed`.
         `members`: the positions of this dataset's sources in the epoch's source list when that list changed inside
         the epoch (feed/stream_sources.py; "": the same list), which the configured mixtures are tagged with."""
-        configured = tuple((start, Mixture(m.weights, m.tasks, members)) for start, m in self.plan(epoch))
+        configured = self._configured(epoch, members)
         if not carried:
             return BlockPlan((), 0, configured, unit, pack)
         blocks = self._carried([body for body in carried if not body.r], members)

@@ -50,6 +50,7 @@ from ..streaming.shared_reads import SharedReads
 from .membership import Membership, Memberships
 from .mixtures import Mixture, Mixtures, Plan
 from .run_members import dataset_key, localize, run_members
+from .source_names import names_of
 from .union import StreamUnion, active_of
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ServedDataset:
         self.encoder = encoder or Encoder(config.tokenizer, base_dir=config.base_dir, file=config_file,
                                           backend=config.dataset.tokenizer_backend)
         self.specs = [s.name for s in self.section.names]
+        self.names = names_of(self.section.names)  # the source list as a streaming cursor carries it
         probes = [self._opener(i, None)() for i in range(len(self.specs))]  # fails fast on missing sources
         self.mixtures = Mixtures(self.section, self.specs, config_file)
         self.filter = make_filter(self.section)
@@ -496,7 +498,8 @@ class ServedDataset:
     def _record_lengths(self, samples: list[Sample], encoded: EncodedBatch) -> None:
         sources = np.fromiter((s.source for s in samples), dtype=np.int64, count=len(samples))
         lengths = encoded.lengths
-        for source in np.unique(sources)[np.unique(sources) < len(self.counters)]:  # (removed sources: apart)
+        present = np.unique(sources)
+        for source in present[present < len(self.counters)]:  # (sources not in `names`: counted apart)
             self.counters[source].add_lengths(lengths[sources == source])
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ..errors import SourceError
 from .cursor import Cursor, refused
 from .mixtures import MEMBERS_CHARS
-from .source_names import SourceName, names_of
+from .source_names import SourceName
 from .union import StreamUnion
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def stream_union(dataset: ServedDataset, start: Cursor) -> StreamUnion | None:
     """The union a streaming cursor inside its epoch resumes over, when this dataset's source list is not the one
     it carries (None: the same list, or the same sources whose data moved: the epoch goes on over its own); Refused
     when that cannot be continued exactly."""
-    carried, now = start.names, names_of(dataset.section.names)
+    carried, now = start.names, dataset.names
     if carried is None:
         return None
     if all(body.m is None for body in start.mixture or ()) and (carried == now
