@@ -178,9 +178,11 @@ def test_a_vanished_client_is_dropped_by_keepalive_and_leaves_stats(tmp_path: Pa
 
 
 def test_clients_cancelling_mid_batch_are_cancelled_not_internal_errors(tmp_path: Path, start_server) -> None:
+    """Padded rows (a sample each), so each 16 MB batch is 1,024 of the 2,000 samples, not the short epoch
+    wrapped a hundred times."""
     write_jsonl(tmp_path / "pairs.jsonl", [rust_pair(i) for i in range(2000)])
     config = write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "cache_dir": str(tmp_path)},
-                          server={"limits": {"max_seq_len": 8192}})
+                          pack=False, server={"limits": {"max_seq_len": 8192}})
     server = start_server(config, "--metrics-port", "0")
     cancels = 40
 
