@@ -1,8 +1,9 @@
 """`sigil-feed cache build --engine ray`: a local Ray cluster writes the very shards and manifest the local engine
 writes, into a folder and into s3:// (a real S3-compatible server on loopback), and a server serves the same
-batches from either store; a rerun skips complete shards; nothing else needs Ray.
+batches from either store; a rerun skips complete shards; its workers read `s3://` sources in place; nothing
+else needs Ray.
 
-The engine test's builds run on one cluster started for the module (`--ray-address`); the bad-record test's
+The engine tests' builds run on one cluster started for the module (`--ray-address`); the bad-record test's
 build starts its own, as `cache build --engine ray` does without an address."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sigil_feed.server.store.fs import resolve
 from sigil_feed.server.store.reader import verify_store
 from tests.conftest import rust_pair, write_config, write_jsonl
 from tests.integration.test_cache import CLI, batch_digests, corpus, dataset_section
+from tests.integration.test_remote_sources import JSONL_GLOB, upload, write_corpus
 
 SHARD_RECORDS = 100
 
@@ -165,6 +167,26 @@ def test_ray_and_local_engines_build_the_same_store_and_serve_the_same_batches(
     assert log.count("9 shards on Ray: 1 written, 8 complete from before") == len(WHERE), log[-2000:]
     for where, root in roots.items():
         assert only_store(f"{root}/ray")[1].shards == manifests["local", where].shards
+
+
+def test_the_ray_engine_builds_the_local_engines_store_from_s3_sources(
+        tmp_path: Path, s3_bucket: str, ray_head: RayHead) -> None:
+    """Sources that live only in the bucket: the cluster's workers read the `s3://` files in place, and the store
+    is the one the local engine builds from them."""
+    write_corpus(tmp_path / "src")
+    upload(tmp_path / "src" / "corpus", s3_bucket)
+    names = [f"local:{s3_bucket}/{JSONL_GLOB}", f"parquet:{s3_bucket}/corpus/p"]
+    for engine, *on_cluster in (("local",), ("ray", "--ray-address", ray_head.address)):
+        dataset = {"names": names, "use_cache": True, "cache_dir": str(tmp_path / engine), "shard_records": 25,
+                   "min_length": 16, "tokenizer_backend": "hf"}
+        cache_build(write_config(tmp_path / f"{engine}.yaml", dataset, max_seq_len=128), "--engine", engine,
+                    *on_cluster)
+    _, local = only_store(str(tmp_path / "local"))
+    _, built = only_store(str(tmp_path / "ray"))
+    assert (built.engine, local.engine) == ("ray", "local")
+    assert built.fingerprint == local.fingerprint and built.samples == local.samples == 240
+    assert built.shards == local.shards and len(built.shards) > 5  # the same names, counts and checksums
+    assert built.sources == local.sources
 
 
 def test_a_bad_record_stops_a_ray_build_with_its_location(tmp_path: Path) -> None:
