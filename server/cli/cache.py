@@ -34,7 +34,8 @@ def _roots(args: argparse.Namespace) -> list[StoreFS]:
     return [resolve(location) for location in locations]
 
 
-def _build(args: argparse.Namespace) -> int:
+def build(args: argparse.Namespace) -> int:
+    """Build every cached dataset's store of --config with --engine, then exit."""
     from ..builders import local_engine
     from ..config import load_config
     from ..errors import ConfigError
@@ -78,7 +79,8 @@ def _temporaries(root: StoreFS) -> list[dict[str, Any]]:
              "bytes": folder_bytes(t.path), "detail": t.describe()} for f in folders for t in temp_folders(f)]
 
 
-def _ls(args: argparse.Namespace) -> int:
+def ls(args: argparse.Namespace) -> int:
+    """Print the stores, and the temporary folders of builds, in the store locations (or JSON with --json)."""
     entries: list[dict[str, Any]] = [e for root in _roots(args) for e in (*list_stores(root), *_temporaries(root))]
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -106,7 +108,8 @@ def _remove(root: StoreFS, path: str) -> None:
         root.fs.delete_dir(path)
 
 
-def _rm(args: argparse.Namespace) -> int:
+def rm(args: argparse.Namespace) -> int:
+    """Remove the named stores (or --all, with stale temporaries); 1 when a named one was not found."""
     removed = 0
     for root in _roots(args):
         for store in list_stores(root):
@@ -124,29 +127,3 @@ def _rm(args: argparse.Namespace) -> int:
             if temp.alive and (args.all or temp.fingerprint in args.fingerprints):
                 print(f"left {temp.path}: {temp.describe()}")
     return 0 if removed or not args.fingerprints else 1
-
-
-def add_cache_commands(sub: Any) -> None:
-    """Register `cache build|ls|rm` on the top-level subparsers."""
-    cache = sub.add_parser("cache", help="build, list or remove token stores (cached mode)")
-    verbs = cache.add_subparsers(dest="verb", required=True)
-    build = verbs.add_parser("build", help="build every cached dataset's store, then exit")
-    build.add_argument("--config", required=True)
-    build.add_argument("--engine", choices=("local", "ray"), default="local",
-                       help="local: this machine's cores (default); ray: Ray Data on a Ray cluster "
-                            "(pip install 'sigil-feed[ray]')")
-    build.add_argument("--ray-address", help="the Ray cluster to build on (as `ray.init` takes it: HOST:PORT, "
-                                             "ray://HOST:PORT, auto); default: a local cluster on this machine")
-    build.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
-                       help="log one JSON object per line (env SIGIL_FEED_LOG_JSON=1)")
-    build.set_defaults(func=_build)
-    for verb, func in (("ls", _ls), ("rm", _rm)):
-        parser = verbs.add_parser(verb, help=f"{verb} token stores")
-        parser.add_argument("--config", help="list the store locations this config uses")
-        parser.add_argument("--cache-dir", help="a store location: a folder or a URI such as s3://bucket/prefix "
-                                                "(default: SIGIL_FEED_CACHE or ~/.cache/sigil-feed)")
-        parser.set_defaults(func=func)
-    verbs.choices["ls"].add_argument("--json", action="store_true")
-    verbs.choices["rm"].add_argument("fingerprints", nargs="*", help="stores to remove")
-    verbs.choices["rm"].add_argument("--all", action="store_true",
-                                     help="remove every store and stale temporary folder in the folder")

@@ -33,7 +33,8 @@ def locality_rows(virtual: int, worlds: list[int], local: int, shards: int) -> l
     return out
 
 
-def _locality(args: argparse.Namespace) -> int:
+def locality(args: argparse.Namespace) -> int:
+    """Print, per world size, how contiguous and how large each node's share of the store is."""
     local = args.local
     worlds = args.world or [w for w in (local << k for k in range(12)) if w <= 4096 and args.virtual % w == 0]
     bad = [w for w in worlds if w % local]
@@ -47,14 +48,3 @@ def _locality(args: argparse.Namespace) -> int:
         print(f"{row['world']:>6} {row['nodes']:>6} {row['rule']:>11} {row['runs']:>10} {row['region_share']:>13.4f} "
               f"{row['share']:>7.4f} {row['shards_over_share']:>13.2f}")
     return 0
-
-
-def add_locality_command(sub: Any) -> None:
-    """Register `locality` on the top-level subparsers."""
-    command = sub.add_parser("locality", help="which world sizes read one contiguous run of the store per node")
-    command.add_argument("--virtual", type=int, required=True, help="dataset.virtual_ranks (the layout's V)")
-    command.add_argument("--world", type=int, action="append",
-                         help="a world size (repeatable); default: L, 2L, 4L, ... that divide V")
-    command.add_argument("--local", type=int, default=8, help="ranks per node, LOCAL_WORLD_SIZE (default 8)")
-    command.add_argument("--shards", type=int, default=64, help="shards of the store (default 64)")
-    command.set_defaults(func=_locality)

@@ -1,42 +1,22 @@
-"""The `sigil-feed` command: serve, stats, top, peek, health (and the cache commands)."""
+"""The `sigil-feed` command: serve, stats, top, peek, health, cache build|ls|rm, locality."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import grpc
-from google.protobuf import json_format
 
-from ...protos import feed_pb2, feed_pb2_grpc
-from ..default import DEFAULT_DIR
 from ..errors import ConfigError, SourceError, Unavailable
-from .cache import add_cache_commands
-from .locality import add_locality_command
 from .logs import configure as configure_logging
 
-DEFAULT_CONFIG = DEFAULT_DIR / "default.yaml"
 EXIT_BAD_CONFIG = 2
 EXIT_UNAVAILABLE = 3  # storage a source or store lies on did not answer: start again later
 STORAGE_HINT = ("(fix: check the storage endpoint, the network and the credentials' environment: AWS_ENDPOINT_URL, "
                 "HF_ENDPOINT, ...; or wait longer with SIGIL_FEED_STORAGE_RETRY_S)")
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..rpc.app import resolve_listen, run
-
-    config = load_config(args.config or DEFAULT_CONFIG)
-    section = config.server
-    listen = resolve_listen(config, host=args.host or section.host,
-                            port=section.port if args.port is None else args.port,
-                            metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port)
-    return run(config, listen)
 
 
 def _env_int(name: str) -> int | None:
@@ -54,190 +34,6 @@ def _add_connection_args(command: argparse.ArgumentParser) -> None:
     token = command.add_mutually_exclusive_group()
     token.add_argument("--token-file", help="file holding the bearer token")
     token.add_argument("--token-env", help="name of the environment variable holding the bearer token")
-
-
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    from ..rpc.security import channel_credentials
-
-    if not (args.tls_ca or args.tls_cert):
-        return None
-    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-
-
-def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    from ..rpc.security import bearer_metadata
-
-    if args.token_file:
-        return bearer_metadata(Path(args.token_file).read_text().strip())
-    if args.token_env:
-        return bearer_metadata(os.environ.get(args.token_env, "").strip())
-    return ()
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    credentials = _credentials(args)
-    if credentials is None:
-        return grpc.insecure_channel(args.target)
-    return grpc.secure_channel(args.target, credentials)
-
-
-def _health(args: argparse.Namespace) -> int:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with _channel(args) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-def _stats(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .top import input_bound_text
-
-    with _channel(args) as channel:
-        stats = _get_stats(channel, args)
-    if args.json:
-        print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True,
-                                                   always_print_fields_with_no_presence=True), indent=2))
-        return 0
-    console = Console(width=None if sys.stdout.isatty() else 200)  # pipes and logs get every column
-    for ds in stats.datasets:
-        console.print(f"[bold]{ds.name}[/] {ds.info.mode} tokenizer={ds.info.tokenizer} "
-                      f"fingerprint={ds.info.fingerprint} batches={ds.batches_served} "
-                      f"tokens={ds.tokens_served} tokens/s={ds.tokens_per_s:,.0f} "
-                      f"input-bound={input_bound_text(ds.input_bound)}")
-        sources = Table("source", "read", "kept", "dropped", "malformed", "tokens", "median len")
-        for src in ds.sources:
-            sources.add_row(src.spec, str(src.read), str(src.kept), _reasons(src.dropped),
-                            _reasons(src.malformed), f"{src.tokens:,}", _median(src.lengths))
-        console.print(sources)
-        mixture = _mixture_text(ds.mixture, list(ds.info.sources), ds.info.mode)
-        console.print(mixture, markup=False, highlight=False)  # a spec may hold [ and ]
-        if ds.info.mode == "cached":
-            console.print(_store_text(ds.cache) + f"; virtual ranks {ds.info.virtual_ranks}")
-        if ds.epoch_members:
-            console.print("epochs' files: " + _members_text(ds.epoch_members))
-        if ds.clients:
-            clients = Table("peer", "client", "rank", "epoch", "position (batches)", "tokens", "tokens/s",
-                            "credits", "lag s", "input-bound", "connected s")
-            for c in ds.clients:
-                clients.add_row(c.peer, c.client_id, f"{c.rank}/{c.world_size}", str(c.epoch), str(c.batches),
-                                f"{c.tokens:,}", f"{c.tokens_per_s:,.0f}", str(c.credits), f"{c.lag_s:.2f}",
-                                input_bound_text(c.input_bound), f"{c.connected_s:.0f}")
-            console.print(clients)
-    return 0
-
-
-def _members_text(members: Iterable[feed_pb2.EpochMembers]) -> str:
-    """Runs of epochs over the same files: `0-2: 18 files (content 5f0e...); 3: 20 files (content 9a1c...)`."""
-    runs: list[list[Any]] = []
-    for m in members:
-        if runs and runs[-1][2] == m.content and runs[-1][1] + 1 == m.epoch:
-            runs[-1][1] = m.epoch
-        else:
-            runs.append([m.epoch, m.epoch, m.content, list(m.files)])
-    return "; ".join(f"{a if a == b else f'{a}-{b}'}: {'+'.join(map(str, files))} files (content {content})"
-                     for a, b, content, files in runs)
-
-
-def _mixture_text(mix: feed_pb2.MixtureStats, sources: list[str], mode: str) -> str:
-    """The mixture's line: epoch, weights at its start (in source order), the rows inside it where a phase starts (in
-    streaming `mode`, with where it takes effect), the schedule's next change, and changes accepted on resume."""
-    weights = " ".join(f"{k}={mix.dataset_weights[k]:g}" for k in sources if k in mix.dataset_weights)
-    tasks = " ".join(f"{k}={v:g}" for k, v in sorted(mix.task_weights.items())) or "each once"
-    change = f"epoch {mix.next_change_epoch}" if mix.next_change_epoch >= 0 else "none"
-    inside = f"; changes inside it at rows {', '.join(map(str, mix.change_rows))}" if mix.change_rows else ""
-    if inside and mode == "streaming":
-        inside += " (streaming: from the first shuffle block that starts at or after it)"
-    text = f"mixture of epoch {mix.epoch}: {weights}; tasks: {tasks}{inside}; next change: {change}"
-    return "\n".join([text, *(f"  accepted on resume: {c}" for c in mix.accepted_changes)])
-
-
-def _store_text(cache: feed_pb2.CacheState) -> str:
-    """The token store's line: state, size, bytes fetched from it, and a remote store's shard cache."""
-    text = f"token store {cache.path}: {cache.state}"
-    if cache.error:
-        return f"{text}: {cache.error}"
-    if cache.state != "ready":
-        return f"{text} ({cache.samples:,} samples so far)"
-    text += (f", {cache.samples:,} samples, {cache.tokens:,} tokens, {cache.shards} shards, {cache.bytes:,} bytes, "
-             f"fetched by this server {cache.bytes_fetched:,} bytes")
-    if cache.HasField("shard_cache"):
-        c = cache.shard_cache
-        text += (f"; shard cache {c.dir}: {c.bytes:,} of {c.max_bytes:,} bytes, {c.shards} shards, hit rate "
-                 f"{c.hit_rate:.0%} ({c.hits} hits, {c.misses} misses), {c.evictions} evictions, "
-                 f"{c.checksum_failures} checksum failures")
-    if cache.HasField("working_set"):
-        text += "; " + _working_set_text(cache)
-    return text
-
-
-def _working_set_text(cache: feed_pb2.CacheState) -> str:
-    """The working set of the ranks that opened an epoch last: what they read at once, whether the shard cache
-    holds it, and the `shard_cache_gb` that would."""
-    from ..cached.working_set import cache_gb_to_fit, rank_ranges
-
-    w = cache.working_set
-    fit = cache_gb_to_fit(cache.working_set_bytes)
-    verdict = ("fits" if w.fits else "does NOT fit the shard cache: it refetches shards")
-    return (f"working set of ranks {rank_ranges(w.ranks)} of {w.world_size} (epoch {w.epoch}, {w.virtual_ranks} "
-            f"virtual ranks): {cache.working_set_bytes:,} bytes at once, {verdict}; shard_cache_gb that fits it: "
-            f"{fit:g}; their share of the epoch: {w.shards} shards, {w.epoch_bytes:,} bytes")
-
-
-def _get_stats(channel: grpc.Channel, args: argparse.Namespace) -> feed_pb2.Stats:
-    return feed_pb2_grpc.DataFeedStub(channel).GetStats(
-        feed_pb2.GetStatsRequest(dataset=args.dataset or ""), timeout=args.timeout, metadata=_metadata(args))
-
-
-def _top(args: argparse.Namespace) -> int:
-    from .top import run_top
-
-    with _channel(args) as channel:
-        return run_top(lambda: _get_stats(channel, args), args.target, interval_s=args.interval)
-
-
-def _reasons(counts: object) -> str:
-    items = sorted(dict(counts).items())  # type: ignore[call-overload]
-    return ", ".join(f"{k}={v}" for k, v in items) or "-"
-
-
-def _median(buckets: list[feed_pb2.LengthBucket]) -> str:
-    total = sum(b.count for b in buckets)
-    seen = 0
-    for bucket in buckets:
-        seen += bucket.count
-        if seen * 2 >= total:
-            return f"<={bucket.upper}"
-    return "-"
-
-
-def _peek(args: argparse.Namespace) -> int:
-    from ...client.stream import BatchStream, FeedBatch
-    from ..pipeline.tokenize import load_tokenizer
-
-    with BatchStream(args.target, args.dataset, batch_size=args.batch_size, seq_len=args.seq_len,
-                     prefetch=2, reconnect_deadline_s=5.0, credentials=_credentials(args),
-                     metadata=_metadata(args)) as stream:
-        info = stream.info
-        try:
-            tokenizer = load_tokenizer(info.tokenizer)
-        except ConfigError:
-            tokenizer = None
-        print(f"dataset={info.name} tokenizer={info.tokenizer} vocab={info.vocab_size} "
-              f"seq_len={stream.seq_len} pack={info.pack}")
-        batches = (item for item in stream if isinstance(item, FeedBatch))
-        for _, batch in zip(range(args.n), batches, strict=False):
-            ids = batch.arrays["input_ids"]
-            print(f"--- batch {batch.seq} epoch {batch.epoch} shape {list(ids.shape)} tokens {batch.tokens} "
-                  f"cursor {len(batch.cursor)} bytes")
-            for row, row_ids in enumerate(ids):
-                text = tokenizer.decode(row_ids.tolist()) if tokenizer else str(row_ids.tolist())
-                print(f"[row {row}] {text[: args.chars]!r}")
-    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -260,21 +56,21 @@ def parser() -> argparse.ArgumentParser:
                             "off; 0 picks a free one)")
     serve.add_argument("--log-json", action="store_true", default=log_json,
                        help="log one JSON object per line (env SIGIL_FEED_LOG_JSON=1)")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(run="serve:serve")
 
     stats = sub.add_parser("stats", help="print GetStats as a table (or --json)")
     _add_connection_args(stats)
     stats.add_argument("--dataset")
     stats.add_argument("--json", action="store_true")
     stats.add_argument("--timeout", type=float, default=10.0)
-    stats.set_defaults(func=_stats)
+    stats.set_defaults(run="query:stats")
 
     top = sub.add_parser("top", help="a live view of datasets, sources and clients (Ctrl-C quits)")
     _add_connection_args(top)
     top.add_argument("--dataset")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.add_argument("--timeout", type=float, default=5.0)
-    top.set_defaults(func=_top)
+    top.set_defaults(run="query:top")
 
     peek = sub.add_parser("peek", help="decode a few batches back to text")
     _add_connection_args(peek)
@@ -283,16 +79,61 @@ def parser() -> argparse.ArgumentParser:
     peek.add_argument("--batch-size", type=int, default=2)
     peek.add_argument("--seq-len", type=int, default=0)
     peek.add_argument("--chars", type=int, default=400, help="characters of each row to print")
-    peek.set_defaults(func=_peek)
+    peek.set_defaults(run="peek:peek")
 
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for probes and HEALTHCHECK)")
     _add_connection_args(health)
     health.add_argument("--service", default="", help="service to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0)
-    health.set_defaults(func=_health)
-    add_cache_commands(sub)
-    add_locality_command(sub)
+    health.set_defaults(run="query:health")
+    _add_cache_commands(sub)
+    _add_locality_command(sub)
     return root
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction) -> None:
+    """`cache build|ls|rm` (cache.py)."""
+    cache = sub.add_parser("cache", help="build, list or remove token stores (cached mode)")
+    verbs = cache.add_subparsers(dest="verb", required=True)
+    build = verbs.add_parser("build", help="build every cached dataset's store, then exit")
+    build.add_argument("--config", required=True)
+    build.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this machine's cores (default); ray: Ray Data on a Ray cluster "
+                            "(pip install 'sigil-feed[ray]')")
+    build.add_argument("--ray-address", help="the Ray cluster to build on (as `ray.init` takes it: HOST:PORT, "
+                                             "ray://HOST:PORT, auto); default: a local cluster on this machine")
+    build.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
+                       help="log one JSON object per line (env SIGIL_FEED_LOG_JSON=1)")
+    build.set_defaults(run="cache:build")
+    for verb in ("ls", "rm"):
+        parser = verbs.add_parser(verb, help=f"{verb} token stores")
+        parser.add_argument("--config", help="list the store locations this config uses")
+        parser.add_argument("--cache-dir", help="a store location: a folder or a URI such as s3://bucket/prefix "
+                                                "(default: SIGIL_FEED_CACHE or ~/.cache/sigil-feed)")
+        parser.set_defaults(run=f"cache:{verb}")
+    verbs.choices["ls"].add_argument("--json", action="store_true")
+    verbs.choices["rm"].add_argument("fingerprints", nargs="*", help="stores to remove")
+    verbs.choices["rm"].add_argument("--all", action="store_true",
+                                     help="remove every store and stale temporary folder in the folder")
+
+
+def _add_locality_command(sub: argparse._SubParsersAction) -> None:
+    """`locality` (locality.py)."""
+    command = sub.add_parser("locality", help="which world sizes read one contiguous run of the store per node")
+    command.add_argument("--virtual", type=int, required=True, help="dataset.virtual_ranks (the layout's V)")
+    command.add_argument("--world", type=int, action="append",
+                         help="a world size (repeatable); default: L, 2L, 4L, ... that divide V")
+    command.add_argument("--local", type=int, default=8, help="ranks per node, LOCAL_WORLD_SIZE (default 8)")
+    command.add_argument("--shards", type=int, default=64, help="shards of the store (default 64)")
+    command.set_defaults(run="locality:locality")
+
+
+def _handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command's function from its `module:function` name in this package. The module is imported here, when its
+    command runs, so that each command loads only what it uses: `stats` and `health` never load pyarrow, the
+    stores or the data path, and `serve` never loads the inspection commands."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), function)  # type: ignore[no-any-return]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
-        return int(args.func(args))
+        return int(_handler(args.run)(args))
     except (ConfigError, SourceError) as err:
         print(f"sigil-feed: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG

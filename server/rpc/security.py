@@ -7,12 +7,14 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ..config import AuthSection, TlsSection
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import AuthSection, TlsSection
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 """Health checks need no token: probes (kubelet, HEALTHCHECK) carry none."""

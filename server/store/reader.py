@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -36,6 +35,7 @@ from .format import (
     Manifest,
     StoreDamaged,
     StoreOutdated,
+    ints,
     read_bytes_retrying,
     read_manifest,
     samples_tables,
@@ -121,11 +121,11 @@ class _Columns:
             raise ValueError(f"more than the manifest's {len(self.lengths)} samples")
         for name, out in (("length", self.lengths), ("prompt_tokens", self.prompt_tokens), ("source", self.source),
                           ("file", self.file), ("row", self.row)):
-            out[lo:hi] = _ints(_array(table.column(name)))
+            out[lo:hi] = ints(_array(table.column(name)))
         encoded = _array(table.column("task_type")).dictionary_encode(null_encoding="encode")  # none: an entry
         ids = np.array([-1 if t is None else self.task_ids.setdefault(t, len(self.task_ids))
                         for t in encoded.dictionary.to_pylist()], dtype=np.int32)
-        self.task[lo:hi] = ids[_ints(encoded.indices)]
+        self.task[lo:hi] = ids[ints(encoded.indices)]
         if "masked_spans" in table.column_names:
             spans = _array(table.column("masked_spans"))
             if len(spans.flatten()):
@@ -136,8 +136,8 @@ class _Columns:
         """Every sample's masked token ranges: its prefix, then its `masked_spans`."""
         counts = np.zeros(len(self.lengths), dtype=np.int64)
         for lo, spans in self.later:
-            counts[lo:lo + len(spans)] = _ints(pc.list_value_length(spans).fill_null(0)) // 2
-        values = [_ints(spans.flatten()).astype(np.int32) for _, spans in self.later]
+            counts[lo:lo + len(spans)] = _list_lengths(spans) // 2
+        values = [ints(spans.flatten()).astype(np.int32) for _, spans in self.later]
         later = MaskedSpans(np.concatenate(values) if values else np.zeros(0, dtype=np.int32),
                             np.concatenate(([0], np.cumsum(counts))))
         return MaskedSpans.join_prefix(self.prompt_tokens, later)
@@ -147,17 +147,12 @@ def _array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-_INTS = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64}
-
-
-def _ints(array: pa.Array) -> np.ndarray:
-    """An integer column without nulls as numpy, over its buffer (pyarrow's to_numpy would import pandas first,
-    half a second of a sidecar's start)."""
-    dtype = _INTS.get(array.type)
-    if dtype is None or array.null_count:
-        return np.asarray(array.to_numpy(zero_copy_only=False))
-    size = np.dtype(dtype).itemsize
-    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * size)
+def _list_lengths(lists: pa.ListArray) -> np.ndarray:
+    """Each list's length, 0 for a null one, as `flatten` counts them (with numpy: pyarrow.compute costs a start
+    30 ms to import)."""
+    lengths = ints(lists.value_lengths()) if not lists.null_count else \
+        np.nan_to_num(lists.value_lengths().to_numpy(zero_copy_only=False), nan=0)
+    return lengths.astype(np.int64)
 
 
 def _read_index(fs: StoreFS, path: str, manifest: Manifest, pool: Executor) -> bytes | None:
