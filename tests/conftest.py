@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import gzip
 import hashlib
 import json
@@ -39,6 +40,15 @@ settings.load_profile("suite")
 LONGEST_FIRST = ("integration/test_loader_workers.py",  # first in its worker: see the note below
                  "integration/test_cache.py", "integration/test_examples.py", "integration/test_examples_ranks.py",
                  "integration/test_ray_build.py", "integration/test_examples_lightning.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the project's modules once, before the workers start: the suite starts some 200 interpreters
+    (servers, CLI commands, examples), and where PYTHONDONTWRITEBYTECODE is set, as on CI, each of them would
+    compile every module it imports again (about 0.1 CPU-s a server)."""
+    if not hasattr(config, "workerinput"):  # the controller of pytest-xdist's workers, or a run without them
+        for folder in ("sigil_feed", "server", "client", "protos", "bench", "examples"):
+            compileall.compile_dir(REPO / folder, quiet=1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
