@@ -13,6 +13,7 @@ next phase.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from functools import partial
@@ -213,7 +214,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
     def _sample(self) -> int:
         """Index in the chunk of the sample at `pos` (the chunk's length at its end)."""
         assert self.chunk is not None
-        return int(np.searchsorted(self.chunk.offsets, self.pos, side="right")) - 1
+        return int(self.chunk.offsets.searchsorted(self.pos, side="right")) - 1
 
     def skip_tokens(self, n: int) -> int:
         """Pass up to `n` tokens; returns how many (fewer at the epoch's end)."""
@@ -235,7 +236,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             step = min(len(out) - filled, len(chunk.ids) - self.pos)
             out[filled:filled + step] = chunk.ids[self.pos:self.pos + step]
             first = self._sample()
-            last = int(np.searchsorted(chunk.offsets, self.pos + step, side="left"))  # samples first..last-1
+            last = int(chunk.offsets.searchsorted(self.pos + step, side="left"))  # samples first..last-1
             begins = chunk.offsets[first:last]
             starts += (begins[begins >= self.pos] - self.pos + filled).tolist()
             if mask is not None:
@@ -313,7 +314,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             if offset:
                 raise ValueError("a token offset past the end of the epoch")
             return
-        chunk_no = int(np.searchsorted(block.firsts, taken, side="right")) - 1
+        chunk_no = bisect_right(block.firsts, taken) - 1
         self._enter(block, chunk_no, 0)
         assert self.chunk is not None
         index = taken - block.firsts[chunk_no]
