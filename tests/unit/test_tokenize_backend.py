@@ -209,3 +209,19 @@ def test_tokenizer_backend_is_validated() -> None:
     raw = {"model_name": "x", "dataset": {"names": ["local:x"], "tokenizer_backend": "tiktoken"}}
     with pytest.raises(ConfigError, match="tokenizer_backend"):
         parse_config(raw, "t.yaml", Path.cwd())
+
+
+def test_a_later_dataset_is_probed_with_its_own_data(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An encoder that chose fastokens still falls back to HF when another dataset's records differ, with the reason
+    a fresh encoder gives (the strings it matched before are not encoded again, nothing else changes)."""
+    real = encoders(TOKENIZER_DIR)[1].flat
+    assert isinstance(real, FastFlat)
+    monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real, "zqxv"))  # type: ignore
+    later = [Sample(0, 0, 0, text="fn zqxv() {}", kind="content")]
+    encoder, fresh = tokenize.Encoder(str(TOKENIZER_DIR)), tokenize.Encoder(str(TOKENIZER_DIR))
+    assert encoder.choose_backend([Sample(0, 0, 0, text="fn other() {}", kind="content")]) == "fastokens"
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.pipeline.tokenize"):
+        assert encoder.choose_backend(later) == fresh.choose_backend(later) == "hf"
+    assert len(caplog.records) == 2 and caplog.records[0].getMessage() == caplog.records[1].getMessage()
+    assert "differs" in caplog.text
