@@ -8,6 +8,7 @@ out at least once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from pydantic import Field, StrictBool, model_validator
@@ -32,19 +33,27 @@ class WeightedDraws:
         p = np.asarray(weights, dtype=np.float64)
         self.p = p / p.sum()
         self.seed = seed
+        self._key = tuple(self.p.tolist())
         self._chunk = -1
         self._choices = np.empty(0, dtype=np.int64)
 
     def chunk(self, chunk: int) -> np.ndarray:
-        """The choices of draws chunk * DRAW_CHUNK onwards, DRAW_CHUNK of them."""
+        """The choices of draws chunk * DRAW_CHUNK onwards, DRAW_CHUNK of them (read-only)."""
         if chunk != self._chunk:
-            rng = np.random.default_rng([self.seed, chunk])
-            self._choices = rng.choice(len(self.p), size=DRAW_CHUNK, p=self.p)
+            self._choices = _draw_chunk(self._key, self.seed, chunk)
             self._chunk = chunk
         return self._choices
 
     def __getitem__(self, t: int) -> int:
         return int(self.chunk(t // DRAW_CHUNK)[t % DRAW_CHUNK])
+
+
+@lru_cache(maxsize=256)
+def _draw_chunk(p: tuple[float, ...], seed: int, chunk: int) -> np.ndarray:
+    """One chunk of draws, made once for every stream of the same weights and seed (each rank's, each resume's)."""
+    choices = np.random.default_rng([seed, chunk]).choice(len(p), size=DRAW_CHUNK, p=np.asarray(p))
+    choices.setflags(write=False)
+    return choices
 
 
 class MixState(StageState):

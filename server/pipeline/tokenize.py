@@ -77,6 +77,7 @@ class Encoder:
         self._tokenizer: Any = None
         self._snapshot: TokenizerSnapshot | None = None
         self._flat: FlatEncoder | None = None  # the encode backend, once chosen
+        self._matched: set[str] = set()  # probe strings on which that fastokens gave HF's ids
         self._chat: ChatRenderer | None = None
 
     @property
@@ -135,7 +136,7 @@ class Encoder:
             return hf.name
         fast = self._flat or load_fast(self.backend)
         probes = self._probes(data, chat)
-        why = fast if isinstance(fast, str) else first_difference(hf, fast, probes)
+        why = fast if isinstance(fast, str) else self._difference(hf, fast, probes)
         if why is None:
             assert not isinstance(fast, str)
             log.info("tokenizer %s: encoding with fastokens (HF's ids on all %d probe strings)", self.name, len(probes))
@@ -147,6 +148,15 @@ class Encoder:
         log.info("tokenizer %s: encoding with HF tokenizers, not fastokens: %s", self.name, why)
         self._flat = hf
         return hf.name
+
+    def _difference(self, hf: FlatEncoder, fast: FlatEncoder, probes: list[str]) -> str | None:
+        """first_difference of the probes, encoding only those this encoder's fastokens has not yet matched HF on
+        (both are deterministic: a later dataset re-probes with its own data, not the fixed strings again)."""
+        fresh = [text for text in probes if text not in self._matched]
+        if not fresh or first_difference(hf, fast, fresh) is None:
+            self._matched.update(fresh)
+            return None
+        return first_difference(hf, fast, probes)  # the reason names the probe's place among all of them
 
     def _probes(self, data: Sequence[Sample], chat: bool) -> list[str]:
         """The probe strings: fixed, added tokens, chat template output, and what `data` is encoded as."""

@@ -82,19 +82,22 @@ class Deal:
         order = node_order(self.world_size, self.virtual)
         return None if order is None else int(order[self.rank])
 
-    def rows(self, start: int) -> np.ndarray:
-        """The global rows of this rank's batch in the window that starts at `start` (ascending)."""
-        first = start + self.rank if self.residue is None else start + (self.residue - start) % self.world_size
-        return first + self.world_size * np.arange(self.batch_size, dtype=np.int64)
+    def first(self, start: int) -> int:
+        """This rank's first global row in the window that starts at `start`."""
+        return start + self.rank if self.residue is None else start + (self.residue - start) % self.world_size
+
+    def rows(self, start: int, count: int | None = None) -> np.ndarray:
+        """The global rows of this rank's batch in the window that starts at `start` (ascending; the first `count`)."""
+        size = self.batch_size if count is None else max(0, min(count, self.batch_size))
+        return self.first(start) + self.world_size * np.arange(size, dtype=np.int64)
 
     def batch(self, start: int, total: int, remainder: str) -> np.ndarray:
         """This rank's rows of the window at `start` in an epoch of `total` rows (every row, partial ones
         included); empty when the epoch has ended for this rank. `pad`: every window that starts inside the
         epoch is whole (rows past the end wrap around to the epoch's start); `drop`: only windows wholly inside
         the epoch; `keep`: the rows inside the epoch (the last window may give ranks fewer rows, or none)."""
-        rows = self.rows(start)
         if remainder == "pad":
-            return rows if start < total else rows[:0]
+            return self.rows(start, None if start < total else 0)
         if remainder == "drop":
-            return rows if start + self.window <= total else rows[:0]
-        return rows[rows < total]
+            return self.rows(start, None if start + self.window <= total else 0)
+        return self.rows(start, -(-(total - self.first(start)) // self.world_size))  # the rows before `total`

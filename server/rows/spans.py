@@ -89,6 +89,8 @@ def loss_mask(spans: MaskedSpans, sample: np.ndarray, offset: np.ndarray, count:
     """The uint8 loss mask (1 = trained) of runs of tokens laid end to end: run r is `count[r]` tokens of sample
     `sample[r]` of `spans`, from its token `offset[r]` on."""
     count = np.asarray(count, dtype=np.int64)
+    if not len(spans.bounds):  # nothing masked in any sample (completion_only off): every token trained
+        return np.ones(int(count.sum()), dtype=np.uint8)
     offset = np.asarray(offset, dtype=np.int64)
     starts = np.cumsum(count) - count
     run, within = _expand(spans.counts()[sample])

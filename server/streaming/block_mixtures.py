@@ -24,11 +24,10 @@ the plan by row too, so a later resume chooses exactly as the run would have.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
-
-import numpy as np
 
 from .block_order import Mix
 from .shared_reads import EncodedBlock
@@ -149,6 +148,6 @@ def units_before(block: EncodedBlock, taken: int, pack: bool) -> int:
         return taken
     if not block.chunks:
         return 0
-    chunk = int(np.searchsorted(block.firsts, taken, side="right")) - 1
+    chunk = bisect_right(block.firsts, taken) - 1
     return sum(len(block.chunks[c].result().ids) for c in range(chunk)) + \
         int(block.chunks[chunk].result().offsets[taken - block.firsts[chunk]])

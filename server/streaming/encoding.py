@@ -13,6 +13,7 @@ next phase.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from functools import partial
@@ -180,6 +181,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
         self.block: EncodedBlock | None = None  # the block being read
         self.chunk_no = 0  # which of its chunks
         self.chunk: EncodedBatch | None = None  # that chunk, encoded
+        self.offsets: list[int] = []  # its samples' offsets, to bisect
         self.pos = 0  # tokens of `chunk` passed
 
     def more(self) -> bool:
@@ -209,11 +211,11 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
 
     def _enter(self, block: EncodedBlock, chunk_no: int, pos: int) -> None:
         self.block, self.chunk_no, self.chunk, self.pos = block, chunk_no, block.chunks[chunk_no].result(), pos
+        self.offsets = self.chunk.offsets.tolist()
 
     def _sample(self) -> int:
         """Index in the chunk of the sample at `pos` (the chunk's length at its end)."""
-        assert self.chunk is not None
-        return int(np.searchsorted(self.chunk.offsets, self.pos, side="right")) - 1
+        return bisect_right(self.offsets, self.pos) - 1
 
     def skip_tokens(self, n: int) -> int:
         """Pass up to `n` tokens; returns how many (fewer at the epoch's end)."""
@@ -235,7 +237,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             step = min(len(out) - filled, len(chunk.ids) - self.pos)
             out[filled:filled + step] = chunk.ids[self.pos:self.pos + step]
             first = self._sample()
-            last = int(np.searchsorted(chunk.offsets, self.pos + step, side="left"))  # samples first..last-1
+            last = bisect_left(self.offsets, self.pos + step)  # samples first..last-1
             begins = chunk.offsets[first:last]
             starts += (begins[begins >= self.pos] - self.pos + filled).tolist()
             if mask is not None:
@@ -253,7 +255,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             assert self.chunk is not None
             index = self._sample()
             step = min(n - done, len(self.chunk) - index)
-            self.pos = int(self.chunk.offsets[index + step])
+            self.pos = self.offsets[index + step]
             done += step
         return done
 
@@ -269,7 +271,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             return None
         assert self.chunk is not None
         index = self._sample()
-        begin, end = self.chunk.offsets[index:index + 2].tolist()
+        begin, end = self.offsets[index:index + 2]
         self.pos = end
         return self.chunk.ids[begin:end], loss_mask(self.chunk.masked, np.array([index]), np.zeros(1, dtype=np.int64),
                                                     np.array([end - begin]))
@@ -288,7 +290,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
         if self.chunk is not None:
             index = self._sample()
             taken = block.firsts[self.chunk_no] + index
-            offset = self.pos - int(self.chunk.offsets[index])
+            offset = self.pos - self.offsets[index]
         if taken == block.samples and not block.last:
             return OrderState(block=block.index + 1, start=block.end, taken=0), 0
         return OrderState(block=block.index, start=block.start, taken=taken), offset
@@ -313,7 +315,7 @@ class TokenStream(Stage[tuple[np.ndarray, np.ndarray], TokenStreamState]):
             if offset:
                 raise ValueError("a token offset past the end of the epoch")
             return
-        chunk_no = int(np.searchsorted(block.firsts, taken, side="right")) - 1
+        chunk_no = bisect_right(block.firsts, taken) - 1
         self._enter(block, chunk_no, 0)
         assert self.chunk is not None
         index = taken - block.firsts[chunk_no]

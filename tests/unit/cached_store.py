@@ -98,8 +98,9 @@ def run(store: Any, layout: EpochLayout, world: int, batch: int, seq: int, pack:
         if all(b is None for b in batches):
             break
         for p, rows in zip(packers, batches, strict=True):  # the deal's rows, ascending (keep: a prefix of them)
-            dealt = p.deal.rows(at).tolist()
-            for j in range(0 if rows is None else rows.input_ids.shape[0]):
+            count = 0 if rows is None else rows.input_ids.shape[0]
+            dealt = p.deal.rows(at, count).tolist()
+            for j in range(count):
                 assert dealt[j] not in got
                 got[dealt[j]] = row_content(rows, j)
         step += 1

@@ -186,3 +186,5 @@ def test_spans_split_join_and_mask_of_runs() -> None:
     count = np.array([rng.integers(0, lengths[s] - o + 1) for s, o in zip(sample, offset, strict=True)])
     want = np.concatenate([truth[s][o:o + c] for s, o, c in zip(sample, offset, count, strict=True)])
     assert np.array_equal(loss_mask(spans, sample, offset, count), want)
+    unmasked = loss_mask(MaskedSpans.none(len(lengths)), sample, offset, count)  # nothing masked: all trained
+    assert unmasked.dtype == np.uint8 and np.array_equal(unmasked, np.ones(int(count.sum()), dtype=np.uint8))

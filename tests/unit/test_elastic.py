@@ -91,8 +91,14 @@ def global_steps(dataset: ServedDataset, world: int, cursor: bytes = b"") -> tup
     start = decode_cursor(cursor, fingerprint=dataset.fingerprint, seq_len=SEQ_LEN) if cursor else None
     windows: dict[tuple[int, int], dict[int, str]] = {}
     cursors: dict[tuple[int, int], bytes] = {}
-    for rank in range(world):
-        for item in Feed(dataset, rank=rank, world_size=world, batch_size=batch, seq_len=SEQ_LEN, start=start):
+    feeds = {rank: Feed(dataset, rank=rank, world_size=world, batch_size=batch, seq_len=SEQ_LEN, start=start)
+             for rank in range(world)}
+    while feeds:  # the ranks in turn, a batch each, as a run's ranks ask (streaming: they share each block's read)
+        for rank, feed in list(feeds.items()):
+            item = next(feed, None)
+            if item is None:
+                del feeds[rank]
+                continue
             if item.rows is None:
                 continue
             first = item.row - STEP_ROWS  # the position after the batch is the end of its window

@@ -70,24 +70,27 @@ def run(dataset: ServedDataset, world: int, batch: int, *, state: StreamState | 
     """Every rank of the layout from `state` (or the epoch's start), `steps` steps or to the end: the rows
     delivered by global row, the batches per rank, and the packers."""
     delivered: dict[int, Row] = {}
-    counts, packers = [], []
+    packers = []
     for rank in range(world):
         packer = dataset.packer(epoch=0, rank=rank, world_size=world, batch_size=batch, seq_len=SEQ)
         assert isinstance(packer, Packer)
         if state is not None:
             packer.set_state(state)
-        count = 0
-        while steps is None or count < steps:
+        packers.append(packer)
+    counts = [0] * world
+    running = list(range(world))
+    while running:  # the ranks in turn, a batch each, as a run's ranks ask (they share each block's read)
+        for rank in list(running):
+            packer = packers[rank]
             start = packer.row
-            got = packer.next_batch()
+            got = None if steps is not None and counts[rank] >= steps else packer.next_batch()
             if got is None:
-                break
+                running.remove(rank)
+                continue
             for index, row in zip(Deal(rank, world, batch).rows(start).tolist(), rows_of(got), strict=False):
                 assert index not in delivered
                 delivered[index] = row
-            count += 1
-        counts.append(count)
-        packers.append(packer)
+            counts[rank] += 1
     return delivered, counts, packers
 
 

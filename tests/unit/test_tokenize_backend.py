@@ -89,10 +89,10 @@ def test_fastokens_gives_hf_ids_on_real_rust(tokenizer_dir: Path, with_prompts: 
 
 
 def test_fastokens_gives_hf_ids_on_fuzz_strings(tokenizer_dir: Path) -> None:
-    hf, _ = encoders(tokenizer_dir)
+    hf, forced = encoders(tokenizer_dir)
     added = [t.content for t in hf.tokenizer.added_tokens_decoder.values()]
     texts = fuzz_strings(added)
-    fast = FastFlat(hf.backend.to_str())
+    fast = forced.flat  # fastokens loaded from the tokenizer's backend (forced: it is fastokens or an error)
     hf_ids, hf_offsets = HfFlat(hf.backend).encode_flat(texts)
     fast_ids, fast_offsets = fast.encode_flat(texts)
     differing = [i for i in range(len(texts)) if not np.array_equal(hf_ids[hf_offsets[i]:hf_offsets[i + 1]],
@@ -150,8 +150,9 @@ class Skewed:
 ])
 def test_probe_falls_back_to_hf_on_any_difference(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
                                                   marker: str, data: str, chat: bool, caught: bool) -> None:
-    real = tokenize.load_fast
-    monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real(backend), marker))  # type: ignore
+    real = encoders(TOKENIZER_DIR)[1].flat  # this tokenizer's fastokens, loaded once for every case
+    assert isinstance(real, FastFlat)
+    monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real, marker))  # type: ignore
     samples = [Sample(0, 0, 0, text=data, kind="content")] if data else []
     encoder = tokenize.Encoder(str(TOKENIZER_DIR))
     with caplog.at_level(logging.INFO, logger="sigil_feed.server.pipeline.tokenize"):
@@ -208,3 +209,19 @@ def test_tokenizer_backend_is_validated() -> None:
     raw = {"model_name": "x", "dataset": {"names": ["local:x"], "tokenizer_backend": "tiktoken"}}
     with pytest.raises(ConfigError, match="tokenizer_backend"):
         parse_config(raw, "t.yaml", Path.cwd())
+
+
+def test_a_later_dataset_is_probed_with_its_own_data(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An encoder that chose fastokens still falls back to HF when another dataset's records differ, with the reason
+    a fresh encoder gives (the strings it matched before are not encoded again, nothing else changes)."""
+    real = encoders(TOKENIZER_DIR)[1].flat
+    assert isinstance(real, FastFlat)
+    monkeypatch.setattr(tokenize, "load_fast", lambda backend: Skewed(real, "zqxv"))  # type: ignore
+    later = [Sample(0, 0, 0, text="fn zqxv() {}", kind="content")]
+    encoder, fresh = tokenize.Encoder(str(TOKENIZER_DIR)), tokenize.Encoder(str(TOKENIZER_DIR))
+    assert encoder.choose_backend([Sample(0, 0, 0, text="fn other() {}", kind="content")]) == "fastokens"
+    with caplog.at_level(logging.INFO, logger="sigil_feed.server.pipeline.tokenize"):
+        assert encoder.choose_backend(later) == fresh.choose_backend(later) == "hf"
+    assert len(caplog.records) == 2 and caplog.records[0].getMessage() == caplog.records[1].getMessage()
+    assert "differs" in caplog.text
