@@ -3,6 +3,7 @@
     sigil-feed serve &
     python examples/accelerate_loop.py --steps 30 --save-dir state
     python examples/accelerate_loop.py --steps 50 --resume state      # continues with exactly the next batch
+    python examples/accelerate_loop.py --steps 50 --save-steps 10 --save-dir 'state-{step}'   # state-10 ... state-50
     torchrun --nproc-per-node 2 examples/accelerate_loop.py --steps 30
 
 Prepare the model and optimizer, not the DataLoader: accelerator.prepare(loader) would let rank 0 read for
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from common import BatchLog, arg_parser, report, tiny_causal_lm
+from common import BatchLog, arg_parser, report, save_due, tiny_causal_lm
 from torch.utils.data import DataLoader
 
 from sigil_feed.client import FeedDataset, check_packed_attention
@@ -42,7 +43,9 @@ class Progress:
 def main() -> None:
     """Train a tiny causal LM with Accelerate until step --steps, optionally resuming and saving its state."""
     parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--save-dir", type=Path, help="accelerator.save_state() here at the end")
+    parser.add_argument("--save-dir", type=Path,
+                        help="accelerator.save_state() here at the end ({step} becomes the step)")
+    parser.add_argument("--save-steps", type=int, help="with --save-dir: also save every this many steps")
     parser.add_argument("--resume", type=Path, help="accelerator.load_state() from here first")
     args = parser.parse_args()
     # cpu=True on a machine without CUDA, or Accelerate runs each torchrun process as a world of one
@@ -68,9 +71,9 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         progress.step = step + 1
+        if args.save_dir and save_due(args, progress.step):
+            accelerator.save_state(str(args.save_dir).format(step=progress.step))
 
-    if args.save_dir:
-        accelerator.save_state(str(args.save_dir))
     report(losses, accelerator.process_index)
     accelerator.end_training()
 

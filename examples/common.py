@@ -27,6 +27,11 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def save_due(args: argparse.Namespace, steps_done: int) -> bool:
+    """Whether a loop saves after this many steps: at --steps, and every --save-steps if given."""
+    return steps_done == args.steps or (bool(args.save_steps) and steps_done % args.save_steps == 0)
+
+
 def tiny_causal_lm(info: feed_pb2.DatasetInfo, seq_len: int) -> torch.nn.Module:
     """A randomly initialised 2-layer GPT-2 sized to the dataset's tokenizer; trains on a CPU in seconds.
 

@@ -3,6 +3,7 @@
     sigil-feed serve &                                   # the embedded default dataset on 127.0.0.1:50051
     python examples/plain_pytorch.py --steps 20 --save ckpt.pt
     python examples/plain_pytorch.py --steps 40 --resume ckpt.pt   # continues with exactly the next batch
+    python examples/plain_pytorch.py --steps 40 --save-steps 10 --save 'ckpt-{step}.pt'   # ckpt-10.pt ... ckpt-40.pt
 
 The batches arrive ready ([B, L] input_ids, labels, position_ids), so the DataLoader only wraps the
 dataset: batch_size=None (no re-batching, no collator) and num_workers=0 (the sidecar does the data work).
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from common import BatchLog, arg_parser, report, tiny_causal_lm
+from common import BatchLog, arg_parser, report, save_due, tiny_causal_lm
 from torch.utils.data import DataLoader
 
 from sigil_feed.client import FeedDataset, check_packed_attention
@@ -23,7 +24,8 @@ from sigil_feed.client import FeedDataset, check_packed_attention
 def main() -> None:
     """Train a tiny causal LM for --steps optimizer steps, optionally resuming and saving a checkpoint."""
     parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--save", type=Path, help="write a checkpoint here at the end")
+    parser.add_argument("--save", type=Path, help="write a checkpoint here at the end ({step} becomes the step)")
+    parser.add_argument("--save-steps", type=int, help="with --save: also write one every this many steps")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,10 +53,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-
-    if args.save:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "data": ds.state_dict(), "step": start + len(losses)}, args.save)
+        if args.save and save_due(args, step + 1):  # ds.state_dict(): after this batch, not those in flight
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "data": ds.state_dict(), "step": step + 1}, str(args.save).format(step=step + 1))
     report(losses)
 
 

@@ -3,6 +3,7 @@
     sigil-feed serve &
     torchrun --nproc-per-node 4 examples/torchrun_ddp.py --steps 20 --batch-size 6 --save ckpt.pt
     torchrun --nproc-per-node 3 examples/torchrun_ddp.py --steps 40 --batch-size 8 --resume ckpt.pt
+    torchrun --nproc-per-node 4 examples/torchrun_ddp.py --steps 40 --save-steps 10 --save 'ckpt-{step}.pt'
 
 FeedDataset reads rank and world size from the initialised process group (or RANK/WORLD_SIZE), and the
 server gives each rank a disjoint share of every epoch, so there is no DistributedSampler. With several
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import BatchLog, arg_parser, report, tiny_causal_lm
+from common import BatchLog, arg_parser, report, save_due, tiny_causal_lm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -28,7 +29,9 @@ from sigil_feed.client.integrations.ranks import gather_states, load_own_state
 def main() -> None:
     """Train a tiny causal LM with DDP (gloo on CPU, NCCL on GPUs) for --steps steps."""
     parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--save", type=Path, help="write a checkpoint here at the end (rank 0 writes it)")
+    parser.add_argument("--save", type=Path,
+                        help="write a checkpoint here at the end ({step} becomes the step; rank 0 writes it)")
+    parser.add_argument("--save-steps", type=int, help="with --save: also write one every this many steps")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint, on any number of ranks")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -60,12 +63,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-
-    if args.save:
-        data = gather_states(ds.state_dict())  # a collective: every rank's position, for any world size later
-        if rank == 0:
-            torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "data": data,
-                        "step": start + len(losses)}, args.save)
+        if args.save and save_due(args, step + 1):
+            data = gather_states(ds.state_dict())  # a collective: every rank's position, for any world size later
+            if rank == 0:
+                torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "data": data,
+                            "step": step + 1}, str(args.save).format(step=step + 1))
     report(losses, rank)
     dist.destroy_process_group()
 

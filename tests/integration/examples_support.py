@@ -27,8 +27,6 @@ from sigil_feed.protos import feed_pb2, feed_pb2_grpc
 from tests.conftest import REPO, ServerProcess, rust_pair, write_config, write_jsonl
 
 EXAMPLES = REPO / "examples"
-sys.path.insert(0, str(EXAMPLES))
-from common import tiny_causal_lm  # noqa: E402, F401  (examples/common.py: the examples' tiny model, for the tests)
 
 SEQ_LEN, BATCH = 64, 4
 COMMON = ("--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH))
@@ -45,6 +43,16 @@ def feed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     server = ServerProcess(config)
     yield server
     server.stop()
+
+
+def tiny_causal_lm(info: feed_pb2.DatasetInfo, seq_len: int) -> torch.nn.Module:
+    """examples/common.py's tiny model, imported at the first call: it imports transformers' GPT-2, which every
+    pytest-xdist worker would otherwise import while collecting."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    from common import tiny_causal_lm as examples_model
+
+    return examples_model(info, seq_len)
 
 
 def launch(*cmd: str) -> subprocess.Popen[str]:

@@ -46,43 +46,43 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def test_plain_loop_learns_and_resumes_with_exactly_the_next_batch(server: ServerProcess, tmp_path: Path) -> None:
-    checkpoint = str(tmp_path / "ckpt.pt")
-    full = example("plain_pytorch.py", "--target", server.target, "--steps", "30", "--dump", str(tmp_path / "a"))
-    cut = example("plain_pytorch.py", "--target", server.target, "--steps", "12", "--save", checkpoint,
-                  "--dump", str(tmp_path / "b"))
-    full_losses, first = losses(full)[0], losses(cut)[0]
-    rest = losses(example("plain_pytorch.py", "--target", server.target, "--steps", "30", "--resume", checkpoint,
-                          "--dump", str(tmp_path / "b")))[0]
-    assert_learns(full_losses)
-    assert steps(tmp_path / "b") == steps(tmp_path / "a")
-    assert first + rest == pytest.approx(full_losses, rel=1e-4)
+    """A run of 30 steps saves every 12 as it goes (later batches in flight); a new process resumed from its step-12
+    checkpoint trains on exactly the batches, with the losses, of the run's steps 12 to 29."""
+    def plain(dump: str, *args: str) -> list[float]:
+        return losses(example("plain_pytorch.py", "--target", server.target, "--steps", "30",
+                              "--dump", str(tmp_path / dump), *args))[0]
+
+    full = plain("full", "--save-steps", "12", "--save", str(tmp_path / "ckpt-{step}.pt"))
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt-12.pt", "ckpt-24.pt", "ckpt-30.pt"]
+    rest = plain("resumed", "--resume", str(tmp_path / "ckpt-12.pt"))
+    assert_learns(full)
+    assert steps(tmp_path / "resumed") == {step: rows for step, rows in steps(tmp_path / "full").items() if step >= 12}
+    assert rest == pytest.approx(full[12:], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["hf_trainer.py", "trl_sft.py"])
 def test_trainer_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
         server: ServerProcess, tmp_path: Path, name: str) -> None:
-    """FeedTrainer and FeedSFTTrainer: stopped at step 10, resumed in a new process from the newest complete
-    checkpoint (a later one whose feed position is missing, as after a kill while saving, is passed over)."""
-    def trainer(out: str, *args: str) -> subprocess.Popen[str]:
-        return example(name, "--target", server.target, "--steps", "24", "--save-steps", "8",
-                       "--output-dir", str(tmp_path / out), *args)
+    """FeedTrainer and FeedSFTTrainer: every checkpoint of a run holds the feed position; a new process resumed from
+    the newest complete checkpoint (its step 16: a later one whose feed position is missing, as after a kill while
+    saving, is passed over) trains on exactly the batches of the run's later steps."""
+    def trainer(out: str, dump: str, *args: str) -> list[float]:
+        return losses(example(name, "--target", server.target, "--steps", "24", "--save-steps", "8",
+                              "--output-dir", str(tmp_path / out), "--dump", str(tmp_path / dump), *args))[0]
 
-    full = trainer("full", "--dump", str(tmp_path / "full-log"))
-    cut = trainer("cut", "--stop-at", "10", "--dump", str(tmp_path / "before"))
-    full_losses, _ = losses(full)[0], losses(cut)
-    assert sorted(p.parent.name for p in (tmp_path / "cut").glob("*/sigil_feed_rank0.pt")) == [
-        "checkpoint-10", "checkpoint-8"]
-    torn = tmp_path / "cut" / "checkpoint-11"
-    shutil.copytree(tmp_path / "cut" / "checkpoint-10", torn)
+    full = trainer("full", "full-log")
+    assert sorted(p.parent.name for p in (tmp_path / "full").glob("*/sigil_feed_rank0.pt")) == [
+        "checkpoint-16", "checkpoint-24", "checkpoint-8"]
+    shutil.copytree(tmp_path / "full" / "checkpoint-16", tmp_path / "cut" / "checkpoint-16")
+    torn = tmp_path / "cut" / "checkpoint-20"
+    shutil.copytree(tmp_path / "full" / "checkpoint-16", torn)
     (torn / "sigil_feed_rank0.pt").unlink()
-    resumed = losses(trainer("cut", "--resume", "--dump", str(tmp_path / "after")))[0]
-    assert_learns(full_losses)
-    uninterrupted = steps(tmp_path / "full-log")
+    resumed = trainer("cut", "after", "--resume")
+    assert_learns(full)
     after = steps(tmp_path / "after")
-    assert sorted(after) == list(range(10, 24))
-    assert after == {step: rows for step, rows in uninterrupted.items() if step >= 10}
-    assert steps(tmp_path / "before") == {step: rows for step, rows in uninterrupted.items() if step < 10}
-    assert resumed == pytest.approx(full_losses, rel=1e-4)  # its log_history carries the first 10 over
+    assert sorted(after) == list(range(16, 24))
+    assert after == {step: rows for step, rows in steps(tmp_path / "full-log").items() if step >= 16}
+    assert resumed == pytest.approx(full, rel=1e-4)  # its log_history carries the first 16 over
 
 
 def test_trl_batches_reach_the_model_padding_free(server: ServerProcess, tmp_path: Path) -> None:

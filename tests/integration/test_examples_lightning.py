@@ -27,20 +27,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 @pytest.mark.parametrize("devices", [1, 2], ids=["single", "ddp"])
 def test_lightning_resumed_from_a_checkpoint_gets_the_batches_of_an_uninterrupted_run(
         server: ServerProcess, tmp_path: Path, devices: int) -> None:
-    """fit(ckpt_path=...) after a run stopped at step 10: every rank trains on exactly the batches it would
-    have (Lightning has already fetched step 11's batch when it writes the checkpoint)."""
+    """fit(ckpt_path=...) from the step-10 checkpoint of an uninterrupted run, in a new process: every rank trains
+    on exactly the batches the run trained on after it (Lightning has already fetched step 11's batch when it writes
+    the checkpoint)."""
     def fit(out: str, dump: str, *args: str) -> dict[int, list[float]]:
         return losses(example("lightning_fit.py", "--target", server.target, "--devices", str(devices),
-                              "--save-steps", "10", "--output-dir", str(tmp_path / out),
+                              "--steps", "24", "--save-steps", "10", "--output-dir", str(tmp_path / out),
                               "--dump", str(tmp_path / dump), *args))
 
-    full = fit("full", "full-log", "--steps", "24")
-    fit("cut", "before", "--steps", "10")
-    resumed = fit("cut", "after", "--steps", "24", "--resume", str(tmp_path / "cut" / "last.ckpt"))
+    full = fit("full", "full-log")
+    resumed = fit("resumed", "after", "--resume", str(tmp_path / "full" / "epoch=0-step=10.ckpt"))
     assert sorted(full) == sorted(resumed) == list(range(devices))
     for rank in range(devices):
         assert_learns(full[rank])
         uninterrupted = steps(tmp_path / "full-log", rank)
-        assert steps(tmp_path / "before", rank) == {s: rows for s, rows in uninterrupted.items() if s < 10}
         assert steps(tmp_path / "after", rank) == {s: rows for s, rows in uninterrupted.items() if s >= 10}
         assert resumed[rank] == pytest.approx(full[rank][10:], rel=1e-4)

@@ -30,21 +30,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 TWO_RANK_STEPS = 20
+SAVES = {"torchrun_ddp.py": ("--save-steps", "5", "--save", "ckpt-{step}.pt"),
+         "accelerate_loop.py": ("--save-steps", "8", "--save-dir", "state-{step}")}
+"""How each example's two-rank run saves as it goes: every 5 steps a checkpoint file, every 8 Accelerate's state."""
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
                  ) -> Callable[[str], tuple[dict[int, list[float]], Path]]:
-    """An example's uninterrupted run of TWO_RANK_STEPS steps on 2 ranks under torchrun: each rank's losses and the
-    folder of its --dump. Made once per example, for the test that checks it and the test that resumes against it
-    (neither example's learning rate depends on --steps, so its first steps are those of a shorter run)."""
+    """An example's uninterrupted run of TWO_RANK_STEPS steps on 2 ranks under torchrun, saving as SAVES says: each
+    rank's losses and the folder of its --dump and saves. Made once per example, for the test that checks it and the
+    test that resumes from its saves (neither example's learning rate depends on --steps, so its first steps are
+    those of a shorter run)."""
     runs: dict[str, tuple[dict[int, list[float]], Path]] = {}
 
     def run(name: str) -> tuple[dict[int, list[float]], Path]:
         if name not in runs:
             folder = tmp_path_factory.mktemp(name.removesuffix(".py"))
+            *every, flag, template = SAVES[name]
             runs[name] = losses(torchrun(name, "--target", server.target, "--steps", str(TWO_RANK_STEPS),
-                                         "--dump", str(folder))), folder
+                                         "--dump", str(folder), *every, flag, str(folder / template))), folder
         return runs[name]
 
     return run
@@ -76,14 +81,12 @@ def global_batches(folder: Path, ranks: int) -> dict[int, list[str]]:
 def test_torchrun_resumed_on_another_number_of_ranks_trains_on_the_same_global_batches(
         server: ServerProcess, two_rank_run: Callable[[str], tuple[dict[int, list[float]], Path]],
         tmp_path: Path) -> None:
-    """2 ranks of 4 rows stop after step 5 and save; 1 rank of 8 rows resumes: every later step trains on exactly
-    the rows the 2 ranks would have trained on together."""
-    checkpoint = str(tmp_path / "ckpt.pt")
+    """2 ranks of 4 rows save after step 5 and train on; 1 rank of 8 rows resumes from that checkpoint: every later
+    step trains on exactly the rows the 2 ranks trained on together."""
     full, full_dump = two_rank_run("torchrun_ddp.py")
-    cut = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "5", "--save", checkpoint)
-    assert sorted(full) == sorted(losses(cut)) == [0, 1]
+    assert sorted(full) == [0, 1]
     resumed = torchrun("torchrun_ddp.py", "--target", server.target, "--steps", "12", "--batch-size", str(2 * BATCH),
-                       "--resume", checkpoint, "--dump", str(tmp_path / "after"), ranks=1)
+                       "--resume", str(full_dump / "ckpt-5.pt"), "--dump", str(tmp_path / "after"), ranks=1)
     assert sorted(losses(resumed)) == [0]
     uninterrupted = global_batches(full_dump, 2)
     assert global_batches(tmp_path / "after", 1) == {s: rows for s, rows in uninterrupted.items() if 5 <= s < 12}
@@ -93,19 +96,20 @@ def test_torchrun_resumed_on_another_number_of_ranks_trains_on_the_same_global_b
 def test_accelerate_resumed_from_save_state_gets_the_batches_of_an_uninterrupted_run(
         server: ServerProcess, two_rank_run: Callable[[str], tuple[dict[int, list[float]], Path]], tmp_path: Path,
         ranks: int) -> None:
-    """save_state() at step 8 holds every rank's position; load_state() in new processes continues each rank
-    with exactly its next batch."""
+    """save_state() at step 8 of an uninterrupted run holds every rank's position; load_state() in new processes
+    continues each rank with exactly its next batch."""
     def run(dump: str, *args: str) -> dict[int, list[float]]:
         launcher = example if ranks == 1 else torchrun
         return losses(launcher("accelerate_loop.py", "--target", server.target, "--dump", str(tmp_path / dump),
                                *args))
 
     if ranks == 1:
-        full, full_dump = run("full", "--steps", "16"), tmp_path / "full"
-    else:  # the two-rank test's run of 20 steps: its first 16 are this run's
+        full_dump = tmp_path / "full"
+        full = run("full", "--steps", "16", "--save-steps", "8", "--save-dir", str(full_dump / "state-{step}"))
+    else:  # the two-rank test's run of 20 steps, saved the same way: its first 16 are this run's
         full, full_dump = two_rank_run("accelerate_loop.py")
-    first = run("cut", "--steps", "8", "--save-dir", str(tmp_path / "state"))
-    rest = run("cut", "--steps", "16", "--resume", str(tmp_path / "state"))
+    rest = run("resumed", "--steps", "16", "--resume", str(full_dump / "state-8"))
     for rank in range(ranks):
-        assert steps(tmp_path / "cut", rank) == {s: rows for s, rows in steps(full_dump, rank).items() if s < 16}
-        assert first[rank] + rest[rank] == pytest.approx(full[rank][:16], rel=1e-4)
+        assert steps(tmp_path / "resumed", rank) == {s: rows for s, rows in steps(full_dump, rank).items()
+                                                     if 8 <= s < 16}
+        assert rest[rank] == pytest.approx(full[rank][8:16], rel=1e-4)
