@@ -144,8 +144,12 @@ class CuratedSource(Stage[Sample, CurateState]):
         return CurateState(at=self._state_before, skip=self._emitted)
 
     def retask(self, task_weights: dict[str, float] | None) -> None:
-        """Copy the samples of the records read from here on by `task_weights`."""
+        """Copy the samples of the records read from here on by `task_weights`; a record whose copies are being
+        yielded gets the copies the new weights give it (none more if it has had them), as a chain resumed here
+        does: set_state counts a record's copies under the weights in force when it resumes."""
         self.rules = replace(self.rules, task_weights=task_weights)
+        if self._remaining and self._current is not None:
+            self._remaining = max(0, self._copies(self._current) - self._emitted)
 
     def restart(self) -> None:
         """Read the source again from its first record (for `all_exhausted` mixing)."""

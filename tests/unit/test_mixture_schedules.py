@@ -158,6 +158,29 @@ def test_rows_after_a_resume_follow_the_new_mixture(tmp_path: Path, runtime: Run
         assert len(after) > 15 and sum(row in source0 for row in after) <= 2 and not set(after) & set(before)
 
 
+def test_a_task_weight_changed_on_resume_while_a_records_copies_are_yielded_resumes_again_exactly(
+        runtime: Runtime) -> None:
+    """Streaming: epoch 2's task weight explain=3 gives way to none from shuffle block 4 on resume, while a source
+    not drawn since block 3 is between the copies of a record. Resumed again from a later cursor, the epoch goes on
+    with exactly the rows of the first resume (the pending copies follow the weights in force, both ways). Found by
+    the property test above."""
+    with TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = write_sources(root, ((13,), (8,), (8,)))
+        tasks = [{"from_epoch": 0, "weights": {"explain": 0.5}}, {"from_epoch": 2, "weights": {"explain": 3.0}}]
+        dataset = make_dataset(root, names, runtime, cached=False, pack=True, dataset_weights=None,
+                               task_weights=tasks, stopping_strategy="first_exhausted")
+        full, cursors = global_steps(dataset, 1)
+        changed = make_dataset(root, names, runtime, cached=False, pack=True, task_weights=None,
+                               dataset_weights=dict(zip(names, [0.5, 0.5, 1.0], strict=True)),
+                               stopping_strategy="first_exhausted")
+        assert full[8][:2] == (2, 24)
+        resumed, later = global_steps(changed, 1, cursors[8])
+        assert resumed and any("epoch 2 from shuffle block 4" in change for change in changed.mixtures.changes)
+        for i in range(len(resumed)):
+            assert global_steps(changed, 1, later[i])[0] == resumed[i + 1:]
+
+
 def _epoch(steps: list[Step], epoch: int) -> list[Step]:
     return [step for step in steps if step[0] == epoch]
 
