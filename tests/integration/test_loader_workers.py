@@ -27,10 +27,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server.stop()
 
 
-# First in the file, and forked first: a worker forked after this process has used gRPC (the refusal tests below
-# check the server through it and leave DataLoaders shutting their workers down) may wait for ever on a lock the
-# fork copied held. So the fork comes before any gRPC call here, as a trainer's DataLoader forks before its
-# process has streamed.
+@pytest.mark.filterwarnings("ignore:.*pickle error.*:UserWarning", "ignore:.*fork.*:DeprecationWarning")
+@pytest.mark.parametrize("dispatch", [True, False], ids=["dispatch", "shard"])
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_prepared_loader_with_workers_is_refused_whatever_starts_them(server: ServerProcess, context: str,
+                                                                         dispatch: bool) -> None:
+    """Before: only forked workers were refused (they inherit the stack that runs Accelerate's wrapper); spawn and
+    forkserver workers streamed, and under dispatch_batches every rank trained on rank 0's workers' streams."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=dispatch))
+    loader = accelerator.prepare(DataLoader(FeedDataset(server.target, batch_size=2), batch_size=None,
+                                            num_workers=2, multiprocessing_context=context))
+    with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
+        next(iter(loader))
+    assert_closed(server.target)
+
+
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_workers_split_the_rank_of_the_process_group_whatever_starts_them(
         server: ServerProcess, context: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,21 +65,3 @@ def test_workers_split_the_rank_of_the_process_group_whatever_starts_them(
                zip(range(2), FeedDataset(server.target, batch_size=2, rank=rank, world_size=4), strict=False)]
               for rank in (2, 3)]
     assert got == [direct[0][0], direct[1][0], direct[0][1], direct[1][1]]  # the workers take turns
-
-
-@pytest.mark.filterwarnings("ignore:.*pickle error.*:UserWarning", "ignore:.*fork.*:DeprecationWarning")
-@pytest.mark.parametrize("dispatch", [True, False], ids=["dispatch", "shard"])
-@pytest.mark.parametrize("context", CONTEXTS)
-def test_a_prepared_loader_with_workers_is_refused_whatever_starts_them(server: ServerProcess, context: str,
-                                                                         dispatch: bool) -> None:
-    """Before: only forked workers were refused (they inherit the stack that runs Accelerate's wrapper); spawn and
-    forkserver workers streamed, and under dispatch_batches every rank trained on rank 0's workers' streams."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=dispatch))
-    loader = accelerator.prepare(DataLoader(FeedDataset(server.target, batch_size=2), batch_size=None,
-                                            num_workers=2, multiprocessing_context=context))
-    with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
-        next(iter(loader))
-    assert_closed(server.target)
