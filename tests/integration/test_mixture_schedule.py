@@ -17,7 +17,7 @@ import pytest
 
 from sigil_feed.client import FeedDataset
 from sigil_feed.protos import feed_pb2, feed_pb2_grpc
-from tests.conftest import rust_pair, write_config, write_jsonl
+from tests.conftest import ServerProcess, rust_pair, write_config, write_jsonl
 from tests.integration.test_elastic import STEP_ROWS, read
 
 BROAD, CURATED = "local:broad/*.jsonl", "local:curated.jsonl"
@@ -94,31 +94,45 @@ INSIDE = [{"from_epoch": 0, "weights": {BROAD: 3.0, CURATED: 1.0}},
           {"from_epoch": 0, "from_row": 100, "weights": {BROAD: 0.5, CURATED: 4.0}}]  # row 100: step 4, row 4
 
 
+def phase_one_then_inside(tmp_path: Path, start_server, cached: bool,
+                          steps: int) -> tuple[list[list[str]], ServerProcess, str]:
+    """Phase 1's first `steps` global batches on 4 ranks (a constant phase-1 config, stopped after), then a server of
+    the INSIDE schedule and its `stats` table (whitespace collapsed)."""
+    constant = start_server(config(tmp_path, cached, INSIDE[0]["weights"], "phase_one.yaml"))
+    phase_one, _ = read(constant.target, 4, steps)
+    constant.stop()
+    server = start_server(config(tmp_path, cached, INSIDE, "inside.yaml"))
+    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    return phase_one, server, " ".join(table.stdout.split())
+
+
+def assert_resumes_and_holds(server: ServerProcess, stop: int, uninterrupted: list[list[str]]) -> None:
+    """Stopped on 4 ranks after step `stop` and resumed on 3, the run is the uninterrupted one batch for batch; phase 2
+    holds on in epoch 1."""
+    first, four = read(server.target, 4, stop)
+    second, _ = read(server.target, 3, None, four)
+    assert first + second == uninterrupted
+    stats = mixture(server.target)
+    assert (stats.epoch, list(stats.change_rows), dict(stats.dataset_weights)) == \
+        (1, [], {BROAD: 0.5, CURATED: 4.0})
+
+
 def test_a_phase_from_a_row_inside_the_epoch_resumed_after_it_on_another_world_size(tmp_path: Path,
                                                                                     start_server) -> None:
     """Cached mode: phase 2 starts at global row 100, inside the fifth global batch of 24 rows. Its rows before 100
     are phase 1's (a constant phase-1 config serves the same), the rows from 100 on are not; stopped on 4 ranks
     after step 6 and resumed on 3, the run is the uninterrupted one batch for batch; `stats` shows the row."""
-    constant = start_server(config(tmp_path, True, INSIDE[0]["weights"], "phase_one.yaml"))
-    phase_one, _ = read(constant.target, 4, 8)
-    constant.stop()
-    server = start_server(config(tmp_path, True, INSIDE, "inside.yaml"))
-    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target],
-                           capture_output=True, text=True, timeout=60)
-    assert table.returncode == 0, table.stderr
+    phase_one, server, table = phase_one_then_inside(tmp_path, start_server, True, 8)
     assert (f"mixture of epoch 0: {BROAD}=3 {CURATED}=1; tasks: each once; changes inside it at rows 100; next "
-            "change: none") in " ".join(table.stdout.split())  # epoch 1 goes on with phase 2's weights
+            "change: none") in table  # epoch 1 goes on with phase 2's weights
     uninterrupted, _ = read(server.target, 4, None)
     rows = [row for batch in uninterrupted[:8] for row in batch]
     assert rows[:100] == [row for batch in phase_one for row in batch][:100]
     assert not set(rows[100:192]) & set(rows[:100])  # nothing of phase 1 again
     assert rows[100:192] != [row for batch in phase_one for row in batch][100:]
-    first, four = read(server.target, 4, 6)
-    second, _ = read(server.target, 3, None, four)
-    assert first + second == uninterrupted
-    stats = mixture(server.target)
-    assert (stats.epoch, list(stats.change_rows), dict(stats.dataset_weights)) == \
-        (1, [], {BROAD: 0.5, CURATED: 4.0})  # the phase holds on in epoch 1
+    assert_resumes_and_holds(server, 6, uninterrupted)
 
 
 def test_streaming_a_phase_from_a_row_resumed_in_phase_two_on_another_world_size(tmp_path: Path,
@@ -127,16 +141,9 @@ def test_streaming_a_phase_from_a_row_resumed_in_phase_two_on_another_world_size
     row 100. The rows before it are phase 1's (a constant phase-1 config serves the same), the rows from that block
     on are not; stopped on 4 ranks two steps after it and resumed on 3, the run is the uninterrupted one batch for
     batch; `stats` shows the row and the rule."""
-    constant = start_server(config(tmp_path, False, INSIDE[0]["weights"], "phase_one.yaml"))
-    phase_one, _ = read(constant.target, 4, 12)
-    constant.stop()
-    server = start_server(config(tmp_path, False, INSIDE, "inside.yaml"))
-    table = subprocess.run([sys.executable, "-m", "sigil_feed.server.cli", "stats", "--target", server.target],
-                           capture_output=True, text=True, timeout=60)
-    assert table.returncode == 0, table.stderr
+    phase_one, server, table = phase_one_then_inside(tmp_path, start_server, False, 12)
     assert (f"mixture of epoch 0: {BROAD}=3 {CURATED}=1; tasks: each once; changes inside it at rows 100 (streaming: "
-            "from the first shuffle block that starts at or after it); next change: none") in " ".join(
-                table.stdout.split())
+            "from the first shuffle block that starts at or after it); next change: none") in table
     uninterrupted, _ = read(server.target, 4, None)
     rows, one = [row for batch in uninterrupted[:12] for row in batch], [row for batch in phase_one for row in batch]
     boundary = next(i for i, (a, b) in enumerate(zip(rows, one, strict=True)) if a != b)
@@ -146,9 +153,4 @@ def test_streaming_a_phase_from_a_row_resumed_in_phase_two_on_another_world_size
                for m in [re.search(r"mixture phase: epoch 0 from shuffle block \d+, which starts in row (\d+)", line)]
                if m}  # where it took effect: the first row of that block's tokens
     assert 100 <= took <= boundary
-    first, four = read(server.target, 4, stop)
-    second, _ = read(server.target, 3, None, four)
-    assert first + second == uninterrupted
-    stats = mixture(server.target)
-    assert (stats.epoch, list(stats.change_rows), dict(stats.dataset_weights)) == \
-        (1, [], {BROAD: 0.5, CURATED: 4.0})  # the phase holds on in epoch 1
+    assert_resumes_and_holds(server, stop, uninterrupted)
