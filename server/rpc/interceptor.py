@@ -62,28 +62,30 @@ async def _parse_each(parse: Parse | None, raw: AsyncIterator[bytes]) -> AsyncIt
 
 def _guard(behaviour: Handler, parse: Parse | None, streaming: bool, method: str, sink: StatusSink) -> Handler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        code = grpc.StatusCode.OK
+        # Each way out reports its status before gRPC sends it, so a client that has seen the status and then
+        # scrapes /metrics finds it counted.
         try:
             parsed = _parse_each(parse, request) if streaming else _parse(parse, request)
-            return await behaviour(parsed, context)
+            result = await behaviour(parsed, context)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            sink(method, context.code() or grpc.StatusCode.UNKNOWN)
             raise
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            sink(method, grpc.StatusCode.CANCELLED)
             raise
         except grpc.aio.InternalError:
             # gRPC core failed a read or write of this call: the client cancelled or vanished while it was under
             # way, before gRPC cancelled this handler. Nothing reaches the client any more: end as gRPC does for
             # a cancel (the service logs the closed stream), not as an internal error.
-            code = grpc.StatusCode.CANCELLED
+            sink(method, grpc.StatusCode.CANCELLED)
             log.debug("%s: the call was cancelled under an operation", method)
             raise asyncio.CancelledError from None
         except Exception as err:  # the one place that maps every failure to a status
             code, message = status_of(err)
-            await context.abort(code, message)
-        finally:
             sink(method, code)
+            await context.abort(code, message)
+        sink(method, grpc.StatusCode.OK)
+        return result
 
     return guarded
 

@@ -24,13 +24,16 @@ from sigil_feed.server.rpc.interceptor import _guard
 
 
 class Context:
-    """The few ServicerContext calls the interceptor makes, recorded."""
+    """The few ServicerContext calls the interceptor makes, recorded, with the statuses reported by then."""
 
-    def __init__(self) -> None:
+    def __init__(self, statuses: list[grpc.StatusCode]) -> None:
+        self.statuses = statuses
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.reported_before_abort: list[grpc.StatusCode] = []
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
+        self.reported_before_abort = list(self.statuses)
         raise grpc.aio.AbortError("aborted")
 
     def code(self) -> grpc.StatusCode | None:
@@ -44,10 +47,11 @@ def outcome(error: BaseException) -> tuple[type[BaseException], grpc.StatusCode,
     async def behaviour(request: Any, context: Any) -> None:
         raise error
 
-    context = Context()
+    context = Context(statuses)
     guarded = _guard(behaviour, None, False, "/m", lambda method, code: statuses.append(code))
     with pytest.raises(BaseException) as raised:
         asyncio.run(guarded(b"", context))  # type: ignore[arg-type]
+    assert len(statuses) == 1, statuses
     return raised.type, statuses[0], context
 
 
@@ -71,6 +75,7 @@ def test_other_failures_are_sent_as_their_status(error: Exception, code: grpc.St
     kind, reported, context = outcome(error)
     assert kind is grpc.aio.AbortError and reported == code and context.aborted is not None
     assert context.aborted[0] == code
+    assert context.reported_before_abort == [code]  # counted before the client can see it and scrape /metrics
 
 
 @pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), ConnectionResetError("reset by peer"),
