@@ -1,6 +1,7 @@
 """S3 as the standard environment configures it: `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`: an S3-compatible
 server; `http://` for plain HTTP), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`
-or `AWS_DEFAULT_REGION`: pyarrow's filesystem for reads and writes, and a boto3 client for what pyarrow cannot do."""
+or `AWS_DEFAULT_REGION`, `AWS_MAX_ATTEMPTS` (tries of one request, 3 unless set): pyarrow's filesystem for reads
+and writes, and a boto3 client for what pyarrow cannot do."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 from urllib.parse import ParseResult, urlparse
 
 import pyarrow.fs as pafs
+
+from ..errors import ConfigError
 
 
 def _endpoint() -> ParseResult | None:
@@ -31,7 +34,19 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         options["region"] = region
+    if env.get("AWS_MAX_ATTEMPTS", "").strip():
+        options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts())
     return pafs.S3FileSystem(**options)  # type: ignore[arg-type]
+
+
+def _max_attempts() -> int:
+    """`AWS_MAX_ATTEMPTS`, as boto3 reads it: how many times one request is tried before it fails (our own retry
+    window, SIGIL_FEED_STORAGE_RETRY_S, then goes on from there)."""
+    text = os.environ["AWS_MAX_ATTEMPTS"].strip()
+    if not (text.isdigit() and int(text) >= 1):
+        raise ConfigError(f"{text!r} is not a whole number of tries", key="AWS_MAX_ATTEMPTS",
+                          fix="set it to 1 or more, or unset it for 3")
+    return int(text)
 
 
 def s3_client() -> Any:

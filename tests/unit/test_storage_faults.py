@@ -13,11 +13,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from sigil_feed.server.errors import SourceError, Unavailable
+from sigil_feed.server.errors import ConfigError, SourceError, Unavailable
 from sigil_feed.server.store.format import shard_paths
 from sigil_feed.server.store.fs import StoreFS, resolve
 from sigil_feed.server.store.reader import open_store
 from sigil_feed.server.store.retry import STORAGE_RETRY_ENV, RetryWindow
+from sigil_feed.server.store.s3 import s3_filesystem
 from sigil_feed.server.store.shard_cache import PART, RemoteShard, ShardCache, ShardMissing
 from tests.fault_proxy import FaultProxy
 from tests.unit.test_shard_cache import Remote, shard_bytes
@@ -37,9 +38,11 @@ def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
 @pytest.fixture
 def s3(s3_bucket: str, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> tuple[Remote, StoreFS]:
     """Shards written to a fresh bucket directly, and the bucket as the server reaches it: through the proxy,
-    with the S3 client the server builds from the standard environment."""
+    with the S3 client the server builds from the standard environment. That client tries each request once
+    (`AWS_MAX_ATTEMPTS`), so every fault reaches the cache's own retry window at once."""
     direct = resolve(s3_bucket)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     return Remote(direct.fs, f"{direct.root}/store/shards"), resolve(s3_bucket)
 
 
@@ -52,12 +55,13 @@ def open_cache(folder: Path, window_s: float, max_bytes: int = 64 * SIZE) -> Sha
     return ShardCache(folder, max_bytes, chunk_bytes=CHUNK, retry=RetryWindow(window_s))
 
 
-@pytest.mark.parametrize(("mode", "seconds"), [("refuse", 3), ("reset", 3), ("stall", 18)])
+@pytest.mark.parametrize(("mode", "seconds"), [("refuse", 3), ("reset", 3), ("stall", 12)])
 def test_an_outage_shorter_than_the_retry_window_is_ridden_out_inside_the_fetch(
-        s3: tuple[Remote, StoreFS], proxy: FaultProxy, tmp_path: Path, mode: str, seconds: float) -> None:
+        s3: tuple[Remote, StoreFS], proxy: FaultProxy, tmp_path: Path, mode: str, seconds: float,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Connections refused from the start; or reset, or stalled, once a quarter of the shard has arrived: the
-    fetch waits it out and goes on from where it stopped: the same bytes, each fetched once. (pyarrow's S3 client
-    gives up a stalled read itself after about 16 s: three tries that each see no byte for 3 s.)"""
+    fetch waits it out and goes on from where it stopped: the same bytes, each fetched once. (pyarrow's S3 client,
+    trying each request once, gives up a stalled read after 9 to 10 s here, so the stall is longer.)"""
     remote, fs = s3
     shard = through(remote.put("s000-a.tokens.bin", shard_bytes(1, SIZE)), fs)
     with open_cache(tmp_path / "cache", window_s=30) as cache:
@@ -71,6 +75,7 @@ def test_an_outage_shorter_than_the_retry_window_is_ridden_out_inside_the_fetch(
         assert path.read_bytes() == shard_bytes(1, SIZE)
         stats = cache.stats()
     assert waited > seconds - 1, "the fault did not meet the fetch"
+    assert any("trying again" in r.getMessage() for r in caplog.records), "the cache's own retries never ran"
     assert (stats.fetches, stats.bytes_fetched, stats.checksum_failures) == (1, SIZE, 0)
 
 
@@ -193,3 +198,11 @@ def test_a_local_store_shard_deleted_while_serving_is_data_loss_naming_it(tmp_pa
     with pytest.raises(ShardMissing, match="rebuild the store") as err, store.shards.pinned([1]):
         pass
     assert f"shard {tokens_file} is missing from the store" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["three", "0", "-1"])
+def test_an_aws_max_attempts_that_is_not_a_count_of_tries_is_a_config_error(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
+    with pytest.raises(ConfigError, match=rf"AWS_MAX_ATTEMPTS: '{value}' is not a whole number of tries .*fix"):
+        s3_filesystem()
