@@ -4,6 +4,7 @@ group)."""
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,8 +41,12 @@ def test_a_prepared_loader_with_workers_is_refused_whatever_starts_them(server: 
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=dispatch))
     loader = accelerator.prepare(DataLoader(FeedDataset(server.target, batch_size=2), batch_size=None,
                                             num_workers=2, multiprocessing_context=context))
-    with pytest.raises(TypeError, match="Prepare only the model and optimizer"):
+    with pytest.raises(TypeError, match="Prepare only the model and optimizer") as refused:
         next(iter(loader))
+    # torch re-raises a worker's error from a frame that holds the loader's iterator in a reference cycle; left to
+    # the garbage collector, its queues close before its workers are told to stop, and each worker waits out
+    # torch's 5 s join. Freed here, it stops them at once.
+    traceback.clear_frames(refused.tb)
     assert_closed(server.target)
 
 
