@@ -178,8 +178,9 @@ def test_a_vanished_client_is_dropped_by_keepalive_and_leaves_stats(tmp_path: Pa
 
 
 def test_clients_cancelling_mid_batch_are_cancelled_not_internal_errors(tmp_path: Path, start_server) -> None:
-    """Padded rows (a sample each), so each 16 MB batch is 1,024 of the 2,000 samples, not the short epoch
-    wrapped a hundred times."""
+    """Padded rows (a sample each), so each 4 MB batch is 256 of the 2,000 samples, not the short epoch wrapped
+    many times. Eight clients at once, so the server paces these long writes (LoopShare): 16 MB batches spent most
+    of the test waiting for their turns."""
     write_jsonl(tmp_path / "pairs.jsonl", [rust_pair(i) for i in range(2000)])
     config = write_config(tmp_path / "trainer.yaml", {"names": ["local:pairs.jsonl"], "cache_dir": str(tmp_path)},
                           pack=False, server={"limits": {"max_seq_len": 8192}})
@@ -190,9 +191,9 @@ def test_clients_cancelling_mid_batch_are_cancelled_not_internal_errors(tmp_path
         with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
             for _ in range(count):
                 call = feed_pb2_grpc.DataFeedStub(channel).Stream(
-                    iter([open_request(batch_size=1024, seq_len=8192, credits=8)]), timeout=60)
+                    iter([open_request(batch_size=256, seq_len=8192, credits=8)]), timeout=60)
                 assert next(call).HasField("opened") and next(call).HasField("batch")
-                call.cancel()  # while the next 16 MB batches are on their way
+                call.cancel()  # while the next 4 MB batches are on their way
 
     threads = [threading.Thread(target=cancel_mid_batch, args=(cancels // 8,)) for _ in range(8)]
     for thread in threads:
