@@ -8,7 +8,8 @@ names of `steps` and `step_s` as conflicting); 1.64 and newer write a check that
 least the tools' version, and from 1.66 (protobuf 5.27) one that the protobuf runtime is at least theirs.
 
 That grpcio-tools needs protobuf<5, which the server's libraries exclude, so it runs in a virtual environment
-of its own, made on first use under the user's cache directory (this needs the package index once).
+of its own, made on first use under the user's cache directory (this needs the package index once), unless the
+running Python has it (.ci/run's client floor step installs it there: `gen_protos.py --requirements`).
 """
 
 from __future__ import annotations
@@ -19,17 +20,28 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 TOOLS = "grpcio-tools==1.55.3"
 """The code generator; the grpcio floor in pyproject.toml is its version (gRPC's rule: grpcio >= grpcio-tools)."""
+
+REQUIREMENTS = (TOOLS, "setuptools<81")
+"""What the generator needs installed (setuptools: grpc_tools 1.55 imports pkg_resources, which setuptools 81
+drops)."""
 
 PACKAGE = "sigil_feed.protos"
 """The import path of the generated modules; messages register under it so that they pickle."""
 
 
 def toolchain() -> Path:
-    """The Python of a virtual environment with TOOLS, created once per user (under $XDG_CACHE_HOME)."""
+    """A Python with TOOLS: this one if it has them, else a virtual environment created once per user (under
+    $XDG_CACHE_HOME)."""
+    try:
+        if version("grpcio-tools") == TOOLS.split("==")[1]:
+            return Path(sys.executable)
+    except PackageNotFoundError:
+        pass
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sigil-feed-protoc"
     root = cache / TOOLS.replace("==", "-")
     python, ready = root / "bin" / "python", root / ".ready"
@@ -41,9 +53,8 @@ def toolchain() -> Path:
         shutil.rmtree(root, ignore_errors=True)
         base = os.environ.get("SIGIL_FEED_PROTOC_PYTHON", sys.executable)
         subprocess.run([base, "-m", "venv", str(root)], check=True)
-        # setuptools: grpc_tools 1.55 imports pkg_resources, which setuptools 81 drops
         install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                   "--only-binary=:all:", TOOLS, "setuptools<81"]
+                   "--only-binary=:all:", *REQUIREMENTS]
         if subprocess.run(install).returncode != 0:
             raise SystemExit(f"cannot install {TOOLS} with {base} (its wheels are for CPython 3.7 to 3.11): "
                              "set SIGIL_FEED_PROTOC_PYTHON to such an interpreter")
@@ -69,5 +80,8 @@ def generate(proto_dir: Path, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--requirements"]:
+        print(" ".join(REQUIREMENTS))
+        raise SystemExit
     root = Path(__file__).resolve().parent.parent / "protos"
     generate(root, Path(sys.argv[1]) if len(sys.argv) > 1 else root)

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "scripts"))
 from client_floors import floors
-from gen_protos import TOOLS
+from gen_protos import TOOLS, generate
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -49,3 +49,14 @@ def test_the_floor_environment_has_exactly_the_floors_and_no_server_libraries() 
     assert sigil_feed.client.BatchStream and feed_pb2_grpc.DataFeedStub
     assert feed_pb2.Batch.FromString(feed_pb2.Batch(seq=7).SerializeToString()).seq == 7
     assert not [name for name in sys.modules if name.startswith("sigil_feed.server")]
+
+
+@pytest.mark.skipif(os.environ.get("SIGIL_FEED_CLIENT_FLOOR") != "1", reason="only in .ci/run's client floor step")
+def test_the_committed_code_is_what_the_pinned_generator_writes(tmp_path: Path) -> None:
+    """The floor step's environment has the generator (`gen_protos.py --requirements`: it needs protobuf<5, as
+    the floors are); elsewhere `make protos` makes a virtual environment for it."""
+    assert version("grpcio-tools") == TOOLS.split("==")[1]
+    generate(REPO / "protos", tmp_path)
+    for generated in sorted(tmp_path.glob("*_pb2*")):
+        committed = REPO / "protos" / generated.name
+        assert committed.read_text() == generated.read_text(), f"{committed} is stale: run `make protos`"
