@@ -150,7 +150,7 @@ def test_a_remote_plain_jsonl_part_and_a_parquet_row_group_are_read_by_ranges(
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
 def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
         tmp_path: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
-    """Every connection to S3 is reset for 1.5 s after the first MB of a file went by: the read tries again within
+    """Every connection to S3 is reset for 3 s after the first MB of a file went by: the read tries again within
     the storage retry window and yields every record once, in order."""
     write_compressed(tmp_path / f"big{suffix}", big_jsonl())
     expected = records(f"local:{tmp_path}/big{suffix}", tmp_path)
@@ -163,7 +163,7 @@ def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
         for record in source:
             got.append((record.file, record.row, record.value))
             if len(got) == 10:
-                proxy.fault_after(1 << 19, "reset", 1.5)
+                proxy.fault_after(1 << 19, "reset", 3)
         assert proxy.mode == "pass"
     assert got == expected
 
@@ -288,7 +288,7 @@ def test_streaming_serves_its_first_batch_after_reading_a_small_part_of_the_buck
 def test_a_streaming_epoch_from_the_bucket_rides_out_a_reset_of_the_s3_server(
         tmp_path: Path, s3_bucket: str, s3_endpoint: str, start_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server streams two files from the bucket through the fault proxy; a few batches in, every connection to
-    S3 is reset for 1.5 s mid-transfer. The epoch is batch for batch the one the same files on disk give."""
+    S3 is reset for 3 s mid-transfer. The epoch is batch for batch the one the same files on disk give."""
     for f in range(2):
         data = lines([code(i, pad=400) for i in range(f * 3000, (f + 1) * 3000)])
         write_compressed(tmp_path / "disk" / f"part{f}.jsonl", data)
@@ -304,7 +304,7 @@ def test_a_streaming_epoch_from_the_bucket_rides_out_a_reset_of_the_s3_server(
         for batch in FeedDataset(server.target, "bucket", batch_size=64):
             digests.append(batch_digest(batch))
             if len(digests) == 3:
-                proxy.fault_after(1 << 19, "reset", 1.5)
+                proxy.fault_after(1 << 19, "reset", 3)
         assert proxy.mode == "pass"
     assert digests == [batch_digest(batch) for batch in FeedDataset(server.target, "disk", batch_size=64)]
     assert any("trying again" in line for line in server.output), "".join(server.output[-20:])
