@@ -35,10 +35,10 @@ settings.load_profile("suite")
 
 
 # The test files that take longest, in that order, run first: pytest-xdist hands out whole files in collection
-# order (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once on the two workers and the short
-# ones fill in at the end, and the workers finish together. The files that mostly wait (storage outages, Ray, the
-# stream lifecycle) are among them, so their waits overlap the other worker's computing instead of ending the run
-# with one worker asleep. Only an order: a name missing here runs in its place.
+# order (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once on the workers and the short ones
+# fill in at the end, and the workers finish together. The files that mostly wait (storage outages, Ray, the stream
+# lifecycle) are among them, so their waits overlap the other workers' computing instead of ending the run with a
+# worker asleep. Only an order: a name missing here runs in its place.
 LONGEST_FIRST = ("integration/test_loader_workers.py",  # first in its worker: see the note below
                  "integration/test_cache.py", "integration/test_examples.py", "integration/test_ray_build.py",
                  "unit/test_storage_faults.py", "integration/test_examples_ranks.py",
