@@ -149,14 +149,18 @@ def test_a_remote_plain_jsonl_part_and_a_parquet_row_group_are_read_by_ranges(
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
 def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
-        tmp_path: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+        tmp_path: Path, s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, suffix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Every connection to S3 is reset for 3 s after the first MB of a file went by: the read tries again within
-    the storage retry window and yields every record once, in order."""
-    write_compressed(tmp_path / f"big{suffix}", big_jsonl())
+    the storage retry window (the S3 client tries each request once, so the retries are the read's own) and yields
+    every record once, in order."""
+    # compressed, twice the records, so that more than a MB is still to come when the fault is armed
+    write_compressed(tmp_path / f"big{suffix}", big_jsonl(6000 if suffix == ".jsonl" else 12000))
     expected = records(f"local:{tmp_path}/big{suffix}", tmp_path)
     put(f"{s3_bucket}/big{suffix}", (tmp_path / f"big{suffix}").read_bytes())
     with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
         monkeypatch.setenv(STORAGE_RETRY_ENV, "30")
         source = open_source(f"local:{s3_bucket}/big{suffix}", 0, base_dir=tmp_path)
         got = []
@@ -166,6 +170,7 @@ def test_a_reset_of_the_s3_server_mid_read_is_ridden_out(
                 proxy.fault_after(1 << 19, "reset", 3)
         assert proxy.mode == "pass"
     assert got == expected
+    assert any("trying again" in r.getMessage() for r in caplog.records), "the read never met the reset"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
