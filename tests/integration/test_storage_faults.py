@@ -23,8 +23,8 @@ from tests.integration.test_scale_out import config, the_store, write_corpus
 def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_the_client_resumes_it(
         tmp_path: Path, s3_endpoint: str, s3_bucket: str, start_server, runtime: Runtime,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The server reaches S3 through a fault proxy, gives up a fetch after 1 s without progress and has room for
-    2.5 shards of six; after three batches every connection to S3 is reset for 3 s from the next shard fetch on."""
+    """The server reaches S3 through a fault proxy, gives up a fetch after 2 s without progress and has room for
+    2.5 shards of six; after three batches every connection to S3 is reset for 5 s from the next shard fetch on."""
     write_corpus(tmp_path, records=120, repeat=12)
     location = f"{s3_bucket}/stores"
     for dataset in open_datasets(load_config(config(tmp_path, "build", str(tmp_path / "built"))), runtime).values():
@@ -35,7 +35,7 @@ def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_
     sizes = [info.size for info in fs.listdir(f"{store}/shards") if info.path.endswith(".tokens.bin")]
     with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{proxy.endpoint}")
-        monkeypatch.setenv(STORAGE_RETRY_ENV, "1")
+        monkeypatch.setenv(STORAGE_RETRY_ENV, "2")
         server = start_server(config(tmp_path, "serve", location, shard_cache_dir=str(tmp_path / "shard-cache"),
                                      shard_cache_gb=2.5 * max(sizes) / 1e9))
         reference = [batch_digest(batch) for batch in FeedDataset(server.target, batch_size=4)]
@@ -46,7 +46,7 @@ def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_
             for batch in FeedDataset(server.target, batch_size=4):
                 digests.append(batch_digest(batch))
                 if len(digests) == 3:
-                    proxy.fault_on_request(rb"GET [^ ]+\.tokens\.bin", "reset", 3)
+                    proxy.fault_on_request(rb"GET [^ ]+\.tokens\.bin", "reset", 5)
     assert digests == reference  # no batch lost, none repeated
     broke = [r.getMessage() for r in caplog.records if "broke" in r.getMessage()]
     assert broke and all("(UNAVAILABLE: cannot fetch shard s3://" in line for line in broke), broke
