@@ -4,6 +4,8 @@ UNAVAILABLE (never INTERNAL), the real client reconnects and resumes, and the ep
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -24,7 +26,8 @@ def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_
         tmp_path: Path, s3_endpoint: str, s3_bucket: str, start_server, runtime: Runtime,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The server reaches S3 through a fault proxy, gives up a fetch after 2 s without progress and has room for
-    2.5 shards of six; after three batches every connection to S3 is reset for 5 s from the next shard fetch on."""
+    2.5 shards of six; after three batches every connection to S3 is reset from the next shard fetch on, until the
+    stream has broken (a fixed outage could meet only a prefetch and end before the stream needs that shard)."""
     write_corpus(tmp_path, records=120, repeat=12)
     location = f"{s3_bucket}/stores"
     for dataset in open_datasets(load_config(config(tmp_path, "build", str(tmp_path / "built"))), runtime).values():
@@ -46,9 +49,18 @@ def test_an_outage_longer_than_the_retry_window_ends_the_stream_unavailable_and_
             for batch in FeedDataset(server.target, batch_size=4):
                 digests.append(batch_digest(batch))
                 if len(digests) == 3:
-                    proxy.fault_on_request(rb"GET [^ ]+\.tokens\.bin", "reset", 5)
+                    proxy.fault_on_request(rb"GET [^ ]+\.tokens\.bin", "reset", 60)
+                    threading.Thread(target=end_outage_once_broken, args=(proxy, caplog), daemon=True).start()
     assert digests == reference  # no batch lost, none repeated
     broke = [r.getMessage() for r in caplog.records if "broke" in r.getMessage()]
     assert broke and all("(UNAVAILABLE: cannot fetch shard s3://" in line for line in broke), broke
     assert any("NETWORK_CONNECTION" in line for line in broke)
     assert not any("tokenizing" in line or "INTERNAL" in line for line in server.output)
+
+
+def end_outage_once_broken(proxy: FaultProxy, caplog: pytest.LogCaptureFixture) -> None:
+    """Storage comes back once the client has logged a broken stream (or after 60 s, failing the test)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("broke" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    proxy.set("pass")
