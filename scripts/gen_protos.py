@@ -23,7 +23,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-TOOLS = "grpcio-tools==1.55.3"
+TOOLS_VERSION = "1.55.3"
+TOOLS = f"grpcio-tools=={TOOLS_VERSION}"
 """The code generator; the grpcio floor in pyproject.toml is its version (gRPC's rule: grpcio >= grpcio-tools)."""
 
 REQUIREMENTS = (TOOLS, "setuptools<81")
@@ -38,7 +39,7 @@ def toolchain() -> Path:
     """A Python with TOOLS: this one if it has them, else a virtual environment created once per user (under
     $XDG_CACHE_HOME)."""
     try:
-        if version("grpcio-tools") == TOOLS.split("==")[1]:
+        if version("grpcio-tools") == TOOLS_VERSION:
             return Path(sys.executable)
     except PackageNotFoundError:
         pass

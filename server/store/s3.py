@@ -34,15 +34,18 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         options["region"] = region
-    if env.get("AWS_MAX_ATTEMPTS", "").strip():
-        options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts())
+    attempts = _max_attempts()
+    if attempts is not None:
+        options["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     return pafs.S3FileSystem(**options)  # type: ignore[arg-type]
 
 
-def _max_attempts() -> int:
+def _max_attempts() -> int | None:
     """`AWS_MAX_ATTEMPTS`, as boto3 reads it: how many times one request is tried before it fails (our own retry
-    window, SIGIL_FEED_STORAGE_RETRY_S, then goes on from there)."""
-    text = os.environ["AWS_MAX_ATTEMPTS"].strip()
+    window, SIGIL_FEED_STORAGE_RETRY_S, then goes on from there); None when it is not set."""
+    text = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not text:
+        return None
     if not (text.isdigit() and int(text) >= 1):
         raise ConfigError(f"{text!r} is not a whole number of tries", key="AWS_MAX_ATTEMPTS",
                           fix="set it to 1 or more, or unset it for 3")

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "scripts"))
 from client_floors import floors
-from gen_protos import TOOLS, generate
+from gen_protos import TOOLS_VERSION, generate
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -28,7 +28,7 @@ def test_the_client_needs_only_grpcio_protobuf_and_numpy() -> None:
 
 def test_the_grpcio_floor_is_the_code_generators_version() -> None:
     """gRPC's rule: generated code needs grpcio at least as new as the grpcio-tools that wrote it."""
-    assert floors()["grpcio"] == TOOLS.split("==")[1]
+    assert floors()["grpcio"] == TOOLS_VERSION
 
 
 def test_the_generated_code_checks_no_runtime_version() -> None:
@@ -55,7 +55,7 @@ def test_the_floor_environment_has_exactly_the_floors_and_no_server_libraries() 
 def test_the_committed_code_is_what_the_pinned_generator_writes(tmp_path: Path) -> None:
     """The floor step's environment has the generator (`gen_protos.py --requirements`: it needs protobuf<5, as
     the floors are); elsewhere `make protos` makes a virtual environment for it."""
-    assert version("grpcio-tools") == TOOLS.split("==")[1]
+    assert version("grpcio-tools") == TOOLS_VERSION
     generate(REPO / "protos", tmp_path)
     for generated in sorted(tmp_path.glob("*_pb2*")):
         committed = REPO / "protos" / generated.name
